@@ -1,0 +1,231 @@
+"""Layered run configuration: dataclass defaults <- preset <- YAML file <- command-line flags.
+
+The final config is written into every run directory (``config.yaml``) so a run can be repeated.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config file or override that cannot be used; the message says which key and why."""
+
+
+@dataclass
+class DataConfig:
+    source: str = ""  # class-per-folder tree, CSV manifest, or a dataset name such as "elpv"
+    image_root: str | None = None  # where a manifest's relative paths start (default: the CSV's folder)
+    path_column: str | None = None  # auto-detected when None
+    label_column: str | None = None  # auto-detected when None
+    split_column: str | None = None  # a predefined split (train/val/test) to honour
+    group_column: str | None = None  # rows sharing a value stay in one split (e.g. a wafer or a lot)
+    stratify: list[str] = field(default_factory=list)  # metadata columns to stratify by, besides the label
+    fractions: list[float] = field(default_factory=lambda: [0.70, 0.15, 0.15])  # train, val, test
+    classes: list[str] | None = None  # fixes class order; any other label is an error
+    skip_bad: bool = False  # skip unreadable/missing files with a report instead of stopping
+    max_pixels: int = 200_000_000  # decompression-bomb guard
+    resize: str = "squash"  # squash | pad (keep aspect ratio)
+    cache_dir: str | None = None  # default: $DEFECTSCOPE_CACHE or ~/.cache/defectscope
+
+
+@dataclass
+class ModelConfig:
+    name: str = "efficientnet_lite0"
+    pretrained: str | None = "auto"  # auto | none | package | hub[:name] | path/to/weights
+    image_size: int = 160
+    drop_rate: float = 0.2
+
+
+@dataclass
+class AugmentConfig:
+    photometric: bool = True  # brightness, contrast, gamma, noise
+    brightness: float = 0.1
+    contrast: float = 0.15
+    gamma: float = 0.15
+    noise: float = 0.02
+    hflip: bool = False  # off by default: die structures have a fixed orientation
+    vflip: bool = False
+    rot90: bool = False
+
+
+@dataclass
+class PhaseConfig:
+    unfreeze: str = "all"  # head | last:N (the last N parameter groups plus the head) | all
+    epochs: int = 1
+    lr: float = 1e-3
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 12
+    batch_size: int = 32
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    optimizer: str = "adamw"  # adamw | adam | sgd
+    schedule: str = "cosine"  # cosine | constant
+    warmup_epochs: float = 0.5
+    phases: list[PhaseConfig] = field(default_factory=list)  # phased fine-tuning; replaces epochs/lr
+    loss: str = "ce"  # ce | focal
+    focal_gamma: float = 2.0
+    class_weights: bool = True  # inverse-frequency weights in the loss
+    sampling: str = "shuffle"  # shuffle | balanced | undersample
+    undersample_ratio: float = 1.0  # with undersample: majority classes cut to ratio x the smallest class
+    monitor: str = "val_macro_f1"  # val_macro_f1 | val_loss
+    patience: int = 5  # early stopping; 0 disables it
+    label_smoothing: float = 0.0
+    device: str = "auto"  # auto | cpu | cuda | mps
+    channels_last: bool = True
+    threads: int | None = None  # default: all cores
+    progress: bool = True
+
+
+@dataclass
+class RunConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    seed: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # ELPV cells are symmetric under flips and quarter turns, unlike die structures.
+    "elpv": {
+        "data": {"source": "elpv", "stratify": ["type"]},
+        "augment": {"hflip": True, "vflip": True, "rot90": True},
+    },
+}
+
+
+def _merge_into(obj: Any, values: dict[str, Any], where: str) -> None:
+    """Set dataclass fields from a nested dict, refusing unknown keys with the list of valid ones."""
+    if not isinstance(values, dict):
+        raise ConfigError(f"{where or 'config'}: expected a mapping, got {type(values).__name__}")
+    known = {f.name: f for f in dataclasses.fields(obj)}
+    for key, value in values.items():
+        path = f"{where}.{key}" if where else key
+        if key not in known:
+            raise ConfigError(f"unknown config key {path!r}; valid keys here: {', '.join(sorted(known))}")
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current):
+            _merge_into(current, value, path)
+        elif key == "phases":
+            if not isinstance(value, list):
+                raise ConfigError(f"{path}: expected a list of phases")
+            phases = []
+            for i, item in enumerate(value):
+                phase = PhaseConfig()
+                _merge_into(phase, item, f"{path}[{i}]")
+                phases.append(phase)
+            setattr(obj, key, phases)
+        else:
+            setattr(obj, key, _coerce(value, current, known[key], path))
+
+
+def _coerce(value: Any, current: Any, fld: dataclasses.Field, path: str) -> Any:
+    """Check a value against the field's default type; YAML and the CLI give strings and numbers."""
+    if value is None:
+        return None
+    expected = type(current) if current is not None else None
+    if expected is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in {"true", "false", "yes", "no", "1", "0"}:
+            return value.lower() in {"true", "yes", "1"}
+        raise ConfigError(f"{path}: expected true/false, got {value!r}")
+    if expected in (int, float):
+        try:
+            number = float(value) if expected is float else int(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{path}: expected a number, got {value!r}") from None
+        return number
+    if expected is list and not isinstance(value, list):
+        if isinstance(value, str):
+            return [v.strip() for v in value.split(",") if v.strip()]
+        raise ConfigError(f"{path}: expected a list, got {value!r}")
+    return value
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        values = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if values is None:
+        return {}
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections (data, model, train...)")
+    return values
+
+
+def build_config(
+    *,
+    preset: str | None = None,
+    config_file: str | Path | None = None,
+    overrides: dict[str, Any] | None = None,
+) -> RunConfig:
+    """Defaults, then a named preset, then a YAML file, then overrides ({"model.name": "resnet18"} or nested)."""
+    cfg = RunConfig()
+    if preset:
+        if preset not in PRESETS:
+            raise ConfigError(f"unknown preset {preset!r}; valid: {', '.join(PRESETS)}")
+        _merge_into(cfg, PRESETS[preset], "")
+    if config_file:
+        _merge_into(cfg, load_yaml(config_file), "")
+    for key, value in (overrides or {}).items():
+        if value is None:
+            continue
+        nested: dict[str, Any] = {}
+        node = nested
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = value
+        _merge_into(cfg, nested, "")
+    _validate(cfg)
+    return cfg
+
+
+def config_from_dict(values: dict[str, Any]) -> RunConfig:
+    cfg = RunConfig()
+    _merge_into(cfg, values, "")
+    return cfg
+
+
+def _validate(cfg: RunConfig) -> None:
+    fr = cfg.data.fractions
+    if len(fr) != 3 or any(f < 0 for f in fr) or abs(sum(fr) - 1.0) > 1e-6:
+        raise ConfigError(f"data.fractions must be three non-negative numbers summing to 1, got {fr}")
+    choices = {
+        "data.resize": (cfg.data.resize, {"squash", "pad"}),
+        "train.loss": (cfg.train.loss, {"ce", "focal"}),
+        "train.sampling": (cfg.train.sampling, {"shuffle", "balanced", "undersample"}),
+        "train.monitor": (cfg.train.monitor, {"val_macro_f1", "val_loss"}),
+        "train.optimizer": (cfg.train.optimizer, {"adamw", "adam", "sgd"}),
+        "train.schedule": (cfg.train.schedule, {"cosine", "constant"}),
+    }
+    for key, (value, valid) in choices.items():
+        if value not in valid:
+            raise ConfigError(f"{key}={value!r} is not one of {', '.join(sorted(valid))}")
+    if cfg.model.image_size < 16:
+        raise ConfigError(f"model.image_size must be at least 16, got {cfg.model.image_size}")
+    if cfg.train.batch_size < 1 or cfg.train.epochs < 0:
+        raise ConfigError("train.batch_size must be >= 1 and train.epochs >= 0")
+    for phase in cfg.train.phases:
+        if phase.unfreeze not in {"head", "all"} and not phase.unfreeze.startswith("last:"):
+            raise ConfigError(f"phase unfreeze={phase.unfreeze!r}: use head, last:N or all")

@@ -1,0 +1,238 @@
+"""The one dataset table: every reader turns its layout into it, everything downstream consumes it.
+
+Columns: ``path`` (absolute), ``label``, ``split`` (train/val/test or empty), ``source`` (where the row came
+from, e.g. ``labels.csv:17``), then any metadata columns the source had. The table is saved in each run.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from defectscope.data.images import IMAGE_EXTENSIONS
+
+CORE_COLUMNS = ["path", "label", "split", "source"]
+SPLITS = ("train", "val", "test")
+_SPLIT_ALIASES = {
+    "train": "train", "training": "train",
+    "val": "val", "valid": "val", "validation": "val", "dev": "val",
+    "test": "test", "testing": "test",
+}
+_PATH_CANDIDATES = ("filename", "file", "path", "image", "image_path", "filepath", "file_name", "img")
+_LABEL_CANDIDATES = ("label", "class", "target", "category", "defect", "type_label")
+
+# ELPV defect probabilities 0, 1/3, 2/3, 1 as names an engineer reads without the paper at hand.
+ELPV_CLASSES = ["functional", "possibly_defective", "likely_defective", "defective"]
+
+
+class DataError(ValueError):
+    """A dataset that cannot be read as given; the message names the file and row."""
+
+
+@dataclass
+class BadFile:
+    path: str
+    source: str
+    reason: str
+
+
+def load_table(
+    source: str | Path,
+    *,
+    image_root: str | Path | None = None,
+    path_column: str | None = None,
+    label_column: str | None = None,
+    split_column: str | None = None,
+    classes: list[str] | None = None,
+    skip_bad: bool = False,
+) -> tuple[pd.DataFrame, list[BadFile]]:
+    """Read a class-per-folder tree, a CSV manifest or a named dataset into the dataset table.
+
+    Returns the table and the rows that were skipped (only with ``skip_bad``; otherwise the first
+    problem raises :class:`DataError`). Files are checked to exist here; decoding is checked when
+    the images are cached.
+
+    >>> table, skipped = load_table("elpv")  # doctest: +SKIP
+    """
+    text = str(source)
+    if text.lower() == "elpv":
+        table = read_elpv()
+    else:
+        path = Path(source).expanduser()
+        if path.is_dir():
+            table = read_folder(path)
+        elif path.is_file() and path.suffix.lower() in {".csv", ".tsv", ".txt"}:
+            table = read_manifest(
+                path,
+                image_root=image_root,
+                path_column=path_column,
+                label_column=label_column,
+                split_column=split_column,
+            )
+        elif path.exists():
+            raise DataError(f"{path}: expected a folder of class folders, a .csv manifest or 'elpv'")
+        else:
+            raise DataError(f"data source not found: {path} (give a folder, a .csv manifest or 'elpv')")
+    return check_table(table, classes=classes, skip_bad=skip_bad)
+
+
+def read_folder(root: Path) -> pd.DataFrame:
+    """``root/<class>/*.png`` or ``root/<split>/<class>/*.png`` (the split level then fixes the split)."""
+    root = root.resolve()
+    subdirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not subdirs:
+        raise DataError(f"{root}: no class folders found (expected {root}/<class>/<image files>)")
+    split_names = {d.name.lower() for d in subdirs}
+    has_split_level = split_names <= set(_SPLIT_ALIASES) and "train" in {_SPLIT_ALIASES[s] for s in split_names}
+    rows = []
+    for top in subdirs:
+        if has_split_level:
+            split = _SPLIT_ALIASES[top.name.lower()]
+            class_dirs = sorted(p for p in top.iterdir() if p.is_dir() and not p.name.startswith("."))
+        else:
+            split, class_dirs = "", [top]
+        for class_dir in class_dirs:
+            for file in sorted(class_dir.rglob("*")):
+                if file.suffix.lower() in IMAGE_EXTENSIONS and not file.name.startswith("."):
+                    rows.append({
+                        "path": str(file),
+                        "label": class_dir.name,
+                        "split": split,
+                        "source": str(file.relative_to(root)),
+                    })
+    if not rows:
+        raise DataError(f"{root}: no image files ({', '.join(sorted(IMAGE_EXTENSIONS))}) in the class folders")
+    return pd.DataFrame(rows, columns=CORE_COLUMNS)
+
+
+def read_manifest(
+    csv_path: Path,
+    *,
+    image_root: str | Path | None = None,
+    path_column: str | None = None,
+    label_column: str | None = None,
+    split_column: str | None = None,
+) -> pd.DataFrame:
+    """A CSV with one row per image, e.g. the die-bridge format ``filename, window, lib, Label``.
+
+    Unknown columns become metadata; an unnamed index column (pandas' ``to_csv`` default) is dropped.
+    """
+    csv_path = csv_path.resolve()
+    sep = "\t" if csv_path.suffix.lower() == ".tsv" else None
+    try:
+        raw = pd.read_csv(csv_path, sep=sep, engine="python", dtype=str, keep_default_na=False)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
+        raise DataError(f"{csv_path}: not a readable CSV manifest: {exc}") from None
+    if raw.empty:
+        raise DataError(f"{csv_path}: the manifest has no rows")
+    raw = raw.drop(columns=[c for c in raw.columns if c.startswith("Unnamed:") or c == ""])
+    path_col = path_column or _find_column(raw, _PATH_CANDIDATES, csv_path, "path", "--path-column")
+    label_col = label_column or _find_column(raw, _LABEL_CANDIDATES, csv_path, "label", "--label-column")
+    for col in (path_col, label_col, split_column):
+        if col and col not in raw.columns:
+            raise DataError(f"{csv_path}: no column {col!r}; columns are {', '.join(raw.columns)}")
+    root = Path(image_root).expanduser().resolve() if image_root else csv_path.parent
+    table = pd.DataFrame({
+        "path": [str((root / p.strip()).resolve()) if p.strip() else "" for p in raw[path_col]],
+        "label": raw[label_col].str.strip(),
+        "split": raw[split_column].map(_normalise_split) if split_column else "",
+        # Line numbers as an editor shows them: the header is line 1.
+        "source": [f"{csv_path.name}:{i + 2}" for i in range(len(raw))],
+    })
+    meta = raw.drop(columns=[c for c in (path_col, label_col, split_column) if c])
+    for col in meta.columns:
+        if col in CORE_COLUMNS:
+            table[f"meta_{col}"] = meta[col].values
+        else:
+            table[col] = meta[col].values
+    return table
+
+
+def read_elpv() -> pd.DataFrame:
+    """ELPV solar cells from the ``elpv-dataset`` package: 4 defect-probability classes, cell type as metadata."""
+    try:
+        import elpv_dataset
+    except ImportError:
+        raise DataError("the ELPV images come from the PyPI package 'elpv-dataset': pip install elpv-dataset") from None
+    labels = Path(elpv_dataset.__file__).parent / "data" / "labels.csv"
+    if not labels.is_file():
+        raise DataError(f"elpv-dataset is installed but {labels} is missing")
+    rows = []
+    for lineno, line in enumerate(labels.read_text().splitlines(), start=1):
+        parts = line.split()
+        if not parts:
+            continue
+        if len(parts) != 3:
+            raise DataError(f"{labels}:{lineno}: expected 'path probability type', got {line!r}")
+        rel, prob, cell_type = parts
+        level = round(float(prob) * 3)  # 0, 1/3, 2/3, 1 -> 0..3
+        rows.append({
+            "path": str((labels.parent / rel).resolve()),
+            "label": ELPV_CLASSES[level],
+            "split": "",
+            "source": f"labels.csv:{lineno}",
+            "type": cell_type,
+            "defect_probability": float(prob),
+        })
+    return pd.DataFrame(rows)
+
+
+def check_table(
+    table: pd.DataFrame, *, classes: list[str] | None = None, skip_bad: bool = False
+) -> tuple[pd.DataFrame, list[BadFile]]:
+    """Check every row names an existing file and a known label; drop or raise on the rest."""
+    bad: list[BadFile] = []
+    keep = []
+    allowed = set(classes) if classes else None
+    for row in table.itertuples(index=False):
+        reason = None
+        if not row.path:
+            reason = "no file name"
+        elif not Path(row.path).exists():
+            reason = "file not found"
+        elif not Path(row.path).is_file():
+            reason = "not a file"
+        elif not isinstance(row.label, str) or not row.label:
+            reason = "empty label"
+        elif allowed is not None and row.label not in allowed:
+            reason = f"unknown label {row.label!r} (known: {', '.join(classes)})"
+        if reason is None:
+            keep.append(True)
+            continue
+        if not skip_bad:
+            raise DataError(f"{row.source}: {row.path or '<empty>'}: {reason}")
+        bad.append(BadFile(path=row.path, source=row.source, reason=reason))
+        keep.append(False)
+    table = table[keep].reset_index(drop=True)
+    if table.empty:
+        raise DataError("no usable images remain in the dataset")
+    return table, bad
+
+
+def class_names(table: pd.DataFrame, classes: list[str] | None = None) -> list[str]:
+    """Class order: as configured, else sorted label names (stable across runs and machines)."""
+    if classes:
+        return list(classes)
+    return sorted(table["label"].unique())
+
+
+def _find_column(raw: pd.DataFrame, candidates: tuple[str, ...], csv_path: Path, what: str, flag: str) -> str:
+    lower = {c.lower().strip(): c for c in raw.columns}
+    for name in candidates:
+        if name in lower:
+            return lower[name]
+    raise DataError(
+        f"{csv_path}: cannot tell which column holds the image {what}; columns are "
+        f"{', '.join(raw.columns)}. Name it with {flag}"
+    )
+
+
+def _normalise_split(value: str) -> str:
+    value = (value or "").strip().lower()
+    if not value:
+        return ""
+    if value not in _SPLIT_ALIASES:
+        raise DataError(f"unknown split value {value!r}; use train, val or test")
+    return _SPLIT_ALIASES[value]

@@ -1,0 +1,1 @@
+"""Evaluation: metrics on a run's test split or another dataset."""

@@ -1,0 +1,84 @@
+"""``defectscope.evaluate``: score a run on its test split or on another labelled dataset."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from defectscope import rundir
+from defectscope.config import config_from_dict, load_yaml
+from defectscope.data.cache import drop_bad, load_images
+from defectscope.data.table import DataError, load_table
+from defectscope.evaluation.metrics import classification_metrics, format_metrics
+
+
+def evaluate(
+    run: str | Path,
+    data: str | Path | None = None,
+    *,
+    split: str = "test",
+    out: str | Path | None = None,
+    skip_bad: bool = False,
+    log=print,
+    **manifest_options: Any,
+) -> dict[str, Any]:
+    """Score the run's model; writes ``metrics.json`` and ``predictions.csv`` and returns the metrics.
+
+    Without ``data`` the run's own ``split`` of its dataset table is used. With ``data`` (a folder,
+    manifest or 'elpv') every image is scored; its labels must be among the run's classes.
+    ``manifest_options`` are ``image_root``, ``path_column``, ``label_column`` for a CSV.
+
+    >>> metrics = evaluate("runs/first")  # doctest: +SKIP
+    >>> metrics["macro_f1"]  # doctest: +SKIP
+    """
+    import torch
+
+    from defectscope.training.loop import predict_logits
+
+    run = Path(run)
+    model, spec = rundir.load_model(run)
+    cfg = config_from_dict(load_yaml(run / rundir.CONFIG))
+    classes = spec["classes"]
+    if data is None:
+        table = rundir.read_table(run)
+        table = table[table["split"] == split].reset_index(drop=True)
+        if table.empty:
+            raise DataError(f"{run}: the {split!r} split is empty; pass --data to evaluate on other images")
+        what = f"{split} split of {cfg.data.source}"
+    else:
+        table, _ = load_table(data, classes=classes, skip_bad=skip_bad, **manifest_options)
+        what = str(data)
+    images, bad = load_images(
+        table, spec["image_size"], resize=spec.get("resize", "squash"), max_pixels=cfg.data.max_pixels,
+        skip_bad=skip_bad, cache_dir=cfg.data.cache_dir,
+    )
+    table, images = drop_bad(table, images, bad)
+    torch.set_num_threads(cfg.train.threads or torch.get_num_threads())
+    logits = predict_logits(model, images)
+    probs = torch.softmax(logits, dim=1).numpy()
+    index = {c: i for i, c in enumerate(classes)}
+    y_true = table["label"].map(index).to_numpy()
+    y_pred = probs.argmax(1)
+
+    metrics = classification_metrics(y_true, y_pred, classes)
+    metrics["evaluated_on"] = what
+    metrics["architecture"] = spec["architecture"]
+    out_dir = Path(out) if out else run / rundir.EVALUATION
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    predictions = pd.DataFrame({
+        "path": table["path"], "source": table["source"], "label": table["label"],
+        "predicted": [classes[i] for i in y_pred], "confidence": probs.max(1).round(6),
+    })
+    for i, name in enumerate(classes):
+        predictions[f"p_{name}"] = probs[:, i].round(6)
+    predictions.to_csv(out_dir / "predictions.csv", index=False)
+    np.save(out_dir / "logits.npy", logits.numpy())
+    log(f"evaluated {spec['architecture']} on {what}")
+    log(format_metrics(metrics))
+    log(f"written: {out_dir / 'metrics.json'}, {out_dir / 'predictions.csv'}")
+    return metrics

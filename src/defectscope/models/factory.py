@@ -1,0 +1,138 @@
+"""One model factory: any timm architecture by name, or one of the die-bridge seed CNNs.
+
+Every model is a :class:`Classifier`: input normalisation, a backbone that yields a pooled feature
+vector, and a linear head. Drift scores and Grad-CAM use the same features for every architecture,
+and the exported graph carries the normalisation, so a deployed model needs no side knowledge.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from typing import Any
+
+import torch
+from torch import nn
+
+from defectscope.models.seed_cnn import SEED_CNNS, SeedCNN, create_seed_cnn
+
+# Grayscale statistics: the mean of ImageNet's RGB means and stds, which is what an RGB stem summed to
+# one channel was trained to see.
+GRAY_MEAN = 0.449
+GRAY_STD = 0.226
+
+
+class ModelError(ValueError):
+    """An unknown architecture or a pretrained source that does not fit it."""
+
+
+class Classifier(nn.Module):
+    """Input in [0, 1], shape (B, C, H, W) -> class logits."""
+
+    def __init__(self, backbone: nn.Module, num_features: int, num_classes: int, drop_rate: float = 0.0,
+                 mean: float = GRAY_MEAN, std: float = GRAY_STD):
+        super().__init__()
+        self.backbone = backbone
+        self.register_buffer("mean", torch.tensor(mean).view(1, 1, 1, 1))
+        self.register_buffer("std", torch.tensor(std).view(1, 1, 1, 1))
+        self.dropout = nn.Dropout(drop_rate)
+        self.head = nn.Linear(num_features, num_classes)
+        self.num_features = num_features
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Pooled penultimate features (B, num_features): what Drift scores and feature banks use."""
+        return self.backbone((x - self.mean) / self.std)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.dropout(self.forward_features(x)))
+
+    def param_groups(self) -> list[list[str]]:
+        """Backbone parameter names grouped from input to output (stem, blocks...), then the head."""
+        if isinstance(self.backbone, SeedCNN):
+            groups = self.backbone.param_groups()
+        else:
+            from timm.models import group_parameters
+
+            matcher = self.backbone.group_matcher(coarse=True)
+            groups = [list(names) for _, names in sorted(group_parameters(self.backbone, matcher).items())]
+        groups = [[f"backbone.{n}" for n in names] for names in groups]
+        return [*groups, [f"head.{n}" for n, _ in self.head.named_parameters()]]
+
+
+def list_models(pattern: str | None = None) -> list[str]:
+    """Names accepted by :func:`create_model`, optionally filtered by a glob such as ``'*resnet*'``."""
+    import timm
+
+    names = sorted(SEED_CNNS) + timm.list_models()
+    return [n for n in names if pattern is None or fnmatch.fnmatch(n, pattern)]
+
+
+def create_model(
+    name: str,
+    num_classes: int,
+    *,
+    in_chans: int = 1,
+    image_size: int = 224,
+    pretrained: str | None = None,
+    drop_rate: float = 0.0,
+) -> Classifier:
+    """Build a classifier; ``pretrained`` is ``None``, ``'auto'``, ``'package'``, ``'hub[:name]'`` or a file.
+
+    Unknown names raise :class:`ModelError` listing close matches and where to see them all.
+    """
+    if name in SEED_CNNS:
+        if pretrained not in (None, "none", "", "auto"):
+            raise ModelError(f"{name} has no pretrained weights; use pretrained: none")
+        backbone = create_seed_cnn(name, in_chans, image_size)
+        model = Classifier(backbone, backbone.num_features, num_classes, drop_rate)
+        model.pretrained_report = {"source": None}
+        return model
+
+    import timm
+
+    if not timm.is_model(name):
+        close = [n for n in list_models() if name.lower()[:5] in n][:10]
+        hint = f" Close matches: {', '.join(close)}." if close else ""
+        raise ModelError(
+            f"unknown model {name!r}.{hint} Seed CNNs: {', '.join(SEED_CNNS)}; "
+            "any timm architecture works (see `defectscope models`)."
+        )
+    backbone = timm.create_model(name, pretrained=False, num_classes=0, in_chans=in_chans)
+    report: dict[str, Any] = {"source": None}
+    if pretrained not in (None, "none", ""):
+        from defectscope.models.pretrained import PretrainedError, apply_pretrained, resolve_source
+
+        try:
+            source = resolve_source(name, pretrained)
+            if source is not None:
+                report = apply_pretrained(backbone, name, source, in_chans=in_chans)
+        except PretrainedError as exc:
+            raise ModelError(str(exc)) from None
+    model = Classifier(backbone, backbone.num_features, num_classes, drop_rate)
+    model.pretrained_report = report
+    return model
+
+
+def model_spec(model_name: str, classes: list[str], image_size: int, **extra: Any) -> dict[str, Any]:
+    """The JSON description saved beside the weights: everything needed to rebuild and feed the model."""
+    return {
+        "architecture": model_name,
+        "classes": list(classes),
+        "num_classes": len(classes),
+        "in_chans": 1,
+        "image_size": image_size,
+        "input": "grayscale uint8 resized to image_size, scaled to [0, 1]; normalisation is inside the model",
+        "mean": GRAY_MEAN,
+        "std": GRAY_STD,
+        **extra,
+    }
+
+
+def model_from_spec(spec: dict[str, Any]) -> Classifier:
+    """Rebuild the architecture from a saved spec (weights are loaded by the caller)."""
+    return create_model(
+        spec["architecture"],
+        spec["num_classes"],
+        in_chans=spec.get("in_chans", 1),
+        image_size=spec["image_size"],
+        pretrained=None,
+    )

@@ -1,0 +1,1 @@
+"""Training: losses, sampling, augmentation and the training loop that writes a run directory."""

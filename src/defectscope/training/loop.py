@@ -1,0 +1,324 @@
+"""The training loop: phases, sampling, early stopping, per-epoch checkpoints and exact resume.
+
+Batches are cut from the cached uint8 images in the main process with one torch.Generator, which
+keeps a CPU run repeatable and lets ``resume`` continue with the very same random stream.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from defectscope.config import PhaseConfig, RunConfig
+from defectscope.evaluation.metrics import classification_metrics
+from defectscope.models.factory import Classifier
+from defectscope.training.augment import augment_batch
+from defectscope.training.losses import inverse_frequency_weights, make_loss
+
+CHECKPOINT = "checkpoint.pt"
+
+
+@dataclass
+class TrainState:
+    """Everything needed to resume; saved as plain tensors and numbers (loadable with weights_only)."""
+
+    phase: int = 0
+    phase_epoch: int = 0  # epochs finished in the current phase
+    epoch: int = 0  # epochs finished overall
+    phase_done: bool = False
+    best_score: float = -math.inf
+    best_epoch: int = 0
+    bad_epochs: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+def pick_device(name: str) -> torch.device:
+    if name != "auto":
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def phases_of(cfg: RunConfig) -> list[PhaseConfig]:
+    if cfg.train.phases:
+        return list(cfg.train.phases)
+    return [PhaseConfig(unfreeze="all", epochs=cfg.train.epochs, lr=cfg.train.lr)]
+
+
+def set_trainable(model: Classifier, unfreeze: str) -> list[nn.Parameter]:
+    """Freeze all but the chosen parameter groups; frozen parameters cost no backward pass."""
+    groups = model.param_groups()
+    if unfreeze == "all":
+        chosen = groups
+    elif unfreeze == "head":
+        chosen = groups[-1:]
+    else:
+        n = int(unfreeze.split(":", 1)[1])
+        chosen = groups[-(n + 1):]
+    names = {name for group in chosen for name in group}
+    params = []
+    for name, p in model.named_parameters():
+        p.requires_grad_(name in names)
+        if p.requires_grad:
+            params.append(p)
+    return params
+
+
+def _freeze_norm_stats(model: nn.Module) -> None:
+    """Batch-norm layers whose weights are frozen keep their running statistics too."""
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            params = list(module.parameters(recurse=False))
+            if params and not any(p.requires_grad for p in params):
+                module.eval()
+
+
+def _lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
+    if warmup and step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant" or total <= warmup:
+        return 1.0
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def epoch_indices(labels: torch.Tensor, sampling: str, ratio: float, gen: torch.Generator) -> torch.Tensor:
+    n = len(labels)
+    # Drawn unconditionally so the random stream does not depend on the sampling choice.
+    perm = torch.randperm(n, generator=gen)
+    if sampling == "shuffle":
+        return perm
+    counts = torch.bincount(labels).float()
+    if sampling == "balanced":
+        weights = 1.0 / counts[labels]
+        return torch.multinomial(weights, n, replacement=True, generator=gen)
+    # undersample: every class cut to `ratio` x the smallest class, a fresh draw each epoch.
+    cap = max(1, int(round(counts[counts > 0].min().item() * ratio)))
+    shuffled = labels[perm]
+    keep = torch.zeros(n, dtype=torch.bool)
+    for c in torch.unique(labels):
+        keep[torch.nonzero(shuffled == c).flatten()[:cap]] = True
+    return perm[keep]
+
+
+def to_input(images: torch.Tensor, device: torch.device, channels_last: bool) -> torch.Tensor:
+    x = images.to(device, non_blocking=True).float().div_(255).unsqueeze(1)
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+
+@torch.no_grad()
+def predict_logits(
+    model: nn.Module, images: np.ndarray | torch.Tensor, *, batch_size: int = 64,
+    device: torch.device | None = None, channels_last: bool = False,
+) -> torch.Tensor:
+    """Logits for uint8 images (N, H, W), in eval mode, on the model's device."""
+    device = device or next(model.parameters()).device
+    images = torch.as_tensor(images)
+    model.eval()
+    out = [
+        model(to_input(images[i:i + batch_size], device, channels_last)).float().cpu()
+        for i in range(0, len(images), batch_size)
+    ]
+    return torch.cat(out) if out else torch.empty(0, model.head.out_features)
+
+
+class Trainer:
+    """Fits a Classifier on cached images and keeps its run directory's checkpoint current."""
+
+    def __init__(self, model: Classifier, cfg: RunConfig, run_dir: Path, classes: list[str]):
+        self.model = model
+        self.cfg = cfg
+        self.run_dir = Path(run_dir)
+        self.classes = classes
+        self.device = pick_device(cfg.train.device)
+        self.channels_last = cfg.train.channels_last and self.device.type == "cpu"
+        self.amp = self.device.type == "cuda"
+
+    def fit(
+        self, x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_val: np.ndarray,
+        *, resume: bool = False, log=print,
+    ) -> TrainState:
+        cfg, tcfg = self.cfg, self.cfg.train
+        model = self.model.to(self.device)
+        if self.channels_last:
+            model.to(memory_format=torch.channels_last)
+        x_train_t, y_train_t = torch.from_numpy(np.ascontiguousarray(x_train)), torch.as_tensor(y_train)
+        k = len(self.classes)
+        weight = None
+        if tcfg.class_weights and tcfg.sampling == "shuffle":
+            weight = inverse_frequency_weights(y_train_t, k).to(self.device)
+        criterion = make_loss(tcfg.loss, weight, tcfg.focal_gamma, tcfg.label_smoothing)
+        gen = torch.Generator().manual_seed(cfg.seed)
+        state = TrainState()
+        best_weights = {k_: v.detach().clone() for k_, v in model.state_dict().items()}
+        phases = phases_of(cfg)
+        saved: dict[str, Any] | None = None
+        if resume:
+            saved, state, best_weights = self._load_checkpoint(gen)
+            log(f"resuming after epoch {state.epoch} (phase {state.phase + 1}/{len(phases)})")
+
+        for p_idx in range(state.phase, len(phases)):
+            phase = phases[p_idx]
+            if p_idx != state.phase:
+                state.phase, state.phase_epoch, state.phase_done, state.bad_epochs = p_idx, 0, False, 0
+                # A new phase starts from the best weights so far, as a person would continue.
+                model.load_state_dict(best_weights)
+            if state.phase_done or state.phase_epoch >= phase.epochs:
+                saved = None  # the saved optimizer belonged to this finished phase
+                continue
+            params = set_trainable(model, phase.unfreeze)
+            optimizer = self._optimizer(params, phase.lr)
+            if saved is not None:
+                optimizer.load_state_dict(saved["optimizer"])
+                saved = None
+            steps_per_epoch = self._steps_per_epoch(y_train_t)
+            total = steps_per_epoch * phase.epochs
+            warmup = int(tcfg.warmup_epochs * steps_per_epoch)
+            scaler = torch.amp.GradScaler("cuda") if self.amp else None
+            while state.phase_epoch < phase.epochs and not state.phase_done:
+                started = time.perf_counter()
+                train_loss = self._train_epoch(
+                    model, criterion, optimizer, scaler, x_train_t, y_train_t, gen, phase.lr,
+                    state.phase_epoch * steps_per_epoch, total, warmup, f"epoch {state.epoch + 1}",
+                )
+                val = self._validate(model, x_val, y_val)
+                state.phase_epoch += 1
+                state.epoch += 1
+                record = {
+                    "epoch": state.epoch, "phase": p_idx + 1, "unfreeze": phase.unfreeze,
+                    "train_loss": train_loss, **val,
+                    "lr": optimizer.param_groups[0]["lr"], "seconds": time.perf_counter() - started,
+                }
+                score = val["val_macro_f1"] if tcfg.monitor == "val_macro_f1" else -val["val_loss"]
+                if score > state.best_score:
+                    state.best_score, state.best_epoch, state.bad_epochs = score, state.epoch, 0
+                    best_weights = {k_: v.detach().clone() for k_, v in model.state_dict().items()}
+                else:
+                    state.bad_epochs += 1
+                    if tcfg.patience and state.bad_epochs >= tcfg.patience:
+                        state.phase_done = True
+                        record["early_stop"] = True
+                record["best_epoch"] = state.best_epoch
+                state.history.append(record)
+                log(
+                    f"epoch {state.epoch:>3}  phase {p_idx + 1} ({phase.unfreeze})  loss {train_loss:.4f}  "
+                    f"val_loss {val['val_loss']:.4f}  val_macro_f1 {val['val_macro_f1']:.4f}  "
+                    f"val_acc {val['val_accuracy']:.4f}  {record['seconds']:.0f}s"
+                    + ("  (early stop)" if record.get("early_stop") else "")
+                )
+                self._save_checkpoint(model, optimizer, gen, state, best_weights)
+        model.load_state_dict(best_weights)
+        for p in model.parameters():
+            p.requires_grad_(True)
+        model.eval()
+        return state
+
+    def _optimizer(self, params: list[nn.Parameter], lr: float) -> torch.optim.Optimizer:
+        wd = self.cfg.train.weight_decay
+        name = self.cfg.train.optimizer
+        if name == "adamw":
+            return torch.optim.AdamW(params, lr=lr, weight_decay=wd)
+        if name == "adam":
+            return torch.optim.Adam(params, lr=lr, weight_decay=wd)
+        return torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=wd, nesterov=True)
+
+    def _steps_per_epoch(self, labels: torch.Tensor) -> int:
+        tcfg = self.cfg.train
+        if tcfg.sampling == "undersample":
+            counts = torch.bincount(labels)
+            cap = max(1, int(round(counts[counts > 0].min().item() * tcfg.undersample_ratio)))
+            n = int(torch.clamp(counts, max=cap).sum())
+        else:
+            n = len(labels)
+        return max(1, math.ceil(n / tcfg.batch_size))
+
+    def _train_epoch(self, model, criterion, optimizer, scaler, x, y, gen, base_lr, step, total, warmup, desc):
+        tcfg = self.cfg.train
+        model.train()
+        _freeze_norm_stats(model)
+        order = epoch_indices(y, tcfg.sampling, tcfg.undersample_ratio, gen)
+        batches = [order[i:i + tcfg.batch_size] for i in range(0, len(order), tcfg.batch_size)]
+        losses = []
+        bar = _progress(batches, desc, tcfg.progress)
+        for idx in bar:
+            # Augment on the CPU with the run's generator so the stream is the same on every device.
+            xb = augment_batch(x[idx].float().div_(255).unsqueeze(1), self.cfg.augment, gen)
+            xb = xb.to(self.device)
+            if self.channels_last:
+                xb = xb.contiguous(memory_format=torch.channels_last)
+            yb = y[idx].to(self.device)
+            for group in optimizer.param_groups:
+                group["lr"] = base_lr * _lr_factor(step, total, warmup, tcfg.schedule)
+            with torch.autocast(self.device.type, enabled=self.amp):
+                loss = criterion(model(xb), yb)
+            optimizer.zero_grad(set_to_none=True)
+            if scaler is not None:
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                loss.backward()
+                optimizer.step()
+            step += 1
+            losses.append(loss.item())
+            if hasattr(bar, "set_postfix"):
+                bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}")
+        return float(np.mean(losses)) if losses else float("nan")
+
+    def _validate(self, model, x_val, y_val) -> dict[str, float]:
+        if len(y_val) == 0:
+            return {"val_loss": float("nan"), "val_macro_f1": float("nan"), "val_accuracy": float("nan")}
+        logits = predict_logits(model, x_val, device=self.device, channels_last=self.channels_last)
+        y = torch.as_tensor(y_val)
+        m = classification_metrics(y.numpy(), logits.argmax(1).numpy(), self.classes)
+        return {
+            "val_loss": float(F.cross_entropy(logits, y)),
+            "val_macro_f1": m["macro_f1"],
+            "val_accuracy": m["accuracy"],
+        }
+
+    def _save_checkpoint(self, model, optimizer, gen, state: TrainState, best_weights) -> None:
+        payload = {
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "best_weights": best_weights,
+            "generator": gen.get_state(),
+            "torch_rng": torch.get_rng_state(),
+            "state": {k: v for k, v in state.__dict__.items() if k != "history"},
+            "history": state.history,
+        }
+        path = self.run_dir / CHECKPOINT
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        torch.save(payload, tmp)
+        os.replace(tmp, path)  # a run killed mid-write keeps the previous checkpoint
+
+    def _load_checkpoint(self, gen: torch.Generator):
+        path = self.run_dir / CHECKPOINT
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: no checkpoint to resume from")
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        self.model.load_state_dict(saved["model"])
+        gen.set_state(saved["generator"])
+        torch.set_rng_state(saved["torch_rng"])
+        state = TrainState(**saved["state"], history=list(saved["history"]))
+        return saved, state, saved["best_weights"]
+
+
+def _progress(items, desc: str, enabled: bool):
+    if not enabled:
+        return items
+    from tqdm.auto import tqdm
+
+    return tqdm(items, desc=desc, leave=False, unit="batch", dynamic_ncols=True)

@@ -1,0 +1,206 @@
+"""``defectscope.train``: from a data source to a finished run directory."""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import os
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from defectscope import __version__, rundir
+from defectscope.config import RunConfig, build_config, config_from_dict, load_yaml
+from defectscope.data.cache import drop_bad, load_images
+from defectscope.data.split import assign_splits, split_summary
+from defectscope.data.table import DataError, class_names, load_table
+
+
+def train(
+    data: str | Path | None = None,
+    out: str | Path = "runs/run",
+    *,
+    config: RunConfig | None = None,
+    config_file: str | Path | None = None,
+    resume: bool = False,
+    log=print,
+    **overrides: Any,
+) -> Path:
+    """Train a classifier on ``data`` and write the run directory ``out``; returns its path.
+
+    ``overrides`` are dotted config keys, e.g. ``train(..., **{"model.name": "resnet18", "train.epochs": 3})``,
+    or the short names ``model``, ``image_size``, ``epochs``, ``seed``. ``data='elpv'`` applies the ELPV
+    preset (flips and quarter turns on, stratified by cell type) unless a config says otherwise.
+
+    >>> run = train("path/to/class_folders", "runs/first", epochs=5)  # doctest: +SKIP
+    """
+    import torch
+
+    from defectscope.models.factory import create_model, model_spec
+    from defectscope.training.loop import Trainer
+
+    out = Path(out)
+    if resume:
+        cfg = config_from_dict(load_yaml(out / rundir.CONFIG))
+        table = rundir.read_table(out)
+        log(f"resuming {out} with its saved config and dataset table")
+    else:
+        cfg = config or _config_for(data, config_file, overrides)
+        if (out / rundir.SPEC).exists() or (out / "checkpoint.pt").exists():
+            raise FileExistsError(f"{out} already holds a run; choose another --out or pass --resume")
+        out.mkdir(parents=True, exist_ok=True)
+        table = _build_table(cfg, out, log)
+
+    torch.manual_seed(cfg.seed)
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+
+    classes = cfg.data.classes or class_names(table)
+    index = {c: i for i, c in enumerate(classes)}
+    images, bad = _cached_images(table, cfg, log)
+    if bad:
+        table, images = drop_bad(table, images, bad)
+        _write_skipped(out, bad, log)
+    if not resume:
+        table.to_csv(out / rundir.TABLE, index=False)
+        cfg.data.classes = classes
+        cfg.save(out / rundir.CONFIG)
+    labels = table["label"].map(index).to_numpy()
+    split = table["split"].to_numpy()
+    if not (split == "train").any():
+        raise DataError("the training split is empty")
+    for name in classes:
+        if not ((split == "train") & (table["label"].to_numpy() == name)).any():
+            log(f"warning: class {name!r} has no training images")
+
+    model = create_model(
+        cfg.model.name, len(classes), image_size=cfg.model.image_size,
+        pretrained=cfg.model.pretrained, drop_rate=cfg.model.drop_rate,
+    )
+    source = model.pretrained_report.get("source")
+    log(f"model {cfg.model.name} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters), "
+        f"pretrained: {source or 'no (from scratch)'}, {cfg.model.image_size} px")
+    trainer = Trainer(model, cfg, out, classes)
+    log(f"training on {trainer.device} with {torch.get_num_threads()} threads")
+    started = time.perf_counter()
+    tr, va = split == "train", split == "val"
+    state = trainer.fit(images[tr], labels[tr], images[va], labels[va], resume=resume, log=log)
+    seconds = time.perf_counter() - started
+
+    pd.DataFrame(state.history).to_csv(out / rundir.HISTORY, index=False)
+    spec = model_spec(
+        cfg.model.name, classes, cfg.model.image_size,
+        resize=cfg.data.resize,
+        pretrained=source,
+        best_epoch=state.best_epoch,
+        epochs_run=state.epoch,
+        monitor=cfg.train.monitor,
+        best_score=state.best_score if cfg.train.monitor == "val_macro_f1" else -state.best_score,
+        train_seconds=round(seconds, 1),
+        dataset_sha256=table_hash(table),
+        seed=cfg.seed,
+        defectscope_version=__version__,
+        created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        machine=machine_info(),
+    )
+    rundir.save_model(trainer.model.cpu(), spec, out)
+    log(f"best epoch {state.best_epoch} ({cfg.train.monitor} {spec['best_score']:.4f}); run saved in {out}")
+    return out
+
+
+def _config_for(data, config_file, overrides: dict[str, Any]) -> RunConfig:
+    short = {"model": "model.name", "image_size": "model.image_size", "epochs": "train.epochs",
+             "seed": "seed", "pretrained": "model.pretrained", "batch_size": "train.batch_size",
+             "lr": "train.lr"}
+    dotted = {short.get(k, k): v for k, v in overrides.items()}
+    if data is not None:
+        dotted["data.source"] = str(data)
+    file_source = load_yaml(config_file).get("data", {}).get("source") if config_file else None
+    source = dotted.get("data.source") or file_source or ""
+    preset = "elpv" if str(source).lower() == "elpv" else None
+    cfg = build_config(preset=preset, config_file=config_file, overrides=dotted)
+    if not cfg.data.source:
+        raise DataError("no data given: pass a folder, a CSV manifest or 'elpv'")
+    return cfg
+
+
+def _build_table(cfg: RunConfig, out: Path, log) -> pd.DataFrame:
+    d = cfg.data
+    table, bad = load_table(
+        d.source, image_root=d.image_root, path_column=d.path_column, label_column=d.label_column,
+        split_column=d.split_column, classes=d.classes, skip_bad=d.skip_bad,
+    )
+    if bad:
+        _write_skipped(out, bad, log)
+    table = assign_splits(table, d.fractions, seed=cfg.seed, stratify=d.stratify, group_column=d.group_column)
+    log(f"dataset: {len(table)} images, {table['label'].nunique()} classes from {d.source}")
+    log(split_summary(table).to_string())
+    return table
+
+
+def _cached_images(table: pd.DataFrame, cfg: RunConfig, log):
+    started = time.perf_counter()
+    bar = None
+    if cfg.train.progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(table), desc="decode+resize", unit="img", leave=False)
+    images, bad = load_images(
+        table, cfg.model.image_size, resize=cfg.data.resize, max_pixels=cfg.data.max_pixels,
+        skip_bad=cfg.data.skip_bad, cache_dir=cfg.data.cache_dir, progress=bar.update if bar else None,
+    )
+    if bar:
+        bar.close()
+    log(f"images ready: {images.shape[0]} x {images.shape[1]}x{images.shape[2]} "
+        f"({time.perf_counter() - started:.1f}s, cached)")
+    return images, bad
+
+
+def _write_skipped(out: Path, bad, log) -> None:
+    path = out / rundir.SKIPPED
+    previous = pd.read_csv(path, dtype=str) if path.is_file() else pd.DataFrame()
+    rows = pd.DataFrame([b.__dict__ for b in bad])
+    pd.concat([previous, rows]).drop_duplicates().to_csv(path, index=False)
+    log(f"skipped {len(bad)} unusable file(s), listed in {path}:")
+    for b in bad[:20]:
+        log(f"  {b.source}: {b.path}: {b.reason}")
+    if len(bad) > 20:
+        log(f"  ... and {len(bad) - 20} more")
+
+
+def table_hash(table: pd.DataFrame) -> str:
+    """Identifies the exact images, labels and splits a model was trained on."""
+    h = hashlib.sha256()
+    for row in table[["path", "label", "split"]].itertuples(index=False):
+        h.update(f"{os.path.basename(row.path)}|{row.label}|{row.split}\n".encode())
+    return h.hexdigest()
+
+
+def machine_info() -> dict[str, Any]:
+    import torch
+
+    return {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpus": os.cpu_count(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+    }
+
+
+def dump_json(obj: Any, path: Path) -> None:
+    path.write_text(json.dumps(obj, indent=2, default=_json_default))
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, np.generic):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
