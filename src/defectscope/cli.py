@@ -16,7 +16,7 @@ def _add_manifest_options(p: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="defectscope",
-        description="Automatic defect classification for inspection images: train, evaluate, demo.",
+        description="Automatic defect classification for inspection images: train, evaluate, calibrate, demo.",
     )
     parser.add_argument("--version", action="version", version=f"defectscope {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -51,6 +51,32 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--skip-bad", action="store_true", help="skip unreadable or missing files")
     _add_manifest_options(e)
 
+    c = sub.add_parser("calibrate", help="set the decision policy (escape cap, costs, review band) -> RUN/policy.json")
+    c.add_argument("run", help="run directory")
+    c.add_argument("--good-class", help="the class that means a part passes (default: a class named GOOD)")
+    c.add_argument("--max-escape", type=float, help="cap on defective parts passed as good, e.g. 0.01")
+    c.add_argument("--confidence", type=float, default=0.95, help="confidence of the escape guarantee (0.95)")
+    c.add_argument("--cost-matrix", help="valeo_pwa or a YAML file {classes: [...], costs: [[...]]}")
+    c.add_argument("--review-rate", type=float, help="send this share of least-confident images to REVIEW")
+    c.add_argument("--target-purity", type=float, help="or: review until auto-decided accuracy reaches this")
+    c.add_argument("--review-score", default="top", choices=["top", "margin"],
+                   help="confidence measure for the review band")
+
+    x = sub.add_parser("export", help="write a self-describing ONNX model (+ JSON sidecar) and check it")
+    x.add_argument("run", help="run directory")
+    x.add_argument("--out", "-o", required=True, help="output .onnx file, e.g. RUN/export/model.onnx")
+    x.add_argument("--quantize", choices=["dynamic", "static"], help="also measure an int8 model")
+    x.add_argument("--opset", type=int, default=17)
+
+    pr = sub.add_parser("predict", help="classify images with an exported model (no PyTorch needed)")
+    pr.add_argument("model", help="exported .onnx file")
+    pr.add_argument("images", nargs="+", help="image files and/or folders")
+    pr.add_argument("--recursive", "-r", action="store_true", help="descend into sub-folders")
+    pr.add_argument("--format", default="jsonl", choices=["csv", "json", "jsonl"])
+    pr.add_argument("--out", help="write here instead of the terminal")
+    pr.add_argument("--batch-size", type=int, default=32)
+    pr.add_argument("--threads", type=int, help="inference threads (default: the cores not decoding)")
+
     d = sub.add_parser("demo", help="the main job: train, evaluate on the real ELPV solar-cell images")
     d.add_argument("--out", default="defectscope_demo", help="folder for the demo's run (default: defectscope_demo)")
     d.add_argument("--epochs", type=int, help="override the demo recipe's epochs")
@@ -60,6 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+_USER_ERRORS = {"ExportError", "PretrainedError"}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -67,10 +96,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except (ValueError, FileNotFoundError, FileExistsError) as exc:
-        # Errors a user can act on (bad data, config, paths) get one clear line, not a traceback.
-        print(f"defectscope: error: {exc}", file=sys.stderr)
-        return 2
+    except Exception as exc:
+        # Errors a user can act on (bad data, config, paths, a failed export check) get one clear line;
+        # anything else is a bug and keeps its traceback.
+        if isinstance(exc, (ValueError, FileNotFoundError, FileExistsError)) or type(exc).__name__ in _USER_ERRORS:
+            print(f"defectscope: error: {exc}", file=sys.stderr)
+            return 2
+        raise
 
 
 def _dispatch(args: argparse.Namespace) -> int:
@@ -106,6 +138,26 @@ def _dispatch(args: argparse.Namespace) -> int:
                    if getattr(args, k) is not None and args.data}
         evaluate(args.run, args.data, split=args.split, out=args.out, skip_bad=args.skip_bad, **options)
         return 0
+    if args.command == "calibrate":
+        from defectscope.decision.calibrate import calibrate
+
+        calibrate(args.run, good_class=args.good_class, max_escape=args.max_escape, confidence=args.confidence,
+                  cost_matrix=args.cost_matrix, review_rate=args.review_rate, target_purity=args.target_purity,
+                  review_score=args.review_score)
+        return 0
+    if args.command == "export":
+        from defectscope.deploy.export import export_onnx
+
+        export_onnx(args.run, args.out, quantize=args.quantize, opset=args.opset)
+        return 0
+    if args.command == "predict":
+        from defectscope.deploy.batch import UNREADABLE, predict_files
+
+        counts = predict_files(args.model, args.images, recursive=args.recursive, fmt=args.format, out=args.out,
+                               batch_size=args.batch_size, threads=args.threads)
+        summary = ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))
+        print(f"{sum(counts.values())} images: {summary}", file=sys.stderr)
+        return 1 if counts.get(UNREADABLE) else 0
     if args.command == "demo":
         from defectscope.demo import demo
 

@@ -26,7 +26,8 @@ class DataConfig:
     split_column: str | None = None  # a predefined split (train/val/test) to honour
     group_column: str | None = None  # rows sharing a value stay in one split (e.g. a wafer or a lot)
     stratify: list[str] = field(default_factory=list)  # metadata columns to stratify by, besides the label
-    fractions: list[float] = field(default_factory=lambda: [0.70, 0.15, 0.15])  # train, val, test
+    # train, val, test; or train, val, calib, test (calib: images for `defectscope calibrate` alone)
+    fractions: list[float] = field(default_factory=lambda: [0.70, 0.15, 0.15])
     classes: list[str] | None = None  # fixes class order; any other label is an error
     skip_bad: bool = False  # skip unreadable/missing files with a report instead of stopping
     max_pixels: int = 200_000_000  # decompression-bomb guard
@@ -209,8 +210,8 @@ def config_from_dict(values: dict[str, Any]) -> RunConfig:
 
 def _validate(cfg: RunConfig) -> None:
     fr = cfg.data.fractions
-    if len(fr) != 3 or any(f < 0 for f in fr) or abs(sum(fr) - 1.0) > 1e-6:
-        raise ConfigError(f"data.fractions must be three non-negative numbers summing to 1, got {fr}")
+    if len(fr) not in (3, 4) or any(f < 0 for f in fr) or abs(sum(fr) - 1.0) > 1e-6:
+        raise ConfigError(f"data.fractions must be 3 or 4 non-negative numbers summing to 1, got {fr}")
     choices = {
         "data.resize": (cfg.data.resize, {"squash", "pad"}),
         "train.loss": (cfg.train.loss, {"ce", "focal"}),

@@ -5,7 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from defectscope.data.table import SPLITS, DataError
+from defectscope.data.table import DataError
+
+THREE_WAY = ("train", "val", "test")
+# A fourth share, "calib", holds images for the decision policy that training and early stopping never see.
+FOUR_WAY = ("train", "val", "calib", "test")
 
 
 def assign_splits(
@@ -17,6 +21,8 @@ def assign_splits(
     group_column: str | None = None,
 ) -> pd.DataFrame:
     """Return a copy of the table with every row's ``split`` filled in.
+
+    Three fractions give train/val/test; four give train/val/calib/test.
 
     Rows that already carry a split keep it (a predefined split is honoured). The rest are split per
     stratum (label plus the ``stratify`` columns) so each split mirrors the class mix; with
@@ -34,6 +40,9 @@ def assign_splits(
             raise DataError(f"cannot split by column {col!r}: the table has {', '.join(table.columns)}")
     rng = np.random.default_rng(seed)
     fractions = np.asarray(fractions, dtype=float)
+    if len(fractions) not in (3, 4):
+        raise DataError(f"split fractions must be 3 (train, val, test) or 4 (train, val, calib, test): {fractions}")
+    names = THREE_WAY if len(fractions) == 3 else FOUR_WAY
     pending = table[todo]
     keys = pending[["label", *(stratify or [])]].astype(str).agg("|".join, axis=1)
     if group_column:
@@ -46,7 +55,7 @@ def assign_splits(
             groups = strata[key]
             order = rng.permutation(len(groups))
             sizes = np.array([len(units.groups[groups[i]]) for i in order])
-            for i, split in zip(order, _allocate_by_size(sizes, fractions), strict=True):
+            for i, split in zip(order, _allocate_by_size(sizes, fractions, names), strict=True):
                 table.loc[units.groups[groups[i]], "split"] = split
     else:
         for key in sorted(keys.unique()):
@@ -54,7 +63,7 @@ def assign_splits(
             idx = idx[rng.permutation(len(idx))]
             counts = _counts(len(idx), fractions)
             start = 0
-            for split, n in zip(SPLITS, counts, strict=True):
+            for split, n in zip(names, counts, strict=True):
                 table.loc[idx[start:start + n], "split"] = split
                 start += n
     return table
@@ -74,19 +83,20 @@ def _counts(n: int, fractions: np.ndarray) -> list[int]:
     return counts.tolist()
 
 
-def _allocate_by_size(sizes: np.ndarray, fractions: np.ndarray) -> list[str]:
+def _allocate_by_size(sizes: np.ndarray, fractions: np.ndarray, names: tuple[str, ...]) -> list[str]:
     """Greedy: each group goes to the split furthest below its target share of images."""
     targets = fractions * sizes.sum()
-    filled = np.zeros(3)
+    filled = np.zeros(len(fractions))
     out = []
     for size in sizes:
         deficit = np.where(fractions > 0, (targets - filled) / np.maximum(targets, 1e-9), -np.inf)
         k = int(np.argmax(deficit))
         filled[k] += size
-        out.append(SPLITS[k])
+        out.append(names[k])
     return out
 
 
 def split_summary(table: pd.DataFrame) -> pd.DataFrame:
     """Images per class and split, for the run log and the terminal."""
-    return pd.crosstab(table["label"], table["split"]).reindex(columns=list(SPLITS), fill_value=0)
+    names = FOUR_WAY if (table["split"] == "calib").any() else THREE_WAY
+    return pd.crosstab(table["label"], table["split"]).reindex(columns=list(names), fill_value=0)

@@ -6,6 +6,7 @@ from, e.g. ``labels.csv:17``), then any metadata columns the source had. The tab
 
 from __future__ import annotations
 
+import csv
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,11 +15,11 @@ import pandas as pd
 from defectscope.data.images import IMAGE_EXTENSIONS
 
 CORE_COLUMNS = ["path", "label", "split", "source"]
-SPLITS = ("train", "val", "test")
 _SPLIT_ALIASES = {
     "train": "train", "training": "train",
     "val": "val", "valid": "val", "validation": "val", "dev": "val",
     "test": "test", "testing": "test",
+    "calib": "calib", "calibration": "calib",
 }
 _PATH_CANDIDATES = ("filename", "file", "path", "image", "image_path", "filepath", "file_name", "img")
 _LABEL_CANDIDATES = ("label", "class", "target", "category", "defect", "type_label")
@@ -123,7 +124,7 @@ def read_manifest(
     sep = "\t" if csv_path.suffix.lower() == ".tsv" else None
     try:
         raw = pd.read_csv(csv_path, sep=sep, engine="python", dtype=str, keep_default_na=False)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, csv.Error) as exc:
         raise DataError(f"{csv_path}: not a readable CSV manifest: {exc}") from None
     if raw.empty:
         raise DataError(f"{csv_path}: the manifest has no rows")

@@ -16,6 +16,34 @@ from defectscope.data.table import DataError, load_table
 from defectscope.evaluation.metrics import classification_metrics, format_metrics
 
 
+def _load_policy(run: Path):
+    from defectscope.decision.policy import POLICY_FILE, Policy
+
+    path = run / POLICY_FILE
+    return Policy.from_json(path) if path.is_file() else None
+
+
+def format_policy_metrics(m: dict[str, Any]) -> str:
+    """After the decision policy: what passes, what is rejected, what a person must look at."""
+    lines = ["after the decision policy (RUN/policy.json):"]
+    for key, what in (("escape", "escape rate (defective passed as good)"),
+                      ("overkill", "overkill rate (good rejected)")):
+        r = m.get(key)
+        if r and r.get("rate") is not None:
+            lo, hi = r["interval"]
+            lines.append(f"  {what:<40} {r['rate']:.4f}  [{lo:.4f}, {hi:.4f}]  ({r['count']}/{r['of']})")
+    lines.append(f"  {'review rate':<40} {m['review_rate']:.4f}")
+    if m.get("drift_rate"):
+        lines.append(f"  {'drift rate':<40} {m['drift_rate']:.4f}")
+    auto = m.get("auto") or {}
+    if auto:
+        lines.append(f"  {'auto-decided accuracy / macro-F1':<40} {auto.get('accuracy', 0):.4f} / "
+                     f"{auto.get('macro_f1', 0):.4f}  ({m['n_auto']} of {m['n']} images)")
+    if m.get("pwa") is not None:
+        lines.append(f"  {'expected cost per image / PWA':<40} {m['expected_cost_per_image']:.2f} / {m['pwa']:.4f}")
+    return "\n".join(lines)
+
+
 def evaluate(
     run: str | Path,
     data: str | Path | None = None,
@@ -43,12 +71,22 @@ def evaluate(
     model, spec = rundir.load_model(run)
     cfg = config_from_dict(load_yaml(run / rundir.CONFIG))
     classes = spec["classes"]
+    policy = _load_policy(run)
     if data is None:
         table = rundir.read_table(run)
-        table = table[table["split"] == split].reset_index(drop=True)
+        rows = (table["split"] == split).to_numpy()
+        what = f"{split} split of {cfg.data.source}"
+        if policy is not None and split == "test":
+            from defectscope.decision.calibrate import calibration_split
+
+            # Score only the images the policy's thresholds were not fitted on.
+            calib, held_out = calibration_split(table, int(policy.calibration.get("seed", cfg.seed)))
+            if (rows & calib).any():
+                rows = held_out
+                what += " (the half not used for calibration)"
+        table = table[rows].reset_index(drop=True)
         if table.empty:
             raise DataError(f"{run}: the {split!r} split is empty; pass --data to evaluate on other images")
-        what = f"{split} split of {cfg.data.source}"
     else:
         table, _ = load_table(data, classes=classes, skip_bad=skip_bad, **manifest_options)
         what = str(data)
@@ -67,6 +105,14 @@ def evaluate(
     metrics = classification_metrics(y_true, y_pred, classes)
     metrics["evaluated_on"] = what
     metrics["architecture"] = spec["architecture"]
+    decisions = None
+    if policy is not None:
+        from defectscope.decision.metrics import apply_policy_metrics
+        from defectscope.decision.policy import decide
+
+        logits_np = logits.numpy()
+        metrics["policy"] = apply_policy_metrics(y_true, logits_np, policy, classes, inputs="logits")
+        decisions = decide(logits_np, policy, inputs="logits").labels
     out_dir = Path(out) if out else run / rundir.EVALUATION
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
@@ -74,11 +120,16 @@ def evaluate(
         "path": table["path"], "source": table["source"], "label": table["label"],
         "predicted": [classes[i] for i in y_pred], "confidence": probs.max(1).round(6),
     })
+    if decisions is not None:
+        predictions["decision"] = decisions
     for i, name in enumerate(classes):
         predictions[f"p_{name}"] = probs[:, i].round(6)
     predictions.to_csv(out_dir / "predictions.csv", index=False)
     np.save(out_dir / "logits.npy", logits.numpy())
     log(f"evaluated {spec['architecture']} on {what}")
     log(format_metrics(metrics))
+    if "policy" in metrics:
+        log("")
+        log(format_policy_metrics(metrics["policy"]))
     log(f"written: {out_dir / 'metrics.json'}, {out_dir / 'predictions.csv'}")
     return metrics

@@ -98,8 +98,15 @@ def create_model(
         )
     backbone = timm.create_model(name, pretrained=False, num_classes=0, in_chans=in_chans)
     report: dict[str, Any] = {"source": None}
+    mean, std = GRAY_MEAN, GRAY_STD
     if pretrained not in (None, "none", ""):
-        from defectscope.models.pretrained import PretrainedError, apply_pretrained, resolve_source
+        from defectscope.models.pretrained import (
+            PACKAGE_MEAN,
+            PACKAGE_STD,
+            PretrainedError,
+            apply_pretrained,
+            resolve_source,
+        )
 
         try:
             source = resolve_source(name, pretrained)
@@ -107,12 +114,22 @@ def create_model(
                 report = apply_pretrained(backbone, name, source, in_chans=in_chans)
         except PretrainedError as exc:
             raise ModelError(str(exc)) from None
-    model = Classifier(backbone, backbone.num_features, num_classes, drop_rate)
+        # Pretrained weights keep the input statistics they were trained with (one channel: their average).
+        if report.get("source") == "package":
+            mean, std = PACKAGE_MEAN, PACKAGE_STD
+        elif report.get("source"):
+            cfg = getattr(backbone, "pretrained_cfg", {}) or {}
+            mean = float(sum(cfg.get("mean", (GRAY_MEAN,))) / len(cfg.get("mean", (GRAY_MEAN,))))
+            std = float(sum(cfg.get("std", (GRAY_STD,))) / len(cfg.get("std", (GRAY_STD,))))
+    # With num_classes=0 timm returns pre-logits, which for some families (MobileNetV3) pass a conv head
+    # wider than num_features.
+    width = getattr(backbone, "head_hidden_size", None) or backbone.num_features
+    model = Classifier(backbone, width, num_classes, drop_rate, mean=mean, std=std)
     model.pretrained_report = report
     return model
 
 
-def model_spec(model_name: str, classes: list[str], image_size: int, **extra: Any) -> dict[str, Any]:
+def model_spec(model: Classifier, model_name: str, classes: list[str], image_size: int, **extra: Any) -> dict[str, Any]:
     """The JSON description saved beside the weights: everything needed to rebuild and feed the model."""
     return {
         "architecture": model_name,
@@ -121,8 +138,8 @@ def model_spec(model_name: str, classes: list[str], image_size: int, **extra: An
         "in_chans": 1,
         "image_size": image_size,
         "input": "grayscale uint8 resized to image_size, scaled to [0, 1]; normalisation is inside the model",
-        "mean": GRAY_MEAN,
-        "std": GRAY_STD,
+        "mean": round(float(model.mean), 6),
+        "std": round(float(model.std), 6),
         **extra,
     }
 

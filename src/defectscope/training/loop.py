@@ -212,13 +212,13 @@ class Trainer:
                         record["early_stop"] = True
                 record["best_epoch"] = state.best_epoch
                 state.history.append(record)
+                self._save_checkpoint(model, optimizer, gen, state, best_weights)
                 log(
                     f"epoch {state.epoch:>3}  phase {p_idx + 1} ({phase.unfreeze})  loss {train_loss:.4f}  "
                     f"val_loss {val['val_loss']:.4f}  val_macro_f1 {val['val_macro_f1']:.4f}  "
                     f"val_acc {val['val_accuracy']:.4f}  {record['seconds']:.0f}s"
                     + ("  (early stop)" if record.get("early_stop") else "")
                 )
-                self._save_checkpoint(model, optimizer, gen, state, best_weights)
         model.load_state_dict(best_weights)
         for p in model.parameters():
             p.requires_grad_(True)

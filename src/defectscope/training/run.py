@@ -94,7 +94,7 @@ def train(
 
     pd.DataFrame(state.history).to_csv(out / rundir.HISTORY, index=False)
     spec = model_spec(
-        cfg.model.name, classes, cfg.model.image_size,
+        trainer.model, cfg.model.name, classes, cfg.model.image_size,
         resize=cfg.data.resize,
         pretrained=source,
         best_epoch=state.best_epoch,

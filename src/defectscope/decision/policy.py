@@ -1,0 +1,210 @@
+"""The decision policy: what a run's calibrated model decides for each image, in plain numpy.
+
+Every consumer (evaluate, the deployed predictor, reports) turns model outputs into decisions with the
+one function :func:`decide`, so a threshold means the same thing everywhere. This module must never
+import torch: the deployed predictor runs on onnxruntime + numpy only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from defectscope.decision.costs import DRIFT, expected_costs
+
+POLICY_VERSION = 1
+POLICY_FILE = "policy.json"
+REVIEW = "REVIEW"
+REVIEW_SCORES = ("top", "margin")
+
+
+class PolicyError(ValueError):
+    """A policy file that is malformed, from a newer version, or inconsistent with the model."""
+
+
+@dataclass
+class Policy:
+    """Everything :func:`decide` needs, plus the evidence behind each threshold (for reports).
+
+    ``escape_threshold``: pass as ``good_class`` iff calibrated P(good) >= it (None: no escape rule).
+    ``review_threshold``: images whose review score (``review_score``: "top" probability or "margin"
+    between the top two) is below it are decided ``REVIEW`` (None: no review band).
+    ``cost_matrix``: ``{"classes": [...], "costs": [[...]]}``, rows true class, columns decision; the
+    decision minimises expected cost (None: most probable class).
+    ``drift_threshold``: hook for the drift detector; an image whose drift score exceeds it is ``Drift``.
+    """
+
+    classes: list[str]
+    good_class: str | None = None
+    temperature: float = 1.0
+    escape_threshold: float | None = None
+    escape_guarantee: dict[str, Any] | None = None
+    cost_matrix: dict[str, Any] | None = None
+    review_threshold: float | None = None
+    review_score: str = "top"
+    review_target: dict[str, Any] | None = None
+    drift_threshold: float | None = None
+    temperature_fit: dict[str, Any] | None = None
+    calibration: dict[str, Any] | None = None
+    created: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    version: int = POLICY_VERSION
+
+    def __post_init__(self) -> None:
+        self.classes = list(self.classes)
+        if self.good_class is not None and self.good_class not in self.classes:
+            raise PolicyError(f"good class {self.good_class!r} is not one of the classes {self.classes}")
+        if self.escape_threshold is not None and self.good_class is None:
+            raise PolicyError("an escape threshold needs a good class")
+        if not self.temperature > 0:
+            raise PolicyError(f"temperature must be > 0, got {self.temperature}")
+        if self.review_score not in REVIEW_SCORES:
+            raise PolicyError(f"review_score must be one of {REVIEW_SCORES}, got {self.review_score!r}")
+        if self.cost_matrix is not None:
+            from defectscope.decision.costs import check_cost_matrix
+
+            check_cost_matrix(self.cost_matrix, self.classes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self, path: str | Path | None = None) -> str:
+        """The policy as JSON text; also written to ``path`` when given. Floats round-trip exactly."""
+        text = json.dumps(self.to_dict(), indent=2, allow_nan=False) + "\n"
+        if path is not None:
+            Path(path).write_text(text)
+        return text
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Policy:
+        version = data.get("version", POLICY_VERSION)
+        if version > POLICY_VERSION:
+            raise PolicyError(f"policy version {version} is newer than this defectscope understands ({POLICY_VERSION})")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise PolicyError(f"unknown policy fields {sorted(unknown)}; valid: {sorted(known)}")
+        return cls(**data)
+
+    @classmethod
+    def from_json(cls, text_or_path: str | Path) -> Policy:
+        """Read a policy from JSON text or from a file path (e.g. ``RUN/policy.json``)."""
+        text = str(text_or_path)
+        if not text.lstrip().startswith("{"):
+            text = Path(text_or_path).read_text()
+        return cls.from_dict(json.loads(text))
+
+
+@dataclass
+class Decisions:
+    """Per-image output of :func:`decide`.
+
+    ``labels``: class name, ``"REVIEW"`` or ``"Drift"`` (object array); ``probs``: calibrated
+    probabilities (N, K); ``review_scores``: the score the review band compares with its threshold.
+    """
+
+    labels: np.ndarray
+    probs: np.ndarray
+    review_scores: np.ndarray
+
+    @property
+    def auto(self) -> np.ndarray:
+        """Mask of images the machine decided (neither REVIEW nor Drift)."""
+        return (self.labels != REVIEW) & (self.labels != DRIFT)
+
+
+def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+    z = np.asarray(logits, dtype=np.float64) / temperature
+    z = z - z.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def _looks_like_probs(x: np.ndarray) -> bool:
+    return bool(x.size) and x.min() >= 0 and x.max() <= 1 and np.allclose(x.sum(axis=1), 1.0, atol=1e-4)
+
+
+def calibrated_probs(
+    scores: np.ndarray, temperature: float, inputs: Literal["auto", "logits", "probs"] = "auto"
+) -> np.ndarray:
+    """softmax(logits / T). Uncalibrated probabilities work too: log p differs from the logits by a
+    per-row constant, which softmax ignores, so softmax(log p / T) is the same thing.
+    """
+    x = np.asarray(scores, dtype=np.float64)
+    if x.ndim != 2:
+        raise ValueError(f"expected a (N, classes) array, got shape {x.shape}")
+    if inputs == "auto":
+        inputs = "probs" if _looks_like_probs(x) else "logits"
+    if inputs == "probs":
+        x = np.log(np.clip(x, 1e-300, None))
+    elif inputs != "logits":
+        raise ValueError(f"inputs must be 'auto', 'logits' or 'probs', got {inputs!r}")
+    return softmax(x, temperature)
+
+
+def review_scores(probs: np.ndarray, kind: str = "top") -> np.ndarray:
+    """Confidence used by the review band: top probability, or the margin between the top two."""
+    if kind == "top":
+        return probs.max(axis=1)
+    if kind == "margin":
+        if probs.shape[1] < 2:
+            return probs.max(axis=1)
+        top2 = np.sort(probs, axis=1)[:, -2:]
+        return top2[:, 1] - top2[:, 0]
+    raise ValueError(f"review score must be one of {REVIEW_SCORES}, got {kind!r}")
+
+
+def decide(
+    scores: np.ndarray,
+    policy: Policy,
+    *,
+    drift_score: np.ndarray | None = None,
+    inputs: Literal["auto", "logits", "probs"] = "auto",
+) -> Decisions:
+    """Decide every image: ``Drift`` check -> review band -> escape cap on GOOD -> cost argmin / argmax.
+
+    ``scores`` are the model's raw logits or its *uncalibrated* softmax probabilities (N, K) in the
+    order of ``policy.classes``; the policy's temperature is applied here. ``inputs="auto"`` takes rows
+    that are non-negative and sum to 1 as probabilities.
+
+    With the escape rule, an image is GOOD iff calibrated P(GOOD) >= ``escape_threshold``; otherwise it
+    gets the best non-GOOD decision (lowest expected cost, or most probable). Without it, the lowest
+    expected cost (cost matrix) or the most probable class wins. The cost matrix's ``Drift`` column is a
+    decision option only when ``drift_score`` is given (the model gives no P(Drift), so its row is unused).
+    """
+    classes = policy.classes
+    probs = calibrated_probs(scores, policy.temperature, inputs)
+    n, k = probs.shape
+    if k != len(classes):
+        raise PolicyError(f"scores have {k} columns but the policy has {len(classes)} classes")
+    has_drift = drift_score is not None
+    if policy.cost_matrix is not None:
+        options, cost = expected_costs(probs, policy.cost_matrix, classes, allow_drift=has_drift)
+        badness = cost
+    else:
+        options, badness = list(classes), -probs
+    options_arr = np.array(options, dtype=object)
+    if policy.escape_threshold is not None:
+        good_option = options.index(policy.good_class)
+        passed = probs[:, classes.index(policy.good_class)] >= policy.escape_threshold
+        masked = badness.copy()
+        masked[:, good_option] = np.inf
+        labels = np.where(passed, policy.good_class, options_arr[masked.argmin(axis=1)])
+    else:
+        labels = options_arr[badness.argmin(axis=1)]
+    labels = labels.astype(object)
+
+    rscores = review_scores(probs, policy.review_score)
+    if policy.review_threshold is not None:
+        labels[rscores < policy.review_threshold] = REVIEW
+    if has_drift and policy.drift_threshold is not None:
+        drift = np.asarray(drift_score, dtype=np.float64).reshape(-1)
+        if drift.shape[0] != n:
+            raise ValueError(f"drift_score has {drift.shape[0]} values for {n} images")
+        labels[drift > policy.drift_threshold] = DRIFT
+    return Decisions(labels=labels, probs=probs, review_scores=rscores)

@@ -1,0 +1,265 @@
+"""``defectscope export``: turn a run into one self-describing ONNX file (plus a JSON sidecar).
+
+The graph takes ``image`` float32 ``(N, 1, H, W)`` in [0, 1] and returns ``logits``, ``probabilities``
+(softmax) and ``features`` (pooled penultimate features, for drift scores). Normalisation is inside the
+graph; everything else a deployment needs (classes, input size, resize mode, policy, provenance) is in the
+file's metadata, so :class:`defectscope.deploy.predictor.Predictor` needs nothing but the .onnx file.
+
+Every export is checked before it is written: the ONNX checker, then ONNX Runtime against PyTorch on real
+images of the run's test split.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import tempfile
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from defectscope import __version__, rundir
+from defectscope.deploy import metadata as md
+from defectscope.deploy.quantize import QUANTIZE_MODES, quantize_model
+
+PARITY_IMAGES = 64  # test images compared between torch and ONNX Runtime
+PARITY_TOL = 1e-4  # max abs difference of fp32 probabilities
+CALIBRATION_IMAGES = 128  # training images for static quantization
+POLICY = "policy.json"
+
+
+class ExportError(RuntimeError):
+    """The export failed its self-check, or would overwrite a file of the run."""
+
+
+class ExportHeads(nn.Module):
+    """The run's Classifier with the three outputs a deployment needs, in one forward pass."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        features = self.model.forward_features(image)
+        logits = self.model.head(self.model.dropout(features))
+        return logits, torch.softmax(logits, dim=1), features
+
+
+def export_onnx(
+    run: str | Path,
+    out: str | Path,
+    *,
+    quantize: str | None = None,
+    opset: int = 17,
+    log: Callable[[str], Any] = print,
+) -> dict[str, Any]:
+    """Export ``run`` to ``out`` (.onnx) and ``out.with_suffix('.json')``; return the check report.
+
+    ``quantize``: ``None`` (fp32), ``'dynamic'`` or ``'static'`` (calibrated on up to 128 training
+    images). The fp32 graph must match PyTorch (probabilities within 1e-4, identical argmax on up to 64
+    test images) or :class:`ExportError` is raised and nothing is written. A quantized model is compared
+    to the fp32 one on the whole test split and the differences are reported, not enforced.
+    """
+    if quantize not in (None, *QUANTIZE_MODES):
+        raise ValueError(f"unknown quantize mode {quantize!r}; use None, {', '.join(map(repr, QUANTIZE_MODES))}")
+    run, out = Path(run).resolve(), Path(out).resolve()
+    sidecar = md.sidecar_path(out)
+    if out.suffix != ".onnx":
+        raise ExportError(f"{out}: the exported model's name must end in .onnx (its sidecar is the .json)")
+    if sidecar == run / rundir.SPEC:
+        # RUN/model.onnx would put its sidecar over RUN/model.json, the run's own spec.
+        raise ExportError(f"{out}: its sidecar {sidecar.name} would overwrite the run's {rundir.SPEC}; "
+                          "choose another name, e.g. RUN/export/model.onnx")
+    model, spec = rundir.load_model(run)
+    heads = ExportHeads(model).eval()
+    x_test, y_test, split = _split_inputs(run, spec)
+
+    report: dict[str, Any] = {"model": str(out), "sidecar": str(sidecar), "opset": opset,
+                              "quantization": None, "torch": torch.__version__}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=".export-") as tmp:
+        fp32 = Path(tmp) / "fp32.onnx"
+        _torch_export(heads, spec, fp32, opset)
+        report["parity"] = _check_parity(heads, fp32, x_test[:PARITY_IMAGES], split)
+        log(f"fp32 parity on {report['parity']['images']} {split} images: max |dp| = "
+            f"{report['parity']['max_abs_diff_probabilities']:.2e}, argmax mismatches = 0")
+        final = fp32
+        report["size_bytes"] = {"fp32": fp32.stat().st_size}
+        if quantize:
+            final = Path(tmp) / "quantized.onnx"
+            calibration = _calibration_inputs(run, spec) if quantize == "static" else None
+            report["quantization"] = quantize_model(fp32, final, quantize, calibration)
+            report["quantized_vs_fp32"] = _compare(fp32, final, x_test, y_test, split)
+            report["size_bytes"]["quantized"] = final.stat().st_size
+            q = report["quantized_vs_fp32"]
+            log(f"{quantize} quantization: size {report['size_bytes']['fp32']} -> {final.stat().st_size} bytes, "
+                f"{split} accuracy {q['accuracy_fp32']:.4f} -> {q['accuracy_quantized']:.4f}, "
+                f"max |dp| = {q['max_abs_diff_probabilities']:.3f}, decisions changed = {q['argmax_mismatches']}")
+        metadata = build_metadata(run, spec, quantize)
+        _write_onnx_with_metadata(final, out, metadata)
+    sidecar.write_text(json.dumps({**metadata, "export_check": report}, indent=2))
+    log(f"exported {out} and {sidecar.name}")
+    return report
+
+
+def build_metadata(run: Path, spec: dict[str, Any], quantize: str | None) -> dict[str, Any]:
+    """The decoded metadata dictionary (keys in :mod:`defectscope.deploy.metadata`)."""
+    resize = spec.get("resize", "squash")
+    metrics_file = run / rundir.EVALUATION / "metrics.json"
+    policy_file = run / POLICY
+    provenance = {
+        "dataset_sha256": spec.get("dataset_sha256"),
+        "metrics": json.loads(metrics_file.read_text()) if metrics_file.is_file() else None,
+        "trained_with": spec.get("defectscope_version"),
+        "defectscope_version": __version__,
+        "exported": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "source_run": str(run),
+        "quantization": quantize,
+    }
+    full_spec = {
+        **spec,
+        # Added keys (not in model.json): how a deployment must feed the graph and what it returns.
+        "preprocessing": f"grayscale: decode to 1 channel, resize ({resize}) with PIL bilinear, "
+                         "scale to [0,1]; normalisation inside the graph",
+        "graph": {"input": md.INPUT, "outputs": list(md.OUTPUTS)},
+    }
+    return {
+        md.KEY_SPEC: full_spec,
+        # Parsed then re-encoded compactly; the policy module owns its content, we only carry it.
+        md.KEY_POLICY: json.loads(policy_file.read_text()) if policy_file.is_file() else None,
+        md.KEY_PROVENANCE: provenance,
+        md.KEY_FORMAT: md.FORMAT_VERSION,
+    }
+
+
+def _torch_export(heads: ExportHeads, spec: dict[str, Any], path: Path, opset: int) -> None:
+    import onnx
+
+    size = spec["image_size"]
+    dummy = torch.rand(2, spec.get("in_chans", 1), size, size)
+    batch = {0: "batch"}
+    with warnings.catch_warnings(), torch.no_grad():
+        # The TorchScript exporter is deprecated in favour of dynamo=True, which needs onnxscript; it still
+        # handles every Classifier we build and keeps the export dependency-free.
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.onnx.export(
+            heads, (dummy,), str(path), input_names=[md.INPUT], output_names=list(md.OUTPUTS),
+            dynamic_axes={name: batch for name in (md.INPUT, *md.OUTPUTS)}, opset_version=opset,
+            dynamo=False,
+        )
+    onnx.checker.check_model(str(path), full_check=True)
+
+
+def _write_onnx_with_metadata(src: Path, dst: Path, metadata: dict[str, Any]) -> None:
+    import onnx
+
+    proto = onnx.load(str(src))
+    keep = [p for p in proto.metadata_props if p.key not in md.KEYS]
+    del proto.metadata_props[:]
+    proto.metadata_props.extend(keep)
+    for key, value in md.encode(metadata).items():
+        proto.metadata_props.add(key=key, value=value)
+    proto.producer_name = "defectscope"
+    proto.producer_version = __version__
+    onnx.checker.check_model(proto)
+    tmp = dst.with_name(dst.name + ".tmp")
+    onnx.save(proto, str(tmp))
+    tmp.replace(dst)  # never a half-written model under the final name
+
+
+def _session(path: Path):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def _run(session, x: np.ndarray, batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
+    """(logits, probabilities) of ONNX Runtime over x in batches."""
+    outs = [session.run(list(md.OUTPUTS[:2]), {md.INPUT: x[i:i + batch_size]}) for i in range(0, len(x), batch_size)]
+    return np.concatenate([o[0] for o in outs]), np.concatenate([o[1] for o in outs])
+
+
+def _check_parity(heads: ExportHeads, path: Path, x: np.ndarray, split: str) -> dict[str, Any]:
+    with torch.no_grad():
+        t_logits, t_probs, _ = heads(torch.from_numpy(x))
+    o_logits, o_probs = _run(_session(path), x)
+    t_probs, t_logits = t_probs.numpy(), t_logits.numpy()
+    diff = float(np.abs(o_probs - t_probs).max()) if len(x) else 0.0
+    mismatches = int((o_probs.argmax(1) != t_probs.argmax(1)).sum())
+    result = {
+        "images": len(x), "split": split, "tolerance": PARITY_TOL,
+        "max_abs_diff_probabilities": diff,
+        "max_abs_diff_logits": float(np.abs(o_logits - t_logits).max()) if len(x) else 0.0,
+        "argmax_mismatches": mismatches,
+    }
+    if diff > PARITY_TOL or mismatches:
+        raise ExportError(f"ONNX Runtime disagrees with PyTorch on {split} images: max |dp| = {diff:.3g} "
+                          f"(tolerance {PARITY_TOL}), {mismatches} different decisions; nothing written")
+    return result
+
+
+def _compare(fp32: Path, quantized: Path, x: np.ndarray, y: np.ndarray, split: str) -> dict[str, Any]:
+    _, p32 = _run(_session(fp32), x)
+    _, pq = _run(_session(quantized), x)
+    if not len(x):
+        return {"images": 0, "split": split}
+    acc32, accq = float((p32.argmax(1) == y).mean()), float((pq.argmax(1) == y).mean())
+    return {
+        "images": len(x), "split": split,
+        "accuracy_fp32": acc32, "accuracy_quantized": accq, "accuracy_change": accq - acc32,
+        "max_abs_diff_probabilities": float(np.abs(pq - p32).max()),
+        "mean_abs_diff_probabilities": float(np.abs(pq - p32).mean()),
+        "argmax_mismatches": int((pq.argmax(1) != p32.argmax(1)).sum()),
+    }
+
+
+def _images(run: Path, spec: dict[str, Any], split: str, limit: int | None = None,
+            seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Graph inputs float32 (N, 1, H, W) and class indices of one split, decoded as training did."""
+    from defectscope.data.cache import drop_bad, load_images
+
+    table = rundir.read_table(run)
+    table = table[(table["split"] == split) & table["label"].isin(spec["classes"])].reset_index(drop=True)
+    if limit is not None and len(table) > limit:
+        # A seeded sample spread over the split, not its first rows (tables are often sorted by class).
+        rows = np.sort(np.random.default_rng(seed).choice(len(table), limit, replace=False))
+        table = table.iloc[rows].reset_index(drop=True)
+    cache_dir, max_pixels = _data_settings(run)
+    images, bad = load_images(table, spec["image_size"], resize=spec.get("resize", "squash"),
+                              max_pixels=max_pixels, skip_bad=True, cache_dir=cache_dir)
+    table, images = drop_bad(table, images, bad)
+    index = {c: i for i, c in enumerate(spec["classes"])}
+    # The same scaling as training's to_input: uint8 / 255 in float32.
+    x = (images.astype(np.float32) / np.float32(255))[:, None]
+    return x, table["label"].map(index).to_numpy()
+
+
+def _split_inputs(run: Path, spec: dict[str, Any]) -> tuple[np.ndarray, np.ndarray, str]:
+    """The test split, or the first non-empty of val/train for runs without one."""
+    for split in ("test", "val", "train"):
+        x, y = _images(run, spec, split)
+        if len(x):
+            return x, y, split
+    raise ExportError(f"{run}: no readable images in its dataset table to check the export against")
+
+
+def _calibration_inputs(run: Path, spec: dict[str, Any]) -> np.ndarray:
+    return _images(run, spec, "train", CALIBRATION_IMAGES, seed=spec.get("seed") or 0)[0]
+
+
+def _data_settings(run: Path) -> tuple[str | None, int]:
+    """The run's resize-cache folder and pixel limit, so its cached images are reused."""
+    try:
+        from defectscope.config import config_from_dict, load_yaml
+
+        cfg = config_from_dict(load_yaml(run / rundir.CONFIG))
+        return cfg.data.cache_dir, cfg.data.max_pixels
+    except Exception:  # a run without (or with an older) config.yaml still exports
+        return None, 200_000_000

@@ -1,0 +1,208 @@
+"""Classify images with an exported model: onnxruntime, numpy and Pillow only, never torch.
+
+Preprocessing is :func:`defectscope.data.images.load_gray` with the run's size and resize mode, then
+``uint8 / 255`` - exactly what training cached and fed - so deployed and trained models see identical
+pixels. Everything else (classes, input size, policy) is read from the ONNX file's metadata.
+
+>>> p = Predictor("model.onnx")  # doctest: +SKIP
+>>> p.predict("wafer_017.png").to_dict()  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections import deque
+from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from itertools import islice
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from defectscope.data.images import DEFAULT_MAX_PIXELS, ImageDecodeError, load_gray
+from defectscope.deploy import metadata as md
+
+UNREADABLE = "_unreadable"
+
+
+@dataclass
+class Prediction:
+    """One image's result. ``decision`` is the class to act on (argmax until a policy is wired).
+
+    For an unreadable image (batch mode only) ``decision`` is ``"_unreadable"``, ``error`` says why and
+    the class fields are empty. ``timing``: ``decode_ms`` for this image, ``infer_ms`` its share of its
+    batch's inference time. ``features`` is set only when asked for (``return_features=True``).
+    """
+
+    path: str | None
+    top_class: str | None
+    confidence: float | None
+    probabilities: dict[str, float]
+    decision: str
+    drift_score: float | None = None
+    timing: dict[str, float] = field(default_factory=dict)
+    error: str | None = None
+    features: np.ndarray | None = field(default=None, repr=False, compare=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready, in the usual classification-API shape (predictions sorted by probability)."""
+        ranked = sorted(self.probabilities.items(), key=lambda kv: kv[1], reverse=True)
+        out: dict[str, Any] = {
+            "image": self.path,
+            "top_class": self.top_class,
+            "confidence": self.confidence,
+            "predictions": [{"class": c, "probability": p} for c, p in ranked],
+            "decision": self.decision,
+            "drift_score": self.drift_score,
+            "timing": dict(self.timing),
+        }
+        if self.error is not None:
+            out["error"] = self.error
+        return out
+
+
+def _decide(probs: np.ndarray, policy_dict: dict[str, Any] | None, classes: list[str]) -> list[str]:
+    """Decisions for uncalibrated probabilities (N, C): the run's policy through the one decision
+    function every consumer shares, or plain argmax when the model carries no policy."""
+    if not policy_dict:
+        return [classes[i] for i in probs.argmax(1)]
+    from defectscope.decision.policy import Policy, decide
+
+    return [str(label) for label in decide(probs, Policy.from_dict(policy_dict), inputs="probs").labels]
+
+
+class Predictor:
+    """An exported defectscope model ready to classify images.
+
+    ``threads``: ONNX Runtime intra-op threads (default: the cores left after the decode threads
+    :meth:`predict_batch` uses). ``decode_threads``: image decoders running beside inference (default: a
+    quarter of the cores, at least one; raise it for large images and small models).
+    ``providers``: ONNX Runtime execution providers (default: CPU).
+    Raises :class:`defectscope.deploy.metadata.MetadataError` for an ONNX file not made by
+    ``defectscope export``.
+    """
+
+    def __init__(self, model_path: str | Path, *, threads: int | None = None,
+                 providers: list[str] | None = None, decode_threads: int | None = None,
+                 max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
+        import onnxruntime as ort
+
+        self.model_path = Path(model_path)
+        cores = os.cpu_count() or 1
+        # Decoding runs in parallel with inference in predict_batch: give it about a quarter of the
+        # cores (at least one) and ORT the rest, so neither waits on an oversubscribed CPU.
+        self.decode_threads = decode_threads or max(1, cores // 4)
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads or max(1, cores - self.decode_threads)
+        options.inter_op_num_threads = 1
+        options.log_severity_level = 3
+        # Spinning ORT workers would steal the cores the decode threads need.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        self.session = ort.InferenceSession(str(self.model_path), options,
+                                            providers=providers or ["CPUExecutionProvider"])
+        meta = md.decode(self.session.get_modelmeta().custom_metadata_map, str(self.model_path))
+        self.metadata = meta
+        self.spec: dict[str, Any] = meta[md.KEY_SPEC]
+        self.policy: dict[str, Any] | None = meta[md.KEY_POLICY]
+        self.provenance: dict[str, Any] | None = meta[md.KEY_PROVENANCE]
+        self.classes: list[str] = list(self.spec["classes"])
+        self.image_size: int = int(self.spec["image_size"])
+        self.resize: str = self.spec.get("resize", "squash")
+        self.max_pixels = max_pixels
+        if self.policy is not None:
+            from defectscope.decision.policy import Policy
+
+            Policy.from_dict(self.policy)  # a malformed policy fails at load, not on the first image
+
+    def __repr__(self) -> str:
+        return (f"Predictor({str(self.model_path)!r}, classes={self.classes}, "
+                f"input={self.image_size}px {self.resize})")
+
+    def preprocess(self, source: Any) -> np.ndarray:
+        """The graph input for one image: float32 (1, H, W) in [0, 1]. Raises ImageDecodeError."""
+        gray = load_gray(source, self.image_size, self.resize, max_pixels=self.max_pixels)
+        return (gray.astype(np.float32) / np.float32(255))[None]
+
+    def predict(self, source: Any, *, return_features: bool = False) -> Prediction:
+        """Classify one path, encoded bytes, PIL image or numpy array; unreadable input raises ImageDecodeError."""
+        start = time.perf_counter()
+        x = self.preprocess(source)
+        decode_ms = (time.perf_counter() - start) * 1000
+        return self._infer([_path_of(source)], x[None], [decode_ms], return_features)[0]
+
+    def predict_batch(self, sources: Iterable[Any], batch_size: int = 32, *,
+                      return_features: bool = False) -> list[Prediction]:
+        """Classify many images, in input order; unreadable ones give ``"_unreadable"`` rows, not errors."""
+        return list(self.iter_predict(sources, batch_size, return_features=return_features))
+
+    def iter_predict(self, sources: Iterable[Any], batch_size: int = 32, *,
+                     return_features: bool = False) -> Iterator[Prediction]:
+        """:meth:`predict_batch` as a generator, for folders too large to hold all results.
+
+        Batch k+1 is decoded in a thread pool while batch k runs in ONNX Runtime (which releases the GIL).
+        """
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        it = iter(sources)
+        with ThreadPoolExecutor(max_workers=self.decode_threads, thread_name_prefix="decode") as pool:
+            pending: deque[list[tuple[Any, Future]]] = deque()
+
+            def submit_next() -> None:
+                chunk = list(islice(it, batch_size))
+                if chunk:
+                    pending.append([(s, pool.submit(self._timed_decode, s)) for s in chunk])
+
+            submit_next()
+            while pending:
+                batch = pending.popleft()
+                submit_next()  # queue the next batch's decoding before waiting on and running this one
+                yield from self._run_batch(batch, return_features)
+
+    def _timed_decode(self, source: Any) -> tuple[np.ndarray | None, str | None, float]:
+        start = time.perf_counter()
+        try:
+            x, error = self.preprocess(source), None
+        except ImageDecodeError as exc:
+            x, error = None, str(exc)
+        except (TypeError, ValueError) as exc:  # an unsupported source type must not sink the whole batch
+            x, error = None, f"{_path_of(source) or type(source).__name__}: {exc}"
+        return x, error, (time.perf_counter() - start) * 1000
+
+    def _run_batch(self, batch: list[tuple[Any, Future]], return_features: bool) -> list[Prediction]:
+        decoded = [(source, *future.result()) for source, future in batch]
+        good = [d for d in decoded if d[1] is not None]
+        results = iter(self._infer([_path_of(s) for s, *_ in good], np.stack([d[1] for d in good]),
+                                   [d[3] for d in good], return_features) if good else [])
+        out = []
+        for source, x, error, decode_ms in decoded:
+            if x is not None:
+                out.append(next(results))
+            else:
+                out.append(Prediction(path=_path_of(source), top_class=None, confidence=None, probabilities={},
+                                      decision=UNREADABLE, timing={"decode_ms": round(decode_ms, 3), "infer_ms": 0.0},
+                                      error=error))
+        return out
+
+    def _infer(self, paths: list[str | None], x: np.ndarray, decode_ms: list[float],
+               return_features: bool) -> list[Prediction]:
+        start = time.perf_counter()
+        probs, features = self.session.run(list(md.OUTPUTS[1:]), {md.INPUT: x})
+        infer_ms = (time.perf_counter() - start) * 1000 / len(x)
+        decisions = _decide(probs, self.policy, self.classes)
+        out = []
+        for i, path in enumerate(paths):
+            top = int(probs[i].argmax())
+            out.append(Prediction(
+                path=path, top_class=self.classes[top], confidence=float(probs[i, top]),
+                probabilities={c: float(p) for c, p in zip(self.classes, probs[i], strict=True)}, decision=decisions[i],
+                timing={"decode_ms": round(decode_ms[i], 3), "infer_ms": round(infer_ms, 3)},
+                features=features[i].copy() if return_features else None,
+            ))
+        return out
+
+
+def _path_of(source: Any) -> str | None:
+    return os.fsdecode(source) if isinstance(source, (str, os.PathLike)) else None

@@ -1,0 +1,160 @@
+"""Training on separable synthetic classes: it learns, repeats under one seed, resumes exactly."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import FAST
+from PIL import Image
+from safetensors.torch import load_file
+
+from defectscope import evaluate, train
+from defectscope.config import ConfigError
+from defectscope.data.table import DataError
+
+quiet = {"log": lambda *a: None}
+
+
+def _weights(run: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(run / "model.safetensors"))
+
+
+def _tree_digest(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_run_directory_contents(trained_run):
+    names = {p.name for p in trained_run.iterdir()}
+    assert {"config.yaml", "dataset.csv", "history.csv", "model.safetensors", "model.json", "checkpoint.pt"} <= names
+    spec = json.loads((trained_run / "model.json").read_text())
+    assert spec["classes"] == ["GOOD", "scratch", "spot"]
+    assert spec["image_size"] == 32 and spec["in_chans"] == 1
+    assert len(spec["dataset_sha256"]) == 64
+    assert not list(trained_run.glob("*.pkl"))
+    # the checkpoint holds only tensors and plain values: it loads with weights_only
+    torch.load(trained_run / "checkpoint.pt", weights_only=True)
+
+
+def test_beats_chance_on_separable_classes(trained_run):
+    metrics = evaluate(trained_run, **quiet)
+    assert metrics["n"] > 0
+    assert metrics["accuracy"] > 0.6  # chance is 1/3
+    saved = json.loads((trained_run / "evaluation" / "metrics.json").read_text())
+    assert saved["macro_f1"] == pytest.approx(metrics["macro_f1"])
+    assert (trained_run / "evaluation" / "predictions.csv").is_file()
+
+
+def test_same_seed_same_weights(folder_dataset, tmp_path):
+    a = train(folder_dataset, tmp_path / "a", **quiet, **{**FAST, "train.epochs": 2})
+    b = train(folder_dataset, tmp_path / "b", **quiet, **{**FAST, "train.epochs": 2})
+    wa, wb = _weights(a), _weights(b)
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert (a / "dataset.csv").read_text() == (b / "dataset.csv").read_text()
+    c = train(folder_dataset, tmp_path / "c", **quiet, **{**FAST, "train.epochs": 2, "seed": 1})
+    assert not all(torch.equal(wa[k], _weights(c)[k]) for k in wa)
+
+
+def test_resume_continues_to_the_same_result(folder_dataset, tmp_path):
+    recipe = {**FAST, "train.epochs": 4}
+    full = train(folder_dataset, tmp_path / "full", **quiet, **recipe)
+
+    def stop_after_epoch_2(line: str) -> None:
+        if line.startswith("epoch   2"):  # logged right after epoch 2's checkpoint is written
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(folder_dataset, tmp_path / "part", log=stop_after_epoch_2, **recipe)
+    assert not (tmp_path / "part" / "model.json").exists()
+    resumed = train(out=tmp_path / "part", resume=True, **quiet)
+    wf, wr = _weights(full), _weights(resumed)
+    assert all(torch.equal(wf[k], wr[k]) for k in wf)
+    assert (full / "history.csv").read_text() .count("\n") == (resumed / "history.csv").read_text().count("\n")
+
+
+def test_refuses_to_overwrite_a_run(trained_run, folder_dataset):
+    with pytest.raises(FileExistsError):
+        train(folder_dataset, trained_run, **quiet, **FAST)
+
+
+@pytest.mark.parametrize("options", [
+    {"train.loss": "focal"},
+    {"train.sampling": "balanced"},
+    {"train.sampling": "undersample", "train.undersample_ratio": 1.0},
+    {"augment.hflip": True, "augment.vflip": True, "augment.rot90": True},
+    {"train.monitor": "val_loss", "train.optimizer": "adam", "train.patience": 1},
+    {"train.phases": [{"unfreeze": "head", "epochs": 1, "lr": 3e-3},
+                      {"unfreeze": "last:2", "epochs": 1, "lr": 1e-3},
+                      {"unfreeze": "all", "epochs": 1, "lr": 5e-4}]},
+])
+def test_training_options_run(folder_dataset, tmp_path, options):
+    run = train(folder_dataset, tmp_path / "r", **quiet, **{**FAST, "train.epochs": 2, **options})
+    history = (run / "history.csv").read_text()
+    assert "val_macro_f1" in history
+
+
+def test_head_phase_trains_only_the_head(folder_dataset, tmp_path):
+    from defectscope.models.factory import create_model
+    from defectscope.training.loop import set_trainable
+
+    model = create_model("seed_cnn3", 3, image_size=32)
+    trainable = set_trainable(model, "head")
+    assert {id(p) for p in trainable} == {id(p) for p in model.head.parameters()}
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    run = train(folder_dataset, tmp_path / "r", **quiet,
+                **{**FAST, "model.name": "seed_cnn3", "train.phases": [{"unfreeze": "head", "epochs": 2}]})
+    after = _weights(run)
+    # the backbone was re-initialised by the same seed; only the head may differ from a fresh model
+    torch.manual_seed(0)
+    fresh = create_model("seed_cnn3", 3, image_size=32).state_dict()
+    for k in fresh:
+        if k.startswith("backbone."):
+            assert torch.equal(fresh[k], after[k]), k
+    assert not torch.equal(fresh["head.weight"], after["head.weight"])
+    del before
+
+
+def test_bad_image_stops_with_its_name_or_is_skipped(folder_dataset, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(folder_dataset, data)
+    (data / "spot" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 40)
+    (data / "GOOD" / "empty.png").write_bytes(b"")
+    before = _tree_digest(data)
+    with pytest.raises(DataError, match=r"(broken|empty)\.png"):
+        train(data, tmp_path / "r1", **quiet, **FAST)
+    run = train(data, tmp_path / "r2", **quiet, **{**FAST, "data.skip_bad": True, "train.epochs": 1})
+    skipped = (run / "skipped.csv").read_text()
+    assert "broken.png" in skipped and "empty.png" in skipped
+    assert "broken.png" not in (run / "dataset.csv").read_text()
+    assert _tree_digest(data) == before  # nothing on disk changed
+
+
+def test_sixteen_bit_and_rgba_images_train(tmp_path):
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    for cls, level in (("GOOD", 10000), ("dark", 60000)):
+        (tmp_path / "d" / cls).mkdir(parents=True)
+        for i in range(8):
+            arr = (rng.normal(level, 2000, (24, 30))).clip(0, 65535).astype(np.uint16)
+            Image.fromarray(arr).save(tmp_path / "d" / cls / f"{i}.png")
+            rgba = np.dstack([np.full((20, 20, 3), level // 257, np.uint8), np.full((20, 20), 7, np.uint8)])
+            Image.fromarray(rgba, "RGBA").save(tmp_path / "d" / cls / f"rgba{i}.png")
+    run = train(tmp_path / "d", tmp_path / "r", **quiet, **{**FAST, "train.epochs": 1})
+    assert (run / "model.safetensors").is_file()
+
+
+def test_config_errors_are_clear(folder_dataset, tmp_path):
+    with pytest.raises(ConfigError, match="unknown config key 'train.epoch'"):
+        train(folder_dataset, tmp_path / "r", **quiet, **{"train.epoch": 3})
+    bad = tmp_path / "c.yaml"
+    bad.write_text("train: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        train(folder_dataset, tmp_path / "r", config_file=bad, **quiet)
+    with pytest.raises(ConfigError, match="expected a number"):
+        train(folder_dataset, tmp_path / "r", **quiet, **{"train.epochs": "many"})
