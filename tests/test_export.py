@@ -68,7 +68,7 @@ def test_dynamic_batch(exported, batch):
     session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
     size = md.read_metadata(out)[md.KEY_SPEC]["image_size"]
     x = np.random.default_rng(0).random((batch, 1, size, size), dtype=np.float32)
-    logits, probs, features = session.run(list(md.OUTPUTS), {"image": x})
+    logits, probs, features, _ = session.run(list(md.OUTPUTS), {"image": x})
     assert logits.shape == probs.shape == (batch, 3)
     assert features.shape[0] == batch and features.ndim == 2
     np.testing.assert_allclose(probs.sum(1), 1, atol=1e-5)

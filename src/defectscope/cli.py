@@ -49,6 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--split", default="test", help="which split of the run's table (default: test)")
     e.add_argument("--out", help="output folder (default: RUN/evaluation)")
     e.add_argument("--skip-bad", action="store_true", help="skip unreadable or missing files")
+    e.add_argument("--no-report", action="store_true", help="metrics only, no report.html")
     _add_manifest_options(e)
 
     c = sub.add_parser("calibrate", help="set the decision policy (escape cap, costs, review band) -> RUN/policy.json")
@@ -61,6 +62,12 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--target-purity", type=float, help="or: review until auto-decided accuracy reaches this")
     c.add_argument("--review-score", default="top", choices=["top", "margin"],
                    help="confidence measure for the review band")
+    c.add_argument("--drift-rate", type=float, default=0.01,
+                   help="share of normal images the Drift flag may catch (default 0.01)")
+    c.add_argument("--drift-score", choices=["msp", "energy", "mahalanobis", "knn"],
+                   help="Drift score (default: the best in RUN/drift_eval.json, else mahalanobis)")
+    c.add_argument("--drift-examples", help="folder of real Drift images (with a cost matrix that has Drift)")
+    c.add_argument("--no-drift", action="store_true", help="no Drift flag in the policy")
 
     x = sub.add_parser("export", help="write a self-describing ONNX model (+ JSON sidecar) and check it")
     x.add_argument("run", help="run directory")
@@ -76,6 +83,34 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--out", help="write here instead of the terminal")
     pr.add_argument("--batch-size", type=int, default=32)
     pr.add_argument("--threads", type=int, help="inference threads (default: the cores not decoding)")
+
+    so = sub.add_parser("sort", help="file every image of an inbox into OUT/<decision>/ and log each decision")
+    so.add_argument("model", help="exported .onnx file")
+    so.add_argument("--inbox", required=True, help="folder where new images arrive")
+    so.add_argument("--out", required=True, help="folder that receives OUT/<decision>/ sub-folders")
+    how = so.add_mutually_exclusive_group()
+    how.add_argument("--move", dest="mode", action="store_const", const="move", help="move files (default)")
+    how.add_argument("--copy", dest="mode", action="store_const", const="copy", help="copy, leave the inbox as is")
+    so.add_argument("--watch", action="store_true", help="keep running and file new images as they arrive")
+    so.add_argument("--log", help="results database (default OUT/results.db, SQLite)")
+    so.add_argument("--settle", type=float, default=1.0, help="seconds a file must stay unchanged before it is taken")
+    so.add_argument("--poll", type=float, default=1.0, help="seconds between inbox scans in --watch mode")
+
+    lg = sub.add_parser("log", help="the sorter's results log")
+    lg_sub = lg.add_subparsers(dest="log_command", required=True)
+    le = lg_sub.add_parser("export", help="write the results log as CSV")
+    le.add_argument("db", help="results database (e.g. OUT/results.db)")
+    le.add_argument("--out", required=True, help="CSV file to write")
+
+    de = sub.add_parser("drift-eval", help="measure how well Drift scores flag images unlike training")
+    de.add_argument("run", help="run directory")
+    de.add_argument("--kinds", default="corruptions,far",
+                    help="comma-separated: corruptions, far, heldout_class, group (the last two retrain)")
+    de.add_argument("--extra-drift", help="a folder of real Drift examples, evaluated as its own kind")
+    de.add_argument("--group-column", help="with kind 'group': metadata column, e.g. type")
+    de.add_argument("--train-value", help="with kind 'group': the value to train on, e.g. mono")
+    de.add_argument("--heldout-epochs", type=int, default=3, help="epochs for the retrained held-out models")
+    de.add_argument("--out", help="output JSON (default RUN/drift_eval.json)")
 
     d = sub.add_parser("demo", help="the main job: train, evaluate on the real ELPV solar-cell images")
     d.add_argument("--out", default="defectscope_demo", help="folder for the demo's run (default: defectscope_demo)")
@@ -136,14 +171,16 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         options = {k: getattr(args, k) for k in ("image_root", "path_column", "label_column")
                    if getattr(args, k) is not None and args.data}
-        evaluate(args.run, args.data, split=args.split, out=args.out, skip_bad=args.skip_bad, **options)
+        evaluate(args.run, args.data, split=args.split, out=args.out, skip_bad=args.skip_bad,
+                 report=not args.no_report, **options)
         return 0
     if args.command == "calibrate":
         from defectscope.decision.calibrate import calibrate
 
         calibrate(args.run, good_class=args.good_class, max_escape=args.max_escape, confidence=args.confidence,
                   cost_matrix=args.cost_matrix, review_rate=args.review_rate, target_purity=args.target_purity,
-                  review_score=args.review_score)
+                  review_score=args.review_score, drift_rate=None if args.no_drift else args.drift_rate,
+                  drift_score=args.drift_score, drift_examples=args.drift_examples)
         return 0
     if args.command == "export":
         from defectscope.deploy.export import export_onnx
@@ -158,6 +195,26 @@ def _dispatch(args: argparse.Namespace) -> int:
         summary = ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))
         print(f"{sum(counts.values())} images: {summary}", file=sys.stderr)
         return 1 if counts.get(UNREADABLE) else 0
+    if args.command == "sort":
+        from defectscope.deploy.sorter import sort_inbox
+
+        summary = sort_inbox(args.model, args.inbox, args.out, mode=args.mode or "move", log_path=args.log,
+                             watch=args.watch, settle_seconds=args.settle, poll_interval=args.poll)
+        return 1 if summary.get("errors") else 0
+    if args.command == "log":
+        from defectscope.deploy.resultlog import export_log
+
+        n = export_log(args.db, args.out)
+        print(f"{n} rows written to {args.out}")
+        return 0
+    if args.command == "drift-eval":
+        from defectscope.decision.drift_fit import drift_eval
+
+        kinds = tuple(k.strip() for k in args.kinds.split(",") if k.strip())
+        drift_eval(args.run, kinds=kinds, extra_drift=args.extra_drift, out=args.out,
+                   group_column=args.group_column, train_value=args.train_value,
+                   heldout_epochs=args.heldout_epochs)
+        return 0
     if args.command == "demo":
         from defectscope.demo import demo
 

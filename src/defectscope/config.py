@@ -79,6 +79,7 @@ class TrainConfig:
     undersample_ratio: float = 1.0  # with undersample: majority classes cut to ratio x the smallest class
     monitor: str = "val_macro_f1"  # val_macro_f1 | val_loss
     patience: int = 5  # early stopping; 0 disables it
+    time_limit_minutes: float | None = None  # stop before an epoch that would end past this budget
     label_smoothing: float = 0.0
     device: str = "auto"  # auto | cpu | cuda | mps
     channels_last: bool = True

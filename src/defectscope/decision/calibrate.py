@@ -5,6 +5,7 @@ stopping saw, and write RUN/policy.json.
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -141,6 +142,9 @@ def calibrate(
     review_rate: float | None = None,
     target_purity: float | None = None,
     review_score: str = "top",
+    drift_rate: float | None = 0.01,
+    drift_score: str | None = None,
+    drift_examples: str | Path | None = None,
     log=print,
 ) -> dict[str, Any]:
     """Fit the run's decision policy and write ``RUN/policy.json``; returns a dict with ``policy`` (as
@@ -151,12 +155,19 @@ def calibrate(
     fitted on the validation split when it has images: the escape guarantee needs P(GOOD) fixed before
     the calibration images are looked at. ``cost_matrix``: a YAML path, a preset name (``valeo_pwa``)
     or a dict. ``good_class`` defaults to the class named GOOD.
+
+    Drift: the statistics of the training features are fitted (RUN/drift.safetensors) and the threshold of
+    ``drift_score`` (default: the best score of RUN/drift_eval.json, else ``mahalanobis``) is set so that
+    about ``drift_rate`` of normal images are flagged. With a cost matrix that has a Drift row and a folder
+    of labelled ``drift_examples``, the threshold minimises expected cost instead. ``drift_rate=None``
+    leaves Drift out of the policy.
     """
     import torch
 
     from defectscope import rundir
     from defectscope.config import config_from_dict, load_yaml
     from defectscope.data.cache import drop_bad, load_images
+    from defectscope.decision.drift_fit import features_and_logits
     from defectscope.training.loop import predict_logits
 
     run = Path(run)
@@ -175,29 +186,102 @@ def calibrate(
     torch.set_num_threads(cfg.train.threads or torch.get_num_threads())
     index = {c: i for i, c in enumerate(classes)}
 
-    def logits_of(rows: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+    def images_of(rows: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
         rows = rows.reset_index(drop=True)
         images, bad = load_images(
             rows, spec["image_size"], resize=spec.get("resize", "squash"), max_pixels=cfg.data.max_pixels,
             skip_bad=True, cache_dir=cfg.data.cache_dir,
         )
         rows, images = drop_bad(rows, images, bad)
-        return predict_logits(model, images).numpy(), rows["label"].map(index).to_numpy()
+        return images, rows["label"].map(index).to_numpy()
 
-    logits, y = logits_of(table[calib_mask])
+    calib_images, y = images_of(table[calib_mask])
+    features, logits = features_and_logits(model, calib_images)
     val = table[table["split"] == "val"]
-    temperature_data, temperature_on = (logits_of(val), "val") if len(val) else (None, "calibration")
+    temperature_data, temperature_on = None, "calibration"
+    if len(val):
+        val_images, val_y = images_of(val)
+        temperature_data, temperature_on = (predict_logits(model, val_images).numpy(), val_y), "val"
     policy, extras = calibrate_from_logits(
         logits, y, classes, good_class=good_class, max_escape=max_escape, confidence=confidence,
         cost_matrix=cost_matrix, review_rate=review_rate, target_purity=target_purity, review_score=review_score,
         temperature_data=temperature_data, temperature_on=temperature_on,
     )
     policy.calibration = split_info(table, seed)
+    if drift_rate is not None:
+        _calibrate_drift(policy, run, model, spec, features, logits, y, drift_rate, drift_score, drift_examples, log)
+        extras["calibration_metrics"] = apply_policy_metrics(
+            y, logits, policy, classes, inputs="logits",
+            drift_score=drift_scores_for(run, policy, features, logits))
     path = run / POLICY_FILE
     policy.to_json(path)
     _log_summary(policy, extras["calibration_metrics"], log)
     log(f"written: {path}")
     return {"policy": policy.to_dict(), "path": str(path), **extras}
+
+
+def drift_scores_for(run: Path, policy: Policy, features: np.ndarray, logits: np.ndarray) -> np.ndarray | None:
+    """The policy's drift score for features/logits, with the run's fitted statistics (None: no Drift rule)."""
+    if not policy.drift:
+        return None
+    from defectscope.decision.drift import DriftScorer
+
+    name = policy.drift["score"]
+    return DriftScorer.load(run).score(features, logits, [name])[name]
+
+
+def _calibrate_drift(policy: Policy, run: Path, model, spec, features, logits, y, rate: float,
+                     score: str | None, examples: str | Path | None, log) -> None:
+    from defectscope.decision.drift import SCORES, DriftError
+    from defectscope.decision.drift_fit import (
+        calibrate_drift_threshold,
+        cost_aware_drift_threshold,
+        features_and_logits,
+        fit_drift,
+    )
+
+    if score is None:
+        evaluated = run / "drift_eval.json"
+        score = json.loads(evaluated.read_text()).get("best_score") if evaluated.is_file() else None
+        score = score or "mahalanobis"
+    if score not in SCORES:
+        raise CalibrationError(f"unknown drift score {score!r}; valid: {', '.join(SCORES)}")
+    scorer = fit_drift(run, log=log)
+    s_in = scorer.score(features, logits, [score])[score]
+    try:
+        threshold = calibrate_drift_threshold(s_in, rate)
+    except (DriftError, CalibrationError, ValueError) as exc:
+        log(f"Drift flag not set: {exc}")
+        return
+    evidence: dict[str, Any] = {"method": "false_flag_rate"}
+    if examples is not None and policy.cost_matrix is not None and "Drift" in policy.cost_matrix["classes"]:
+        drift_images = _folder_images(examples, spec)
+        f_d, l_d = features_and_logits(model, drift_images)
+        s_d = scorer.score(f_d, l_d, [score])[score]
+        decided_in = decide(logits, policy, inputs="logits").labels
+        decided_d = decide(l_d, policy, inputs="logits").labels
+        classes = np.array(policy.classes, dtype=object)
+        evidence = cost_aware_drift_threshold(s_in, classes[y], decided_in, s_d, decided_d, policy.cost_matrix,
+                                              target_false_flag_rate=rate)
+        threshold = float(evidence["threshold"])
+    policy.drift_threshold = float(threshold)
+    policy.drift = {
+        "score": score, "target_false_flag_rate": rate, "n_calibration": int(len(s_in)),
+        "calibration_flag_rate": float(np.mean(s_in > threshold)),
+        "threshold_fit": {k: v for k, v in evidence.items() if k != "threshold"},
+        "statistics": "drift.safetensors + drift.json in the run directory",
+    }
+    log(f"Drift: {score} score > {threshold:.6g} flags {policy.drift['calibration_flag_rate']:.4f} of "
+        f"{len(s_in)} normal calibration images (target {rate:g})")
+
+
+def _folder_images(folder: str | Path, spec: dict[str, Any]) -> np.ndarray:
+    from defectscope.data.images import IMAGE_EXTENSIONS, load_gray
+
+    files = sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+    if not files:
+        raise CalibrationError(f"{folder}: no Drift example images found")
+    return np.stack([load_gray(p, spec["image_size"], spec.get("resize", "squash")) for p in files])
 
 
 def _log_summary(policy: Policy, m: dict[str, Any], log) -> None:

@@ -37,7 +37,8 @@ class Policy:
     between the top two) is below it are decided ``REVIEW`` (None: no review band).
     ``cost_matrix``: ``{"classes": [...], "costs": [[...]]}``, rows true class, columns decision; the
     decision minimises expected cost (None: most probable class).
-    ``drift_threshold``: hook for the drift detector; an image whose drift score exceeds it is ``Drift``.
+    ``drift_threshold``: an image whose drift score (``drift["score"]``, computed from the model's features
+    with the statistics in RUN/drift.safetensors) exceeds it is ``Drift``, before any other rule.
     """
 
     classes: list[str]
@@ -50,6 +51,7 @@ class Policy:
     review_score: str = "top"
     review_target: dict[str, Any] | None = None
     drift_threshold: float | None = None
+    drift: dict[str, Any] | None = None  # {"score": name, "target_false_flag_rate", "n_calibration", ...}
     temperature_fit: dict[str, Any] | None = None
     calibration: dict[str, Any] | None = None
     created: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))

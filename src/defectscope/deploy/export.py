@@ -37,17 +37,65 @@ class ExportError(RuntimeError):
     """The export failed its self-check, or would overwrite a file of the run."""
 
 
-class ExportHeads(nn.Module):
-    """The run's Classifier with the three outputs a deployment needs, in one forward pass."""
+class DriftHead(nn.Module):
+    """The policy's Drift score inside the graph, from the statistics fitted on training features, so the
+    deployed file needs nothing beside it. Same formulas as :mod:`defectscope.decision.drift` (numpy)."""
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, name: str, arrays: dict[str, np.ndarray], params: dict[str, Any]):
+        super().__init__()
+        self.name = name
+        self.temperature = float(params.get("temperature", 1.0))
+        self.k = int(params.get("k", 10))
+        if name == "mahalanobis":
+            means = arrays["mahalanobis.means"]
+            means = means[~np.isnan(means).any(axis=1)]  # classes without training features are ignored
+            self.register_buffer("means", torch.from_numpy(np.ascontiguousarray(means)).float())
+            self.register_buffer("precision", torch.from_numpy(arrays["mahalanobis.precision"]).float())
+        elif name == "knn":
+            self.register_buffer("bank", torch.from_numpy(np.ascontiguousarray(arrays["knn.bank"])).float())
+            self.k = min(max(self.k, 1), len(arrays["knn.bank"]))
+
+    def forward(self, features: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        if self.name == "msp":
+            return -torch.softmax(logits / self.temperature, dim=1).max(dim=1).values
+        if self.name == "energy":
+            return -self.temperature * torch.logsumexp(logits / self.temperature, dim=1)
+        if self.name == "mahalanobis":
+            diff = features[:, None, :] - self.means[None]  # (N, K, D)
+            return ((diff @ self.precision) * diff).sum(-1).min(dim=1).values
+        q = features / (features.norm(dim=1, keepdim=True) + 1e-12)
+        kth = (q @ self.bank.T).topk(self.k, dim=1).values[:, -1]
+        return torch.sqrt(torch.clamp(2.0 - 2.0 * kth, min=0.0))
+
+
+class ExportHeads(nn.Module):
+    """The run's Classifier with the outputs a deployment needs, in one forward pass."""
+
+    def __init__(self, model: nn.Module, drift: DriftHead | None = None):
         super().__init__()
         self.model = model
+        self.drift = drift
 
-    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         features = self.model.forward_features(image)
         logits = self.model.head(self.model.dropout(features))
-        return logits, torch.softmax(logits, dim=1), features
+        drift = self.drift(features, logits) if self.drift is not None else torch.zeros_like(logits[:, 0])
+        return logits, torch.softmax(logits, dim=1), features, drift
+
+
+def drift_head_for(run: Path) -> DriftHead | None:
+    """The Drift head of the run's policy, or None when the policy has no Drift rule."""
+    policy_file = run / POLICY
+    if not policy_file.is_file():
+        return None
+    drift = json.loads(policy_file.read_text()).get("drift")
+    if not drift:
+        return None
+    from defectscope.decision.drift import DriftScorer
+
+    scorer = DriftScorer.load(run)
+    arrays, params = scorer.to_arrays()
+    return DriftHead(drift["score"], arrays, params)
 
 
 def export_onnx(
@@ -76,7 +124,7 @@ def export_onnx(
         raise ExportError(f"{out}: its sidecar {sidecar.name} would overwrite the run's {rundir.SPEC}; "
                           "choose another name, e.g. RUN/export/model.onnx")
     model, spec = rundir.load_model(run)
-    heads = ExportHeads(model).eval()
+    heads = ExportHeads(model, drift_head_for(run)).eval()
     x_test, y_test, split = _split_inputs(run, spec)
 
     report: dict[str, Any] = {"model": str(out), "sidecar": str(sidecar), "opset": opset,
@@ -180,16 +228,17 @@ def _session(path: Path):
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
-def _run(session, x: np.ndarray, batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
-    """(logits, probabilities) of ONNX Runtime over x in batches."""
-    outs = [session.run(list(md.OUTPUTS[:2]), {md.INPUT: x[i:i + batch_size]}) for i in range(0, len(x), batch_size)]
-    return np.concatenate([o[0] for o in outs]), np.concatenate([o[1] for o in outs])
+def _run(session, x: np.ndarray, batch_size: int = 64, with_drift: bool = False):
+    """(logits, probabilities[, drift_score]) of ONNX Runtime over x in batches."""
+    names = [md.OUTPUTS[0], md.OUTPUTS[1], *([md.OUTPUTS[3]] if with_drift else [])]
+    outs = [session.run(names, {md.INPUT: x[i:i + batch_size]}) for i in range(0, len(x), batch_size)]
+    return tuple(np.concatenate([o[j] for o in outs]) for j in range(len(names)))
 
 
 def _check_parity(heads: ExportHeads, path: Path, x: np.ndarray, split: str) -> dict[str, Any]:
     with torch.no_grad():
-        t_logits, t_probs, _ = heads(torch.from_numpy(x))
-    o_logits, o_probs = _run(_session(path), x)
+        t_logits, t_probs, _, t_drift = heads(torch.from_numpy(x))
+    o_logits, o_probs, o_drift = _run(_session(path), x, with_drift=True)
     t_probs, t_logits = t_probs.numpy(), t_logits.numpy()
     diff = float(np.abs(o_probs - t_probs).max()) if len(x) else 0.0
     mismatches = int((o_probs.argmax(1) != t_probs.argmax(1)).sum())
@@ -199,6 +248,10 @@ def _check_parity(heads: ExportHeads, path: Path, x: np.ndarray, split: str) -> 
         "max_abs_diff_logits": float(np.abs(o_logits - t_logits).max()) if len(x) else 0.0,
         "argmax_mismatches": mismatches,
     }
+    if heads.drift is not None and len(x):
+        scale = float(np.abs(t_drift.numpy()).max()) or 1.0
+        result["drift_score"] = heads.drift.name
+        result["max_rel_diff_drift_score"] = float(np.abs(o_drift - t_drift.numpy()).max()) / scale
     if diff > PARITY_TOL or mismatches:
         raise ExportError(f"ONNX Runtime disagrees with PyTorch on {split} images: max |dp| = {diff:.3g} "
                           f"(tolerance {PARITY_TOL}), {mismatches} different decisions; nothing written")

@@ -20,7 +20,8 @@ KEY_FORMAT = "defectscope.format_version"
 KEYS = (KEY_SPEC, KEY_POLICY, KEY_PROVENANCE, KEY_FORMAT)
 
 INPUT = "image"
-OUTPUTS = ("logits", "probabilities", "features")
+# drift_score is the policy's Drift score computed inside the graph (zeros when the policy has no Drift rule).
+OUTPUTS = ("logits", "probabilities", "features", "drift_score")
 
 
 class MetadataError(ValueError):

@@ -64,14 +64,16 @@ class Prediction:
         return out
 
 
-def _decide(probs: np.ndarray, policy_dict: dict[str, Any] | None, classes: list[str]) -> list[str]:
+def _decide(probs: np.ndarray, policy_dict: dict[str, Any] | None, classes: list[str],
+            drift: np.ndarray | None = None) -> list[str]:
     """Decisions for uncalibrated probabilities (N, C): the run's policy through the one decision
     function every consumer shares, or plain argmax when the model carries no policy."""
     if not policy_dict:
         return [classes[i] for i in probs.argmax(1)]
     from defectscope.decision.policy import Policy, decide
 
-    return [str(label) for label in decide(probs, Policy.from_dict(policy_dict), inputs="probs").labels]
+    labels = decide(probs, Policy.from_dict(policy_dict), inputs="probs", drift_score=drift).labels
+    return [str(label) for label in labels]
 
 
 class Predictor:
@@ -189,15 +191,17 @@ class Predictor:
     def _infer(self, paths: list[str | None], x: np.ndarray, decode_ms: list[float],
                return_features: bool) -> list[Prediction]:
         start = time.perf_counter()
-        probs, features = self.session.run(list(md.OUTPUTS[1:]), {md.INPUT: x})
+        probs, features, drift = self.session.run(list(md.OUTPUTS[1:]), {md.INPUT: x})
         infer_ms = (time.perf_counter() - start) * 1000 / len(x)
-        decisions = _decide(probs, self.policy, self.classes)
+        has_drift = bool(self.policy and self.policy.get("drift"))
+        decisions = _decide(probs, self.policy, self.classes, drift if has_drift else None)
         out = []
         for i, path in enumerate(paths):
             top = int(probs[i].argmax())
             out.append(Prediction(
                 path=path, top_class=self.classes[top], confidence=float(probs[i, top]),
                 probabilities={c: float(p) for c, p in zip(self.classes, probs[i], strict=True)}, decision=decisions[i],
+                drift_score=float(drift[i]) if has_drift else None,
                 timing={"decode_ms": round(decode_ms[i], 3), "infer_ms": round(infer_ms, 3)},
                 features=features[i].copy() if return_features else None,
             ))

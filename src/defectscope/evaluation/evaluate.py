@@ -51,6 +51,8 @@ def evaluate(
     split: str = "test",
     out: str | Path | None = None,
     skip_bad: bool = False,
+    report: bool = True,
+    gradcam_per_class: int = 3,
     log=print,
     **manifest_options: Any,
 ) -> dict[str, Any]:
@@ -58,7 +60,9 @@ def evaluate(
 
     Without ``data`` the run's own ``split`` of its dataset table is used. With ``data`` (a folder,
     manifest or 'elpv') every image is scored; its labels must be among the run's classes.
-    ``manifest_options`` are ``image_root``, ``path_column``, ``label_column`` for a CSV.
+    ``manifest_options`` are ``image_root``, ``path_column``, ``label_column`` for a CSV. With ``report``
+    a self-contained ``report.html`` (curves, calibration, gallery, Grad-CAM) is written beside them and
+    its curve metrics (ROC/PR AUCs, ECE) are added to ``metrics.json``.
 
     >>> metrics = evaluate("runs/first")  # doctest: +SKIP
     >>> metrics["macro_f1"]  # doctest: +SKIP
@@ -96,7 +100,16 @@ def evaluate(
     )
     table, images = drop_bad(table, images, bad)
     torch.set_num_threads(cfg.train.threads or torch.get_num_threads())
-    logits = predict_logits(model, images)
+    drift_score = None
+    if policy is not None and policy.drift:
+        from defectscope.decision.calibrate import drift_scores_for
+        from defectscope.decision.drift_fit import features_and_logits
+
+        features, logits_np = features_and_logits(model, images)
+        drift_score = drift_scores_for(run, policy, features, logits_np)
+        logits = torch.from_numpy(logits_np).float()
+    else:
+        logits = predict_logits(model, images)
     probs = torch.softmax(logits, dim=1).numpy()
     index = {c: i for i, c in enumerate(classes)}
     y_true = table["label"].map(index).to_numpy()
@@ -111,10 +124,15 @@ def evaluate(
         from defectscope.decision.policy import decide
 
         logits_np = logits.numpy()
-        metrics["policy"] = apply_policy_metrics(y_true, logits_np, policy, classes, inputs="logits")
-        decisions = decide(logits_np, policy, inputs="logits").labels
+        metrics["policy"] = apply_policy_metrics(y_true, logits_np, policy, classes, inputs="logits",
+                                                 drift_score=drift_score)
+        decisions = decide(logits_np, policy, inputs="logits", drift_score=drift_score).labels
     out_dir = Path(out) if out else run / rundir.EVALUATION
     out_dir.mkdir(parents=True, exist_ok=True)
+    if report:
+        from defectscope.evaluation.report import report_metrics
+
+        metrics["curves"] = report_metrics(probs, y_true, classes)
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
     predictions = pd.DataFrame({
         "path": table["path"], "source": table["source"], "label": table["label"],
@@ -122,10 +140,19 @@ def evaluate(
     })
     if decisions is not None:
         predictions["decision"] = decisions
+    if drift_score is not None:
+        predictions["drift_score"] = np.round(drift_score, 6)
     for i, name in enumerate(classes):
         predictions[f"p_{name}"] = probs[:, i].round(6)
     predictions.to_csv(out_dir / "predictions.csv", index=False)
     np.save(out_dir / "logits.npy", logits.numpy())
+    if report:
+        from defectscope.evaluation.report import write_report
+
+        html = write_report(run, metrics=metrics, probs=probs, y_true=y_true, paths=list(table["path"]),
+                            classes=classes, out_dir=out_dir, model=model, spec=spec, policy=policy,
+                            gradcam_per_class=gradcam_per_class, log=log)
+        log(f"report: {html}")
     log(f"evaluated {spec['architecture']} on {what}")
     log(format_metrics(metrics))
     if "policy" in metrics:

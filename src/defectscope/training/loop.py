@@ -38,6 +38,7 @@ class TrainState:
     best_score: float = -math.inf
     best_epoch: int = 0
     bad_epochs: int = 0
+    stopped: bool = False  # the time budget ran out: no further phases
     history: list[dict[str, Any]] = field(default_factory=list)
 
 
@@ -169,7 +170,10 @@ class Trainer:
             saved, state, best_weights = self._load_checkpoint(gen)
             log(f"resuming after epoch {state.epoch} (phase {state.phase + 1}/{len(phases)})")
 
+        fit_started = time.perf_counter()
         for p_idx in range(state.phase, len(phases)):
+            if state.stopped:
+                break
             phase = phases[p_idx]
             if p_idx != state.phase:
                 state.phase, state.phase_epoch, state.phase_done, state.bad_epochs = p_idx, 0, False, 0
@@ -212,12 +216,19 @@ class Trainer:
                         record["early_stop"] = True
                 record["best_epoch"] = state.best_epoch
                 state.history.append(record)
+                limit = tcfg.time_limit_minutes
+                elapsed = time.perf_counter() - fit_started
+                if limit and elapsed + record["seconds"] > limit * 60:
+                    # The next epoch would end past the budget: stop here, as early stopping would.
+                    state.phase_done = state.stopped = True
+                    record["time_limit"] = True
                 self._save_checkpoint(model, optimizer, gen, state, best_weights)
                 log(
                     f"epoch {state.epoch:>3}  phase {p_idx + 1} ({phase.unfreeze})  loss {train_loss:.4f}  "
                     f"val_loss {val['val_loss']:.4f}  val_macro_f1 {val['val_macro_f1']:.4f}  "
                     f"val_acc {val['val_accuracy']:.4f}  {record['seconds']:.0f}s"
                     + ("  (early stop)" if record.get("early_stop") else "")
+                    + ("  (time limit)" if record.get("time_limit") else "")
                 )
         model.load_state_dict(best_weights)
         for p in model.parameters():

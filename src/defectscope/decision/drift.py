@@ -1,0 +1,241 @@
+"""Drift (out-of-distribution) scores in plain numpy: higher = more unlike the training images.
+
+The deployed predictor computes the chosen score from the model's penultimate features and logits with
+this module alone, so it must never import torch. The formulas follow OpenOOD v1.5
+(``openood/postprocessors``) and pytorch-ood (``pytorch_ood.detector``); their sign is flipped where
+needed so that every score here grows with "Drift".
+
+Scores:
+
+- ``msp``: -max softmax probability (Hendrycks & Gimpel 2017; OpenOOD ``MSPPostprocessor``).
+- ``energy``: -T * logsumexp(logits / T) (Liu et al. 2020; pytorch-ood ``EnergyBased``, which returns the
+  same sign: higher energy = more OOD).
+- ``mahalanobis``: min over classes of (f - mu_c)^T Sigma^-1 (f - mu_c), class means and one tied
+  covariance fitted on training features (Lee et al. 2018, without input preprocessing; OpenOOD ``MDS``).
+- ``knn``: distance from the L2-normalised feature to its k-th nearest normalised training feature
+  (Sun et al. 2022; OpenOOD ``KNNPostprocessor``, k = 50 on CIFAR; default here 10 for small datasets).
+
+Saved as ``RUN/drift.safetensors`` (numpy arrays, nothing pickled) plus ``RUN/drift.json`` (parameters).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+DRIFT_WEIGHTS = "drift.safetensors"
+DRIFT_PARAMS = "drift.json"
+DRIFT_VERSION = 1
+SCORES = ("msp", "energy", "mahalanobis", "knn")
+
+
+class DriftError(ValueError):
+    """Drift statistics that are missing, malformed, or do not fit the features given."""
+
+
+def _logsumexp(z: np.ndarray) -> np.ndarray:
+    m = z.max(axis=1, keepdims=True)
+    return (m + np.log(np.exp(z - m).sum(axis=1, keepdims=True)))[:, 0]
+
+
+def msp_score(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+    """-max_k softmax(logits / T)_k, in [-1, -1/K]."""
+    z = np.asarray(logits, dtype=np.float64) / temperature
+    return -np.exp(z.max(axis=1) - _logsumexp(z))
+
+
+def energy_score(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+    """Free energy E(x) = -T * logsumexp(logits / T); unbounded, low on confident training-like images."""
+    z = np.asarray(logits, dtype=np.float64)
+    return -temperature * _logsumexp(z / temperature)
+
+
+def l2_normalise(features: np.ndarray) -> np.ndarray:
+    f = np.asarray(features, dtype=np.float32)
+    # The epsilon keeps an all-zero feature (possible after ReLU) finite instead of NaN.
+    return f / (np.linalg.norm(f, axis=1, keepdims=True) + 1e-12)
+
+
+def fit_mahalanobis(
+    features: np.ndarray, labels: np.ndarray, *, shrinkage: float = 1e-3
+) -> tuple[np.ndarray, np.ndarray]:
+    """(class means (K, D), tied precision (D, D)), float64.
+
+    The covariance is the pooled within-class maximum-likelihood estimate (divided by N, as sklearn's
+    ``EmpiricalCovariance`` in OpenOOD's MDS), shrunk towards a scaled identity:
+    ``(1 - s) * Sigma + s * trace(Sigma) / D * I``. Penultimate features often have fewer training images
+    than dimensions or dead ReLU units, so the plain inverse would not exist; the pseudo-inverse of the
+    shrunk matrix is used. ``shrinkage=0`` gives the textbook estimate. Labels are class indices 0..K-1;
+    a class without training features gets a NaN mean and is ignored when scoring.
+    """
+    f = np.asarray(features, dtype=np.float64)
+    y = np.asarray(labels, dtype=int)
+    if f.ndim != 2 or len(f) != len(y):
+        raise DriftError(f"features must be (N, D) with one label each, got {f.shape} and {y.shape}")
+    k = int(y.max()) + 1 if len(y) else 0
+    d = f.shape[1]
+    means = np.full((k, d), np.nan)
+    centred = np.empty_like(f)
+    for c in range(k):
+        rows = y == c
+        if rows.any():
+            means[c] = f[rows].mean(axis=0)
+            centred[rows] = f[rows] - means[c]
+    cov = centred.T @ centred / max(len(f), 1)
+    if shrinkage:
+        cov = (1.0 - shrinkage) * cov + shrinkage * np.trace(cov) / d * np.eye(d)
+    precision = np.linalg.pinv(cov, hermitian=True)
+    return means, precision
+
+
+def mahalanobis_score(features: np.ndarray, means: np.ndarray, precision: np.ndarray) -> np.ndarray:
+    """min_c (f - mu_c)^T P (f - mu_c) over classes with a mean (squared distance, not its root)."""
+    f = np.asarray(features, dtype=np.float64)
+    if f.shape[1:] != means.shape[1:]:
+        raise DriftError(f"features have {f.shape[1:]} dimensions, the fitted means {means.shape[1:]}")
+    best = np.full(len(f), np.inf)
+    for mu in means:
+        if np.isnan(mu).any():
+            continue
+        diff = f - mu
+        best = np.minimum(best, np.einsum("nd,de,ne->n", diff, precision, diff))
+    return best
+
+
+def knn_score(features: np.ndarray, bank: np.ndarray, k: int = 10, *, chunk: int = 1024) -> np.ndarray:
+    """Euclidean distance from each L2-normalised feature to its k-th nearest row of ``bank``.
+
+    ``bank`` must already be L2-normalised. On unit vectors ||a - b|| = sqrt(2 - 2 a.b), so one matmul
+    per chunk gives every distance; ``k`` is clipped to the bank's size.
+    """
+    q = l2_normalise(features)
+    if q.shape[1:] != bank.shape[1:]:
+        raise DriftError(f"features have {q.shape[1:]} dimensions, the kNN bank {bank.shape[1:]}")
+    if len(bank) == 0:
+        raise DriftError("the kNN bank is empty")
+    kk = min(max(int(k), 1), len(bank))
+    out = np.empty(len(q), dtype=np.float64)
+    for i in range(0, len(q), chunk):
+        sim = q[i:i + chunk] @ bank.T
+        # The k-th largest similarity is the k-th nearest neighbour.
+        kth = -np.partition(-sim, kk - 1, axis=1)[:, kk - 1]
+        out[i:i + chunk] = np.sqrt(np.clip(2.0 - 2.0 * kth.astype(np.float64), 0.0, None))
+    return out
+
+
+class DriftScorer:
+    """Fitted statistics of the training features, and every Drift score computed from them.
+
+    ``fit`` keeps the class means and tied precision (Mahalanobis) and a seeded random subset of at most
+    ``max_bank`` normalised training features (kNN). ``score`` returns ``{name: (N,) float64}`` for the
+    scores in ``SCORES`` (all higher = more unlike training).
+    """
+
+    def __init__(self, *, k: int = 10, temperature: float = 1.0, shrinkage: float = 1e-3,
+                 max_bank: int = 5000, seed: int = 0):
+        if not 1 <= k <= 50:
+            raise DriftError(f"k must be in 1..50, got {k}")
+        self.k, self.temperature, self.shrinkage = int(k), float(temperature), float(shrinkage)
+        self.max_bank, self.seed = int(max_bank), int(seed)
+        self.means: np.ndarray | None = None
+        self.precision: np.ndarray | None = None
+        self.bank: np.ndarray | None = None
+        self.n_train = 0
+
+    @property
+    def fitted(self) -> bool:
+        return self.means is not None
+
+    def fit(self, features: np.ndarray, logits: np.ndarray | None, labels: np.ndarray) -> DriftScorer:
+        """Fit on training ``features`` (N, D) with class indices ``labels``; logits are not needed for
+        any fitted statistic (MSP and energy have none) and are accepted for symmetry with ``score``."""
+        f = np.asarray(features, dtype=np.float32)
+        if len(f) == 0:
+            raise DriftError("no training features to fit the drift scores on")
+        self.means, self.precision = fit_mahalanobis(f, labels, shrinkage=self.shrinkage)
+        idx = np.arange(len(f))
+        if len(f) > self.max_bank:
+            idx = np.sort(np.random.default_rng(self.seed).choice(len(f), self.max_bank, replace=False))
+        self.bank = l2_normalise(f[idx])
+        self.n_train = len(f)
+        return self
+
+    def score(self, features: np.ndarray | None, logits: np.ndarray | None,
+              names: tuple[str, ...] | list[str] | None = None) -> dict[str, np.ndarray]:
+        """The requested scores (default: all that the inputs allow; features-based ones need ``fit``)."""
+        wanted = tuple(names) if names is not None else SCORES
+        unknown = set(wanted) - set(SCORES)
+        if unknown:
+            raise DriftError(f"unknown drift scores {sorted(unknown)}; valid: {', '.join(SCORES)}")
+        out: dict[str, np.ndarray] = {}
+        for name in wanted:
+            if name in ("msp", "energy"):
+                if logits is None:
+                    raise DriftError(f"the {name} score needs logits")
+                fn = msp_score if name == "msp" else energy_score
+                out[name] = fn(logits, self.temperature)
+                continue
+            if features is None:
+                raise DriftError(f"the {name} score needs features")
+            if not self.fitted:
+                raise DriftError(f"the {name} score needs a fitted DriftScorer (call fit or load)")
+            if name == "mahalanobis":
+                out[name] = mahalanobis_score(features, self.means, self.precision)
+            else:
+                out[name] = knn_score(features, self.bank, self.k)
+        return out
+
+    def params(self) -> dict[str, Any]:
+        return {
+            "version": DRIFT_VERSION, "scores": list(SCORES), "k": self.k, "temperature": self.temperature,
+            "shrinkage": self.shrinkage, "max_bank": self.max_bank, "seed": self.seed, "n_train": self.n_train,
+            "feature_dim": None if self.means is None else int(self.means.shape[1]),
+        }
+
+    def to_arrays(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        """(arrays for ``safetensors.numpy.save_file``, JSON-able parameters)."""
+        if not self.fitted:
+            raise DriftError("nothing to save: the DriftScorer is not fitted")
+        arrays = {
+            "mahalanobis.means": np.ascontiguousarray(self.means),
+            "mahalanobis.precision": np.ascontiguousarray(self.precision),
+            "knn.bank": np.ascontiguousarray(self.bank),
+        }
+        return arrays, self.params()
+
+    @classmethod
+    def from_arrays(cls, arrays: dict[str, np.ndarray], params: dict[str, Any]) -> DriftScorer:
+        if params.get("version", DRIFT_VERSION) > DRIFT_VERSION:
+            raise DriftError(f"drift statistics version {params['version']} is newer than this defectscope reads")
+        missing = {"mahalanobis.means", "mahalanobis.precision", "knn.bank"} - set(arrays)
+        if missing:
+            raise DriftError(f"drift statistics lack {sorted(missing)}")
+        s = cls(k=params["k"], temperature=params["temperature"], shrinkage=params["shrinkage"],
+                max_bank=params["max_bank"], seed=params["seed"])
+        s.means, s.precision, s.bank = arrays["mahalanobis.means"], arrays["mahalanobis.precision"], arrays["knn.bank"]
+        s.n_train = int(params.get("n_train", 0))
+        return s
+
+    def save(self, run_dir: str | Path) -> tuple[Path, Path]:
+        """Write ``RUN/drift.safetensors`` and ``RUN/drift.json``; returns both paths."""
+        from safetensors.numpy import save_file
+
+        arrays, params = self.to_arrays()
+        run_dir = Path(run_dir)
+        weights, meta = run_dir / DRIFT_WEIGHTS, run_dir / DRIFT_PARAMS
+        save_file(arrays, str(weights))
+        meta.write_text(json.dumps(params, indent=2) + "\n")
+        return weights, meta
+
+    @classmethod
+    def load(cls, run_dir: str | Path) -> DriftScorer:
+        from safetensors.numpy import load_file
+
+        run_dir = Path(run_dir)
+        weights, meta = run_dir / DRIFT_WEIGHTS, run_dir / DRIFT_PARAMS
+        if not weights.is_file() or not meta.is_file():
+            raise DriftError(f"{run_dir}: no drift statistics ({DRIFT_WEIGHTS} + {DRIFT_PARAMS}); run fit_drift first")
+        return cls.from_arrays(load_file(str(weights)), json.loads(meta.read_text()))

@@ -1,0 +1,598 @@
+"""``defectscope sort``: file every new image of an inbox into ``OUT/<decision>/`` and log it, crash-safely.
+
+The offline sorter of an inspection line (onnxruntime, numpy and Pillow, never torch). Each image goes to
+``OUT/GOOD``, ``OUT/<defect class>``, ``OUT/REVIEW``, ``OUT/Drift`` or, when it cannot be decoded (empty,
+truncated, not an image), ``OUT/_unreadable``; one row per image goes to a SQLite log
+(:mod:`defectscope.deploy.resultlog`, default ``OUT/results.db``).
+
+Guarantees, in the order the code keeps them:
+
+* **Nothing is lost or overwritten.** A name already taken in the class folder becomes ``name (1).png``;
+  files are placed with a hard link, which fails rather than replace an existing file, and the source is
+  unlinked only after that. Where hard links are impossible (another filesystem, some network shares) the
+  file is copied to a temporary name, fsynced, verified (size and SHA-256) and only then given its name
+  and the source deleted. ``mode="copy"`` never touches the inbox.
+* **Write-ahead log.** For each file: hash it; look its row up; write a ``pending`` row holding the
+  intended destination; place the file; mark the row ``done``. A restart first settles every ``pending``
+  row: destination present with the right hash -> ``done`` (and a leftover source with the same hash is
+  removed in move mode); otherwise the row becomes ``error`` and the source is filed again by the pass.
+  So a run killed at any instant and started again files every input exactly once, with one ``done`` row
+  per image.
+* **One row per image, keyed by content and name** (``content_sha256``, ``file_name``): the same bytes
+  under the same name are one image (a copy-mode re-run skips it; in move mode a re-delivered copy is
+  removed from the inbox when the filed one is still in place, else it is filed again). Identical bytes
+  under different names are different images: each is filed and logged.
+* **Only finished files are taken**: a file's size and mtime must stay unchanged for ``settle_seconds``.
+  Hidden files (``.name``, e.g. an uploader's temporary file) are never taken.
+* **Hostile inbox**: symlinks are never followed (skipped with a logged reason), directories and other
+  non-regular files are left alone, every destination is resolved and must lie inside ``OUT``.
+* **One bad file never stops the run**: an ``OSError`` (disk full, permission denied) marks that file's
+  row ``error`` with the message; the next pass (or run) retries it.
+
+One sorter per output folder at a time (``OUT/.defectscope-sort.lock``, POSIX only).
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import shutil
+import signal
+import sqlite3
+import stat
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from defectscope.deploy.predictor import UNREADABLE, Prediction, Predictor
+from defectscope.deploy.resultlog import ResultLog, export_log
+
+__all__ = ["MODES", "SortError", "export_log", "place_file", "safe_folder_name", "sort_inbox"]
+
+MODES = ("move", "copy")
+MAX_BYTES = 1 << 30  # larger files are hashed in chunks and filed as unreadable, never read into memory
+RETRY_SECONDS = 60.0  # watch mode: a file that failed is tried again after this long (or once it changes)
+LOCK_NAME = ".defectscope-sort.lock"
+# os.link failures that mean "no hard links here" (not "no permission" or "disk full"): copy instead.
+_NO_HARDLINK = {errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOSYS, errno.ENOTSUP, errno.EOPNOTSUPP}
+_BAD_NAME_CHARS = set('/\\:*?"<>|\0') | {chr(c) for c in range(32)}
+
+
+class SortError(Exception):
+    """A file the sorter refuses to place (a destination outside OUT, a source that changed)."""
+
+
+@dataclass
+class _Item:
+    path: Path
+    name: str  # printable file name, the log key with the hash
+    size: int
+    sha256: str
+    data: bytes | None  # None when too large to decode
+
+
+# ----------------------------------------------------------------------------------------------- names
+
+def _printable(text: str) -> str:
+    """File names that are not valid UTF-8 (surrogate-escaped by Python) made storable in SQLite."""
+    return os.fsencode(text).decode("utf-8", "backslashreplace")
+
+
+def safe_folder_name(decision: str) -> str:
+    """A decision as one folder name: no separators, no ``..``, no control or Windows-reserved characters."""
+    name = "".join("_" if ch in _BAD_NAME_CHARS else ch for ch in decision).strip().rstrip(".")
+    name = "_" + name.lstrip(".") if name.startswith(".") else name
+    return name or "_"
+
+
+def _safe_file_name(name: str) -> str:
+    name = "".join("_" if ch in _BAD_NAME_CHARS else ch for ch in _printable(name))
+    return "_" if name in ("", ".", "..") else name
+
+
+def _unique_path(folder: Path, name: str) -> Path:
+    """``folder/name``, or ``folder/name (1).ext``, ``(2)``... whichever does not exist yet."""
+    candidate = folder / name
+    stem, suffix = (name[: -len(Path(name).suffix)], Path(name).suffix) if Path(name).suffix else (name, "")
+    i = 0
+    while os.path.lexists(candidate):
+        i += 1
+        candidate = folder / f"{stem} ({i}){suffix}"
+    return candidate
+
+
+def _check_inside(path: Path, root: Path) -> None:
+    # resolve() follows any symlink planted in OUT (e.g. OUT/GOOD -> /etc), so this catches those too.
+    if not path.resolve().is_relative_to(root):
+        raise SortError(f"destination {path} resolves outside the output folder {root}")
+
+
+# ------------------------------------------------------------------------------------------ file ops
+
+def _sha256_file(path: Path) -> str | None:
+    """Hash of a regular file (symlinks not followed), or None when it is missing or not a regular file."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_BINARY", 0))
+    except OSError:
+        return None
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+            return None
+        h = hashlib.sha256()
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+        return h.hexdigest()
+
+
+def _read(path: Path) -> tuple[bytes | None, str, int]:
+    """(content or None if too large, sha256, size) of a regular file, opened without following symlinks.
+
+    O_NONBLOCK keeps a FIFO planted in the inbox from hanging the sorter on open.
+    """
+    flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0)
+    with os.fdopen(os.open(path, flags), "rb") as f:
+        st = os.fstat(f.fileno())
+        if not stat.S_ISREG(st.st_mode):
+            raise SortError("not a regular file")
+        if st.st_size <= MAX_BYTES:
+            data = f.read()
+            return data, hashlib.sha256(data).hexdigest(), len(data)
+        h, size = hashlib.sha256(), 0
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+            size += len(chunk)
+        return None, h.hexdigest(), size
+
+
+def _fsync_dir(folder: Path) -> None:
+    # Makes a new name durable across a power cut; not possible on every platform, hence best effort.
+    with suppress(OSError):
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _part_path(dest: Path, row_id: int) -> Path:
+    """The temporary name a copy is written under; derived from the row so recovery can find it."""
+    return dest.parent / f".defectscope-{row_id}.part"
+
+
+def place_file(src: Path, dest: Path, mode: str, sha256: str, part: Path) -> None:
+    """Put ``src`` at ``dest`` (which must not exist) and, in move mode, remove ``src``. Never overwrites.
+
+    Same filesystem: a hard link then unlink, atomic per step and refusing an existing ``dest`` (plain
+    ``os.rename`` would silently replace it). Otherwise, or in copy mode: copy to ``part``, fsync, verify
+    size and SHA-256 against ``sha256``, link to ``dest``, and only then delete the source. Raises OSError
+    (disk full, permission) or SortError (the source changed since it was hashed).
+    """
+    if mode == "move":
+        try:
+            os.link(src, dest, follow_symlinks=False)
+        except OSError as exc:
+            if exc.errno not in _NO_HARDLINK:
+                raise
+        else:
+            _fsync_dir(dest.parent)
+            os.unlink(src)
+            return
+    with suppress(FileNotFoundError):
+        part.unlink()  # a leftover of an interrupted copy of this same row
+    try:
+        with open(src, "rb") as fin, open(part, "xb") as fout:
+            shutil.copyfileobj(fin, fout, 1 << 20)
+            fout.flush()
+            os.fsync(fout.fileno())
+        if _sha256_file(part) != sha256:
+            raise SortError(f"{src} changed while it was copied; left in place")
+        _link_no_clobber(part, dest)
+    finally:
+        with suppress(FileNotFoundError):
+            part.unlink()
+    _fsync_dir(dest.parent)
+    if mode == "move":
+        os.unlink(src)
+
+
+def _link_no_clobber(src: Path, dest: Path) -> None:
+    try:
+        os.link(src, dest)
+    except OSError as exc:
+        if exc.errno not in _NO_HARDLINK:
+            raise
+        if os.path.lexists(dest):  # no hard links (FAT, some shares): check, then rename - a narrow window only
+            raise FileExistsError(errno.EEXIST, "destination exists", str(dest)) from exc
+        os.replace(src, dest)
+
+
+# --------------------------------------------------------------------------------------------- scanning
+
+class _Settler:
+    """Files whose (size, mtime, inode) stayed the same for ``settle`` seconds across observations."""
+
+    def __init__(self, settle: float) -> None:
+        self.settle = settle
+        self.seen: dict[Path, tuple[tuple[int, int, int], float]] = {}
+
+    def observe(self, snapshot: dict[Path, tuple[int, int, int]]) -> tuple[list[Path], int]:
+        """(settled files, number still changing or too new)."""
+        now, seen, ready = time.monotonic(), {}, []
+        for path, sig in snapshot.items():
+            old = self.seen.get(path)
+            since = old[1] if old and old[0] == sig else now
+            seen[path] = (sig, since)
+            if old and old[0] == sig and now - since >= self.settle:
+                ready.append(path)
+        self.seen = seen
+        return ready, len(snapshot) - len(ready)
+
+
+# ---------------------------------------------------------------------------------------------- sorter
+
+class _Sorter:
+    def __init__(self, predictor: Predictor, inbox: Path, out: Path, mode: str, log_path: Path,
+                 batch_size: int, stop: threading.Event, log: Callable[..., Any]) -> None:
+        self.predictor, self.inbox, self.out, self.mode = predictor, inbox, out, mode
+        self.batch_size, self.stop, self.say = batch_size, stop, log
+        self.out_real = out.resolve()
+        self.db = ResultLog(log_path)
+        # Never take our own output or log when they live inside the inbox.
+        self.excluded = {self.out_real, *(Path(str(log_path.resolve()) + s) for s in ("", "-wal", "-shm", "-journal"))}
+        self.model_id = hashlib.sha256(Path(predictor.model_path).read_bytes()).hexdigest()[:16]
+        spec, prov = predictor.spec, predictor.provenance or {}
+        version = prov.get("defectscope_version") or spec.get("defectscope_version")
+        self.model_version = f"defectscope {version}, model created {spec.get('created')}"
+        self.counts: Counter[str] = Counter()
+        self.skipped: Counter[str] = Counter()
+        self.errors: list[dict[str, str]] = []
+        self.recovered = 0
+        self.reported: set[tuple[Path, str]] = set()
+        self.known: dict[Path, tuple[int, int, int]] = {}  # copy mode: settled files already logged
+        self.failed: dict[Path, tuple[tuple[int, int, int], float]] = {}
+
+    # ---- restart
+    def recover(self) -> None:
+        """Settle the ``pending`` rows an interrupted run left (see the module docstring)."""
+        for row in self.db.rows("pending"):
+            dest, src, sha = Path(row["destination"]), Path(row["source_path"]), row["content_sha256"]
+            with suppress(FileNotFoundError, SortError):
+                _check_inside(dest, self.out_real)
+                _part_path(dest, row["id"]).unlink()
+            if _sha256_file(dest) == sha:
+                if self.mode == "move" and _sha256_file(src) == sha:
+                    with suppress(OSError):
+                        os.unlink(src)  # the interrupted move got as far as the link: finish it
+                self.db.mark_done(row["id"])
+                self.say(f"recovered {row['file_name']}: already filed as {dest}")
+            else:
+                self.db.mark_error(row["id"], "interrupted before the file was placed; filed again when seen")
+                self.say(f"recovered {row['file_name']}: not placed yet, will be filed again")
+            self.recovered += 1
+
+    # ---- scanning
+    def scan(self) -> dict[Path, tuple[int, int, int]]:
+        """Regular, non-hidden files under the inbox (symlinks reported and skipped) -> size, mtime, inode."""
+        found: dict[Path, tuple[int, int, int]] = {}
+        for root, dirs, files in os.walk(self.inbox, followlinks=False, onerror=self._walk_error):
+            base = Path(root)
+            for d in list(dirs):
+                p = base / d
+                if d.startswith(".") or p.resolve() in self.excluded:
+                    dirs.remove(d)
+                elif p.is_symlink():
+                    self._skip(p, "symlink", "a symbolic link (not followed)")
+            dirs.sort()
+            for name in sorted(files):
+                p = base / name
+                if name.startswith(".") or p.resolve() in self.excluded:
+                    continue
+                try:
+                    st = p.lstat()
+                except OSError:
+                    continue  # vanished between listing and stat
+                if stat.S_ISLNK(st.st_mode):
+                    self._skip(p, "symlink", "a symbolic link (not followed)")
+                elif not stat.S_ISREG(st.st_mode):
+                    self._skip(p, "not_regular", "not a regular file")
+                else:
+                    sig = (st.st_size, st.st_mtime_ns, st.st_ino)
+                    if self.known.get(p) == sig:
+                        continue
+                    failed = self.failed.get(p)
+                    if failed and failed[0] == sig and time.monotonic() - failed[1] < RETRY_SECONDS:
+                        continue
+                    found[p] = sig
+        return found
+
+    def _walk_error(self, exc: OSError) -> None:
+        self._report_error(Path(exc.filename or self.inbox), f"cannot list: {exc.strerror or exc}")
+
+    def _skip(self, path: Path, reason: str, message: str) -> None:
+        if (path, reason) not in self.reported:  # once per file, not once per scan
+            self.reported.add((path, reason))
+            self.skipped[reason] += 1
+            self.say(f"skipped {path}: {message}")
+
+    def _report_error(self, path: Path, message: str, sig: tuple[int, int, int] | None = None) -> None:
+        self.errors.append({"path": str(path), "error": message})
+        if sig is not None:
+            self.failed[path] = (sig, time.monotonic())
+        self.say(f"error: {_printable(str(path))}: {message}")
+
+    # ---- processing
+    def process(self, paths: list[Path], sigs: dict[Path, tuple[int, int, int]], progress: Any = None) -> None:
+        """Hash, classify (in batches) and file ``paths``; stops between files once ``stop`` is set."""
+        for start in range(0, len(paths), self.batch_size):
+            if self.stop.is_set():
+                return
+            items = [it for p in paths[start:start + self.batch_size] if (it := self._load(p, sigs[p]))]
+            todo = [it for it in items if not self._already_done(it, sigs[it.path])]
+            decodable = [it for it in todo if it.data is not None]
+            preds = iter(self.predictor.predict_batch([it.data for it in decodable], self.batch_size))
+            for it in todo:
+                if self.stop.is_set():
+                    return  # the files of this batch not filed yet have no row: the next run takes them
+                pred = next(preds) if it.data is not None else _too_large(it)
+                self._file(it, pred, sigs[it.path])
+            if progress is not None:
+                progress.update(len(paths[start:start + self.batch_size]))
+
+    def _load(self, path: Path, sig: tuple[int, int, int]) -> _Item | None:
+        try:
+            data, sha, size = _read(path)
+        except FileNotFoundError:
+            return None  # taken away by someone else meanwhile
+        except (OSError, SortError) as exc:
+            if isinstance(exc, OSError) and exc.errno == errno.ELOOP:
+                self._skip(path, "symlink", "a symbolic link (not followed)")
+            else:
+                self._report_error(path, f"cannot read: {getattr(exc, 'strerror', None) or exc}", sig)
+            return None
+        if size != sig[0]:
+            self.skipped["unsettled"] += 1  # grew after it looked settled: the next pass takes it
+            return None
+        return _Item(path, _printable(path.name), size, sha, data)
+
+    def _already_done(self, it: _Item, sig: tuple[int, int, int]) -> bool:
+        row = self.db.find(it.sha256, it.name)
+        if row is None or row["status"] != "done":
+            return False
+        if self.mode == "copy":
+            self.known[it.path] = sig
+            self.skipped["already_done"] += 1
+        elif _sha256_file(Path(row["destination"])) == it.sha256:
+            # Same name, same bytes, already filed and still there: the inbox copy is a duplicate.
+            try:
+                os.unlink(it.path)
+            except OSError as exc:
+                self._report_error(it.path, f"already filed as {row['destination']}; cannot remove: {exc}", sig)
+                return True
+            self.skipped["duplicate_removed"] += 1
+            self.say(f"{it.path}: already filed as {row['destination']}; removed the inbox copy")
+        else:
+            return False  # its filed copy is gone: file this one again (the row is reused)
+        return True
+
+    def _file(self, it: _Item, pred: Prediction, sig: tuple[int, int, int]) -> None:
+        row = self.db.find(it.sha256, it.name)
+        if row is not None and row["status"] == "done" and self._already_done(it, sig):
+            return  # a twin (same name and bytes) in another inbox folder was filed earlier in this batch
+        folder = self.out / safe_folder_name(pred.decision)
+        dest = _unique_path(folder, _safe_file_name(it.path.name))
+        record = {
+            "file_name": it.name, "source_path": _printable(str(it.path)), "content_sha256": it.sha256,
+            "size_bytes": it.size, "decision": pred.decision, "top_class": pred.top_class,
+            "confidence": pred.confidence, "probabilities": pred.probabilities or None,
+            "drift_score": pred.drift_score, "model_id": self.model_id, "model_version": self.model_version,
+            # The image was decoded from its bytes, so the decoder's message names "<bytes>": name the file.
+            "destination": str(dest), "error": pred.error and pred.error.replace("<bytes>", it.name, 1),
+        }
+        try:
+            row_id = self.db.begin(record, None if row is None else row["id"])
+        except sqlite3.Error as exc:  # the log itself failing (disk full): leave the file untouched, go on
+            self._report_error(it.path, f"cannot write the log: {exc}", sig)
+            return
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            _check_inside(dest, self.out_real)
+            place_file(it.path, dest, self.mode, it.sha256, _part_path(dest, row_id))
+        except (OSError, SortError) as exc:
+            message = f"{type(exc).__name__}: {exc}"
+            self.db.mark_error(row_id, message)
+            self._report_error(it.path, message, sig)
+            return
+        self.db.mark_done(row_id)
+        self.failed.pop(it.path, None)
+        if self.mode == "copy":
+            self.known[it.path] = sig
+        self.counts[pred.decision] += 1
+
+    def close(self) -> None:
+        self.db.close()
+
+
+def _too_large(it: _Item) -> Prediction:
+    return Prediction(path=str(it.path), top_class=None, confidence=None, probabilities={}, decision=UNREADABLE,
+                      error=f"{it.path}: larger than {MAX_BYTES} bytes")
+
+
+# ------------------------------------------------------------------------------------------ public API
+
+def sort_inbox(
+    model: str | Path | Predictor,
+    inbox: str | Path,
+    out: str | Path,
+    *,
+    mode: str = "move",
+    log_path: str | Path | None = None,
+    watch: bool = False,
+    poll_interval: float = 1.0,
+    settle_seconds: float = 1.0,
+    batch_size: int = 16,
+    progress: bool = True,
+    stop_event: threading.Event | None = None,
+    log: Callable[..., Any] = print,
+) -> dict[str, Any]:
+    """Classify the images under ``inbox`` (recursively) and file them into ``out/<decision>/``.
+
+    ``model`` is an exported ``.onnx`` file or a loaded :class:`Predictor`. ``mode="move"`` empties the
+    inbox; ``"copy"`` leaves it as is (the log then keeps re-runs from filing a file twice). ``log_path``
+    defaults to ``out/results.db``.
+
+    One-shot (``watch=False``): looks twice, ``settle_seconds`` apart, and files what did not change;
+    files still being written are left for the next run. ``watch=True``: runs until SIGINT/SIGTERM (handlers
+    are installed only in the main thread) or ``stop_event`` is set, always finishing the file in hand;
+    filesystem events (watchdog) wake it early, and it rescans every ``poll_interval`` seconds anyway,
+    which is all it does where events are unavailable (network shares).
+
+    Returns a summary: ``processed``, ``per_decision``, ``skipped`` (reason -> count), ``errors`` (path and
+    message per failure), ``recovered`` (pending rows settled at start), ``seconds``, ``images_per_second``,
+    ``out``, ``log``. Raises ``ValueError`` for a bad mode or inbox, ``RuntimeError`` if another sorter holds
+    the output folder.
+    """
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    # Absolute paths in the log: a restart from another working directory must still find the files.
+    inbox, out = Path(inbox).absolute(), Path(out).absolute()
+    if not inbox.is_dir():
+        raise ValueError(f"{inbox}: inbox is not a folder")
+    out.mkdir(parents=True, exist_ok=True)
+    if inbox.resolve() == out.resolve():
+        raise ValueError("the inbox and the output folder must differ")
+    log_path = Path(log_path).absolute() if log_path is not None else out / "results.db"
+    predictor = model if isinstance(model, Predictor) else Predictor(model)
+    stop = stop_event or threading.Event()
+    started = time.perf_counter()
+    with _exclusive(out), _signals_set(stop, log):
+        sorter = _Sorter(predictor, inbox, out, mode, log_path, batch_size, stop, log)
+        try:
+            sorter.recover()
+            if watch:
+                _watch(sorter, settle_seconds, poll_interval)
+            else:
+                _one_shot(sorter, settle_seconds, progress)
+        finally:
+            sorter.close()
+    seconds = time.perf_counter() - started
+    processed = sum(sorter.counts.values())
+    summary = {
+        "processed": processed, "per_decision": dict(sorter.counts), "skipped": dict(sorter.skipped),
+        "errors": sorter.errors, "recovered": sorter.recovered, "seconds": round(seconds, 3),
+        "images_per_second": round(processed / seconds, 2) if seconds > 0 else 0.0,
+        "out": str(out), "log": str(log_path),
+    }
+    per = ", ".join(f"{k} {v}" for k, v in sorted(sorter.counts.items())) or "nothing new"
+    log(f"sorted {processed} image(s) in {seconds:.1f} s ({summary['images_per_second']}/s): {per}; "
+        f"{len(sorter.errors)} error(s)")
+    return summary
+
+
+def _one_shot(sorter: _Sorter, settle_seconds: float, progress: bool) -> None:
+    settler = _Settler(settle_seconds)
+    settler.observe(sorter.scan())
+    if settler.seen:
+        sorter.stop.wait(settle_seconds)
+    ready, unsettled = settler.observe(sorter.scan())
+    if unsettled:
+        sorter.skipped["unsettled"] += unsettled
+        sorter.say(f"{unsettled} file(s) still being written (or new): left for the next run")
+    sigs = {p: settler.seen[p][0] for p in ready}
+    bar = None
+    if progress and ready:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(ready), unit="img", desc="sorting")
+    try:
+        sorter.process(ready, sigs, bar)
+    finally:
+        if bar is not None:
+            bar.close()
+
+
+def _watch(sorter: _Sorter, settle_seconds: float, poll_interval: float) -> None:
+    wake = threading.Event()
+    observer = _start_observer(sorter.inbox, wake, sorter.say)
+    settler = _Settler(settle_seconds)
+    sorter.say(f"watching {sorter.inbox} ({'events + ' if observer else ''}scan every {poll_interval:g} s); "
+               "Ctrl-C to stop")
+    try:
+        while not sorter.stop.is_set():
+            ready, unsettled = settler.observe(sorter.scan())
+            sorter.process(ready, {p: settler.seen[p][0] for p in ready})
+            # Files waiting to settle need another look after settle_seconds, not a full poll interval.
+            timeout = min(poll_interval, settle_seconds) if unsettled else poll_interval
+            deadline = time.monotonic() + timeout
+            while not sorter.stop.is_set() and (left := deadline - time.monotonic()) > 0:
+                if wake.wait(min(left, 0.1)):
+                    wake.clear()
+                    break
+    finally:
+        if observer is not None:
+            observer.stop()
+            observer.join(timeout=5)
+
+
+def _start_observer(inbox: Path, wake: threading.Event, say: Callable[..., Any]) -> Any:
+    """A watchdog observer that sets ``wake`` on any change, or None (then the scan loop alone polls)."""
+    try:
+        from watchdog.events import FileSystemEventHandler
+        from watchdog.observers import Observer
+    except ImportError:
+        return None
+
+    class _Wake(FileSystemEventHandler):
+        def on_any_event(self, event: Any) -> None:
+            wake.set()
+
+    try:
+        observer = Observer()
+        observer.schedule(_Wake(), str(inbox), recursive=True)
+        observer.start()
+    except Exception as exc:  # inotify limits, unsupported share...: polling still works
+        say(f"filesystem events unavailable ({exc}); polling only")
+        return None
+    return observer
+
+
+@contextmanager
+def _exclusive(out: Path) -> Iterator[None]:
+    """Hold an advisory lock on ``out`` so two sorters never file into it at once (released on any exit)."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: no lock
+        yield
+        return
+    with open(out / LOCK_NAME, "a") as f:
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            raise RuntimeError(f"another sorter is already filing into {out}") from exc
+        yield
+
+
+@contextmanager
+def _signals_set(stop: threading.Event, say: Callable[..., Any]) -> Iterator[None]:
+    """SIGINT/SIGTERM set ``stop`` (a second one interrupts at once); only possible in the main thread."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        if stop.is_set():
+            raise KeyboardInterrupt  # safe: the write-ahead log recovers whatever was in hand
+        stop.set()
+        say(f"{signal.Signals(signum).name}: finishing the file in hand, then stopping")
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)

@@ -1,0 +1,179 @@
+"""Matplotlib figures for the evaluation report. Every function returns a Figure; :func:`save` writes it.
+
+Figures only draw numbers computed elsewhere (``report.py``), so the numbers in the report's tables and
+in ``report_metrics.json`` are exactly the ones plotted. The Agg backend is forced: reports are made
+on headless machines and inside test runs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
+import numpy as np  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+
+# Above this many classes cell numbers and per-curve legends stop being readable.
+ANNOTATE_MAX_CLASSES = 12
+
+
+def save(fig: Figure, path: Path) -> bytes:
+    """Write ``fig`` as PNG to ``path``, close it, and return the PNG bytes (for embedding)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, format="png", dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    return path.read_bytes()
+
+
+def confusion_matrix(cm: np.ndarray, classes: Sequence[str], *, normalized: bool) -> Figure:
+    """Rows true class, columns predicted; counts or row-normalised fractions."""
+    cm = np.asarray(cm, dtype=float)
+    k = len(classes)
+    many = k > ANNOTATE_MAX_CLASSES
+    side = min(4 + 0.45 * k, 14)
+    fig, ax = plt.subplots(figsize=(side, side * 0.9))
+    im = ax.imshow(cm, cmap="Blues", vmin=0, vmax=1 if normalized else max(cm.max(), 1))
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
+    ticks = np.arange(k)
+    fontsize = 6 if many else 9
+    ax.set_xticks(ticks, labels=list(classes), rotation=90 if many else 45, ha="center" if many else "right",
+                  fontsize=fontsize)
+    ax.set_yticks(ticks, labels=list(classes), fontsize=fontsize)
+    ax.set_xlabel("predicted class")
+    ax.set_ylabel("true class")
+    ax.set_title("confusion matrix (row-normalised)" if normalized else "confusion matrix (counts)")
+    if not many:
+        top = cm.max() if cm.size else 0
+        for i in range(k):
+            for j in range(k):
+                text = f"{cm[i, j]:.2f}" if normalized else f"{int(cm[i, j])}"
+                dark = cm[i, j] > (0.5 if normalized else top / 2)
+                ax.text(j, i, text, ha="center", va="center", fontsize=8, color="white" if dark else "black")
+    return fig
+
+
+def _curve_axes(title: str, xlabel: str, ylabel: str) -> tuple[Figure, Any]:
+    fig, ax = plt.subplots(figsize=(6, 5))
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.02)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    return fig, ax
+
+
+def roc_curves(curves: dict[str, dict[str, Any]]) -> Figure:
+    """One-vs-rest ROC curves; ``curves[class] = {"fpr", "tpr", "auc"}`` (classes without a curve left out)."""
+    fig, ax = _curve_axes("one-vs-rest ROC", "false positive rate", "true positive rate")
+    ax.plot([0, 1], [0, 1], color="grey", lw=0.8, ls="--")
+    many = len(curves) > ANNOTATE_MAX_CLASSES
+    for name, c in curves.items():
+        ax.plot(c["fpr"], c["tpr"], lw=0.7 if many else 1.5, label=None if many else f"{name} (AUC {c['auc']:.3f})")
+    if curves and not many:
+        ax.legend(fontsize=8, loc="lower right")
+    return fig
+
+
+def pr_curves(curves: dict[str, dict[str, Any]]) -> Figure:
+    """One-vs-rest precision-recall curves; ``curves[class] = {"precision", "recall", "ap"}``."""
+    fig, ax = _curve_axes("one-vs-rest precision-recall", "recall", "precision")
+    many = len(curves) > ANNOTATE_MAX_CLASSES
+    for name, c in curves.items():
+        ax.plot(c["recall"], c["precision"], lw=0.7 if many else 1.5,
+                label=None if many else f"{name} (AP {c['ap']:.3f})")
+    if curves and not many:
+        ax.legend(fontsize=8, loc="lower left")
+    return fig
+
+
+def reliability(bins: dict[str, list], ece: float) -> Figure:
+    """Reliability diagram: per-bin accuracy vs mean confidence of the top class, with the bin counts."""
+    lower, upper = np.asarray(bins["lower"]), np.asarray(bins["upper"])
+    count = np.asarray(bins["count"])
+    acc = np.array([np.nan if a is None else a for a in bins["accuracy"]], dtype=float)
+    conf = np.array([np.nan if c is None else c for c in bins["confidence"]], dtype=float)
+    fig, (ax, axc) = plt.subplots(2, 1, figsize=(6, 6.5), sharex=True, gridspec_kw={"height_ratios": [3, 1]})
+    width = upper - lower
+    ax.bar(lower, np.nan_to_num(acc), width=width, align="edge", edgecolor="black", lw=0.5, label="accuracy")
+    ax.bar(lower, np.nan_to_num(conf - acc), bottom=np.nan_to_num(acc), width=width, align="edge",
+           color="tab:red", alpha=0.3, label="gap to confidence")
+    ax.plot([0, 1], [0, 1], color="grey", ls="--", lw=0.8, label="perfect calibration")
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("accuracy in bin")
+    ax.set_title(f"reliability diagram (ECE {ece:.4f})")
+    ax.legend(fontsize=8, loc="upper left")
+    axc.bar(lower, count, width=width, align="edge", color="grey", edgecolor="black", lw=0.5)
+    axc.set_xlim(0, 1)
+    axc.set_xlabel("confidence of the predicted class")
+    axc.set_ylabel("images")
+    return fig
+
+
+def training_curves(history: Any) -> Figure:
+    """Loss and validation macro-F1 per epoch from a ``history.csv`` DataFrame; the best epoch marked."""
+    fig, (ax_loss, ax_f1) = plt.subplots(1, 2, figsize=(10, 4))
+    epoch = history["epoch"]
+    for col, label in (("train_loss", "train loss"), ("val_loss", "validation loss")):
+        if col in history:
+            ax_loss.plot(epoch, history[col], marker=".", label=label)
+    ax_loss.set_xlabel("epoch")
+    ax_loss.set_ylabel("loss")
+    ax_loss.legend(fontsize=8)
+    ax_loss.grid(alpha=0.3)
+    for col, label in (("val_macro_f1", "validation macro-F1"), ("val_accuracy", "validation accuracy")):
+        if col in history:
+            ax_f1.plot(epoch, history[col], marker=".", label=label)
+    if "best_epoch" in history and len(history):
+        best = history["best_epoch"].iloc[-1]
+        for ax in (ax_loss, ax_f1):
+            ax.axvline(best, color="grey", ls="--", lw=0.8)
+        ax_f1.plot([], [], color="grey", ls="--", lw=0.8, label=f"best epoch ({best})")
+    ax_f1.set_xlabel("epoch")
+    ax_f1.set_ylim(0, 1.02)
+    ax_f1.legend(fontsize=8)
+    ax_f1.grid(alpha=0.3)
+    return fig
+
+
+def review_tradeoff(curve: dict[str, np.ndarray], point: tuple[float, float] | None, label: str) -> Figure:
+    """Accuracy of the machine's own decisions vs the share of images sent to a person."""
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    ax.plot(curve["review_rate"], curve["auto_accuracy"], lw=1.5, drawstyle="steps-post")
+    if point is not None:
+        ax.plot(*point, "o", color="tab:red", ms=8, label=label)
+        ax.legend(fontsize=8, loc="lower right")
+    ax.set_xlim(0, 1)
+    ax.set_xlabel("review rate (share of images sent to a person)")
+    ax.set_ylabel("accuracy of automatic decisions")
+    ax.set_title("review band trade-off")
+    ax.grid(alpha=0.3)
+    return fig
+
+
+def image_grid(
+    images: Sequence[np.ndarray], captions: Sequence[str], *, overlays: Sequence[np.ndarray | None] | None = None,
+    ncols: int = 6, title: str = "",
+) -> Figure:
+    """Thumbnails (uint8 grayscale) in a grid with captions; optional heatmaps in [0, 1] drawn over them."""
+    n = max(len(images), 1)
+    ncols = min(ncols, n)
+    nrows = int(np.ceil(n / ncols))
+    fig, axes = plt.subplots(nrows, ncols, figsize=(1.9 * ncols, 2.1 * nrows), squeeze=False)
+    for i, ax in enumerate(axes.flat):
+        ax.axis("off")
+        if i >= len(images):
+            continue
+        ax.imshow(images[i], cmap="gray", vmin=0, vmax=255, interpolation="nearest")
+        if overlays is not None and overlays[i] is not None:
+            ax.imshow(overlays[i], cmap="jet", alpha=0.45, vmin=0, vmax=1, interpolation="bilinear")
+        ax.set_title(captions[i], fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return fig

@@ -1,0 +1,162 @@
+"""The evaluation report: self-contained HTML, plot files, curve numbers, ECE and Grad-CAM."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from defectscope import evaluate
+from defectscope.evaluation.metrics import classification_metrics
+from defectscope.evaluation.report import (
+    expected_calibration_error,
+    report_from_run,
+    report_metrics,
+    write_report,
+)
+
+
+def synthetic(tmp_path: Path, k: int, per_class: int, seed: int = 0, missing: int | None = None):
+    """Noisy-but-informative probabilities for ``k`` classes, tiny PNGs on disk; class ``missing`` absent."""
+    rng = np.random.default_rng(seed)
+    y = np.repeat(np.arange(k), per_class)
+    if missing is not None:
+        y = y[y != missing]
+    logits = rng.normal(0, 1, (len(y), k))
+    logits[np.arange(len(y)), y] += 2.0
+    probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    img_dir = tmp_path / "imgs"
+    img_dir.mkdir()
+    paths = []
+    for i in range(len(y)):
+        p = img_dir / f"{i}.png"
+        Image.fromarray(rng.integers(0, 255, (12, 12), dtype=np.uint8)).save(p)
+        paths.append(str(p))
+    return probs, y, paths
+
+
+def check_self_contained(page: str) -> None:
+    assert not re.search(r'(src|href)\s*=\s*["\']?https?://', page)
+    assert "<link" not in page and "<script" not in page
+    srcs = re.findall(r'<img[^>]*\ssrc="([^"]*)"', page)
+    assert srcs and all(s.startswith("data:image/png;base64,") for s in srcs)
+
+
+def run_report(tmp_path, probs, y, paths, classes, policy=None, **kw):
+    metrics = classification_metrics(y, probs.argmax(1), classes)
+    if policy is not None:
+        from defectscope.decision.metrics import apply_policy_metrics
+
+        metrics["policy"] = apply_policy_metrics(y, probs, policy, classes, inputs="probs")
+    out = tmp_path / "out"
+    html = write_report(None, metrics=metrics, probs=probs, y_true=y, paths=paths, classes=classes,
+                        out_dir=out, policy=policy, log=lambda *a: None, **kw)
+    return html, out
+
+
+def test_report_two_classes(tmp_path):
+    from defectscope.decision.policy import Policy
+
+    probs, y, paths = synthetic(tmp_path, 2, 15)
+    classes = ["GOOD", "defect"]
+    policy = Policy(classes=classes, good_class="GOOD", review_threshold=0.7)
+    html, out = run_report(tmp_path, probs, y, paths, classes, policy=policy)
+    page = html.read_text()
+    check_self_contained(page)
+    for name in ("confusion_counts", "confusion_normalized", "roc", "pr", "reliability", "gallery_mistakes",
+                 "gallery_unsure_correct", "review_tradeoff"):
+        assert (out / "plots" / f"{name}.png").stat().st_size > 0, name
+    assert "defective parts would have been passed as GOOD at the chosen operating point" in page
+    assert "would be sent to a person" in page and "the policy&#x27;s temperature" in page
+    assert "No model was given" in page
+    numbers = json.loads((out / "report_metrics.json").read_text())
+    assert set(numbers["roc_auc"]) == set(classes) and numbers["ece_bins"] == 15
+
+
+def test_report_twenty_classes_with_an_absent_class(tmp_path):
+    from sklearn.metrics import roc_auc_score
+
+    classes = [f"c{i:02d}" for i in range(20)]
+    probs, y, paths = synthetic(tmp_path, 20, 4, missing=7)
+    html, out = run_report(tmp_path, probs, y, paths, classes)
+    check_self_contained(html.read_text())
+    numbers = json.loads((out / "report_metrics.json").read_text())
+    assert numbers["roc_auc"]["c07"] is None and "c07" in numbers["curves_skipped"]
+    for k, name in enumerate(classes):
+        if k != 7:
+            assert numbers["roc_auc"][name] == pytest.approx(roc_auc_score(y == k, probs[:, k]), abs=1e-12)
+    assert (out / "plots" / "roc.png").is_file()
+
+
+def test_curve_numbers_match_sklearn():
+    from sklearn.metrics import average_precision_score, roc_auc_score
+
+    rng = np.random.default_rng(3)
+    y = np.array([0, 0, 1, 1, 2, 2, 2, 0, 1, 2])
+    probs = rng.dirichlet(np.ones(3), len(y))
+    numbers = report_metrics(probs, y, ["a", "b", "c"])
+    for k, name in enumerate("abc"):
+        assert numbers["roc_auc"][name] == pytest.approx(roc_auc_score(y == k, probs[:, k]), abs=1e-12)
+        assert numbers["average_precision"][name] == pytest.approx(average_precision_score(y == k, probs[:, k]))
+    assert numbers["macro_roc_auc"] == pytest.approx(roc_auc_score(y, probs, multi_class="ovr", average="macro"))
+
+
+def test_ece_by_hand():
+    # Top confidences 0.9 (right), 0.9 (wrong), 0.6 (right), 0.55 (wrong).
+    probs = np.array([[0.9, 0.1], [0.9, 0.1], [0.6, 0.4], [0.55, 0.45]])
+    y = np.array([0, 1, 0, 1])
+    # Bins of width 1/15: 0.9 -> (0.8667, 0.9333]; 0.6 -> (0.5333, 0.6]; 0.55 -> (0.5333, 0.6].
+    # bin A: 2 images, accuracy 0.5, confidence 0.9; bin B: 2 images, accuracy 0.5, confidence 0.575.
+    expected = 2 / 4 * abs(0.5 - 0.9) + 2 / 4 * abs(0.5 - 0.575)
+    assert expected_calibration_error(probs, y) == pytest.approx(expected)
+    assert report_metrics(probs, y, ["a", "b"])["ece"] == pytest.approx(expected)
+    # A confidence of exactly 0.6 = 9/15 sits in the bin whose upper edge it is, (8/15, 9/15].
+    bins = report_metrics(probs, y, ["a", "b"])["reliability"]
+    assert bins["count"][8] == 2 and bins["count"][13] == 2
+
+
+def test_gradcam_on_trained_model_and_report(tmp_path, trained_run):
+    import torch
+
+    from defectscope import rundir
+    from defectscope.evaluation.gradcam import gradcam_maps, target_layer
+
+    run = Path(shutil.copytree(trained_run, tmp_path / "run"))
+    model, spec = rundir.load_model(run)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    size = spec["image_size"]
+    img = np.full((size, size), 90, np.uint8)
+    img[10:13, 3:-3] = 230  # a scratch
+    with torch.no_grad():  # as inside evaluate: Grad-CAM must switch gradients on itself
+        maps = gradcam_maps(model, img[None], [1])
+    assert maps.shape == (1, size, size) and np.isfinite(maps).all()
+    assert maps.min() >= 0 and maps.max() <= 1
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert all(p.grad is None for p in model.parameters()) and not model.training
+    assert target_layer(model)[1] == "backbone.features.3"
+
+    # The way the lead wires it: evaluate, then the report from the run's evaluation files.
+    evaluate(run, log=lambda *a: None)
+    html = report_from_run(run, gradcam_per_class=2, log=lambda *a: None)
+    out = html.parent
+    page = html.read_text()
+    check_self_contained(page)
+    assert "backbone.features.3" in page and (out / "plots" / "gradcam_classes.png").is_file()
+    assert (out / "plots" / "training.png").is_file()
+    assert json.loads((out / "report_metrics.json").read_text())["gradcam"]["images"] > 0
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_gradcam_failure_is_a_note(tmp_path):
+    import torch
+
+    probs, y, paths = synthetic(tmp_path, 2, 4)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(144, 2))  # no Conv2d anywhere
+    html, out = run_report(tmp_path, probs, y, paths, ["a", "b"], model=model, spec={"image_size": 12})
+    assert "Grad-CAM could not be computed" in html.read_text()
+    assert json.loads((out / "report_metrics.json").read_text())["gradcam"]["error"]
