@@ -158,3 +158,13 @@ def test_config_errors_are_clear(folder_dataset, tmp_path):
         train(folder_dataset, tmp_path / "r", config_file=bad, **quiet)
     with pytest.raises(ConfigError, match="expected a number"):
         train(folder_dataset, tmp_path / "r", **quiet, **{"train.epochs": "many"})
+
+
+def test_time_limit_stops_between_epochs(folder_dataset, tmp_path):
+    import pandas as pd
+
+    run = train(folder_dataset, tmp_path / "r", **quiet, **{**FAST, "train.epochs": 50,
+                                                            "train.time_limit_minutes": 0.0001})
+    history = pd.read_csv(run / "history.csv")
+    assert len(history) == 1 and bool(history["time_limit"].iloc[-1])
+    assert (run / "model.safetensors").is_file()

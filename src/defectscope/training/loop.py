@@ -188,10 +188,11 @@ class Trainer:
                 optimizer.load_state_dict(saved["optimizer"])
                 saved = None
             steps_per_epoch = self._steps_per_epoch(y_train_t)
-            total = steps_per_epoch * phase.epochs
+            planned = phase.epochs
             warmup = int(tcfg.warmup_epochs * steps_per_epoch)
             scaler = torch.amp.GradScaler("cuda") if self.amp else None
-            while state.phase_epoch < phase.epochs and not state.phase_done:
+            while state.phase_epoch < planned and not state.phase_done:
+                total = steps_per_epoch * planned
                 started = time.perf_counter()
                 train_loss = self._train_epoch(
                     model, criterion, optimizer, scaler, x_train_t, y_train_t, gen, phase.lr,
@@ -217,11 +218,17 @@ class Trainer:
                 record["best_epoch"] = state.best_epoch
                 state.history.append(record)
                 limit = tcfg.time_limit_minutes
-                elapsed = time.perf_counter() - fit_started
-                if limit and elapsed + record["seconds"] > limit * 60:
-                    # The next epoch would end past the budget: stop here, as early stopping would.
-                    state.phase_done = state.stopped = True
-                    record["time_limit"] = True
+                if limit:
+                    # Shorten the plan to the epochs that still fit the budget, so the learning-rate schedule
+                    # still ends where it should instead of being cut off at a high rate.
+                    left = limit * 60 - (time.perf_counter() - fit_started)
+                    fits = state.phase_epoch + int(left // max(record["seconds"], 1e-9))
+                    if fits < planned:
+                        planned = fits
+                        record["planned_epochs"] = planned
+                    if state.phase_epoch >= planned and state.phase_epoch < phase.epochs:
+                        state.phase_done = state.stopped = True
+                        record["time_limit"] = True
                 self._save_checkpoint(model, optimizer, gen, state, best_weights)
                 log(
                     f"epoch {state.epoch:>3}  phase {p_idx + 1} ({phase.unfreeze})  loss {train_loss:.4f}  "
