@@ -210,6 +210,19 @@ def test_fit_drift_and_drift_eval_on_a_run(trained_run, tmp_path):
             assert all(0.0 <= v <= 1.0 for v in kind[metric].values())
     assert max(saved["kinds"]["far"]["auroc"].values()) > 0.5
     assert report["best_score"] == saved["best_score"]
+    # The raw scores behind the metrics, as plain floats: recomputing the metrics gives the JSON's.
+    from defectscope.decision.drift_fit import auroc_fpr95, load_scores
+
+    with np.load(run / "drift_eval_scores.npz", allow_pickle=False) as z:
+        assert all(z[k].dtype == np.float64 for k in z.files)
+    raw = load_scores(run / "drift_eval_scores.npz")
+    for kind in ("corruptions", "far"):
+        assert raw["kinds"][kind]["normal"] is None
+        for s in SCORES:
+            auroc, fpr = auroc_fpr95(raw["normal"][s], raw["kinds"][kind]["drift"][s])
+            assert auroc == pytest.approx(saved["kinds"][kind]["auroc"][s])
+            assert fpr == pytest.approx(saved["kinds"][kind]["fpr95"][s])
+    assert len(raw["kinds"]["far"]["drift"]["knn"]) == 20 * len(FAR_DRIFT)
 
 
 def test_drift_eval_retrains_for_held_out_class_and_group(trained_run, tmp_path):

@@ -160,3 +160,104 @@ def test_gradcam_failure_is_a_note(tmp_path):
     html, out = run_report(tmp_path, probs, y, paths, ["a", "b"], model=model, spec={"image_size": 12})
     assert "Grad-CAM could not be computed" in html.read_text()
     assert json.loads((out / "report_metrics.json").read_text())["gradcam"]["error"]
+
+
+def test_report_without_drift_gives_the_hint(tmp_path):
+    probs, y, paths = synthetic(tmp_path, 2, 4)
+    run = tmp_path / "run"  # a run folder without drift_eval.json, and no policy
+    run.mkdir()
+    out = tmp_path / "out"
+    html = write_report(run, metrics=classification_metrics(y, probs.argmax(1), ["GOOD", "defect"]), probs=probs,
+                        y_true=y, paths=paths, classes=["GOOD", "defect"], out_dir=out, log=lambda *a: None)
+    page = html.read_text()
+    assert "10. Drift" in page and "Drift is not measured for this run" in page
+    assert "defectscope drift-eval RUN" in page and "defectscope calibrate RUN" in page
+    assert not list((out / "plots").glob("drift_*.png"))
+
+
+def _drift_eval_json(scores, kinds):
+    auroc = {"corruptions": [0.61, 0.72, 0.93, 0.88], "far": [0.55, 0.66, 0.99, 0.97],
+             "heldout_class": [0.51, 0.52, 0.71, 0.69]}
+    out = {"scores": list(scores), "best_score": "mahalanobis", "kinds": {}, "mean_auroc": {}}
+    for kind in kinds:
+        out["kinds"][kind] = {"auroc": dict(zip(scores, auroc[kind], strict=True)),
+                              "fpr95": dict(zip(scores, [0.9, 0.8, 0.123, 0.2], strict=True)),
+                              "n_normal": 200, "n_drift": 50}
+    for i, s in enumerate(scores):
+        out["mean_auroc"][s] = float(np.mean([auroc[k][i] for k in kinds]))
+    return out
+
+
+def test_report_drift_section_from_synthetic_files(tmp_path):
+    from defectscope.decision.drift import SCORES
+    from defectscope.decision.drift_fit import load_scores, save_scores
+    from defectscope.decision.metrics import apply_policy_metrics
+    from defectscope.decision.policy import Policy
+
+    rng = np.random.default_rng(7)
+    probs, y, paths = synthetic(tmp_path, 2, 100)
+    classes = ["GOOD", "defect"]
+    run = tmp_path / "run"
+    run.mkdir()
+    kinds = ("corruptions", "far", "heldout_class")
+    (run / "drift_eval.json").write_text(json.dumps(_drift_eval_json(SCORES, kinds)))
+    normal = {s: rng.normal(10, 2, 200) for s in SCORES}
+    drift = {k: {s: rng.normal(20, 3, 50) for s in SCORES} for k in kinds}
+    save_scores(run / "drift_eval_scores.npz", normal,
+                {"corruptions": {"drift": drift["corruptions"]}, "far": {"drift": drift["far"]},
+                 "heldout_class": {"drift": drift["heldout_class"], "normal": {s: rng.normal(5, 1, 30)
+                                                                               for s in SCORES}}})
+    back = load_scores(run / "drift_eval_scores.npz")
+    assert np.array_equal(back["normal"]["knn"], normal["knn"]) and back["kinds"]["far"]["normal"] is None
+    assert set(back["kinds"]["heldout_class"]["normal"]) == set(SCORES)
+
+    threshold = 14.0
+    policy = Policy(classes=classes, good_class="GOOD", drift_threshold=threshold,
+                    drift={"score": "mahalanobis", "target_false_flag_rate": 0.01, "n_calibration": 150,
+                           "calibration_flag_rate": 0.02, "threshold_fit": {"method": "false_flag_rate"}})
+    eval_scores = np.where(np.arange(len(y)) % 10 == 0, 30.0, 1.0)  # every tenth image is Drift
+    metrics = classification_metrics(y, probs.argmax(1), classes)
+    metrics["policy"] = apply_policy_metrics(y, probs, policy, classes, inputs="probs", drift_score=eval_scores)
+    out = tmp_path / "out"
+    html = write_report(run, metrics=metrics, probs=probs, y_true=y, paths=paths, classes=classes, out_dir=out,
+                        policy=policy, log=lambda *a: None)
+    page = html.read_text()
+    check_self_contained(page)
+    assert "10. Drift" in page and "Drift is not measured" not in page
+    # What the threshold flags.
+    assert "1% false-flag rate: about 1 in 100 normal parts will be set aside as Drift" in page
+    assert "14.000000" in page and "3 of 150 normal calibration images" in page
+    assert "20 of 200 evaluated images were set aside as Drift" in page
+    # The AUROC / FPR@95 table, best score marked.
+    assert "0.930 / 12.30%" in page and "0.990 / 12.30%" in page and "0.710 / 12.30%" in page
+    assert "<b>0.930 / 12.30%</b>" in page and "best, policy" in page
+    # One histogram per kind, embedded; the threshold only where the run's own model scored.
+    for kind in kinds:
+        assert (out / "plots" / f"drift_{kind}.png").stat().st_size > 0
+        assert re.search(rf'<img alt="drift histogram {kind}" src="data:image/png;base64,', page)
+    assert "threshold does not apply" in page
+    numbers = json.loads((out / "report_metrics.json").read_text())["drift"]
+    assert numbers["histograms"] == list(kinds) and numbers["drift_eval"]
+    flags = numbers["threshold_flags"]
+    assert set(flags) == {"normal", "corruptions", "far"}
+    assert flags["far"] == pytest.approx(np.mean(drift["far"]["mahalanobis"] > threshold))
+    assert flags["normal"] == pytest.approx(np.mean(normal["mahalanobis"] > threshold))
+
+
+def test_report_drift_section_from_a_real_drift_eval(tmp_path, trained_run):
+    from defectscope.decision.drift import SCORES
+    from defectscope.decision.drift_fit import drift_eval
+
+    run = Path(shutil.copytree(trained_run, tmp_path / "run"))
+    result = drift_eval(run, kinds=("far",), n_far=10, log=lambda *a: None)
+    with np.load(run / "drift_eval_scores.npz", allow_pickle=False) as z:
+        assert set(z.files) == {f"{w}__{s}" for w in ("normal", "far") for s in SCORES}
+        assert len(z["far__knn"]) == 20  # n_far images of each far kind
+    probs, y, paths = synthetic(tmp_path, 3, 3)
+    html = write_report(run, metrics=classification_metrics(y, probs.argmax(1), ["GOOD", "scratch", "spot"]),
+                        probs=probs, y_true=y, paths=paths, classes=["GOOD", "scratch", "spot"],
+                        out_dir=tmp_path / "out", log=lambda *a: None)
+    page = html.read_text()
+    best = result["best_score"]
+    assert f"{result['kinds']['far']['auroc'][best]:.3f} / " in page
+    assert '<img alt="drift histogram far"' in page and "The policy has no Drift flag" in page

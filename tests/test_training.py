@@ -168,3 +168,13 @@ def test_time_limit_stops_between_epochs(folder_dataset, tmp_path):
     history = pd.read_csv(run / "history.csv")
     assert len(history) == 1 and bool(history["time_limit"].iloc[-1])
     assert (run / "model.safetensors").is_file()
+
+
+def test_class_weight_power():
+    from defectscope.training.losses import inverse_frequency_weights
+
+    labels = torch.tensor([0] * 30 + [1] * 10 + [2] * 0 + [3] * 20)
+    full = inverse_frequency_weights(labels, 4)
+    assert torch.allclose(full, torch.tensor([60 / 90, 60 / 30, 0.0, 60 / 60]))
+    assert torch.allclose(inverse_frequency_weights(labels, 4, 0.5), full.sqrt())
+    assert torch.equal(inverse_frequency_weights(labels, 4, 0.0)[[0, 1, 3]], torch.ones(3))

@@ -4,7 +4,8 @@
 - :func:`calibrate_drift_threshold`: a threshold with a finite-sample false-flag guarantee (numpy only).
 - :func:`cost_aware_drift_threshold`: the threshold of least expected cost when labelled Drift exists.
 - :func:`drift_eval`: AUROC and FPR@95 of every score on corrupted, unrelated, held-out-class or
-  held-out-group images -> ``RUN/drift_eval.json`` with the best score.
+  held-out-group images -> ``RUN/drift_eval.json`` with the best score, and the raw per-image scores
+  -> ``RUN/drift_eval_scores.npz`` (plain float arrays, for the report's histograms).
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ from defectscope.decision.costs import DRIFT
 from defectscope.decision.drift import SCORES, DriftError, DriftScorer
 
 DRIFT_EVAL = "drift_eval.json"
+DRIFT_EVAL_SCORES = "drift_eval_scores.npz"
+SEP = "__"  # npz keys: normal__<score>, <kind>__<score>, and <kind>__normal__<score> for retrained kinds
 KINDS = ("heldout_class", "group", "corruptions", "far")
 
 
@@ -267,13 +270,61 @@ def _retrain(r: _Run, rows: pd.DataFrame, classes: list[str], out: Path, epochs:
 
 
 def _heldout_experiment(r: _Run, train_rows: pd.DataFrame, normal_rows: pd.DataFrame, drift_rows: pd.DataFrame,
-                        out: Path, epochs: int, log) -> dict[str, Any]:
+                        out: Path, epochs: int, log) -> tuple[dict[str, Any], dict[str, np.ndarray],
+                                                              dict[str, np.ndarray]]:
+    """(metrics of the part, its normal scores, its drift scores), scored by the retrained model."""
     classes = [c for c in r.classes if c in set(train_rows["label"])]
     sub = _Run(_retrain(r, train_rows, classes, out, epochs, log))
     scorer = sub.fit_scorer()
     normal = sub.score(scorer, sub.images(normal_rows)[1])
     drift = sub.score(scorer, sub.images(drift_rows)[1])
-    return _evaluate_sets(normal, {"drift": drift})["parts"]["drift"] | {"n_normal": len(normal[SCORES[0]])}
+    part = _evaluate_sets(normal, {"drift": drift})["parts"]["drift"] | {"n_normal": len(normal[SCORES[0]])}
+    return part, normal, drift
+
+
+def _pool(sets: Sequence[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    return {s: np.concatenate([np.asarray(d[s], dtype=np.float64).reshape(-1) for d in sets]) for s in SCORES}
+
+
+def save_scores(path: str | Path, normal: dict[str, np.ndarray] | None,
+                kinds: dict[str, dict[str, Any]]) -> Path:
+    """Write the raw scores as float64 arrays in a compressed npz (no pickled objects).
+
+    ``normal``: score name -> scores of the normal images under the run's own model (None when only
+    retrained kinds ran); ``kinds[kind] = {"drift": {score: array}, "normal": {score: array} or absent}``,
+    ``normal`` given for kinds scored by a retrained model (their own normal images).
+    """
+    arrays: dict[str, np.ndarray] = {}
+    if normal is not None:
+        arrays.update({f"normal{SEP}{s}": np.asarray(normal[s], dtype=np.float64).reshape(-1) for s in SCORES})
+    for kind, sets in kinds.items():
+        arrays.update({f"{kind}{SEP}{s}": np.asarray(v, dtype=np.float64).reshape(-1)
+                       for s, v in sets["drift"].items()})
+        if sets.get("normal") is not None:
+            arrays.update({f"{kind}{SEP}normal{SEP}{s}": np.asarray(v, dtype=np.float64).reshape(-1)
+                           for s, v in sets["normal"].items()})
+    path = Path(path)
+    np.savez_compressed(path, **arrays)
+    return path
+
+
+def load_scores(path: str | Path) -> dict[str, Any]:
+    """Read :func:`save_scores`' file back: ``{"normal": {score: array} or None, "kinds": {kind: {"drift":
+    {score: array}, "normal": {score: array} or None}}}``; pickled objects are refused."""
+    with np.load(Path(path), allow_pickle=False) as z:
+        arrays = {k: np.asarray(z[k], dtype=np.float64) for k in z.files}
+    normal = {k.split(SEP, 1)[1]: v for k, v in arrays.items() if k.startswith(f"normal{SEP}")} or None
+    kinds: dict[str, dict[str, Any]] = {}
+    for key, v in arrays.items():
+        kind, _, rest = key.partition(SEP)
+        if kind == "normal" or not rest:
+            continue
+        entry = kinds.setdefault(kind, {"drift": {}, "normal": None})
+        if rest.startswith(f"normal{SEP}"):
+            entry["normal"] = (entry["normal"] or {}) | {rest.split(SEP, 1)[1]: v}
+        else:
+            entry["drift"][rest] = v
+    return {"normal": normal, "kinds": kinds}
 
 
 def _extra_images(folder: str | Path, size: int, resize: str) -> np.ndarray:
@@ -309,7 +360,8 @@ def drift_eval(
     ``group`` (retrained on rows whose ``group_column`` equals ``train_value``, e.g. ELPV ``type=mono``;
     Drift = all other rows; slow). ``extra_drift``: a folder of real Drift images, its own kind ``extra``.
     Retrained runs go to ``RUN/drift_eval_runs/`` and are reused when present. The best score has the
-    highest AUROC averaged over the kinds run.
+    highest AUROC averaged over the kinds run. The per-image scores behind the metrics go beside the JSON
+    (``RUN/drift_eval_scores.npz``, see :func:`save_scores`; a kind's parts pooled).
     """
     unknown = set(kinds) - set(KINDS)
     if unknown:
@@ -321,6 +373,8 @@ def drift_eval(
     if test_rows.empty:
         raise DriftError(f"{run}: the test split is empty; drift evaluation needs normal test images")
     results: dict[str, Any] = {}
+    raw: dict[str, dict[str, Any]] = {}  # per kind, the per-image scores behind the metrics
+    normal = None
     needs_base = {"corruptions", "far"} & set(kinds) or extra_drift is not None
     if needs_base:
         scorer = r.fit_scorer()
@@ -329,23 +383,31 @@ def drift_eval(
         if "corruptions" in kinds:
             sets = {name: r.score(scorer, corrupt(normal_images, name, seed=seed)) for name in CORRUPTIONS}
             results["corruptions"] = _evaluate_sets(normal, sets)
+            raw["corruptions"] = {"drift": _pool(list(sets.values()))}
         if "far" in kinds:
             sets = {name: r.score(scorer, fn(n_far, r.size, seed=seed)) for name, fn in FAR_DRIFT.items()}
             results["far"] = _evaluate_sets(normal, sets)
+            raw["far"] = {"drift": _pool(list(sets.values()))}
         if extra_drift is not None:
             images = _extra_images(extra_drift, r.size, r.spec.get("resize", "squash"))
-            results["extra"] = _evaluate_sets(normal, {str(extra_drift): r.score(scorer, images)})
+            extra = r.score(scorer, images)
+            results["extra"] = _evaluate_sets(normal, {str(extra_drift): extra})
+            raw["extra"] = {"drift": _pool([extra])}
     work = r.path / "drift_eval_runs"
     if "heldout_class" in kinds:
         if len(r.classes) < 3:
             raise DriftError("holding out a class needs at least 3 classes (2 remain to train on)")
-        parts = {}
+        parts, normals, drifts = {}, [], []
         for c in r.classes:
             log(f"held-out class {c!r}: retraining without it")
             others = r.table[r.table["label"] != c]
-            parts[c] = _heldout_experiment(r, others, others[others["split"] == "test"], r.table[r.table["label"] == c],
-                                           work / f"without_{c}", heldout_epochs, log)
+            parts[c], n_sc, d_sc = _heldout_experiment(r, others, others[others["split"] == "test"],
+                                                       r.table[r.table["label"] == c], work / f"without_{c}",
+                                                       heldout_epochs, log)
+            normals.append(n_sc)
+            drifts.append(d_sc)
         results["heldout_class"] = _mean_over_parts(parts, len(test_rows))
+        raw["heldout_class"] = {"drift": _pool(drifts), "normal": _pool(normals)}
     if "group" in kinds:
         if group_column is None or train_value is None:
             raise DriftError("the group kind needs group_column and train_value (e.g. 'type', 'mono')")
@@ -356,9 +418,10 @@ def drift_eval(
         if inside.empty or outside.empty:
             raise DriftError(f"{group_column}={train_value!r} must split the table into two non-empty groups")
         log(f"held-out group: retraining on {group_column}={train_value!r} only")
-        part = _heldout_experiment(r, inside, inside[inside["split"] == "test"], outside,
-                                   work / f"only_{group_column}_{train_value}", heldout_epochs, log)
+        part, n_sc, d_sc = _heldout_experiment(r, inside, inside[inside["split"] == "test"], outside,
+                                               work / f"only_{group_column}_{train_value}", heldout_epochs, log)
         results["group"] = _mean_over_parts({f"{group_column}!={train_value}": part}, part["n_normal"])
+        raw["group"] = {"drift": _pool([d_sc]), "normal": _pool([n_sc])}
 
     mean_auroc = {}
     for s in SCORES:
@@ -378,10 +441,12 @@ def drift_eval(
     }
     path = Path(out) if out is not None else r.path / DRIFT_EVAL
     path.write_text(json.dumps(report, indent=2) + "\n")
+    # Beside the JSON: RUN/drift_eval_scores.npz by default, <out stem>_scores.npz otherwise.
+    scores_path = save_scores(path.with_name(f"{path.stem}_scores.npz"), normal, raw)
     for kind, res in results.items():
         log(f"{kind:>13}: " + ", ".join(f"{s} AUROC {_fmt(res['auroc'][s])} FPR@95 {_fmt(res['fpr95'][s])}"
                                         for s in SCORES))
-    log(f"best drift score: {best} (mean AUROC {_fmt(mean_auroc.get(best))}); written: {path}")
+    log(f"best drift score: {best} (mean AUROC {_fmt(mean_auroc.get(best))}); written: {path}, {scores_path}")
     return report
 
 
@@ -390,6 +455,6 @@ def _fmt(x: float | None) -> str:
 
 
 __all__ = [
-    "DRIFT_EVAL", "KINDS", "auroc_fpr95", "calibrate_drift_threshold", "cost_aware_drift_threshold", "drift_eval",
-    "features_and_logits", "fit_drift",
+    "DRIFT_EVAL", "DRIFT_EVAL_SCORES", "KINDS", "auroc_fpr95", "calibrate_drift_threshold",
+    "cost_aware_drift_threshold", "drift_eval", "features_and_logits", "fit_drift", "load_scores", "save_scores",
 ]

@@ -156,6 +156,41 @@ def review_tradeoff(curve: dict[str, np.ndarray], point: tuple[float, float] | N
     return fig
 
 
+def drift_histogram(
+    normal: np.ndarray, drift: np.ndarray, *, score: str, kind: str, threshold: float | None = None,
+    threshold_label: str = "", bins: int = 40,
+) -> Figure:
+    """Histograms (share of images per bin) of one Drift score on normal images and on one Drift kind;
+    ``threshold``: the policy's flag threshold as a vertical line. Higher scores mean "less like training".
+    Non-finite scores are left out; positive scores spanning more than two decades get a log axis."""
+    normal = np.asarray(normal, dtype=np.float64).reshape(-1)
+    drift = np.asarray(drift, dtype=np.float64).reshape(-1)
+    normal, drift = normal[np.isfinite(normal)], drift[np.isfinite(drift)]
+    both = np.concatenate([normal, drift] + ([np.array([threshold])] if threshold is not None else []))
+    fig, ax = plt.subplots(figsize=(6.5, 3.8))
+    if both.size:
+        lo, hi = float(both.min()), float(both.max())
+        log = lo > 0 and hi / lo > 100
+        if log:
+            edges = np.logspace(np.log10(lo), np.log10(hi), bins + 1)
+            ax.set_xscale("log")
+        else:
+            edges = np.linspace(lo, hi if hi > lo else lo + 1.0, bins + 1)
+        for values, label, color in ((normal, f"normal ({len(normal)})", "tab:blue"),
+                                     (drift, f"{kind} ({len(drift)})", "tab:red")):
+            if len(values):
+                ax.hist(values, bins=edges, weights=np.full(len(values), 1.0 / len(values)), alpha=0.5,
+                        color=color, edgecolor=color, lw=0.5, label=label)
+    if threshold is not None:
+        ax.axvline(threshold, color="black", ls="--", lw=1.2, label=threshold_label or f"threshold {threshold:.4g}")
+    ax.set_xlabel(f"{score} score (higher = less like the training images)")
+    ax.set_ylabel("share of images")
+    ax.set_title(f"{score}: normal vs {kind}")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    return fig
+
+
 def image_grid(
     images: Sequence[np.ndarray], captions: Sequence[str], *, overlays: Sequence[np.ndarray | None] | None = None,
     ncols: int = 6, title: str = "",

@@ -159,7 +159,7 @@ class Trainer:
         k = len(self.classes)
         weight = None
         if tcfg.class_weights and tcfg.sampling == "shuffle":
-            weight = inverse_frequency_weights(y_train_t, k).to(self.device)
+            weight = inverse_frequency_weights(y_train_t, k, tcfg.class_weight_power).to(self.device)
         criterion = make_loss(tcfg.loss, weight, tcfg.focal_gamma, tcfg.label_smoothing)
         gen = torch.Generator().manual_seed(cfg.seed)
         state = TrainState()

@@ -7,12 +7,12 @@ import torch.nn.functional as F
 from torch import nn
 
 
-def inverse_frequency_weights(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """w_c = n / (k * n_c): a balanced dataset gets all ones; absent classes get 0."""
+def inverse_frequency_weights(labels: torch.Tensor, num_classes: int, power: float = 1.0) -> torch.Tensor:
+    """w_c = (n / (k * n_c)) ** power: a balanced dataset gets all ones; absent classes get 0."""
     counts = torch.bincount(labels, minlength=num_classes).float()
     present = counts > 0
     weights = torch.zeros(num_classes)
-    weights[present] = counts.sum() / (present.sum() * counts[present])
+    weights[present] = (counts.sum() / (present.sum() * counts[present])) ** power
     return weights
 
 
