@@ -6,8 +6,8 @@ On ELPV images (300x300 8-bit PNG, from the elpv-dataset package) and one traine
               of the call (model loading, hashing, decoding, inference, copying and the SQLite log included)
   components  decode / preprocessing (resize, scale) / inference / logging, each timed alone on the same
               files with the sorter's own pieces (decode_gray on the file bytes, resize_gray, the sorter's
-              ONNX Runtime session in its batches, ResultLog find + begin + mark_done per image):
-              seconds per image and share of their sum
+              ONNX Runtime session in its batches, ResultLog find + begin + mark_done per image) plus
+              filing (read, hash, place_file's fsynced copy): seconds per image and share of their sum
   plain_loop  the model in eager PyTorch, one image at a time, as the inspection projects ran theirs:
               PIL open -> resize -> tensor -> model -> argmax, eval() and inference_mode, torch threads = 2
   bound       decode rate alone (load_gray in a 2-thread pool) and batched ONNX Runtime rate alone (2
@@ -23,6 +23,7 @@ Targets on 2 cores: end-to-end >= 5x the plain loop and >= 70% of the bound.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import shlex
@@ -40,6 +41,7 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 SORTER_BATCH = 16  # sort_inbox's default batch size
 ORT_BATCH = 32
+STAGES = ("decode", "preprocessing", "inference", "logging", "filing")
 TARGET_SPEEDUP = 5.0
 TARGET_BOUND_FRACTION = 0.70
 
@@ -99,6 +101,7 @@ def measure_components(onnx: Path, files: list[Path], root: Path) -> dict[str, f
     from defectscope.deploy import metadata as md
     from defectscope.deploy.predictor import Predictor
     from defectscope.deploy.resultlog import ResultLog
+    from defectscope.deploy.sorter import place_file
 
     predictor = Predictor(onnx)  # the sorter's configuration (threads and decode threads by default)
     size, mode, n = predictor.image_size, predictor.resize, len(files)
@@ -137,7 +140,17 @@ def measure_components(onnx: Path, files: list[Path], root: Path) -> dict[str, f
             db.mark_done(db.begin(r))
         logging = time.perf_counter() - start
     shutil.rmtree(db_dir)
-    return {"decode": decode / n, "preprocessing": preprocess / n, "inference": inference / n, "logging": logging / n}
+
+    # Filing, what else the sorter does per image: read and hash the file, copy it (fsynced, verified) into place.
+    out = Path(tempfile.mkdtemp(prefix="filed-", dir=root))
+    start = time.perf_counter()
+    for i, f in enumerate(files):
+        sha = hashlib.sha256(f.read_bytes()).hexdigest()
+        place_file(f, out / f"{i:05d}_{f.name}", "copy", sha, out / f".part-{i}")
+    filing = time.perf_counter() - start
+    shutil.rmtree(out)
+    return {"decode": decode / n, "preprocessing": preprocess / n, "inference": inference / n,
+            "logging": logging / n, "filing": filing / n}
 
 
 def measure_plain_loop(run: Path, files: list[Path], threads: int) -> dict[str, float]:
@@ -206,6 +219,18 @@ def measure_ort(onnx: Path, x: np.ndarray, threads: int) -> dict[str, float]:
 
 # ---------------------------------------------------------------------------------------------- main
 
+def filesystem_of(path: Path) -> str | None:
+    """The mount point and type holding ``path`` (fsync costs depend on it), from /proc/mounts where present."""
+    try:
+        mounts = [line.split()[1:3] for line in Path("/proc/mounts").read_text().splitlines()]
+    except OSError:
+        return None
+    real = str(path.resolve())
+    best = max((m for m in mounts if real == m[0] or real.startswith(m[0].rstrip("/") + "/")),
+               key=lambda m: len(m[0]), default=None)
+    return f"{best[0]} ({best[1]})" if best else None
+
+
 def median(rows: list[dict[str, Any]], key: str) -> float:
     return statistics.median(r[key] for r in rows)
 
@@ -218,6 +243,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2,
                         help="cores for the plain loop, the decode pool and ONNX Runtime (2)")
     parser.add_argument("--results", default=str(HERE / "results" / "throughput.json"))
+    parser.add_argument("--workdir", help="where the inbox, output and log go (default: the system temp folder)")
     args = parser.parse_args()
     if args.images < 1 or args.repeats < 1 or args.threads < 1:
         sys.exit("--images, --repeats and --threads must be >= 1")
@@ -237,8 +263,9 @@ def main() -> None:
     with Image.open(files[0]) as im:
         image_format = f"{im.width}x{im.height} {im.format} mode {im.mode}"
 
-    with tempfile.TemporaryDirectory(prefix="defectscope-throughput-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="defectscope-throughput-", dir=args.workdir) as tmp:
         root = Path(tmp)
+        workdir_fs = filesystem_of(root)
         onnx = root / "model.onnx"
         export_onnx(run, onnx, log=quiet)
         sorter_predictor = Predictor(onnx)
@@ -265,7 +292,7 @@ def main() -> None:
     decode = median(rows["decode"], "images_per_second")
     ort_rate = median(rows["ort"], "images_per_second")
     bound = 1 / (1 / decode + 1 / ort_rate)
-    stages = {k: median(rows["components"], k) for k in ("decode", "preprocessing", "inference", "logging")}
+    stages = {k: median(rows["components"], k) for k in STAGES}
     total = sum(stages.values())
     speedup, fraction = e2e / plain, e2e / bound
 
@@ -281,6 +308,7 @@ def main() -> None:
         "repeats": args.repeats,
         "threads": args.threads,
         "statistic": "median over repeats",
+        "workdir_filesystem": workdir_fs,
         "end_to_end": {
             "what": "sort_inbox(onnx, mode='copy', settle_seconds=0): wall time of the call, model loading included",
             "images_per_second": round(e2e, 2),
@@ -288,7 +316,8 @@ def main() -> None:
         },
         "components": {
             "what": "each stage alone on the same files, sequentially: decode_gray(bytes), resize_gray + /255, "
-                    f"the sorter's ORT session in batches of {SORTER_BATCH}, ResultLog find x2 + begin + mark_done",
+                    f"the sorter's ORT session in batches of {SORTER_BATCH}, ResultLog find x2 + begin + mark_done "
+                    "(SQLite, WAL, synchronous=FULL); filing: read + SHA-256 + place_file copy (fsync, verify)",
             "seconds_per_image": {k: round(v, 6) for k, v in stages.items()},
             "share": {k: round(v / total, 4) for k, v in stages.items()},
             "sum_seconds_per_image": round(total, 6),
