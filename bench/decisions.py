@@ -1,5 +1,7 @@
 """Decision-policy benchmark on ELPV: escape rate and overkill at a 5% and a 1% escape cap, beside argmax.
 
+Each cap is a guarantee at a confidence level (one-sided Clopper-Pearson bound on the calibration half).
+
 Uses a run made by bench/elpv.py (the default recipe unless --run is given). GOOD = defect probability 0
 (`functional`). Calibration uses a stratified half of the test split; results are on the other half.
 
@@ -47,22 +49,26 @@ def main() -> None:
     source = Path(args.run) if args.run else Path(
         json.loads((HERE / "results" / "elpv.json").read_text())["recipes"]["default"]["run_dir"])
     out: dict = {"source_run": str(source), "good_class": GOOD, "caps": {}}
-    for cap in (0.05, 0.01):
-        run = source.parent / f"{source.name}_cap{cap:g}"
+    # The 1% cap at 95% confidence needs 299 defective calibration images; half of ELPV's test split has
+    # about 140, so that row is refused and the same cap is also shown at the confidence the data allows.
+    for cap, confidence in ((0.05, 0.95), (0.01, 0.95), (0.01, 0.75)):
+        key = f"{cap:g}@{confidence:g}"
+        run = source.parent / f"{source.name}_cap{cap:g}_conf{confidence:g}"
         if run.exists():
             shutil.rmtree(run)
-        shutil.copytree(source, run, ignore=shutil.ignore_patterns("evaluation", "policy.json", "drift*"))
+        shutil.copytree(source, run, ignore=shutil.ignore_patterns("evaluation*", "policy.json", "drift*"))
         try:
-            calibrate(run, good_class=GOOD, max_escape=cap, confidence=0.95, drift_rate=None)
+            calibrate(run, good_class=GOOD, max_escape=cap, confidence=confidence, drift_rate=None)
         except CalibrationError as exc:
-            out["caps"][str(cap)] = {"refused": str(exc)}
+            out["caps"][key] = {"refused": str(exc)}
             continue
         metrics = evaluate(run, report=False)
         pred = pd.read_csv(run / "evaluation" / "predictions.csv")
         p = metrics["policy"]
         policy = json.loads((run / "policy.json").read_text())
-        out["caps"][str(cap)] = {
-            "confidence": 0.95,
+        out["caps"][key] = {
+            "cap": cap,
+            "confidence": confidence,
             "threshold_p_good": policy["escape_threshold"],
             "guarantee": policy["escape_guarantee"],
             "policy_on_held_out_half": {

@@ -60,3 +60,18 @@ def test_far_drift_image_is_flagged_by_the_predictor(calibrated_run, tmp_path):
     result = predictor.predict(checker.astype(np.uint8))
     assert result.decision == "Drift"
     assert result.drift_score > json.loads((calibrated_run / "policy.json").read_text())["drift_threshold"]
+
+
+def test_an_image_that_fails_to_decode_is_an_error_not_drift(calibrated_run, tmp_path):
+    from defectscope.data.images import ImageDecodeError
+    from defectscope.deploy.predictor import UNREADABLE
+
+    onnx_path = tmp_path / "model.onnx"
+    export_onnx(calibrated_run, onnx_path, **quiet)
+    predictor = Predictor(onnx_path)
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 64)
+    with pytest.raises(ImageDecodeError):
+        predictor.predict(broken)
+    (row,) = predictor.predict_batch([broken])
+    assert row.decision == UNREADABLE and row.error and row.drift_score is None

@@ -79,9 +79,9 @@ def _decide(probs: np.ndarray, policy_dict: dict[str, Any] | None, classes: list
 class Predictor:
     """An exported defectscope model ready to classify images.
 
-    ``threads``: ONNX Runtime intra-op threads (default: the cores left after the decode threads
-    :meth:`predict_batch` uses). ``decode_threads``: image decoders running beside inference (default: a
-    quarter of the cores, at least one; raise it for large images and small models).
+    ``threads``: ONNX Runtime intra-op threads (default: every core). ``decode_threads``: image decoders
+    running beside inference in :meth:`predict_batch` (default: a quarter of the cores, at least one; raise
+    it for large images and small models).
     ``providers``: ONNX Runtime execution providers (default: CPU).
     Raises :class:`defectscope.deploy.metadata.MetadataError` for an ONNX file not made by
     ``defectscope export``.
@@ -94,11 +94,12 @@ class Predictor:
 
         self.model_path = Path(model_path)
         cores = os.cpu_count() or 1
-        # Decoding runs in parallel with inference in predict_batch: give it about a quarter of the
-        # cores (at least one) and ORT the rest, so neither waits on an oversubscribed CPU.
+        # Decoding runs in parallel with inference in predict_batch. Inference is most of the work for a
+        # real model (68% of the sorter's time on ELPV, bench/results/throughput.json), so ORT gets every
+        # core and the decode threads share them; a 1 + 1 split on 2 cores left inference at half speed.
         self.decode_threads = decode_threads or max(1, cores // 4)
         options = ort.SessionOptions()
-        options.intra_op_num_threads = threads or max(1, cores - self.decode_threads)
+        options.intra_op_num_threads = threads or cores
         options.inter_op_num_threads = 1
         options.log_severity_level = 3
         # Spinning ORT workers would steal the cores the decode threads need.
