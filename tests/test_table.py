@@ -118,3 +118,13 @@ def test_table_is_a_plain_dataframe(folder_dataset, tmp_path):
     shutil.copytree(folder_dataset, tmp_path / "d")
     table, _ = load_table(tmp_path / "d")
     assert isinstance(table, pd.DataFrame)
+
+
+def test_unknown_split_value_names_the_row(manifest_dataset, tmp_path):
+    csv = tmp_path / "m.csv"
+    lines = manifest_dataset.read_text().splitlines()
+    lines[0] += ",fold"
+    lines[1:] = [line + (",holdout" if i == 2 else ",train") for i, line in enumerate(lines[1:])]
+    csv.write_text("\n".join(lines) + "\n")
+    with pytest.raises(DataError, match=r"m\.csv:4: unknown split value 'holdout'"):
+        load_table(csv, image_root=manifest_dataset.parent / "input_train", split_column="fold")

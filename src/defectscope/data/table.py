@@ -138,7 +138,8 @@ def read_manifest(
     table = pd.DataFrame({
         "path": [str((root / p.strip()).resolve()) if p.strip() else "" for p in raw[path_col]],
         "label": raw[label_col].str.strip(),
-        "split": raw[split_column].map(_normalise_split) if split_column else "",
+        "split": [_normalise_split(v, f"{csv_path.name}:{i + 2}") for i, v in enumerate(raw[split_column])]
+        if split_column else "",
         # Line numbers as an editor shows them: the header is line 1.
         "source": [f"{csv_path.name}:{i + 2}" for i in range(len(raw))],
     })
@@ -230,10 +231,10 @@ def _find_column(raw: pd.DataFrame, candidates: tuple[str, ...], csv_path: Path,
     )
 
 
-def _normalise_split(value: str) -> str:
+def _normalise_split(value: str, where: str) -> str:
     value = (value or "").strip().lower()
     if not value:
         return ""
     if value not in _SPLIT_ALIASES:
-        raise DataError(f"unknown split value {value!r}; use train, val or test")
+        raise DataError(f"{where}: unknown split value {value!r}; use train, val, calib or test")
     return _SPLIT_ALIASES[value]
