@@ -54,6 +54,20 @@ def save_model(model, spec: dict[str, Any], run_dir: str | Path) -> None:
     (Path(run_dir) / SPEC).write_text(json.dumps(spec, indent=2))
 
 
+def run_images(rows: pd.DataFrame, spec: dict[str, Any], data=None, *, skip_bad: bool = True):
+    """``(rows, images)``: the rows' images decoded and resized exactly as the model was trained on them
+    (``spec``'s size and resize mode), through the run's cache; unreadable rows are dropped with
+    ``skip_bad``, else raise. ``data`` is the run's DataConfig (pixel limit, cache folder), or defaults."""
+    from defectscope.config import DataConfig
+    from defectscope.data.cache import drop_bad, load_images
+
+    data = data or DataConfig()
+    rows = rows.reset_index(drop=True)
+    images, bad = load_images(rows, spec["image_size"], resize=spec.get("resize", "squash"),
+                              max_pixels=data.max_pixels, skip_bad=skip_bad, cache_dir=data.cache_dir)
+    return drop_bad(rows, images, bad)
+
+
 def load_model(run_dir: str | Path):
     """Rebuild the run's model from model.json and model.safetensors, in eval mode on the CPU."""
     from safetensors.torch import load_file

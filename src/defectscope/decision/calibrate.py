@@ -166,7 +166,6 @@ def calibrate(
 
     from defectscope import rundir
     from defectscope.config import config_from_dict, load_yaml
-    from defectscope.data.cache import drop_bad, load_images
     from defectscope.decision.drift_fit import features_and_logits
     from defectscope.training.loop import predict_logits
 
@@ -187,12 +186,7 @@ def calibrate(
     index = {c: i for i, c in enumerate(classes)}
 
     def images_of(rows: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
-        rows = rows.reset_index(drop=True)
-        images, bad = load_images(
-            rows, spec["image_size"], resize=spec.get("resize", "squash"), max_pixels=cfg.data.max_pixels,
-            skip_bad=True, cache_dir=cfg.data.cache_dir,
-        )
-        rows, images = drop_bad(rows, images, bad)
+        rows, images = rundir.run_images(rows, spec, cfg.data)
         return images, rows["label"].map(index).to_numpy()
 
     calib_images, y = images_of(table[calib_mask])

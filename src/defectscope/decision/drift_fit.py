@@ -188,12 +188,9 @@ class _Run:
         torch.set_num_threads(self.cfg.train.threads or torch.get_num_threads())
 
     def images(self, rows: pd.DataFrame) -> tuple[pd.DataFrame, np.ndarray]:
-        from defectscope.data.cache import drop_bad, load_images
+        from defectscope import rundir
 
-        rows = rows.reset_index(drop=True)
-        images, bad = load_images(rows, self.size, resize=self.spec.get("resize", "squash"),
-                                  max_pixels=self.cfg.data.max_pixels, skip_bad=True, cache_dir=self.cfg.data.cache_dir)
-        return drop_bad(rows, images, bad)
+        return rundir.run_images(rows, self.spec, self.cfg.data)
 
     def fit_scorer(self, *, k: int = 10) -> DriftScorer:
         rows, images = self.images(self.table[self.table["split"] == "train"])

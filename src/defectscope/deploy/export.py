@@ -276,18 +276,13 @@ def _compare(fp32: Path, quantized: Path, x: np.ndarray, y: np.ndarray, split: s
 def _images(run: Path, spec: dict[str, Any], split: str, limit: int | None = None,
             seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Graph inputs float32 (N, 1, H, W) and class indices of one split, decoded as training did."""
-    from defectscope.data.cache import drop_bad, load_images
-
     table = rundir.read_table(run)
     table = table[(table["split"] == split) & table["label"].isin(spec["classes"])].reset_index(drop=True)
     if limit is not None and len(table) > limit:
         # A seeded sample spread over the split, not its first rows (tables are often sorted by class).
         rows = np.sort(np.random.default_rng(seed).choice(len(table), limit, replace=False))
         table = table.iloc[rows].reset_index(drop=True)
-    cache_dir, max_pixels = _data_settings(run)
-    images, bad = load_images(table, spec["image_size"], resize=spec.get("resize", "squash"),
-                              max_pixels=max_pixels, skip_bad=True, cache_dir=cache_dir)
-    table, images = drop_bad(table, images, bad)
+    table, images = rundir.run_images(table, spec, _data_settings(run))
     index = {c: i for i, c in enumerate(spec["classes"])}
     # The same scaling as training's to_input: uint8 / 255 in float32.
     x = (images.astype(np.float32) / np.float32(255))[:, None]
@@ -307,12 +302,11 @@ def _calibration_inputs(run: Path, spec: dict[str, Any]) -> np.ndarray:
     return _images(run, spec, "train", CALIBRATION_IMAGES, seed=spec.get("seed") or 0)[0]
 
 
-def _data_settings(run: Path) -> tuple[str | None, int]:
-    """The run's resize-cache folder and pixel limit, so its cached images are reused."""
+def _data_settings(run: Path):
+    """The run's data config (resize-cache folder, pixel limit), so its cached images are reused."""
     try:
         from defectscope.config import config_from_dict, load_yaml
 
-        cfg = config_from_dict(load_yaml(run / rundir.CONFIG))
-        return cfg.data.cache_dir, cfg.data.max_pixels
-    except Exception:  # a run without (or with an older) config.yaml still exports
-        return None, 200_000_000
+        return config_from_dict(load_yaml(run / rundir.CONFIG)).data
+    except Exception:  # a run without (or with an older) config.yaml still exports, with defaults
+        return None

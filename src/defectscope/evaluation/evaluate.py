@@ -11,7 +11,6 @@ import pandas as pd
 
 from defectscope import rundir
 from defectscope.config import config_from_dict, load_yaml
-from defectscope.data.cache import drop_bad, load_images
 from defectscope.data.table import DataError, load_table
 from defectscope.evaluation.metrics import classification_metrics, format_metrics
 
@@ -94,11 +93,7 @@ def evaluate(
     else:
         table, _ = load_table(data, classes=classes, skip_bad=skip_bad, **manifest_options)
         what = str(data)
-    images, bad = load_images(
-        table, spec["image_size"], resize=spec.get("resize", "squash"), max_pixels=cfg.data.max_pixels,
-        skip_bad=skip_bad, cache_dir=cfg.data.cache_dir,
-    )
-    table, images = drop_bad(table, images, bad)
+    table, images = rundir.run_images(table, spec, cfg.data, skip_bad=skip_bad)
     torch.set_num_threads(cfg.train.threads or torch.get_num_threads())
     drift_score = None
     if policy is not None and policy.drift:
