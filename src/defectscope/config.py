@@ -31,7 +31,8 @@ class DataConfig:
     classes: list[str] | None = None  # fixes class order; any other label is an error
     skip_bad: bool = False  # skip unreadable/missing files with a report instead of stopping
     max_pixels: int = 200_000_000  # decompression-bomb guard
-    resize: str = "squash"  # squash | pad (keep aspect ratio)
+    resize: str = "squash"  # squash | pad (keep aspect ratio) | nearest (wafer maps always resize nearest)
+    trust_pickle: bool = False  # allow reading a WM-811K LSWMD.pkl (unpickling runs code from the file)
     cache_dir: str | None = None  # default: $DEFECTSCOPE_CACHE or ~/.cache/defectscope
 
 
@@ -219,7 +220,7 @@ def _validate(cfg: RunConfig) -> None:
     if len(fr) not in (3, 4) or any(f < 0 for f in fr) or abs(sum(fr) - 1.0) > 1e-6:
         raise ConfigError(f"data.fractions must be 3 or 4 non-negative numbers summing to 1, got {fr}")
     choices = {
-        "data.resize": (cfg.data.resize, {"squash", "pad"}),
+        "data.resize": (cfg.data.resize, {"squash", "pad", "nearest"}),
         "train.loss": (cfg.train.loss, {"ce", "focal"}),
         "train.sampling": (cfg.train.sampling, {"shuffle", "balanced", "undersample"}),
         "train.monitor": (cfg.train.monitor, {"val_macro_f1", "val_loss"}),

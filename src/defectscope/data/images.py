@@ -3,6 +3,9 @@
 Only numpy and Pillow are imported here, never torch: the deployed predictor reuses this module on
 machines without PyTorch.
 
+Wafer maps (``.npy``/``.npz`` die grids, SEMI G85 ``.xml``; see :mod:`defectscope.data.wafer`) decode to
+their die states rendered as 0/128/255 and are always resized with nearest-neighbour.
+
 Every file that cannot be used raises :class:`ImageDecodeError` (a ``ValueError``) naming the file and the
 reason; no bare Pillow or ``OSError`` escapes. Files are opened read-only and never written.
 """
@@ -18,9 +21,12 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from defectscope.data.wafer import WAFER_EXTENSIONS, WaferMapError, is_wafer_file, read_die_grid, render_die_states
+
 __all__ = [
     "DEFAULT_MAX_PIXELS",
     "IMAGE_EXTENSIONS",
+    "INPUT_KINDS",
     "RESIZE_MODES",
     "ImageDecodeError",
     "decode_gray",
@@ -32,13 +38,17 @@ DEFAULT_MAX_PIXELS = 200_000_000
 
 IMAGE_EXTENSIONS: frozenset[str] = frozenset(
     {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".gif", ".webp", ".pgm", ".ppm", ".pnm"}
-)
+) | WAFER_EXTENSIONS
+
+# "image": arrays are pixel values. "wafer_map": arrays are die states 0/1/2, and everything is resized with
+# nearest-neighbour; an exported wafer model says so in its spec (``input_kind``) so the predictor does the same.
+INPUT_KINDS = ("image", "wafer_map")
 
 # Pillow formats we let Image.open try (PPM covers .pgm/.ppm/.pnm; JPEG also opens MPO). Restricting them
 # keeps odd plugins off untrusted input, e.g. EPS, which runs Ghostscript when decoded.
 _PIL_FORMATS = ("PNG", "JPEG", "TIFF", "BMP", "DIB", "GIF", "WEBP", "PPM")
 
-RESIZE_MODES = ("squash", "pad")
+RESIZE_MODES = ("squash", "pad", "nearest")
 
 
 class ImageDecodeError(ValueError):
@@ -63,6 +73,8 @@ def decode_gray(source: Any, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndar
 
     ``source`` is a path (``str`` / ``os.PathLike``), encoded file content (``bytes`` / ``bytearray``), a
     ``PIL.Image.Image`` or a numpy array. Other types raise ``TypeError``.
+
+    Wafer-map files (``.npy``, ``.npz``, ``.xml``) give their die states as 0/128/255, one pixel per die.
 
     Files and bytes: only the first frame of multi-frame files (multi-page TIFF, GIF) is used; EXIF
     orientation is applied; images with more than ``max_pixels`` pixels are refused from the header,
@@ -113,23 +125,28 @@ def resize_gray(image: np.ndarray, size: int, mode: str = "squash") -> np.ndarra
     ``"squash"``: plain resize to the square, aspect ratio not kept. ``"pad"``: the long side is resized to
     ``size`` keeping the aspect ratio, then the image is centred on a square filled with the median of its
     edge pixels, so the padding continues the background instead of adding a new edge. Both use Pillow's
-    BILINEAR filter, which antialiases when downscaling. Unknown modes raise ``ValueError``.
+    BILINEAR filter, which antialiases when downscaling. ``"nearest"``: squash with nearest-neighbour, for
+    images whose pixels are categories (wafer maps). Unknown modes raise ``ValueError``.
     """
+    return _resize(image, size, mode, nearest=mode == "nearest")
+
+
+def _resize(image: np.ndarray, size: int, mode: str, *, nearest: bool) -> np.ndarray:
     _check_resize_mode(mode)
     if not isinstance(image, np.ndarray) or image.dtype != np.uint8 or image.ndim != 2 or image.size == 0:
         got = f"{image.dtype} array of shape {image.shape}" if isinstance(image, np.ndarray) else type(image)
         raise ValueError(f"resize_gray expects a non-empty 2-D uint8 array (see decode_gray), got {got}")
-    if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < 1:
-        raise ValueError(f"size must be a positive integer, got {size!r}")
+    _check_size(size)
     size = int(size)
+    resample = Image.Resampling.NEAREST if nearest else Image.Resampling.BILINEAR
     pil = Image.fromarray(np.ascontiguousarray(image))
-    if mode == "squash":
-        return np.array(pil.resize((size, size), Image.Resampling.BILINEAR))
+    if mode != "pad":
+        return np.array(pil.resize((size, size), resample))
 
     h, w = image.shape
     scale = size / max(h, w)
     new_w, new_h = min(size, max(1, round(w * scale))), min(size, max(1, round(h * scale)))
-    resized = np.array(pil.resize((new_w, new_h), Image.Resampling.BILINEAR))
+    resized = np.array(pil.resize((new_w, new_h), resample))
     edges = np.concatenate([image[0], image[-1], image[:, 0], image[:, -1]])
     out = np.full((size, size), int(np.rint(np.median(edges))), dtype=np.uint8)
     top, left = (size - new_h) // 2, (size - new_w) // 2
@@ -138,11 +155,36 @@ def resize_gray(image: np.ndarray, size: int, mode: str = "squash") -> np.ndarra
 
 
 def load_gray(
-    source: Any, size: int, mode: str = "squash", *, max_pixels: int = DEFAULT_MAX_PIXELS
+    source: Any, size: int, mode: str = "squash", *, max_pixels: int = DEFAULT_MAX_PIXELS,
+    input_kind: str = "image",
 ) -> np.ndarray:
-    """:func:`decode_gray` then :func:`resize_gray`: a uint8 ``(size, size)`` array."""
+    """:func:`decode_gray` then :func:`resize_gray`: a uint8 ``(size, size)`` array.
+
+    Wafer maps (a wafer-map file, or anything with ``input_kind="wafer_map"``, where arrays are die states
+    0/1/2) are resized with nearest-neighbour whatever ``mode`` says (``"pad"`` still keeps the aspect ratio),
+    so no die blurs into its neighbour.
+    """
     _check_resize_mode(mode)  # before decoding, so a typo fails fast rather than after a large decode
-    return resize_gray(decode_gray(source, max_pixels=max_pixels), size, mode)
+    if input_kind not in INPUT_KINDS:
+        raise ValueError(f"unknown input_kind {input_kind!r}; valid: {', '.join(INPUT_KINDS)}")
+    wafer = input_kind == "wafer_map"
+    if wafer and isinstance(source, np.ndarray):
+        try:
+            gray = render_die_states(source)
+        except WaferMapError as exc:
+            raise ImageDecodeError("<array>", str(exc)) from None
+    else:
+        wafer = wafer or (isinstance(source, (str, os.PathLike)) and is_wafer_file(source))
+        gray = decode_gray(source, max_pixels=max_pixels)
+    _check_size(size)
+    if wafer:
+        return _resize(gray, int(size), "pad" if mode == "pad" else "squash", nearest=True)
+    return resize_gray(gray, size, mode)
+
+
+def _check_size(size: Any) -> None:
+    if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < 1:
+        raise ValueError(f"size must be a positive integer, got {size!r}")
 
 
 def _check_resize_mode(mode: str) -> None:
@@ -165,6 +207,13 @@ def _decode_file(path: str | os.PathLike, max_pixels: int) -> np.ndarray:
         raise ImageDecodeError(name, "not a regular file")
     if st.st_size == 0:
         raise ImageDecodeError(name, "empty file (0 bytes)")
+    if is_wafer_file(name):
+        try:
+            return render_die_states(read_die_grid(path, max_pixels=max_pixels))
+        except WaferMapError as exc:
+            raise ImageDecodeError(name, str(exc)) from None
+        except OSError as exc:
+            raise ImageDecodeError(name, f"cannot read: {exc.strerror or exc}") from exc
     try:
         with open(path, "rb") as fh:
             return _decode_stream(fh, name, max_pixels)

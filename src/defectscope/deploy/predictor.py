@@ -114,6 +114,8 @@ class Predictor:
         self.classes: list[str] = list(self.spec["classes"])
         self.image_size: int = int(self.spec["image_size"])
         self.resize: str = self.spec.get("resize", "squash")
+        # "wafer_map": die grids (files or arrays of 0/1/2) rendered and resized nearest, as in training.
+        self.input_kind: str = self.spec.get("input_kind", "image")
         self.max_pixels = max_pixels
         if self.policy is not None:
             from defectscope.decision.policy import Policy
@@ -126,7 +128,8 @@ class Predictor:
 
     def preprocess(self, source: Any) -> np.ndarray:
         """The graph input for one image: float32 (1, H, W) in [0, 1]. Raises ImageDecodeError."""
-        gray = load_gray(source, self.image_size, self.resize, max_pixels=self.max_pixels)
+        gray = load_gray(source, self.image_size, self.resize, max_pixels=self.max_pixels,
+                         input_kind=self.input_kind)
         return (gray.astype(np.float32) / np.float32(255))[None]
 
     def predict(self, source: Any, *, return_features: bool = False) -> Prediction:
