@@ -7,12 +7,17 @@ from, e.g. ``labels.csv:17``), then any metadata columns the source had. The tab
 from __future__ import annotations
 
 import csv
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
 
+from defectscope.data import wm811k
 from defectscope.data.images import IMAGE_EXTENSIONS
+from defectscope.data.wafer import WaferMapError
+
+log = logging.getLogger(__name__)
 
 CORE_COLUMNS = ["path", "label", "split", "source"]
 _SPLIT_ALIASES = {
@@ -48,8 +53,15 @@ def load_table(
     split_column: str | None = None,
     classes: list[str] | None = None,
     skip_bad: bool = False,
+    trust_pickle: bool = False,
+    cache_dir: str | Path | None = None,
 ) -> tuple[pd.DataFrame, list[BadFile]]:
-    """Read a class-per-folder tree, a CSV manifest or a named dataset into the dataset table.
+    """Read a class-per-folder tree, a CSV manifest, WM-811K's ``LSWMD.pkl`` or a named dataset into the table.
+
+    Folders and manifests may name wafer maps (``.npy``/``.npz`` die grids, G85 ``.xml``) as well as images.
+    ``LSWMD.pkl`` is read only with ``trust_pickle`` (unpickling runs code) and converted once into
+    ``cache_dir`` (see :mod:`defectscope.data.wm811k`); its unlabelled maps stay out of the table, in the
+    conversion's ``unlabelled.csv``.
 
     Returns the table and the rows that were skipped (only with ``skip_bad``; otherwise the first
     problem raises :class:`DataError`). Files are checked to exist here; decoding is checked when
@@ -62,8 +74,12 @@ def load_table(
         table = read_elpv()
     else:
         path = Path(source).expanduser()
+        early_bad: list[BadFile] = []
         if path.is_dir():
             table = read_folder(path)
+        elif path.is_file() and path.suffix.lower() in {".pkl", ".pickle"}:
+            table, early_bad = read_wm811k(path, trust_pickle=trust_pickle, cache_dir=cache_dir,
+                                           split_column=split_column, skip_bad=skip_bad)
         elif path.is_file() and path.suffix.lower() in {".csv", ".tsv", ".txt"}:
             table = read_manifest(
                 path,
@@ -73,10 +89,35 @@ def load_table(
                 split_column=split_column,
             )
         elif path.exists():
-            raise DataError(f"{path}: expected a folder of class folders, a .csv manifest or 'elpv'")
+            raise DataError(f"{path}: expected a folder of class folders, a .csv manifest, LSWMD.pkl or 'elpv'")
         else:
             raise DataError(f"data source not found: {path} (give a folder, a .csv manifest or 'elpv')")
+        table, bad = check_table(table, classes=classes, skip_bad=skip_bad)
+        return table, early_bad + bad
     return check_table(table, classes=classes, skip_bad=skip_bad)
+
+
+def read_wm811k(
+    path: Path, *, trust_pickle: bool, cache_dir: str | Path | None = None, split_column: str | None = None,
+    skip_bad: bool = False,
+) -> tuple[pd.DataFrame, list[BadFile]]:
+    """The labelled maps of ``LSWMD.pkl`` (converted once to .npz); maps that are not die grids are returned
+    as skipped rows with ``skip_bad``, else the first raises. ``split_column="trianTestLabel"`` keeps the
+    dataset's own Training/Test split."""
+    try:
+        conv = wm811k.converted_manifest(path, trust_pickle=trust_pickle, cache_dir=cache_dir)
+    except (WaferMapError, wm811k.PickleTrustError) as exc:
+        raise DataError(str(exc)) from None
+    bad = [BadFile(path=str(path), source=source, reason=reason) for source, reason in conv.skipped]
+    if bad and not skip_bad:
+        raise DataError(f"{bad[0].source}: {bad[0].reason} ({len(bad)} such map(s), listed in "
+                        f"{conv.out / wm811k.SKIPPED}); pass --skip-bad to train without them")
+    if conv.unlabelled:
+        log.info("%s: %d unlabelled maps kept apart as a pool in %s", path, conv.unlabelled,
+                 conv.out / wm811k.UNLABELLED)
+    table = read_manifest(conv.manifest, split_column=split_column)
+    table["source"] = table.pop("meta_source")  # LSWMD.pkl:<row>, the row of the original file
+    return table, bad
 
 
 def read_folder(root: Path) -> pd.DataFrame:
