@@ -114,6 +114,15 @@ PRESETS: dict[str, dict[str, Any]] = {
         "augment": {"hflip": True, "vflip": True, "rot90": True},
         "train": {"class_weight_power": 0.5},
     },
+    # Wafer maps: a die grid of 3 states. Nearest-neighbour keeps dies from blending; a wafer can be loaded at
+    # any notch angle and either side up, so quarter turns and flips are label-preserving; photometric jitter
+    # would blur the three intensities that mean no die / pass / fail. 64 px is the usual size in WM-811K work.
+    # Applied automatically to LSWMD.pkl and to folders/manifests of .npy/.npz/.xml maps.
+    "wafer": {
+        "data": {"resize": "nearest"},
+        "model": {"image_size": 64},
+        "augment": {"photometric": False, "hflip": True, "vflip": True, "rot90": True},
+    },
 }
 
 

@@ -7,6 +7,7 @@ from, e.g. ``labels.csv:17``), then any metadata columns the source had. The tab
 from __future__ import annotations
 
 import csv
+import itertools
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +16,7 @@ import pandas as pd
 
 from defectscope.data import wm811k
 from defectscope.data.images import IMAGE_EXTENSIONS
-from defectscope.data.wafer import WaferMapError
+from defectscope.data.wafer import WAFER_EXTENSIONS, WaferMapError
 
 log = logging.getLogger(__name__)
 
@@ -220,6 +221,29 @@ def read_elpv() -> pd.DataFrame:
             "defect_probability": float(prob),
         })
     return pd.DataFrame(rows)
+
+
+def is_wafer_source(source: str | Path) -> bool:
+    """Whether a data source holds wafer maps, from a cheap look: ``LSWMD.pkl``, or a folder / manifest whose
+    first few files are .npy/.npz/.xml die grids (decides the ``wafer`` config preset)."""
+    path = Path(str(source)).expanduser()
+    suffix = path.suffix.lower()
+    if suffix in {".pkl", ".pickle"}:
+        return True
+    if path.is_dir():
+        for file in itertools.islice(path.rglob("*"), 5000):
+            if file.is_file() and file.suffix.lower() in IMAGE_EXTENSIONS and not file.name.startswith("."):
+                return file.suffix.lower() in WAFER_EXTENSIONS
+        return False
+    if path.is_file() and suffix in {".csv", ".tsv", ".txt"}:
+        try:
+            head = pd.read_csv(path, sep="\t" if suffix == ".tsv" else None, engine="python", dtype=str,
+                               keep_default_na=False, nrows=5)
+        except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, csv.Error):
+            return False
+        cells = [str(v).strip().lower() for v in head.to_numpy().ravel()]
+        return any(c.endswith(tuple(WAFER_EXTENSIONS)) for c in cells)
+    return False
 
 
 def check_table(

@@ -136,6 +136,6 @@ def generate_dataset(
         for row in rows:
             writer.writerow({k: row.get(k, "") for k in keys})
     (out / "README.txt").write_text(
-        "SYNTHETIC wafer maps written by defectscope.data.wafer_synth (seed %d).\n"
-        "Die states: 0 no die, 1 pass, 2 fail. Not real fab data: use for tests and benchmarks only.\n" % seed)
+        f"SYNTHETIC wafer maps written by defectscope.data.wafer_synth (seed {seed}).\n"
+        "Die states: 0 no die, 1 pass, 2 fail. Not real fab data: use for tests and benchmarks only.\n")
     return manifest

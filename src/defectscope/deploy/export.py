@@ -172,8 +172,11 @@ def build_metadata(run: Path, spec: dict[str, Any], quantize: str | None) -> dic
     full_spec = {
         **spec,
         # Added keys (not in model.json): how a deployment must feed the graph and what it returns.
-        "preprocessing": f"grayscale: decode to 1 channel, resize ({resize}) with PIL bilinear, "
-                         "scale to [0,1]; normalisation inside the graph",
+        "preprocessing": (
+            "wafer map: die states 0/1/2 rendered as 0/128/255, resized with PIL nearest-neighbour, "
+            if spec.get("input_kind") == "wafer_map" else
+            f"grayscale: decode to 1 channel, resize ({resize}) with PIL bilinear, ")
+        + "scale to [0,1]; normalisation inside the graph",
         "graph": {"input": md.INPUT, "outputs": list(md.OUTPUTS)},
     }
     return {

@@ -15,8 +15,10 @@ import pandas as pd
 from defectscope import __version__, rundir
 from defectscope.config import RunConfig, build_config, config_from_dict, load_yaml
 from defectscope.data.cache import drop_bad, load_images
+from defectscope.data.checks import cheap_checks
 from defectscope.data.split import assign_splits, split_summary
-from defectscope.data.table import DataError, class_names, load_table
+from defectscope.data.table import DataError, class_names, is_wafer_source, load_table
+from defectscope.data.wafer import is_wafer_file
 
 
 def train(
@@ -94,6 +96,8 @@ def train(
     spec = model_spec(
         trainer.model, cfg.model.name, classes, cfg.model.image_size,
         resize=cfg.data.resize,
+        # The predictor renders die grids (files or arrays) with nearest-neighbour when it reads this.
+        input_kind="wafer_map" if table["path"].map(is_wafer_file).all() else "image",
         pretrained=source,
         best_epoch=state.best_epoch,
         epochs_run=state.epoch,
@@ -120,7 +124,7 @@ def _config_for(data, config_file, overrides: dict[str, Any]) -> RunConfig:
         dotted["data.source"] = str(data)
     file_source = load_yaml(config_file).get("data", {}).get("source") if config_file else None
     source = dotted.get("data.source") or file_source or ""
-    preset = "elpv" if str(source).lower() == "elpv" else None
+    preset = "elpv" if str(source).lower() == "elpv" else "wafer" if source and is_wafer_source(source) else None
     cfg = build_config(preset=preset, config_file=config_file, overrides=dotted)
     if not cfg.data.source:
         raise DataError("no data given: pass a folder, a CSV manifest or 'elpv'")
@@ -132,12 +136,15 @@ def _build_table(cfg: RunConfig, out: Path, log) -> pd.DataFrame:
     table, bad = load_table(
         d.source, image_root=d.image_root, path_column=d.path_column, label_column=d.label_column,
         split_column=d.split_column, classes=d.classes, skip_bad=d.skip_bad,
+        trust_pickle=d.trust_pickle, cache_dir=d.cache_dir,
     )
     if bad:
         _write_skipped(out, bad, log)
     table = assign_splits(table, d.fractions, seed=cfg.seed, stratify=d.stratify, group_column=d.group_column)
     log(f"dataset: {len(table)} images, {table['label'].nunique()} classes from {d.source}")
     log(split_summary(table).to_string())
+    for warning in cheap_checks(table):
+        log(f"warning: {warning} (run `defectscope audit` for the full data audit)")
     return table
 
 
