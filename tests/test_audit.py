@@ -85,3 +85,14 @@ def test_cheap_checks_name_leakage(audited):
     warnings = cheap_checks(table)
     assert any("span splits" in w and planted["leak"] in w for w in warnings)
     assert any("exact duplicate" in w for w in warnings)
+
+
+def test_audit_cli(tmp_path, capsys):
+    from defectscope.cli import main
+
+    planted = make_audit_fixture(tmp_path, n_per_class=12)
+    assert main(["audit", str(tmp_path / "manifest.csv"), "--out", str(tmp_path / "out"), "--features", "pixels",
+                 "--split-column", "split"]) == 0
+    out = capsys.readouterr().out
+    assert "LEAKAGE" in out and planted["leak"] in out
+    assert (tmp_path / "out" / "audit.html").is_file()

@@ -233,3 +233,37 @@ def test_generator_noise_and_seed(tmp_path):
     table, _ = load_table(a)
     assert sorted(table["label"].unique()) == sorted(PATTERNS) and len(table) == 18
     assert "SYNTHETIC" in (tmp_path / "a" / "README.txt").read_text()
+
+
+# --- end to end: synthetic maps -> train -> export -> predict raw die grids -------------------------------------
+
+@pytest.mark.slow
+def test_wafer_train_export_predict(tmp_path):
+    from defectscope.cli import main
+    from defectscope.deploy.predictor import Predictor
+
+    manifest = generate_dataset(tmp_path / "syn", per_class=10, seed=0, patterns=("Center", "Edge-Ring", "none"))
+    run = tmp_path / "run"
+    assert main(["train", "--data", str(manifest), "--out", str(run), "--model", "seed_cnn2", "--image-size", "32",
+                 "--epochs", "2", "--batch-size", "16", "--no-progress", "--set", "train.patience=0"]) == 0
+    spec = __import__("json").loads((run / "model.json").read_text())
+    assert spec["input_kind"] == "wafer_map" and spec["resize"] == "nearest"
+    cfg = __import__("yaml").safe_load((run / "config.yaml").read_text())
+    assert cfg["augment"]["rot90"] and not cfg["augment"]["photometric"]  # the wafer preset was applied
+    assert main(["export", str(run), "--out", str(run / "export" / "model.onnx")]) == 0
+    p = Predictor(run / "export" / "model.onnx")
+    states, _ = generate_map("Edge-Ring", np.random.default_rng(5), size=33)
+    (tmp_path / "w.xml").write_text(write_g85(states))
+    np.save(tmp_path / "w.npy", states)
+    by_array, by_npy, by_xml = p.predict(states), p.predict(tmp_path / "w.npy"), p.predict(tmp_path / "w.xml")
+    assert by_array.probabilities == pytest.approx(by_npy.probabilities)
+    assert by_xml.probabilities == pytest.approx(by_npy.probabilities)
+
+
+def test_wafer_cli_convert_refuses_then_converts(lswmd, tmp_path, capsys):
+    from defectscope.cli import main
+
+    assert main(["wafer", "convert", str(lswmd), "--out", str(tmp_path / "m")]) == 2
+    assert "--trust-pickle" in capsys.readouterr().err
+    assert main(["wafer", "convert", str(lswmd), "--out", str(tmp_path / "m"), "--trust-pickle"]) == 0
+    assert (tmp_path / "m" / "manifest.csv").is_file() and (tmp_path / "m" / "unlabelled.csv").is_file()

@@ -37,6 +37,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--stratify", help="extra metadata columns to stratify the split by, comma-separated")
     t.add_argument("--skip-bad", action="store_true", default=None,
                    help="skip unreadable or missing files, listing each in RUN/skipped.csv")
+    t.add_argument("--trust-pickle", action="store_true", default=None,
+                   help="allow reading WM-811K's LSWMD.pkl (unpickling runs code from the file)")
+    t.add_argument("--preset", help="named settings applied before --config: elpv, wafer "
+                                    "(auto for 'elpv' and for wafer-map data)")
     t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="any config key, e.g. --set train.loss=focal --set augment.hflip=true")
     t.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
@@ -50,7 +54,31 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--out", help="output folder (default: RUN/evaluation)")
     e.add_argument("--skip-bad", action="store_true", help="skip unreadable or missing files")
     e.add_argument("--no-report", action="store_true", help="metrics only, no report.html")
+    e.add_argument("--trust-pickle", action="store_true", help="allow reading WM-811K's LSWMD.pkl as --data")
     _add_manifest_options(e)
+
+    a = sub.add_parser("audit", help="audit a dataset: counts, sizes, duplicates, leakage, metadata, suspect labels")
+    a.add_argument("data", help="class-per-folder tree, CSV manifest, LSWMD.pkl or 'elpv'")
+    a.add_argument("--out", required=True, help="folder for audit.json, audit.html and the CSV lists")
+    a.add_argument("--split-column", help="manifest column holding a predefined train/val/test split")
+    a.add_argument("--trust-pickle", action="store_true", help="allow reading WM-811K's LSWMD.pkl")
+    a.add_argument("--features", default="auto", choices=["auto", "pretrained", "pixels"],
+                   help="feature space for the suspect-label check (auto: pretrained if installed)")
+    a.add_argument("--k", type=int, default=5, help="neighbours for the suspect-label check")
+    a.add_argument("--near-phash", type=int, default=4, help="pHash bits (of 64) for a near duplicate")
+    a.add_argument("--near-dhash", type=int, default=8, help="dHash bits (of 64) for a near duplicate")
+    _add_manifest_options(a)
+
+    w = sub.add_parser("wafer", help="wafer-map tools: convert WM-811K, write synthetic maps")
+    w_sub = w.add_subparsers(dest="wafer_command", required=True)
+    wc = w_sub.add_parser("convert", help="LSWMD.pkl -> one .npz per map + manifest.csv (read without trust)")
+    wc.add_argument("pickle", help="WM-811K LSWMD.pkl")
+    wc.add_argument("--out", required=True, help="folder to write maps/, manifest.csv, unlabelled.csv")
+    wc.add_argument("--trust-pickle", action="store_true", help="required: unpickling runs code from the file")
+    ws = w_sub.add_parser("synth", help="SYNTHETIC maps of the 8 WM-811K patterns + none, with manifest.csv")
+    ws.add_argument("--out", required=True)
+    ws.add_argument("--per-class", type=int, default=100)
+    ws.add_argument("--seed", type=int, default=0)
 
     c = sub.add_parser("calibrate", help="set the decision policy (escape cap, costs, review band) -> RUN/policy.json")
     c.add_argument("run", help="run directory")
@@ -151,7 +179,7 @@ def _dispatch(args: argparse.Namespace) -> int:
             "data.image_root": args.image_root, "data.path_column": args.path_column,
             "data.label_column": args.label_column, "data.split_column": args.split_column,
             "data.group_column": args.group_column, "data.stratify": args.stratify,
-            "data.skip_bad": args.skip_bad,
+            "data.skip_bad": args.skip_bad, "data.trust_pickle": args.trust_pickle,
         }
         if args.no_progress:
             overrides["train.progress"] = False
@@ -164,15 +192,41 @@ def _dispatch(args: argparse.Namespace) -> int:
         if args.resume:
             train(out=args.out, resume=True)
         else:
-            train(args.data, args.out, config_file=args.config, **overrides)
+            train(args.data, args.out, config_file=args.config, preset=args.preset, **overrides)
         return 0
     if args.command == "evaluate":
         from defectscope.evaluation.evaluate import evaluate
 
         options = {k: getattr(args, k) for k in ("image_root", "path_column", "label_column")
                    if getattr(args, k) is not None and args.data}
+        if args.trust_pickle:
+            options["trust_pickle"] = True
         evaluate(args.run, args.data, split=args.split, out=args.out, skip_bad=args.skip_bad,
                  report=not args.no_report, **options)
+        return 0
+    if args.command == "audit":
+        from defectscope.audit.core import AuditSettings, audit
+
+        options = {k: getattr(args, k) for k in ("image_root", "path_column", "label_column", "split_column")
+                   if getattr(args, k) is not None}
+        settings = AuditSettings(features=args.features, k=args.k, near_phash=args.near_phash,
+                                 near_dhash=args.near_dhash)
+        result = audit(args.data, args.out, settings=settings, trust_pickle=args.trust_pickle, **options)
+        print("\n".join(result["summary"]))
+        print(f"report: {args.out}/audit.html", file=sys.stderr)
+        return 0
+    if args.command == "wafer":
+        if args.wafer_command == "convert":
+            from defectscope.data.wm811k import convert_lswmd
+
+            conv = convert_lswmd(args.pickle, args.out, trust_pickle=args.trust_pickle)
+            print(f"{conv.labelled} labelled maps -> {conv.manifest}; {conv.unlabelled} unlabelled -> "
+                  f"{conv.out}/unlabelled.csv; {len(conv.skipped)} skipped -> {conv.out}/skipped.csv")
+            return 0
+        from defectscope.data.wafer_synth import generate_dataset
+
+        manifest = generate_dataset(args.out, per_class=args.per_class, seed=args.seed)
+        print(f"SYNTHETIC wafer maps written; manifest: {manifest}")
         return 0
     if args.command == "calibrate":
         from defectscope.decision.calibrate import calibrate

@@ -27,6 +27,7 @@ def train(
     *,
     config: RunConfig | None = None,
     config_file: str | Path | None = None,
+    preset: str | None = None,
     resume: bool = False,
     log=print,
     **overrides: Any,
@@ -35,7 +36,8 @@ def train(
 
     ``overrides`` are dotted config keys, e.g. ``train(..., **{"model.name": "resnet18", "train.epochs": 3})``,
     or the short names ``model``, ``image_size``, ``epochs``, ``seed``. ``data='elpv'`` applies the ELPV
-    preset (flips and quarter turns on, stratified by cell type) unless a config says otherwise.
+    preset (flips and quarter turns on, stratified by cell type) and wafer-map data (``LSWMD.pkl``, folders or
+    manifests of .npy/.npz/.xml maps) the ``wafer`` preset, unless ``preset`` or a config says otherwise.
 
     >>> run = train("path/to/class_folders", "runs/first", epochs=5)  # doctest: +SKIP
     """
@@ -50,7 +52,7 @@ def train(
         table = rundir.read_table(out)
         log(f"resuming {out} with its saved config and dataset table")
     else:
-        cfg = config or _config_for(data, config_file, overrides)
+        cfg = config or _config_for(data, config_file, overrides, preset)
         if (out / rundir.SPEC).exists() or (out / "checkpoint.pt").exists():
             raise FileExistsError(f"{out} already holds a run; choose another --out or pass --resume")
         out.mkdir(parents=True, exist_ok=True)
@@ -115,7 +117,7 @@ def train(
     return out
 
 
-def _config_for(data, config_file, overrides: dict[str, Any]) -> RunConfig:
+def _config_for(data, config_file, overrides: dict[str, Any], preset: str | None = None) -> RunConfig:
     short = {"model": "model.name", "image_size": "model.image_size", "epochs": "train.epochs",
              "seed": "seed", "pretrained": "model.pretrained", "batch_size": "train.batch_size",
              "lr": "train.lr"}
@@ -124,7 +126,8 @@ def _config_for(data, config_file, overrides: dict[str, Any]) -> RunConfig:
         dotted["data.source"] = str(data)
     file_source = load_yaml(config_file).get("data", {}).get("source") if config_file else None
     source = dotted.get("data.source") or file_source or ""
-    preset = "elpv" if str(source).lower() == "elpv" else "wafer" if source and is_wafer_source(source) else None
+    if preset is None:
+        preset = "elpv" if str(source).lower() == "elpv" else "wafer" if source and is_wafer_source(source) else None
     cfg = build_config(preset=preset, config_file=config_file, overrides=dotted)
     if not cfg.data.source:
         raise DataError("no data given: pass a folder, a CSV manifest or 'elpv'")
