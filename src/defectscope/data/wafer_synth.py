@@ -106,10 +106,11 @@ def generate_map(
 
 
 def generate_dataset(
-    out: str | os.PathLike, *, per_class: int = 100, seed: int = 0, sizes: tuple[int, int] = (26, 48),
-    patterns: tuple[str, ...] = PATTERNS,
+    out: str | os.PathLike, *, per_class: int | dict[str, int] = 100, seed: int = 0,
+    sizes: tuple[int, int] = (26, 48), patterns: tuple[str, ...] = PATTERNS,
 ) -> Path:
-    """Write ``per_class`` maps of each pattern as ``out/maps/<pattern>/<n>.npy`` and ``out/manifest.csv``.
+    """Write ``per_class`` maps of each pattern (a number, or a count per pattern name) as
+    ``out/maps/<pattern>/<n>.npy`` and ``out/manifest.csv``.
 
     Grid sizes vary per map in ``sizes`` (inclusive), as WM-811K's do. The manifest holds ``path``,
     ``label`` and every drawn parameter; the same seed writes the same files. Returns the manifest path.
@@ -120,7 +121,7 @@ def generate_dataset(
     for pattern in patterns:
         folder = out / "maps" / pattern.replace(" ", "_")
         folder.mkdir(parents=True, exist_ok=True)
-        for n in range(per_class):
+        for n in range(per_class[pattern] if isinstance(per_class, dict) else per_class):
             size = int(rng.integers(sizes[0], sizes[1] + 1))
             states, params = generate_map(pattern, rng, size=size)
             rel = folder.relative_to(out) / f"{n:05d}.npy"
