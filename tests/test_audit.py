@@ -96,3 +96,19 @@ def test_audit_cli(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "LEAKAGE" in out and planted["leak"] in out
     assert (tmp_path / "out" / "audit.html").is_file()
+
+
+def test_wafer_audit_finds_a_mislabelled_map(tmp_path):
+    from defectscope.data.wafer_synth import generate_dataset
+
+    manifest = generate_dataset(tmp_path, per_class={"Center": 15, "Edge-Ring": 15, "Scratch": 15, "none": 15},
+                                seed=2, patterns=("Center", "Edge-Ring", "Scratch", "none"))
+    table = pd.read_csv(manifest, dtype=str, keep_default_na=False)[["path", "label"]]
+    wrong = table.index[table["label"] == "Edge-Ring"][3]
+    table.loc[wrong, "label"] = "Center"
+    table.to_csv(manifest, index=False)
+    r = audit(manifest, tmp_path / "out", report=False)
+    flagged = {x["path"] for x in r["label_suspects"]}
+    assert str((tmp_path / table["path"][wrong]).resolve()) in flagged, r["label_suspects"]
+    assert len(flagged) <= 6  # few clean maps flagged (measured 4 of 59 with 15 maps per class)
+    assert r["modes"] == {"die_states": 60} and r["wafer_maps"]

