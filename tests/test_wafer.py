@@ -267,3 +267,17 @@ def test_wafer_cli_convert_refuses_then_converts(lswmd, tmp_path, capsys):
     assert "--trust-pickle" in capsys.readouterr().err
     assert main(["wafer", "convert", str(lswmd), "--out", str(tmp_path / "m"), "--trust-pickle"]) == 0
     assert (tmp_path / "m" / "manifest.csv").is_file() and (tmp_path / "m" / "unlabelled.csv").is_file()
+
+
+def test_wafer_decoding_needs_neither_torch_nor_pandas():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    src = Path(__file__).resolve().parents[1] / "src"
+    code = ("import sys; sys.modules['torch'] = None; sys.modules['pandas'] = None; "
+            "import numpy as np, defectscope.data.images as im; "
+            "print(im.load_gray(np.eye(5, dtype=np.uint8) * 2, 10, input_kind='wafer_map').max())")
+    result = subprocess.run([sys.executable, "-c", code], env={"PYTHONPATH": str(src), "PATH": "/usr/bin:/bin"},
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and result.stdout.strip() == "255", result.stderr
