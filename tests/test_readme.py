@@ -65,3 +65,21 @@ def test_cli_errors_are_one_line(tmp_path):
                            "--out", str(tmp_path / "r")], capture_output=True, text=True)
     assert done.returncode == 2
     assert "defectscope: error:" in done.stderr and "Traceback" not in done.stderr
+
+
+@pytest.mark.slow
+def test_readme_wafer_and_audit_commands(tmp_path):
+    """The wafer block as written except training: a small seed CNN for 2 epochs keeps the test short."""
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    commands = [line for block in _blocks("bash", "Wafer maps") for line in block.splitlines() if line.strip()]
+    assert len(commands) == 4
+    commands[1] = commands[1].replace("--epochs 5", "--epochs 2 --model seed_cnn2 --image-size 32 --no-progress")
+    for command in commands:
+        done = subprocess.run(command, shell=True, cwd=tmp_path, env=env, capture_output=True, text=True)
+        assert done.returncode == 0, f"{command}\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}"
+    assert '"top_class"' in done.stdout
+    (audit_cmd,) = [line for block in _blocks("bash", "Data audit") for line in block.splitlines() if line.strip()]
+    done = subprocess.run(audit_cmd.replace("my_images/", "wafer_maps/manifest.csv"), shell=True, cwd=tmp_path,
+                          env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert (tmp_path / "audit" / "audit.html").is_file()
