@@ -281,3 +281,12 @@ def test_wafer_decoding_needs_neither_torch_nor_pandas():
     result = subprocess.run([sys.executable, "-c", code], env={"PYTHONPATH": str(src), "PATH": "/usr/bin:/bin"},
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 0 and result.stdout.strip() == "255", result.stderr
+
+
+def test_npz_bomb_refused_before_unpacking(tmp_path):
+    np.savez_compressed(tmp_path / "big.npz", die_states=np.ones((3000, 3000), np.uint8))
+    with pytest.raises(ImageDecodeError, match="zip bomb"):
+        decode_gray(tmp_path / "big.npz", max_pixels=10_000)
+    with pytest.raises(ImageDecodeError, match="too large"):
+        decode_gray(np.save(tmp_path / "big.npy", np.ones((300, 300), np.uint8)) or tmp_path / "big.npy",
+                    max_pixels=10_000)

@@ -121,6 +121,12 @@ def read_die_grid(path: str | os.PathLike, *, max_pixels: int | None = None) -> 
                     name = names[0]
                 else:
                     raise WaferMapError(f"holds arrays {names}; expected one named {NPZ_KEY!r} or a single array")
+                # A compressed member can inflate enormously; its declared size is checked before it is read
+                # (zipfile stops at the declared size, so the check cannot be lied past).
+                member = archive.zip.getinfo(name + ".npy")
+                if max_pixels is not None and member.file_size > 8 * max_pixels + 4096:
+                    raise WaferMapError(f"array {name!r} unpacks to {member.file_size} bytes; too large "
+                                        f"for max_pixels={max_pixels} (possible zip bomb)")
                 return die_states(archive[name], max_pixels=max_pixels)
         except (WaferMapError, MemoryError):
             raise
