@@ -315,7 +315,11 @@ def audit(
     conflicting = [g for g in exact + near if len({labels[i] for i in g}) > 1]
 
     # Metadata vs label.
-    association = metadata_association(table, s.max_metadata_values)
+    # Image size is checked like a metadata column: classes shot on different tools or products often differ
+    # in size, and a model can learn the size instead of the defect.
+    with_size = table.iloc[ok].copy()
+    with_size["(image size)"] = [f"{infos[i]['width']}x{infos[i]['height']}" for i in ok]
+    association = metadata_association(with_size, s.max_metadata_values)
 
     # Labels that look wrong.
     feats, feature_kind, metric = None, "pixels", "cosine"
