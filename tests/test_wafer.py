@@ -290,3 +290,29 @@ def test_npz_bomb_refused_before_unpacking(tmp_path):
     with pytest.raises(ImageDecodeError, match="too large"):
         decode_gray(np.save(tmp_path / "big.npy", np.ones((300, 300), np.uint8)) or tmp_path / "big.npy",
                     max_pixels=10_000)
+
+
+@pytest.mark.slow
+def test_train_on_lswmd_pickle_from_the_cli(tmp_path, capsys):
+    from defectscope.cli import main
+
+    rng = np.random.default_rng(0)
+    maps, labels = [], []
+    for pattern in ("Center", "Edge-Ring", "none"):
+        for _ in range(8):
+            maps.append(generate_map(pattern, rng, size=int(rng.integers(24, 32)))[0])
+            labels.append(np.array([[pattern]]))
+    maps.append(np.zeros((0, 0), np.uint8))  # a map WM-811K-style broken: skipped with --skip-bad
+    labels.append(np.array([["none"]]))
+    frame = pd.DataFrame({"waferMap": maps, "failureType": labels, "lotName": [f"lot{i % 5}" for i in range(25)],
+                          "trianTestLabel": [np.zeros((0, 0))] * 25})
+    pkl = tmp_path / "LSWMD.pkl"
+    pkl.write_bytes(pickle.dumps(frame, protocol=2).replace(b"pandas.core.indexes", b"pandas.indexes"))
+    args = ["train", "--data", str(pkl), "--out", str(tmp_path / "run"), "--model", "seed_cnn2", "--image-size", "32",
+            "--epochs", "1", "--no-progress", "--skip-bad"]
+    assert main(args) == 2
+    assert "--trust-pickle" in capsys.readouterr().err and not (tmp_path / "run" / "model.json").exists()
+    assert main([*args, "--trust-pickle"]) == 0
+    table = pd.read_csv(tmp_path / "run" / "dataset.csv", dtype=str, keep_default_na=False)
+    assert len(table) == 24 and table["path"].str.endswith(".npz").all()
+    assert "LSWMD.pkl:24" in (tmp_path / "run" / "skipped.csv").read_text()
