@@ -316,3 +316,47 @@ def test_train_on_lswmd_pickle_from_the_cli(tmp_path, capsys):
     table = pd.read_csv(tmp_path / "run" / "dataset.csv", dtype=str, keep_default_na=False)
     assert len(table) == 24 and table["path"].str.endswith(".npz").all()
     assert "LSWMD.pkl:24" in (tmp_path / "run" / "skipped.csv").read_text()
+
+
+KLARF = """FileVersion 1 2;
+FileTimestamp 11-24-26 10:08:09;
+InspectionStationID "KLA" "2367" "TOOL-1";
+SampleType WAFER;
+LotID "LOT;7";
+DeviceID "DEV1";
+DiePitch 1.0e+04 1.0e+04;
+WaferID "W07";
+Slot 7;
+SampleTestPlan 7
+ 0 1
+ -1 0
+ 0 0
+ 1 0
+ -1 -1
+ 0 -1
+ 1 -1;
+DefectRecordSpec 6 DEFECTID XREL YREL XINDEX YINDEX CLASSNUMBER;
+DefectList
+ 1 120.5 300.0 0 0 1
+ 2 10.0 20.0 0 0 3
+ 3 55.0 66.0 1 -1 1;
+SummarySpec 2 TESTNO NDEFECT;
+SummaryList
+ 1 3;
+EndOfFile;
+"""
+
+
+def test_klarf_by_hand(tmp_path):
+    from defectscope.data.wafer import parse_klarf
+
+    np.testing.assert_array_equal(parse_klarf(KLARF), [[0, 1, 0], [1, 2, 1], [1, 1, 2]])
+    (tmp_path / "w.klarf").write_text(KLARF)
+    assert set(np.unique(load_gray(tmp_path / "w.klarf", 9))) == {0, 128, 255}
+    for bad, reason in ((KLARF.replace("SampleTestPlan 7", "SampleTestPlan 8"), "declares 8 dies"),
+                        (KLARF.replace('WaferID "W07";', 'WaferID "W07"; WaferID "W08";'), "2 wafers"),
+                        ("Record FileRecord \"1.8\" { }", "KLARF 1.8"),
+                        (KLARF.replace(" 3 55.0 66.0 1 -1 1;", " 3 55.0 66.0 1;"), "not a multiple")):
+        (tmp_path / "bad.klarf").write_text(bad)
+        with pytest.raises(ImageDecodeError, match=reason):
+            decode_gray(tmp_path / "bad.klarf")

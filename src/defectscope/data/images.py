@@ -3,7 +3,7 @@
 Only numpy and Pillow are imported here, never torch: the deployed predictor reuses this module on
 machines without PyTorch.
 
-Wafer maps (``.npy``/``.npz`` die grids, SEMI G85 ``.xml``; see :mod:`defectscope.data.wafer`) decode to
+Wafer maps (``.npy``/``.npz`` die grids, SEMI G85 ``.xml``, KLARF 1.2; see :mod:`defectscope.data.wafer`) decode to
 their die states rendered as 0/128/255 and are always resized with nearest-neighbour.
 
 Every file that cannot be used raises :class:`ImageDecodeError` (a ``ValueError``) naming the file and the

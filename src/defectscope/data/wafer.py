@@ -1,4 +1,4 @@
-"""Wafer maps: die-state grids from .npy/.npz files and SEMI G85 XML, and how they become model input.
+"""Wafer maps: die-state grids from .npy/.npz, SEMI G85 XML and KLARF 1.2 files, and how they become model input.
 
 A wafer map is not a photograph: each cell is one die in one of three states, ``0`` no die (outside the
 wafer or not probed), ``1`` pass, ``2`` fail (WM-811K's convention). The model sees the grid rendered as
@@ -12,7 +12,8 @@ needs pandas, is :mod:`defectscope.data.wm811k`.
 SEMI G85 is read from the standard (``<Map>``/``<Device>`` with ``BinType`` or ``BinCodeType``, ``NullBin``,
 ``<Bin BinCode= BinQuality=>``, ``<Data><Row>``); the PyPI package ``g85`` is GPLv3, which an Apache-2.0
 project cannot take. Bin codes become die states: the NullBin code -> 0, bins whose ``BinQuality`` is
-``Pass`` -> 1, every other bin (``Fail``, anything else, or a code no ``<Bin>`` declares) -> 2.
+``Pass`` -> 1, every other bin (``Fail``, anything else, or a code no ``<Bin>`` declares) -> 2. ``NULL`` quality
+-> 0. KLARF (an inspection tool's defect list) becomes a map of which tested dies carry a defect.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ __all__ = [
     "die_states",
     "is_wafer_file",
     "parse_g85",
+    "parse_klarf",
     "read_die_grid",
     "render_die_states",
 ]
@@ -42,7 +44,8 @@ __all__ = [
 NO_DIE, PASS, FAIL = 0, 1, 2
 # Evenly spaced so each state survives any later 8-bit handling; index = die state.
 STATE_INTENSITY = np.array([0, 128, 255], dtype=np.uint8)
-WAFER_EXTENSIONS: frozenset[str] = frozenset({".npy", ".npz", ".xml"})
+KLARF_EXTENSIONS: frozenset[str] = frozenset({".klarf", ".klf", ".kla"})
+WAFER_EXTENSIONS: frozenset[str] = frozenset({".npy", ".npz", ".xml"}) | KLARF_EXTENSIONS
 NPZ_KEY = "die_states"  # the array name written by `defectscope wafer convert` and the generator
 MAX_XML_BYTES = 64 * 1024 * 1024  # a G85 map of 1000 x 1000 dies is a few MB
 
@@ -93,11 +96,18 @@ def render_die_states(states: np.ndarray) -> np.ndarray:
 
 
 def read_die_grid(path: str | os.PathLike, *, max_pixels: int | None = None) -> np.ndarray:
-    """Die states (uint8, 0/1/2) from a .npy, .npz (array ``die_states`` or a single array) or G85 .xml file.
+    """Die states (uint8, 0/1/2) from a .npy, .npz (array ``die_states`` or a single array), G85 .xml or
+    KLARF 1.2 (.klarf/.klf/.kla) file.
 
     Never unpickles: ``.npy``/``.npz`` are opened with ``allow_pickle=False``.
     """
     ext = os.path.splitext(os.fsdecode(path))[1].lower()
+    if ext in KLARF_EXTENSIONS:
+        with open(path, "rb") as fh:
+            data = fh.read(MAX_XML_BYTES + 1)
+        if len(data) > MAX_XML_BYTES:
+            raise WaferMapError(f"KLARF file larger than {MAX_XML_BYTES // 2**20} MB")
+        return die_states(parse_klarf(data), max_pixels=max_pixels)
     if ext == ".xml":
         with open(path, "rb") as fh:
             data = fh.read(MAX_XML_BYTES + 1)
@@ -324,3 +334,81 @@ def wafer_features(states: np.ndarray) -> np.ndarray:
         spread = float(np.sqrt(max(eig.sum(), 0.0)))
     return np.array([*radial, *angular, share, line, spread, density(r < 0.3), density(r >= 0.85),
                      float(np.std(radial)), float(np.mean(radial))], dtype=np.float32)
+
+
+# -------------------------------------------------------------------------------------------------- KLARF
+
+_KLARF_TOKEN = re.compile(r'"[^"]*"|;|[^\s;"]+')
+
+
+def parse_klarf(data: bytes | str) -> np.ndarray:
+    """Die states of one wafer in a KLARF 1.2 defect file (the flat ``Keyword values;`` syntax).
+
+    The dies of ``SampleTestPlan`` exist (1, pass) unless a ``DefectList`` row names them by ``XINDEX YINDEX``
+    (2, fail); grid positions no test plan entry names are 0. Rows run from the highest ``YINDEX`` down, so
+    +Y points up as on the wafer. KLARF 1.8 (``Record``/``Field`` syntax) and files with several wafers are
+    refused with the reason.
+    """
+    text = data.decode("latin-1") if isinstance(data, bytes) else data
+    tokens = _KLARF_TOKEN.findall(text)
+    statements: list[list[str]] = []
+    current: list[str] = []
+    for tok in tokens:
+        if tok == ";":
+            if current:
+                statements.append(current)
+            current = []
+        else:
+            current.append(tok)
+    if current:
+        statements.append(current)
+    if not statements:
+        raise WaferMapError("empty KLARF file")
+    if statements[0][0] == "Record" or (statements[0][0] == "FileVersion" and statements[0][1:2] == ["1"]
+                                         and statements[0][2:3] == ["8"]):
+        raise WaferMapError("KLARF 1.8 (Record/Field syntax) is not read; export KLARF 1.2 or G85")
+    if statements[0][0] != "FileVersion":
+        raise WaferMapError("not a KLARF file (it must start with FileVersion)")
+    wafers = [st for st in statements if st[0] == "WaferID"]
+    if len(wafers) > 1:
+        raise WaferMapError(f"holds {len(wafers)} wafers (WaferID records); one wafer per file is expected")
+    plan: list[tuple[int, int]] = []
+    spec: list[str] = []
+    defects: list[tuple[int, int]] = []
+    for st in statements:
+        key, values = st[0], st[1:]
+        try:
+            if key == "SampleTestPlan":
+                n = int(values[0])
+                coords = [int(v) for v in values[1:]]
+                if len(coords) != 2 * n:
+                    raise WaferMapError(f"SampleTestPlan declares {n} dies but lists {len(coords) // 2}")
+                plan = list(zip(coords[0::2], coords[1::2], strict=True))
+            elif key == "DefectRecordSpec":
+                spec = [v.upper() for v in values[1:]]
+                if len(spec) != int(values[0]):
+                    raise WaferMapError(f"DefectRecordSpec declares {values[0]} fields but names {len(spec)}")
+            elif key == "DefectList" and values:
+                if not {"XINDEX", "YINDEX"} <= set(spec):
+                    raise WaferMapError("DefectList before a DefectRecordSpec with XINDEX and YINDEX")
+                width = len(spec)
+                if len(values) % width:
+                    raise WaferMapError(f"DefectList has {len(values)} values, not a multiple of {width} fields")
+                xi, yi = spec.index("XINDEX"), spec.index("YINDEX")
+                for r in range(0, len(values), width):
+                    defects.append((int(float(values[r + xi])), int(float(values[r + yi]))))
+        except WaferMapError:
+            raise
+        except (ValueError, IndexError) as exc:
+            raise WaferMapError(f"malformed {key} record ({exc})") from None
+    if not plan:
+        raise WaferMapError("no SampleTestPlan: the wafer's die layout is unknown")
+    xs = [x for x, _ in plan + defects]
+    ys = [y for _, y in plan + defects]
+    x0, y1 = min(xs), max(ys)
+    states = np.zeros((y1 - min(ys) + 1, max(xs) - x0 + 1), dtype=np.uint8)
+    for x, y in plan:
+        states[y1 - y, x - x0] = PASS
+    for x, y in defects:
+        states[y1 - y, x - x0] = FAIL
+    return states
