@@ -74,7 +74,8 @@ def decode_gray(source: Any, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndar
     ``source`` is a path (``str`` / ``os.PathLike``), encoded file content (``bytes`` / ``bytearray``), a
     ``PIL.Image.Image`` or a numpy array. Other types raise ``TypeError``.
 
-    Wafer-map files (``.npy``, ``.npz``, ``.xml``) give their die states as 0/128/255, one pixel per die.
+    Wafer-map files (``.npy``, ``.npz``, G85 ``.xml``, KLARF ``.klarf``/``.klf``/``.kla``) give their die
+    states as 0/128/255, one pixel per die.
 
     Files and bytes: only the first frame of multi-frame files (multi-page TIFF, GIF) is used; EXIF
     orientation is applied; images with more than ``max_pixels`` pixels are refused from the header,

@@ -59,7 +59,7 @@ def load_table(
 ) -> tuple[pd.DataFrame, list[BadFile]]:
     """Read a class-per-folder tree, a CSV manifest, WM-811K's ``LSWMD.pkl`` or a named dataset into the table.
 
-    Folders and manifests may name wafer maps (``.npy``/``.npz`` die grids, G85 ``.xml``) as well as images.
+    Folders and manifests may name wafer maps (``.npy``/``.npz`` die grids, G85 ``.xml``, KLARF) as well as images.
     ``LSWMD.pkl`` is read only with ``trust_pickle`` (unpickling runs code) and converted once into
     ``cache_dir`` (see :mod:`defectscope.data.wm811k`); its unlabelled maps stay out of the table, in the
     conversion's ``unlabelled.csv``.
