@@ -22,10 +22,10 @@ import numpy as np
 import pandas as pd
 
 from defectscope.decision.calibrate import calibrate
-from defectscope.decision.calibration import CalibrationError
+from defectscope.decision.thresholds import CalibrationError
 from defectscope.evaluation.evaluate import evaluate
-from defectscope.evaluation.metrics import classification_metrics
-from defectscope.training.run import machine_info
+from defectscope.metrics import classification_metrics
+from defectscope.training.train import machine_info
 
 HERE = Path(__file__).resolve().parent
 GOOD = "functional"

@@ -15,8 +15,8 @@ import sys
 import time
 from pathlib import Path
 
-from defectscope.decision.drift_fit import drift_eval
-from defectscope.training.run import machine_info
+from defectscope.evaluation.drift_eval import drift_eval
+from defectscope.training.train import machine_info
 
 HERE = Path(__file__).resolve().parent
 

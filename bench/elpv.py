@@ -25,7 +25,7 @@ import pandas as pd
 
 import defectscope
 from defectscope.demo import DEMO_RECIPE
-from defectscope.training.run import machine_info
+from defectscope.training.train import machine_info
 
 HERE = Path(__file__).resolve().parent
 FRACTIONS = [0.75 * 0.85, 0.75 * 0.15, 0.25]  # train, val (15% of train), test

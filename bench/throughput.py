@@ -2,7 +2,7 @@
 
 On ELPV images (300x300 8-bit PNG, from the elpv-dataset package) and one trained run, exported to ONNX:
 
-  end_to_end  ``sort_inbox(mode='copy', settle_seconds=0)`` on a fresh inbox: images/s from the wall time
+  end_to_end  ``sort(mode='copy', settle_seconds=0)`` on a fresh inbox: images/s from the wall time
               of the call (model loading, hashing, decoding, inference, copying and the SQLite log included)
   components  decode / preprocessing (resize, scale) / inference / logging, each timed alone on the same
               files with the sorter's own pieces (decode_gray on the file bytes, resize_gray, the sorter's
@@ -39,15 +39,11 @@ from typing import Any
 import numpy as np
 
 HERE = Path(__file__).resolve().parent
-SORTER_BATCH = 16  # sort_inbox's default batch size
+SORTER_BATCH = 16  # sort's default batch size
 ORT_BATCH = 32
 STAGES = ("decode", "preprocessing", "inference", "logging", "filing")
 TARGET_SPEEDUP = 5.0
 TARGET_BOUND_FRACTION = 0.70
-
-
-def quiet(*args: Any, **kwargs: Any) -> None:
-    pass
 
 
 def default_run() -> Path:
@@ -79,12 +75,12 @@ def fresh_inbox(files: list[Path], root: Path) -> Path:
 # ------------------------------------------------------------------------------------------ measurements
 
 def measure_end_to_end(onnx: Path, files: list[Path], root: Path) -> dict[str, Any]:
-    from defectscope.deploy.sorter import sort_inbox
+    from defectscope.deploy.sorter import sort
 
     inbox = fresh_inbox(files, root)
     out = Path(tempfile.mkdtemp(prefix="sorted-", dir=root))
     start = time.perf_counter()
-    summary = sort_inbox(str(onnx), inbox, out, mode="copy", settle_seconds=0, progress=False, log=quiet)
+    summary = sort(str(onnx), inbox, out, mode="copy", settle_seconds=0, progress=False)
     wall = time.perf_counter() - start
     if summary["processed"] != len(files) or summary["errors"]:
         raise RuntimeError(f"the sorter filed {summary['processed']} of {len(files)} images: {summary['errors']}")
@@ -159,10 +155,10 @@ def measure_plain_loop(run: Path, files: list[Path], threads: int) -> dict[str, 
     from PIL import Image
 
     from defectscope.data.images import resize_gray
-    from defectscope.rundir import load_model
+    from defectscope.rundir import Run
 
     torch.set_num_threads(threads)
-    model, spec = load_model(run)
+    model, spec = Run(run).model(), Run(run).spec
     model.eval()
     size, mode = int(spec["image_size"]), spec.get("resize", "squash")
 
@@ -251,13 +247,13 @@ def main() -> None:
     from PIL import Image
 
     from defectscope.data.images import load_gray
-    from defectscope.deploy.export import export_onnx
+    from defectscope.deploy.export import export
     from defectscope.deploy.predictor import Predictor
-    from defectscope.rundir import read_spec
-    from defectscope.training.run import machine_info
+    from defectscope.rundir import Run
+    from defectscope.training.train import machine_info
 
     run = Path(args.run) if args.run else default_run()
-    spec = read_spec(run)
+    spec = Run(run).spec
     size, mode = int(spec["image_size"]), spec.get("resize", "squash")
     files = elpv_files(args.images)
     with Image.open(files[0]) as im:
@@ -267,7 +263,7 @@ def main() -> None:
         root = Path(tmp)
         workdir_fs = filesystem_of(root)
         onnx = root / "model.onnx"
-        export_onnx(run, onnx, log=quiet)
+        export(run, onnx)
         sorter_predictor = Predictor(onnx)
         sorter_config = {"batch_size": SORTER_BATCH, "decode_threads": sorter_predictor.decode_threads,
                          "ort_intra_op_threads": sorter_predictor.session.get_session_options().intra_op_num_threads}
@@ -310,7 +306,7 @@ def main() -> None:
         "statistic": "median over repeats",
         "workdir_filesystem": workdir_fs,
         "end_to_end": {
-            "what": "sort_inbox(onnx, mode='copy', settle_seconds=0): wall time of the call, model loading included",
+            "what": "sort(onnx, mode='copy', settle_seconds=0): wall time of the call, model loading included",
             "images_per_second": round(e2e, 2),
             "sorter": sorter_config,
         },

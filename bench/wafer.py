@@ -32,8 +32,8 @@ import defectscope
 from defectscope.data.images import load_gray
 from defectscope.data.split import assign_splits
 from defectscope.data.wafer_synth import generate_dataset
-from defectscope.evaluation.metrics import classification_metrics
-from defectscope.training.run import machine_info
+from defectscope.metrics import classification_metrics
+from defectscope.training.train import machine_info
 
 HERE = Path(__file__).resolve().parent
 # WM-811K labelled counts: none 147431, Edge-Ring 9680, Edge-Loc 5189, Center 4294, Loc 3593, Scratch 1193,

@@ -8,6 +8,7 @@ With "watch" it runs in watch mode and prints the sorter's log lines (the SIGTER
 
 from __future__ import annotations
 
+import logging
 import sys
 import time
 
@@ -30,9 +31,12 @@ def main() -> None:
         sorter.place_file = slow_place
     predictor = Predictor(model, threads=1, decode_threads=1)
     print("ready", flush=True)
-    summary = sorter.sort_inbox(predictor, inbox, out, settle_seconds=0, batch_size=4, progress=False,
-                                watch=watch, poll_interval=0.1,
-                                log=(lambda *a: print(*a, flush=True)) if watch else (lambda *a: None))
+    if watch:  # the parent reads the sorter's messages on stdout
+        handler = logging.StreamHandler(sys.stdout)
+        logging.getLogger("defectscope").addHandler(handler)
+        logging.getLogger("defectscope").setLevel(logging.INFO)
+    summary = sorter.sort(predictor, inbox, out, settle_seconds=0, batch_size=4, progress=False,
+                          watch=watch, poll_interval=0.1)
     print("done", summary["processed"], flush=True)
 
 

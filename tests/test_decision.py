@@ -11,7 +11,17 @@ import pytest
 from scipy import stats
 
 from defectscope.decision.calibrate import calibrate_from_logits, calibration_split
-from defectscope.decision.calibration import (
+from defectscope.decision.costs import (
+    DRIFT,
+    CostMatrixError,
+    cost_decisions,
+    load_cost_matrix,
+    penalty_weighted_accuracy,
+    valeo_pwa,
+)
+from defectscope.decision.outcomes import apply_policy_metrics
+from defectscope.decision.policy import REVIEW, Policy, decide, softmax
+from defectscope.decision.thresholds import (
     CalibrationError,
     cp_upper,
     escape_threshold,
@@ -21,16 +31,6 @@ from defectscope.decision.calibration import (
     review_curve,
     review_threshold,
 )
-from defectscope.decision.costs import (
-    DRIFT,
-    CostMatrixError,
-    cost_decisions,
-    load_cost_matrix,
-    penalty_weighted_accuracy,
-    valeo_pwa,
-)
-from defectscope.decision.metrics import apply_policy_metrics
-from defectscope.decision.policy import REVIEW, Policy, decide, softmax
 
 CLASSES = ["GOOD", "scratch", "spot"]
 

@@ -11,8 +11,8 @@ import pytest
 from defectscope import rundir
 from defectscope.config import load_yaml
 from defectscope.decision.calibrate import calibrate, calibration_split
-from defectscope.decision.calibration import CalibrationError
 from defectscope.decision.policy import Policy, decide
+from defectscope.decision.thresholds import CalibrationError
 
 
 @pytest.fixture
@@ -21,8 +21,7 @@ def run_copy(trained_run, tmp_path):
 
 
 def test_calibrate_writes_policy(run_copy):
-    out = calibrate(run_copy, max_escape=0.5, confidence=0.8, cost_matrix="valeo_pwa", review_rate=0.2,
-                    log=lambda *a: None)
+    out = calibrate(run_copy, max_escape=0.5, confidence=0.8, cost_matrix="valeo_pwa", review_rate=0.2)
     path = run_copy / "policy.json"
     assert out["path"] == str(path)
     policy = Policy.from_json(path)
@@ -44,5 +43,5 @@ def test_calibrate_writes_policy(run_copy):
 
 def test_calibrate_refuses_too_few_defective(run_copy):
     with pytest.raises(CalibrationError, match="at least 299 defective"):
-        calibrate(run_copy, max_escape=0.01, log=lambda *a: None)
+        calibrate(run_copy, max_escape=0.01)
     assert not (run_copy / "policy.json").exists()

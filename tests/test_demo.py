@@ -2,19 +2,22 @@
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 
 
 @pytest.mark.real_data
 @pytest.mark.slow
-def test_demo_on_real_elpv(tmp_path, monkeypatch):
+def test_demo_on_real_elpv(tmp_path, monkeypatch, caplog):
     from defectscope import demo as demo_module
 
     tiny = {**demo_module.DEMO_RECIPE, "model.name": "seed_cnn1", "model.pretrained": "none",
             "model.image_size": 32, "train.epochs": 1, "train.progress": False}
     monkeypatch.setattr(demo_module, "DEMO_RECIPE", tiny)
-    lines: list[str] = []
-    metrics = demo_module.demo(tmp_path, log=lambda *a: lines.append(" ".join(map(str, a))))
+    with caplog.at_level(logging.INFO, logger="defectscope"):
+        metrics = demo_module.demo(tmp_path)
+    lines = [r.getMessage() for r in caplog.records]
     assert metrics["n"] == pytest.approx(0.15 * 2624, abs=4)
     assert metrics["classes"] == ["defective", "functional", "likely_defective", "possibly_defective"]
     text = "\n".join(lines)
@@ -23,5 +26,5 @@ def test_demo_on_real_elpv(tmp_path, monkeypatch):
     assert (tmp_path / "run" / "export" / "model.onnx").is_file()
     assert (tmp_path / "run" / "policy.json").is_file()
     # a second demo never overwrites the first
-    demo_module.demo(tmp_path, log=lambda *a: None)
+    demo_module.demo(tmp_path)
     assert (tmp_path / "run2" / "model.safetensors").is_file()

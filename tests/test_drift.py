@@ -11,7 +11,6 @@ import textwrap
 import numpy as np
 import pytest
 
-from defectscope.decision.corruptions import CORRUPTIONS, FAR_DRIFT, corrupt
 from defectscope.decision.costs import valeo_pwa
 from defectscope.decision.drift import (
     SCORES,
@@ -25,10 +24,12 @@ from defectscope.decision.drift import (
     msp_score,
 )
 from defectscope.decision.drift_fit import (
-    auroc_fpr95,
     calibrate_drift_threshold,
     cost_aware_drift_threshold,
 )
+from defectscope.evaluation.corruptions import CORRUPTIONS, FAR_DRIFT, corrupt
+from defectscope.evaluation.drift_eval import auroc_fpr95
+from defectscope.rundir import Run
 
 
 def test_msp_and_energy_by_formula():
@@ -138,14 +139,24 @@ def test_auroc_fpr95():
     assert auroc == 0.0 and fpr == 1.0
 
 
+def _empty_run(folder):
+    """A run directory with just its (empty) dataset table: enough to hold Drift statistics."""
+
+
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "dataset.csv").write_text("path,label,split,source\n")
+    return Run(folder)
+
+
 def test_scorer_round_trips_through_safetensors_and_json(tmp_path):
     rng = np.random.default_rng(3)
     feats, labels = _clusters(rng, 30, CENTRES)
     scorer = DriftScorer(k=7, max_bank=50, seed=4).fit(feats.astype(np.float32), None, labels)
     assert scorer.bank.shape == (50, 8)
-    scorer.save(tmp_path)
+    run = _empty_run(tmp_path)
+    scorer.save(run)
     assert json.loads((tmp_path / "drift.json").read_text())["k"] == 7
-    back = DriftScorer.load(tmp_path)
+    back = DriftScorer.load(run)
     for a, b in zip(scorer.to_arrays()[0].values(), back.to_arrays()[0].values(), strict=True):
         assert a.dtype == b.dtype and np.array_equal(a, b)
     assert back.params() == scorer.params()
@@ -153,11 +164,11 @@ def test_scorer_round_trips_through_safetensors_and_json(tmp_path):
     s1, s2 = scorer.score(q, logits), back.score(q, logits)
     assert set(s1) == set(SCORES) and all(np.array_equal(s1[k], s2[k]) for k in SCORES)
     with pytest.raises(DriftError, match="no drift statistics"):
-        DriftScorer.load(tmp_path / "nothing")
+        DriftScorer.load(_empty_run(tmp_path / "nothing"))
 
 
 def test_corruptions_and_far_drift_images():
-    from conftest import make_image
+    from helpers import make_image
 
     rng = np.random.default_rng(5)
     images = np.stack([make_image(k, rng, 32) for k in ("GOOD", "scratch", "spot")])
@@ -180,8 +191,10 @@ def test_drift_scores_need_no_torch(tmp_path):
         from defectscope.decision.policy import Policy, decide
         rng = np.random.default_rng(0)
         s = DriftScorer().fit(rng.normal(size=(30, 4)), None, np.arange(30) % 2)
-        s.save({str(tmp_path)!r})
-        s = DriftScorer.load({str(tmp_path)!r})
+        from defectscope.rundir import Run
+        open({str(tmp_path / "dataset.csv")!r}, "w").write("path,label,split,source\\n")
+        s.save(Run({str(tmp_path)!r}))
+        s = DriftScorer.load(Run({str(tmp_path)!r}))
         scores = s.score(rng.normal(size=(3, 4)), rng.normal(size=(3, 2)))
         d = decide(rng.normal(size=(3, 2)), Policy(classes=["a", "b"], drift_threshold=-1e9),
                    drift_score=scores["knn"])
@@ -193,14 +206,15 @@ def test_drift_scores_need_no_torch(tmp_path):
 
 
 def test_fit_drift_and_drift_eval_on_a_run(trained_run, tmp_path):
-    from defectscope.decision.drift_fit import drift_eval, fit_drift
+    from defectscope.decision.drift_fit import fit_drift
+    from defectscope.evaluation.drift_eval import drift_eval
 
     run = tmp_path / "run"
     shutil.copytree(trained_run, run)
-    scorer = fit_drift(run, log=lambda *a: None)
-    assert (run / "drift.safetensors").is_file() and DriftScorer.load(run).n_train == scorer.n_train
+    scorer = fit_drift(run)
+    assert (run / "drift.safetensors").is_file() and DriftScorer.load(Run(run)).n_train == scorer.n_train
 
-    report = drift_eval(run, kinds=("corruptions", "far"), n_far=20, log=lambda *a: None)
+    report = drift_eval(run, kinds=("corruptions", "far"), n_far=20)
     saved = json.loads((run / "drift_eval.json").read_text())
     assert saved["best_score"] in SCORES and set(saved["kinds"]) == {"corruptions", "far"}
     assert set(saved["kinds"]["corruptions"]["parts"]) == set(CORRUPTIONS)
@@ -211,7 +225,7 @@ def test_fit_drift_and_drift_eval_on_a_run(trained_run, tmp_path):
     assert max(saved["kinds"]["far"]["auroc"].values()) > 0.5
     assert report["best_score"] == saved["best_score"]
     # The raw scores behind the metrics, as plain floats: recomputing the metrics gives the JSON's.
-    from defectscope.decision.drift_fit import auroc_fpr95, load_scores
+    from defectscope.evaluation.drift_eval import auroc_fpr95, load_scores
 
     with np.load(run / "drift_eval_scores.npz", allow_pickle=False) as z:
         assert all(z[k].dtype == np.float64 for k in z.files)
@@ -225,10 +239,11 @@ def test_fit_drift_and_drift_eval_on_a_run(trained_run, tmp_path):
     assert len(raw["kinds"]["far"]["drift"]["knn"]) == 20 * len(FAR_DRIFT)
 
 
+@pytest.mark.slow
 def test_drift_eval_retrains_for_held_out_class_and_group(trained_run, tmp_path):
     import pandas as pd
 
-    from defectscope.decision.drift_fit import drift_eval
+    from defectscope.evaluation.drift_eval import drift_eval
 
     run = tmp_path / "run"
     shutil.copytree(trained_run, run)
@@ -236,7 +251,7 @@ def test_drift_eval_retrains_for_held_out_class_and_group(trained_run, tmp_path)
     table["lot"] = np.where(np.arange(len(table)) % 2, "A", "B")  # a metadata column, as ELPV's type
     table.to_csv(run / "dataset.csv", index=False)
     report = drift_eval(run, kinds=("heldout_class", "group"), group_column="lot", train_value="A",
-                        heldout_epochs=1, out=tmp_path / "eval.json", log=lambda *a: None)
+                        heldout_epochs=1, out=tmp_path / "eval.json")
     assert set(report["kinds"]["heldout_class"]["parts"]) == {"GOOD", "scratch", "spot"}
     assert set(report["kinds"]["group"]["parts"]) == {"lot!=A"}
     assert (run / "drift_eval_runs" / "without_GOOD" / "model.safetensors").is_file()

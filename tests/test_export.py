@@ -13,7 +13,7 @@ import pytest
 from defectscope import rundir
 from defectscope.deploy import export as export_mod
 from defectscope.deploy import metadata as md
-from defectscope.deploy.export import ExportError, export_onnx
+from defectscope.deploy.export import ExportError, export
 
 ADDED_SPEC_KEYS = {"preprocessing", "graph"}
 
@@ -21,7 +21,7 @@ ADDED_SPEC_KEYS = {"preprocessing", "graph"}
 @pytest.fixture(scope="module")
 def exported(trained_run, tmp_path_factory):
     out = tmp_path_factory.mktemp("export") / "model.onnx"
-    return out, export_onnx(trained_run, out, log=lambda *a: None)
+    return out, export(trained_run, out)
 
 
 def onnx_metadata(path) -> dict:
@@ -57,7 +57,7 @@ def test_policy_json_is_embedded(trained_run, tmp_path):
     policy = {"version": 1, "thresholds": {"GOOD": 0.9}, "review": "REVIEW"}
     (run / "policy.json").write_text(json.dumps(policy))
     out = tmp_path / "out" / "model.onnx"
-    export_onnx(run, out, log=lambda *a: None)
+    export(run, out)
     assert onnx_metadata(out)[md.KEY_POLICY] == policy
     assert json.loads(md.sidecar_path(out).read_text())[md.KEY_POLICY] == policy
 
@@ -78,7 +78,7 @@ def test_dynamic_batch(exported, batch):
 def test_quantization_smaller_and_reported(exported, trained_run, tmp_path, mode):
     fp32, _ = exported
     out = tmp_path / "q.onnx"
-    report = export_onnx(trained_run, out, quantize=mode, log=lambda *a: None)
+    report = export(trained_run, out, quantize=mode)
     assert out.stat().st_size <= fp32.stat().st_size
     q = report["quantized_vs_fp32"]
     assert {"accuracy_fp32", "accuracy_quantized", "accuracy_change", "max_abs_diff_probabilities"} <= set(q)
@@ -93,15 +93,15 @@ def test_failed_parity_writes_nothing(trained_run, tmp_path, monkeypatch):
     monkeypatch.setattr(export_mod, "PARITY_TOL", -1.0)
     out = tmp_path / "model.onnx"
     with pytest.raises(ExportError, match="disagrees"):
-        export_onnx(trained_run, out, log=lambda *a: None)
+        export(trained_run, out)
     assert list(tmp_path.iterdir()) == []
 
 
 def test_refuses_to_overwrite_run_spec(trained_run):
     with pytest.raises(ExportError, match="model.json"):
-        export_onnx(trained_run, trained_run / "model.onnx", log=lambda *a: None)
+        export(trained_run, trained_run / "model.onnx")
 
 
 def test_unknown_quantize_mode(trained_run, tmp_path):
     with pytest.raises(ValueError, match="quantize"):
-        export_onnx(trained_run, tmp_path / "m.onnx", quantize="int4")
+        export(trained_run, tmp_path / "m.onnx", quantize="int4")

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from sklearn import metrics as skm
 
-from defectscope.evaluation.metrics import classification_metrics, format_metrics
+from defectscope.metrics import classification_metrics, format_metrics
 
 
 @pytest.mark.parametrize("seed", range(5))

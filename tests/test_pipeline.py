@@ -14,11 +14,11 @@ import pandas as pd
 import pytest
 
 from defectscope.decision.calibrate import calibrate
-from defectscope.deploy.export import export_onnx
+from defectscope.deploy.export import export
 from defectscope.deploy.predictor import Predictor
 from defectscope.evaluation.evaluate import evaluate
 
-quiet = {"log": lambda *a: None}
+quiet: dict = {}
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +42,7 @@ def test_exported_model_decides_like_evaluate(calibrated_run, tmp_path):
     metrics = evaluate(calibrated_run, report=False, **quiet)
     assert "policy" in metrics and metrics["policy"]["n"] == metrics["n"]
     onnx_path = tmp_path / "model.onnx"
-    report = export_onnx(calibrated_run, onnx_path, **quiet)
+    report = export(calibrated_run, onnx_path, **quiet)
     assert report["parity"]["drift_score"] == "mahalanobis"
     assert report["parity"]["max_rel_diff_drift_score"] < 1e-4
     predictions = pd.read_csv(calibrated_run / "evaluation" / "predictions.csv")
@@ -54,7 +54,7 @@ def test_exported_model_decides_like_evaluate(calibrated_run, tmp_path):
 
 def test_far_drift_image_is_flagged_by_the_predictor(calibrated_run, tmp_path):
     onnx_path = tmp_path / "model.onnx"
-    export_onnx(calibrated_run, onnx_path, **quiet)
+    export(calibrated_run, onnx_path, **quiet)
     predictor = Predictor(onnx_path)
     checker = np.indices((40, 40)).sum(0) % 2 * 255  # a checkerboard: nothing like the training images
     result = predictor.predict(checker.astype(np.uint8))
@@ -67,7 +67,7 @@ def test_an_image_that_fails_to_decode_is_an_error_not_drift(calibrated_run, tmp
     from defectscope.deploy.predictor import UNREADABLE
 
     onnx_path = tmp_path / "model.onnx"
-    export_onnx(calibrated_run, onnx_path, **quiet)
+    export(calibrated_run, onnx_path, **quiet)
     predictor = Predictor(onnx_path)
     broken = tmp_path / "broken.png"
     broken.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 64)

@@ -10,16 +10,16 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from defectscope import rundir
 from defectscope.data.images import ImageDecodeError
-from defectscope.deploy.export import export_onnx
+from defectscope.deploy.export import export
 from defectscope.deploy.predictor import UNREADABLE, Predictor
+from defectscope.rundir import Run
 
 
 @pytest.fixture(scope="module")
 def model_path(trained_run, tmp_path_factory):
     out = tmp_path_factory.mktemp("predictor") / "model.onnx"
-    export_onnx(trained_run, out, log=lambda *a: None)
+    export(trained_run, out)
     return out
 
 
@@ -98,11 +98,11 @@ def test_probabilities_equal_torch_on_test_images(predictor, trained_run):
     import torch
 
     from defectscope.data.cache import load_images
-    from defectscope.training.loop import predict_logits
+    from defectscope.models.inference import predict_logits
 
-    table = rundir.read_table(trained_run)
-    table = table[table["split"] == "test"].reset_index(drop=True)
-    model, spec = rundir.load_model(trained_run)
+    run = Run(trained_run)
+    table = run.rows("test").reset_index(drop=True)
+    model, spec = run.model(), run.spec
     images, _ = load_images(table, spec["image_size"], resize=spec["resize"])
     expected = torch.softmax(predict_logits(model, images), 1).numpy()
     results = predictor.predict_batch(table["path"].tolist(), batch_size=4)

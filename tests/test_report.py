@@ -12,13 +12,9 @@ import pytest
 from PIL import Image
 
 from defectscope import evaluate
-from defectscope.evaluation.metrics import classification_metrics
-from defectscope.evaluation.report import (
-    expected_calibration_error,
-    report_from_run,
-    report_metrics,
-    write_report,
-)
+from defectscope.evaluation.curves import expected_calibration_error, report_metrics
+from defectscope.evaluation.report import report_from_run, write_report
+from defectscope.metrics import classification_metrics
 
 
 def synthetic(tmp_path: Path, k: int, per_class: int, seed: int = 0, missing: int | None = None):
@@ -50,12 +46,12 @@ def check_self_contained(page: str) -> None:
 def run_report(tmp_path, probs, y, paths, classes, policy=None, **kw):
     metrics = classification_metrics(y, probs.argmax(1), classes)
     if policy is not None:
-        from defectscope.decision.metrics import apply_policy_metrics
+        from defectscope.decision.outcomes import apply_policy_metrics
 
         metrics["policy"] = apply_policy_metrics(y, probs, policy, classes, inputs="probs")
     out = tmp_path / "out"
     html = write_report(None, metrics=metrics, probs=probs, y_true=y, paths=paths, classes=classes,
-                        out_dir=out, policy=policy, log=lambda *a: None, **kw)
+                        out_dir=out, policy=policy, **kw)
     return html, out
 
 
@@ -123,11 +119,11 @@ def test_ece_by_hand():
 def test_gradcam_on_trained_model_and_report(tmp_path, trained_run):
     import torch
 
-    from defectscope import rundir
     from defectscope.evaluation.gradcam import gradcam_maps, target_layer
+    from defectscope.rundir import Run
 
     run = Path(shutil.copytree(trained_run, tmp_path / "run"))
-    model, spec = rundir.load_model(run)
+    model, spec = Run(run).model(), Run(run).spec
     before = {k: v.clone() for k, v in model.state_dict().items()}
     size = spec["image_size"]
     img = np.full((size, size), 90, np.uint8)
@@ -141,8 +137,8 @@ def test_gradcam_on_trained_model_and_report(tmp_path, trained_run):
     assert target_layer(model)[1] == "backbone.features.3"
 
     # The way the lead wires it: evaluate, then the report from the run's evaluation files.
-    evaluate(run, log=lambda *a: None)
-    html = report_from_run(run, gradcam_per_class=2, log=lambda *a: None)
+    evaluate(run)
+    html = report_from_run(run, gradcam_per_class=2)
     out = html.parent
     page = html.read_text()
     check_self_contained(page)
@@ -168,7 +164,7 @@ def test_report_without_drift_gives_the_hint(tmp_path):
     run.mkdir()
     out = tmp_path / "out"
     html = write_report(run, metrics=classification_metrics(y, probs.argmax(1), ["GOOD", "defect"]), probs=probs,
-                        y_true=y, paths=paths, classes=["GOOD", "defect"], out_dir=out, log=lambda *a: None)
+                        y_true=y, paths=paths, classes=["GOOD", "defect"], out_dir=out)
     page = html.read_text()
     assert "10. Drift" in page and "Drift is not measured for this run" in page
     assert "defectscope drift-eval RUN" in page and "defectscope calibrate RUN" in page
@@ -190,9 +186,9 @@ def _drift_eval_json(scores, kinds):
 
 def test_report_drift_section_from_synthetic_files(tmp_path):
     from defectscope.decision.drift import SCORES
-    from defectscope.decision.drift_fit import load_scores, save_scores
-    from defectscope.decision.metrics import apply_policy_metrics
+    from defectscope.decision.outcomes import apply_policy_metrics
     from defectscope.decision.policy import Policy
+    from defectscope.evaluation.drift_eval import load_scores, save_scores
 
     rng = np.random.default_rng(7)
     probs, y, paths = synthetic(tmp_path, 2, 100)
@@ -220,7 +216,7 @@ def test_report_drift_section_from_synthetic_files(tmp_path):
     metrics["policy"] = apply_policy_metrics(y, probs, policy, classes, inputs="probs", drift_score=eval_scores)
     out = tmp_path / "out"
     html = write_report(run, metrics=metrics, probs=probs, y_true=y, paths=paths, classes=classes, out_dir=out,
-                        policy=policy, log=lambda *a: None)
+                        policy=policy)
     page = html.read_text()
     check_self_contained(page)
     assert "10. Drift" in page and "Drift is not measured" not in page
@@ -246,17 +242,17 @@ def test_report_drift_section_from_synthetic_files(tmp_path):
 
 def test_report_drift_section_from_a_real_drift_eval(tmp_path, trained_run):
     from defectscope.decision.drift import SCORES
-    from defectscope.decision.drift_fit import drift_eval
+    from defectscope.evaluation.drift_eval import drift_eval
 
     run = Path(shutil.copytree(trained_run, tmp_path / "run"))
-    result = drift_eval(run, kinds=("far",), n_far=10, log=lambda *a: None)
+    result = drift_eval(run, kinds=("far",), n_far=10)
     with np.load(run / "drift_eval_scores.npz", allow_pickle=False) as z:
         assert set(z.files) == {f"{w}__{s}" for w in ("normal", "far") for s in SCORES}
         assert len(z["far__knn"]) == 20  # n_far images of each far kind
     probs, y, paths = synthetic(tmp_path, 3, 3)
     html = write_report(run, metrics=classification_metrics(y, probs.argmax(1), ["GOOD", "scratch", "spot"]),
                         probs=probs, y_true=y, paths=paths, classes=["GOOD", "scratch", "spot"],
-                        out_dir=tmp_path / "out", log=lambda *a: None)
+                        out_dir=tmp_path / "out")
     page = html.read_text()
     best = result["best_score"]
     assert f"{result['kinds']['far']['auroc'][best]:.3f} / " in page

@@ -18,23 +18,23 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import CLASSES, make_image
+from helpers import CLASSES, make_image
 from PIL import Image
 
 from defectscope.deploy import sorter
-from defectscope.deploy.export import export_onnx
+from defectscope.deploy.export import export
 from defectscope.deploy.predictor import UNREADABLE, Predictor
 from defectscope.deploy.resultlog import COLUMNS, ResultLog, export_log
-from defectscope.deploy.sorter import safe_folder_name, sort_inbox
+from defectscope.deploy.sorter import safe_folder_name, sort
 
-QUIET = {"settle_seconds": 0, "progress": False, "log": lambda *a: None}
+QUIET = {"settle_seconds": 0, "progress": False}
 CHILD = Path(__file__).with_name("sorter_child.py")
 
 
 @pytest.fixture(scope="module")
 def model_path(trained_run, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("sorter") / "model.onnx"
-    export_onnx(trained_run, out, log=lambda *a: None)
+    export(trained_run, out)
     return out
 
 
@@ -80,7 +80,7 @@ def test_one_shot_files_every_image_and_logs_it(predictor, tmp_path):
     expected = {p.name: (sha(p), predictor.predict(p).decision) for p in images}
     expected["broken.png"] = (sha(inbox / "broken.png"), UNREADABLE)
 
-    summary = sort_inbox(predictor, inbox, out, **QUIET)
+    summary = sort(predictor, inbox, out, **QUIET)
 
     assert inbox_files(inbox) == []
     assert summary["processed"] == 10 and summary["errors"] == []
@@ -102,8 +102,8 @@ def test_copy_mode_leaves_the_inbox_and_a_rerun_files_nothing_new(predictor, tmp
     inbox, out = tmp_path / "inbox", tmp_path / "out"
     images = make_inbox(inbox, 6)
     before = {p: sha(p) for p in images}
-    first = sort_inbox(predictor, inbox, out, mode="copy", **QUIET)
-    second = sort_inbox(predictor, inbox, out, mode="copy", **QUIET)
+    first = sort(predictor, inbox, out, mode="copy", **QUIET)
+    second = sort(predictor, inbox, out, mode="copy", **QUIET)
     assert {p: sha(p) for p in images} == before
     assert first["processed"] == 6 and second["processed"] == 0 and second["skipped"]["already_done"] == 6
     assert sorted(filed(out).values()) == sorted(before.values())
@@ -121,7 +121,7 @@ def test_name_clash_gets_a_unique_name_and_nothing_is_overwritten(predictor, tmp
     earlier.write_bytes(b"an earlier image")
     shas = {sha(a), sha(b)}
 
-    sort_inbox(predictor, inbox, out, **QUIET)
+    sort(predictor, inbox, out, **QUIET)
 
     assert earlier.read_bytes() == b"an earlier image"
     assert sorted(filed(out).values()) == sorted([*shas, sha(earlier)])
@@ -137,7 +137,7 @@ def test_duplicate_content_rule(predictor, tmp_path):
     (inbox / "b").mkdir()
     (inbox / "b" / src.name).write_bytes(src.read_bytes())
 
-    summary = sort_inbox(predictor, inbox, out, **QUIET)
+    summary = sort(predictor, inbox, out, **QUIET)
 
     assert inbox_files(inbox) == []
     assert summary["processed"] == 2 and summary["skipped"]["duplicate_removed"] == 1
@@ -163,7 +163,7 @@ def test_hostile_inbox_nothing_escapes_out(predictor, tmp_path):
     odd.write_bytes((inbox / "img_000.png").read_bytes()[:-1] + b"!")  # odd name, damaged tail
     os.mkfifo(inbox / "pipe.png")  # would block a naive open()
 
-    summary = sort_inbox(predictor, inbox, out, **QUIET)
+    summary = sort(predictor, inbox, out, **QUIET)
 
     assert secret.exists() and sha(secret) == secret_sha and (inbox / "link.png").is_symlink()
     assert summary["skipped"]["symlink"] == 2 and summary["errors"] == []
@@ -184,7 +184,7 @@ def test_a_symlinked_class_folder_in_out_is_refused(predictor, tmp_path):
     out.mkdir()
     for name in CLASSES:
         (out / name).symlink_to(elsewhere, target_is_directory=True)
-    summary = sort_inbox(predictor, inbox, out, **QUIET)
+    summary = sort(predictor, inbox, out, **QUIET)
     assert list(elsewhere.iterdir()) == []
     assert len(summary["errors"]) == 3 and all("outside" in e["error"] for e in summary["errors"])
     assert len(inbox_files(inbox)) == 3
@@ -216,7 +216,7 @@ def test_a_file_still_being_written_is_not_taken(predictor, tmp_path):
     t = threading.Thread(target=writer)
     t.start()
     try:
-        summary = sort_inbox(predictor, inbox, out, **{**QUIET, "settle_seconds": 0.3})
+        summary = sort(predictor, inbox, out, **{**QUIET, "settle_seconds": 0.3})
     finally:
         done.set()
         t.join()
@@ -229,9 +229,9 @@ def test_watch_mode_files_new_images_until_stopped(predictor, tmp_path):
     inbox.mkdir()
     stop = threading.Event()
     result = {}
-    t = threading.Thread(target=lambda: result.update(sort_inbox(
+    t = threading.Thread(target=lambda: result.update(sort(
         predictor, inbox, out, watch=True, poll_interval=0.1, settle_seconds=0.1, stop_event=stop,
-        progress=False, log=lambda *a: None)))
+        progress=False)))
     t.start()
     try:
         time.sleep(0.3)
@@ -276,7 +276,7 @@ def test_a_failing_file_is_reported_and_the_rest_goes_on(predictor, tmp_path, mo
         real_place(src, *args)
 
     monkeypatch.setattr(sorter, "place_file", full_disk)
-    summary = sort_inbox(predictor, inbox, out, **QUIET)
+    summary = sort(predictor, inbox, out, **QUIET)
     assert summary["processed"] == 3 and len(summary["errors"]) == 1
     assert "No space left" in summary["errors"][0]["error"]
     bad = [r for r in rows(out / "results.db") if r["status"] != "done"]
@@ -284,7 +284,7 @@ def test_a_failing_file_is_reported_and_the_rest_goes_on(predictor, tmp_path, mo
     assert [p.name for p in inbox_files(inbox)] == ["img_002.png"]
 
     monkeypatch.setattr(sorter, "place_file", real_place)  # disk freed: the next run files it, same row
-    assert sort_inbox(predictor, inbox, out, **QUIET)["processed"] == 1
+    assert sort(predictor, inbox, out, **QUIET)["processed"] == 1
     log = rows(out / "results.db")
     assert len(log) == 4 and {r["status"] for r in log} == {"done"} and inbox_files(inbox) == []
 
@@ -297,7 +297,7 @@ def test_without_hard_links_it_copies_verifies_and_deletes(predictor, tmp_path, 
         raise OSError(errno.EXDEV, "cross-device link")
 
     monkeypatch.setattr(os, "link", no_link)
-    assert sort_inbox(predictor, inbox, out, **QUIET)["processed"] == 3
+    assert sort(predictor, inbox, out, **QUIET)["processed"] == 3
     assert inbox_files(inbox) == [] and sorted(filed(out).values()) == shas
     assert not [p for p in out.rglob("*.part")]
 
@@ -325,11 +325,11 @@ def test_restart_after_a_crash_at_each_step(predictor, tmp_path, monkeypatch, po
     else:
         monkeypatch.setattr(sorter, "place_file", _crash_after_link if point == "after_link" else _crash_in_copy)
     with pytest.raises(Crash):
-        sort_inbox(predictor, inbox, out, **QUIET)
+        sort(predictor, inbox, out, **QUIET)
     assert [r["status"] for r in rows(out / "results.db")] == ["pending"]
     monkeypatch.undo()
 
-    summary = sort_inbox(predictor, inbox, out, **QUIET)
+    summary = sort(predictor, inbox, out, **QUIET)
     assert summary["recovered"] == 1
     assert inbox_files(inbox) == [] and sorted(filed(out).values()) == shas
     log = rows(out / "results.db")
@@ -370,7 +370,7 @@ def test_kill_9_at_random_points_loses_nothing_and_files_each_image_once(model_p
 def test_export_log_writes_every_row(predictor, tmp_path):
     inbox, out = tmp_path / "inbox", tmp_path / "out"
     make_inbox(inbox, 3)
-    sort_inbox(predictor, inbox, out, **QUIET)
+    sort(predictor, inbox, out, **QUIET)
     assert export_log(out / "results.db", tmp_path / "log.csv") == 3
     with open(tmp_path / "log.csv", newline="") as f:
         table = list(csv.DictReader(f))

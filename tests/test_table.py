@@ -6,7 +6,7 @@ import shutil
 
 import pandas as pd
 import pytest
-from conftest import CLASSES, make_image, write_folder_dataset
+from helpers import CLASSES, make_image, write_folder_dataset
 from PIL import Image
 
 from defectscope.data.table import ELPV_CLASSES, DataError, load_table

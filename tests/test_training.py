@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import FAST
+from helpers import FAST
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -17,7 +18,7 @@ from defectscope import evaluate, train
 from defectscope.config import ConfigError
 from defectscope.data.table import DataError
 
-quiet = {"log": lambda *a: None}
+quiet: dict = {}
 
 
 def _weights(run: Path) -> dict[str, torch.Tensor]:
@@ -50,6 +51,7 @@ def test_beats_chance_on_separable_classes(trained_run):
     assert (trained_run / "evaluation" / "predictions.csv").is_file()
 
 
+@pytest.mark.slow
 def test_same_seed_same_weights(folder_dataset, tmp_path):
     a = train(folder_dataset, tmp_path / "a", **quiet, **{**FAST, "train.epochs": 2})
     b = train(folder_dataset, tmp_path / "b", **quiet, **{**FAST, "train.epochs": 2})
@@ -60,16 +62,26 @@ def test_same_seed_same_weights(folder_dataset, tmp_path):
     assert not all(torch.equal(wa[k], _weights(c)[k]) for k in wa)
 
 
+@pytest.mark.slow
 def test_resume_continues_to_the_same_result(folder_dataset, tmp_path):
     recipe = {**FAST, "train.epochs": 4}
     full = train(folder_dataset, tmp_path / "full", **quiet, **recipe)
 
-    def stop_after_epoch_2(line: str) -> None:
-        if line.startswith("epoch   2"):  # logged right after epoch 2's checkpoint is written
-            raise KeyboardInterrupt
+    class StopAfterEpoch2(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if record.getMessage().startswith("epoch   2"):  # logged right after epoch 2's checkpoint is written
+                raise KeyboardInterrupt
 
-    with pytest.raises(KeyboardInterrupt):
-        train(folder_dataset, tmp_path / "part", log=stop_after_epoch_2, **recipe)
+    handler, logger = StopAfterEpoch2(), logging.getLogger("defectscope.training")
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            train(folder_dataset, tmp_path / "part", **recipe)
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
     assert not (tmp_path / "part" / "model.json").exists()
     resumed = train(out=tmp_path / "part", resume=True, **quiet)
     wf, wr = _weights(full), _weights(resumed)

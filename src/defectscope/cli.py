@@ -154,6 +154,11 @@ _USER_ERRORS = {"ExportError", "PretrainedError"}
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from defectscope import logs  # a submodule, not the package API
+
+    logs.configure_cli_logging()
+    # Bars only on a terminal: a CI log or a redirected run gets the logged lines, not bar redraws.
+    logs.use_bars(sys.stderr.isatty() and not getattr(args, "no_progress", False))
     try:
         return _dispatch(args)
     except KeyboardInterrupt:
@@ -170,7 +175,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "train":
-        from defectscope.training.run import train
+        from defectscope.training.train import train
 
         overrides = {
             "model.name": args.model, "model.pretrained": args.pretrained,
@@ -237,22 +242,23 @@ def _dispatch(args: argparse.Namespace) -> int:
                   drift_score=args.drift_score, drift_examples=args.drift_examples)
         return 0
     if args.command == "export":
-        from defectscope.deploy.export import export_onnx
+        from defectscope.deploy.export import export
 
-        export_onnx(args.run, args.out, quantize=args.quantize, opset=args.opset)
+        export(args.run, args.out, quantize=args.quantize, opset=args.opset)
         return 0
     if args.command == "predict":
-        from defectscope.deploy.batch import UNREADABLE, predict_files
+        from defectscope.deploy.batch import predict
+        from defectscope.deploy.predictor import UNREADABLE
 
-        counts = predict_files(args.model, args.images, recursive=args.recursive, fmt=args.format, out=args.out,
+        counts = predict(args.model, args.images, recursive=args.recursive, fmt=args.format, out=args.out,
                                batch_size=args.batch_size, threads=args.threads)
         summary = ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))
         print(f"{sum(counts.values())} images: {summary}", file=sys.stderr)
         return 1 if counts.get(UNREADABLE) else 0
     if args.command == "sort":
-        from defectscope.deploy.sorter import sort_inbox
+        from defectscope.deploy.sorter import sort
 
-        summary = sort_inbox(args.model, args.inbox, args.out, mode=args.mode or "move", log_path=args.log,
+        summary = sort(args.model, args.inbox, args.out, mode=args.mode or "move", log_path=args.log,
                              watch=args.watch, settle_seconds=args.settle, poll_interval=args.poll)
         return 1 if summary.get("errors") else 0
     if args.command == "log":
@@ -262,7 +268,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         print(f"{n} rows written to {args.out}")
         return 0
     if args.command == "drift-eval":
-        from defectscope.decision.drift_fit import drift_eval
+        from defectscope.evaluation.drift_eval import drift_eval
 
         kinds = tuple(k.strip() for k in args.kinds.split(",") if k.strip())
         drift_eval(args.run, kinds=kinds, extra_drift=args.extra_drift, out=args.out,
@@ -289,7 +295,7 @@ def _parse_value(text: str):
 
 
 def _version() -> str:
-    from defectscope import __version__
+    from defectscope._version import __version__
 
     return __version__
 

@@ -204,7 +204,14 @@ def build_config(
         _merge_into(cfg, PRESETS[preset], "")
     if config_file:
         _merge_into(cfg, load_yaml(config_file), "")
-    for key, value in (overrides or {}).items():
+    apply_overrides(cfg, overrides or {})
+    _validate(cfg)
+    return cfg
+
+
+def apply_overrides(cfg: RunConfig, overrides: dict[str, Any]) -> RunConfig:
+    """Set dotted keys ({"model.name": "resnet18"}) on ``cfg`` in place, checked; None values are skipped."""
+    for key, value in overrides.items():
         if value is None:
             continue
         nested: dict[str, Any] = {}

@@ -206,12 +206,11 @@ def pixel_features(thumbs: np.ndarray) -> np.ndarray:
     return x
 
 
-def pretrained_features(thumbs_or_paths: list[str], wafer: bool) -> np.ndarray | None:
+def pretrained_features(paths: list[str]) -> np.ndarray | None:
     """ImageNet EfficientNet-Lite0 features of each file at 160 px; None when the weights are not installed."""
-    import torch
-
     from defectscope.data.images import load_gray
     from defectscope.models.factory import create_model
+    from defectscope.models.inference import features_and_logits
     from defectscope.models.pretrained import PretrainedError
 
     try:
@@ -220,10 +219,9 @@ def pretrained_features(thumbs_or_paths: list[str], wafer: bool) -> np.ndarray |
         log.info("pretrained features unavailable (%s); using downscaled pixels", exc)
         return None
     feats = []
-    with torch.inference_mode():
-        for a in range(0, len(thumbs_or_paths), 64):
-            batch = np.stack([load_gray(p, 160) for p in thumbs_or_paths[a:a + 64]])
-            feats.append(model.forward_features(torch.from_numpy(batch).float().div(255)[:, None]).numpy())
+    for a in range(0, len(paths), 256):  # bounded memory on large datasets
+        batch = np.stack([load_gray(p, 160) for p in paths[a:a + 256]])
+        feats.append(features_and_logits(model, batch)[0])
     return np.concatenate(feats)
 
 
@@ -329,7 +327,7 @@ def audit(
         feats = (raw - raw.mean(0)) / (raw.std(0) + 1e-6)
         feature_kind, metric = "wafer-map fail geometry (radial + rotation-invariant angular, z-scored)", "euclidean"
     elif s.features in ("auto", "pretrained") and ok:
-        feats = pretrained_features([paths[i] for i in ok], wafer)
+        feats = pretrained_features([paths[i] for i in ok])
         if feats is not None:
             feature_kind = "pretrained efficientnet_lite0 (ImageNet, package weights)"
         elif s.features == "pretrained":

@@ -15,6 +15,7 @@ from pathlib import Path
 import pandas as pd
 
 from defectscope.data import wm811k
+from defectscope.data.files import list_images
 from defectscope.data.images import IMAGE_EXTENSIONS
 from defectscope.data.wafer import WAFER_EXTENSIONS, WaferMapError
 
@@ -137,14 +138,13 @@ def read_folder(root: Path) -> pd.DataFrame:
         else:
             split, class_dirs = "", [top]
         for class_dir in class_dirs:
-            for file in sorted(class_dir.rglob("*")):
-                if file.suffix.lower() in IMAGE_EXTENSIONS and not file.name.startswith("."):
-                    rows.append({
-                        "path": str(file),
-                        "label": class_dir.name,
-                        "split": split,
-                        "source": str(file.relative_to(root)),
-                    })
+            for file in list_images(class_dir, recursive=True):
+                rows.append({
+                    "path": str(file),
+                    "label": class_dir.name,
+                    "split": split,
+                    "source": str(file.relative_to(root)),
+                })
     if not rows:
         raise DataError(f"{root}: no image files ({', '.join(sorted(IMAGE_EXTENSIONS))}) in the class folders")
     return pd.DataFrame(rows, columns=CORE_COLUMNS)

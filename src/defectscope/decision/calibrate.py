@@ -5,7 +5,7 @@ stopping saw, and write RUN/policy.json.
 from __future__ import annotations
 
 import hashlib
-import json
+import logging
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -14,7 +14,12 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from defectscope.decision.calibration import (
+from defectscope.decision.costs import load_cost_matrix
+from defectscope.decision.drift import SCORES, DriftError, DriftScorer
+from defectscope.decision.drift_fit import calibrate_drift_threshold, cost_aware_drift_threshold, fit_drift
+from defectscope.decision.outcomes import apply_policy_metrics
+from defectscope.decision.policy import Policy, decide, review_scores, softmax
+from defectscope.decision.thresholds import (
     CalibrationError,
     escape_threshold,
     fit_temperature,
@@ -22,9 +27,9 @@ from defectscope.decision.calibration import (
     review_curve,
     review_threshold,
 )
-from defectscope.decision.costs import load_cost_matrix
-from defectscope.decision.metrics import apply_policy_metrics
-from defectscope.decision.policy import POLICY_FILE, Policy, decide, review_scores, softmax
+from defectscope.rundir import DRIFT_EVAL, POLICY, Run
+
+log = logging.getLogger(__name__)
 
 CALIB_SPLIT = "calib"
 
@@ -133,7 +138,7 @@ def calibrate_from_logits(
 
 
 def calibrate(
-    run: str | Path,
+    run: str | Path | Run,
     *,
     good_class: str | None = None,
     max_escape: float | None = None,
@@ -145,7 +150,6 @@ def calibrate(
     drift_rate: float | None = 0.01,
     drift_score: str | None = None,
     drift_examples: str | Path | None = None,
-    log=print,
 ) -> dict[str, Any]:
     """Fit the run's decision policy and write ``RUN/policy.json``; returns a dict with ``policy`` (as
     written), ``path``, ``review_curve`` (arrays for the report) and ``calibration_metrics``.
@@ -164,34 +168,28 @@ def calibrate(
     """
     import torch
 
-    from defectscope import rundir
-    from defectscope.config import config_from_dict, load_yaml
-    from defectscope.decision.drift_fit import features_and_logits
-    from defectscope.training.loop import predict_logits
+    from defectscope.models.inference import features_and_logits, predict_logits
 
-    run = Path(run)
-    model, spec = rundir.load_model(run)
-    raw_cfg = load_yaml(run / rundir.CONFIG)
-    cfg = config_from_dict(raw_cfg)
-    seed = int(raw_cfg.get("seed", 0))
-    classes = list(spec["classes"])
+    run = run if isinstance(run, Run) else Run(run)
+    model = run.model()
+    classes = run.classes
+    seed = run.seed
     good_class = good_class or default_good_class(classes)
     if good_class is not None and good_class not in classes:
         raise CalibrationError(f"good class {good_class!r} is not one of the run's classes {classes}")
-    table = rundir.read_table(run)
+    table = run.table
     calib_mask, _ = calibration_split(table, seed)
     if not calib_mask.any():
-        raise CalibrationError(f"{run}: no calibration images (no 'calib' split and the test split is empty)")
-    torch.set_num_threads(cfg.train.threads or torch.get_num_threads())
-    index = {c: i for i, c in enumerate(classes)}
+        raise CalibrationError(f"{run.path}: no calibration images (no 'calib' split and the test split is empty)")
+    torch.set_num_threads(run.config.train.threads or torch.get_num_threads())
 
     def images_of(rows: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
-        rows, images = rundir.run_images(rows, spec, cfg.data)
-        return images, rows["label"].map(index).to_numpy()
+        rows, images = run.images(rows)
+        return images, run.labels(rows)
 
     calib_images, y = images_of(table[calib_mask])
     features, logits = features_and_logits(model, calib_images)
-    val = table[table["split"] == "val"]
+    val = run.rows("val")
     temperature_data, temperature_on = None, "calibration"
     if len(val):
         val_images, val_y = images_of(val)
@@ -203,53 +201,44 @@ def calibrate(
     )
     policy.calibration = split_info(table, seed)
     if drift_rate is not None:
-        _calibrate_drift(policy, run, model, spec, features, logits, y, drift_rate, drift_score, drift_examples, log)
+        _calibrate_drift(policy, run, model, features, logits, y, drift_rate, drift_score, drift_examples)
         extras["calibration_metrics"] = apply_policy_metrics(
             y, logits, policy, classes, inputs="logits",
             drift_score=drift_scores_for(run, policy, features, logits))
-    path = run / POLICY_FILE
+    path = run.file(POLICY)
     policy.to_json(path)
-    _log_summary(policy, extras["calibration_metrics"], log)
-    log(f"written: {path}")
+    _log_summary(policy, extras["calibration_metrics"])
+    log.info(f"written: {path}")
     return {"policy": policy.to_dict(), "path": str(path), **extras}
 
 
-def drift_scores_for(run: Path, policy: Policy, features: np.ndarray, logits: np.ndarray) -> np.ndarray | None:
+def drift_scores_for(run: Run, policy: Policy, features: np.ndarray, logits: np.ndarray) -> np.ndarray | None:
     """The policy's drift score for features/logits, with the run's fitted statistics (None: no Drift rule)."""
     if not policy.drift:
         return None
-    from defectscope.decision.drift import DriftScorer
-
     name = policy.drift["score"]
     return DriftScorer.load(run).score(features, logits, [name])[name]
 
 
-def _calibrate_drift(policy: Policy, run: Path, model, spec, features, logits, y, rate: float,
-                     score: str | None, examples: str | Path | None, log) -> None:
-    from defectscope.decision.drift import SCORES, DriftError
-    from defectscope.decision.drift_fit import (
-        calibrate_drift_threshold,
-        cost_aware_drift_threshold,
-        features_and_logits,
-        fit_drift,
-    )
+def _calibrate_drift(policy: Policy, run: Run, model, features, logits, y, rate: float,
+                     score: str | None, examples: str | Path | None) -> None:
+    from defectscope.models.inference import features_and_logits
 
     if score is None:
-        evaluated = run / "drift_eval.json"
-        score = json.loads(evaluated.read_text()).get("best_score") if evaluated.is_file() else None
-        score = score or "mahalanobis"
+        evaluated = run.read_json(DRIFT_EVAL) or {}
+        score = evaluated.get("best_score") or "mahalanobis"
     if score not in SCORES:
         raise CalibrationError(f"unknown drift score {score!r}; valid: {', '.join(SCORES)}")
-    scorer = fit_drift(run, log=log)
+    scorer = fit_drift(run, model=model)
     s_in = scorer.score(features, logits, [score])[score]
     try:
         threshold = calibrate_drift_threshold(s_in, rate)
     except (DriftError, CalibrationError, ValueError) as exc:
-        log(f"Drift flag not set: {exc}")
+        log.warning(f"Drift flag not set: {exc}")
         return
     evidence: dict[str, Any] = {"method": "false_flag_rate"}
     if examples is not None and policy.cost_matrix is not None and "Drift" in policy.cost_matrix["classes"]:
-        drift_images = _folder_images(examples, spec)
+        drift_images = _folder_images(examples, run.spec)
         f_d, l_d = features_and_logits(model, drift_images)
         s_d = scorer.score(f_d, l_d, [score])[score]
         decided_in = decide(logits, policy, inputs="logits").labels
@@ -265,32 +254,33 @@ def _calibrate_drift(policy: Policy, run: Path, model, spec, features, logits, y
         "threshold_fit": {k: v for k, v in evidence.items() if k != "threshold"},
         "statistics": "drift.safetensors + drift.json in the run directory",
     }
-    log(f"Drift: {score} score > {threshold:.6g} flags {policy.drift['calibration_flag_rate']:.4f} of "
-        f"{len(s_in)} normal calibration images (target {rate:g})")
+    log.info(f"Drift: {score} score > {threshold:.6g} flags {policy.drift['calibration_flag_rate']:.4f} of "
+             f"{len(s_in)} normal calibration images (target {rate:g})")
 
 
 def _folder_images(folder: str | Path, spec: dict[str, Any]) -> np.ndarray:
-    from defectscope.data.images import IMAGE_EXTENSIONS, load_gray
+    from defectscope.data.files import list_images
+    from defectscope.data.images import load_gray
 
-    files = sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+    files = list_images(folder, recursive=True)
     if not files:
         raise CalibrationError(f"{folder}: no Drift example images found")
     return np.stack([load_gray(p, spec["image_size"], spec.get("resize", "squash")) for p in files])
 
 
-def _log_summary(policy: Policy, m: dict[str, Any], log) -> None:
+def _log_summary(policy: Policy, m: dict[str, Any]) -> None:
     c = policy.calibration or {}
-    log(f"calibrated on {m['n']} images ({c.get('method', '')}); temperature {policy.temperature:.4f} "
-        f"(fitted on {policy.temperature_fit['on']})")
+    log.info(f"calibrated on {m['n']} images ({c.get('method', '')}); temperature {policy.temperature:.4f} "
+             f"(fitted on {policy.temperature_fit['on']})")
     g = policy.escape_guarantee
     if g:
         lo, hi = g["overkill_interval"]
-        log(f"escape cap {g['max_escape']:g} at {g['confidence']:g} confidence: P({policy.good_class}) >= "
-            f"{g['threshold']:.6f}; {g['escapes']}/{g['n_defective']} escapes (upper bound {g['escape_ucb']:.4f}); "
-            f"overkill {g['overkill']:.4f} [{lo:.4f}, {hi:.4f}] of {g['n_good']} good")
+        log.info(f"escape cap {g['max_escape']:g} at {g['confidence']:g} confidence: P({policy.good_class}) >= "
+                 f"{g['threshold']:.6f}; {g['escapes']}/{g['n_defective']} escapes (upper bound "
+                 f"{g['escape_ucb']:.4f}); overkill {g['overkill']:.4f} [{lo:.4f}, {hi:.4f}] of {g['n_good']} good")
     if policy.review_threshold is not None:
         r = policy.review_target
-        log(f"review band: {policy.review_score} < {policy.review_threshold:.6f}; review rate "
-            f"{r['achieved_review_rate']:.4f}, auto accuracy {r['auto_accuracy']:.4f}")
+        log.info(f"review band: {policy.review_score} < {policy.review_threshold:.6f}; review rate "
+                 f"{r['achieved_review_rate']:.4f}, auto accuracy {r['auto_accuracy']:.4f}")
     if "pwa" in m:
-        log(f"expected cost per image {m['expected_cost_per_image']:.3f}; PWA {m['pwa']:.6f} (auto decisions)")
+        log.info(f"expected cost per image {m['expected_cost_per_image']:.3f}; PWA {m['pwa']:.6f} (auto decisions)")

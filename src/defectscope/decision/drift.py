@@ -20,14 +20,14 @@ Saved as ``RUN/drift.safetensors`` (numpy arrays, nothing pickled) plus ``RUN/dr
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-DRIFT_WEIGHTS = "drift.safetensors"
-DRIFT_PARAMS = "drift.json"
+if TYPE_CHECKING:  # only for the annotations: the predictor imports this module without pandas or yaml
+    from defectscope.rundir import Run
+
 DRIFT_VERSION = 1
 SCORES = ("msp", "energy", "mahalanobis", "knn")
 
@@ -219,23 +219,14 @@ class DriftScorer:
         s.n_train = int(params.get("n_train", 0))
         return s
 
-    def save(self, run_dir: str | Path) -> tuple[Path, Path]:
-        """Write ``RUN/drift.safetensors`` and ``RUN/drift.json``; returns both paths."""
-        from safetensors.numpy import save_file
-
+    def save(self, run: Run) -> Path:
+        """Write ``RUN/drift.safetensors`` and ``RUN/drift.json``; returns the path of the first."""
         arrays, params = self.to_arrays()
-        run_dir = Path(run_dir)
-        weights, meta = run_dir / DRIFT_WEIGHTS, run_dir / DRIFT_PARAMS
-        save_file(arrays, str(weights))
-        meta.write_text(json.dumps(params, indent=2) + "\n")
-        return weights, meta
+        return run.save_drift_statistics(arrays, params)
 
     @classmethod
-    def load(cls, run_dir: str | Path) -> DriftScorer:
-        from safetensors.numpy import load_file
-
-        run_dir = Path(run_dir)
-        weights, meta = run_dir / DRIFT_WEIGHTS, run_dir / DRIFT_PARAMS
-        if not weights.is_file() or not meta.is_file():
-            raise DriftError(f"{run_dir}: no drift statistics ({DRIFT_WEIGHTS} + {DRIFT_PARAMS}); run fit_drift first")
-        return cls.from_arrays(load_file(str(weights)), json.loads(meta.read_text()))
+    def load(cls, run: Run) -> DriftScorer:
+        stats = run.drift_statistics()
+        if stats is None:
+            raise DriftError(f"{run.path}: no drift statistics (drift.safetensors + drift.json); run calibrate first")
+        return cls.from_arrays(*stats)

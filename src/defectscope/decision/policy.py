@@ -19,7 +19,6 @@ import numpy as np
 from defectscope.decision.costs import DRIFT, expected_costs
 
 POLICY_VERSION = 1
-POLICY_FILE = "policy.json"
 REVIEW = "REVIEW"
 REVIEW_SCORES = ("top", "margin")
 

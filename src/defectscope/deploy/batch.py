@@ -10,7 +10,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
-from defectscope.data.images import IMAGE_EXTENSIONS
+from defectscope.data.files import list_images
 from defectscope.deploy.predictor import UNREADABLE, Predictor
 
 FORMATS = ("csv", "json", "jsonl")
@@ -21,9 +21,7 @@ def expand_inputs(inputs: Sequence[str | Path], *, recursive: bool = False) -> l
     files: list[Path] = []
     for item in map(Path, inputs):
         if item.is_dir():
-            pattern = "**/*" if recursive else "*"
-            files += sorted(p for p in item.glob(pattern)
-                            if p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".") and p.is_file())
+            files += list_images(item, recursive=recursive)
         elif item.exists() or item.is_symlink():
             files.append(item)  # decoded and judged by the predictor; a bad one becomes an _unreadable row
         else:
@@ -31,7 +29,7 @@ def expand_inputs(inputs: Sequence[str | Path], *, recursive: bool = False) -> l
     return files
 
 
-def predict_files(
+def predict(
     model: str | Path,
     inputs: Sequence[str | Path],
     *,
@@ -88,4 +86,4 @@ class _stdout(io.TextIOBase):
         sys.stdout.flush()
 
 
-__all__ = ["FORMATS", "UNREADABLE", "expand_inputs", "predict_files"]
+__all__ = ["FORMATS", "UNREADABLE", "expand_inputs", "predict"]

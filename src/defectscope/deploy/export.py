@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import logging
 import tempfile
 import warnings
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,14 +23,17 @@ import numpy as np
 import torch
 from torch import nn
 
-from defectscope import __version__, rundir
+from defectscope._version import __version__
+from defectscope.decision.drift import DriftScorer
 from defectscope.deploy import metadata as md
 from defectscope.deploy.quantize import QUANTIZE_MODES, quantize_model
+from defectscope.rundir import EVALUATION, METRICS, SPEC, Run
+
+log = logging.getLogger(__name__)
 
 PARITY_IMAGES = 64  # test images compared between torch and ONNX Runtime
 PARITY_TOL = 1e-4  # max abs difference of fp32 probabilities
 CALIBRATION_IMAGES = 128  # training images for static quantization
-POLICY = "policy.json"
 
 
 class ExportError(RuntimeError):
@@ -83,28 +86,22 @@ class ExportHeads(nn.Module):
         return logits, torch.softmax(logits, dim=1), features, drift
 
 
-def drift_head_for(run: Path) -> DriftHead | None:
+def drift_head_for(run: Run) -> DriftHead | None:
     """The Drift head of the run's policy, or None when the policy has no Drift rule."""
-    policy_file = run / POLICY
-    if not policy_file.is_file():
-        return None
-    drift = json.loads(policy_file.read_text()).get("drift")
+    drift = (run.policy or {}).get("drift")
     if not drift:
         return None
-    from defectscope.decision.drift import DriftScorer
-
     scorer = DriftScorer.load(run)
     arrays, params = scorer.to_arrays()
     return DriftHead(drift["score"], arrays, params)
 
 
-def export_onnx(
-    run: str | Path,
+def export(
+    run: str | Path | Run,
     out: str | Path,
     *,
     quantize: str | None = None,
     opset: int = 17,
-    log: Callable[[str], Any] = print,
 ) -> dict[str, Any]:
     """Export ``run`` to ``out`` (.onnx) and ``out.with_suffix('.json')``; return the check report.
 
@@ -115,17 +112,18 @@ def export_onnx(
     """
     if quantize not in (None, *QUANTIZE_MODES):
         raise ValueError(f"unknown quantize mode {quantize!r}; use None, {', '.join(map(repr, QUANTIZE_MODES))}")
-    run, out = Path(run).resolve(), Path(out).resolve()
+    run = Run(Path(run.path if isinstance(run, Run) else run).resolve())
+    out = Path(out).resolve()
     sidecar = md.sidecar_path(out)
     if out.suffix != ".onnx":
         raise ExportError(f"{out}: the exported model's name must end in .onnx (its sidecar is the .json)")
-    if sidecar == run / rundir.SPEC:
+    if sidecar == run.file(SPEC):
         # RUN/model.onnx would put its sidecar over RUN/model.json, the run's own spec.
-        raise ExportError(f"{out}: its sidecar {sidecar.name} would overwrite the run's {rundir.SPEC}; "
+        raise ExportError(f"{out}: its sidecar {sidecar.name} would overwrite the run's {SPEC}; "
                           "choose another name, e.g. RUN/export/model.onnx")
-    model, spec = rundir.load_model(run)
+    model, spec = run.model(), run.spec
     heads = ExportHeads(model, drift_head_for(run)).eval()
-    x_test, y_test, split = _split_inputs(run, spec)
+    x_test, y_test, split = _split_inputs(run)
 
     report: dict[str, Any] = {"model": str(out), "sidecar": str(sidecar), "opset": opset,
                               "quantization": None, "torch": torch.__version__}
@@ -134,39 +132,38 @@ def export_onnx(
         fp32 = Path(tmp) / "fp32.onnx"
         _torch_export(heads, spec, fp32, opset)
         report["parity"] = _check_parity(heads, fp32, x_test[:PARITY_IMAGES], split)
-        log(f"fp32 parity on {report['parity']['images']} {split} images: max |dp| = "
+        log.info(f"fp32 parity on {report['parity']['images']} {split} images: max |dp| = "
             f"{report['parity']['max_abs_diff_probabilities']:.2e}, argmax mismatches = 0")
         final = fp32
         report["size_bytes"] = {"fp32": fp32.stat().st_size}
         if quantize:
             final = Path(tmp) / "quantized.onnx"
-            calibration = _calibration_inputs(run, spec) if quantize == "static" else None
+            calibration = _calibration_inputs(run) if quantize == "static" else None
             report["quantization"] = quantize_model(fp32, final, quantize, calibration)
             report["quantized_vs_fp32"] = _compare(fp32, final, x_test, y_test, split)
             report["size_bytes"]["quantized"] = final.stat().st_size
             q = report["quantized_vs_fp32"]
-            log(f"{quantize} quantization: size {report['size_bytes']['fp32']} -> {final.stat().st_size} bytes, "
+            log.info(f"{quantize} quantization: size {report['size_bytes']['fp32']} -> {final.stat().st_size} bytes, "
                 f"{split} accuracy {q['accuracy_fp32']:.4f} -> {q['accuracy_quantized']:.4f}, "
                 f"max |dp| = {q['max_abs_diff_probabilities']:.3f}, decisions changed = {q['argmax_mismatches']}")
         metadata = build_metadata(run, spec, quantize)
         _write_onnx_with_metadata(final, out, metadata)
     sidecar.write_text(json.dumps({**metadata, "export_check": report}, indent=2))
-    log(f"exported {out} and {sidecar.name}")
+    log.info(f"exported {out} and {sidecar.name}")
     return report
 
 
-def build_metadata(run: Path, spec: dict[str, Any], quantize: str | None) -> dict[str, Any]:
+def build_metadata(run: Run, spec: dict[str, Any], quantize: str | None) -> dict[str, Any]:
     """The decoded metadata dictionary (keys in :mod:`defectscope.deploy.metadata`)."""
     resize = spec.get("resize", "squash")
-    metrics_file = run / rundir.EVALUATION / "metrics.json"
-    policy_file = run / POLICY
+    metrics_file = run.file(EVALUATION) / METRICS
     provenance = {
         "dataset_sha256": spec.get("dataset_sha256"),
         "metrics": json.loads(metrics_file.read_text()) if metrics_file.is_file() else None,
         "trained_with": spec.get("defectscope_version"),
         "defectscope_version": __version__,
         "exported": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "source_run": str(run),
+        "source_run": str(run.path),
         "quantization": quantize,
     }
     full_spec = {
@@ -182,7 +179,7 @@ def build_metadata(run: Path, spec: dict[str, Any], quantize: str | None) -> dic
     return {
         md.KEY_SPEC: full_spec,
         # Parsed then re-encoded compactly; the policy module owns its content, we only carry it.
-        md.KEY_POLICY: json.loads(policy_file.read_text()) if policy_file.is_file() else None,
+        md.KEY_POLICY: run.policy,
         md.KEY_PROVENANCE: provenance,
         md.KEY_FORMAT: md.FORMAT_VERSION,
     }
@@ -276,40 +273,28 @@ def _compare(fp32: Path, quantized: Path, x: np.ndarray, y: np.ndarray, split: s
     }
 
 
-def _images(run: Path, spec: dict[str, Any], split: str, limit: int | None = None,
-            seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def _images(run: Run, split: str, limit: int | None = None, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Graph inputs float32 (N, 1, H, W) and class indices of one split, decoded as training did."""
-    table = rundir.read_table(run)
-    table = table[(table["split"] == split) & table["label"].isin(spec["classes"])].reset_index(drop=True)
+    table = run.table
+    table = table[(table["split"] == split) & table["label"].isin(run.classes)].reset_index(drop=True)
     if limit is not None and len(table) > limit:
         # A seeded sample spread over the split, not its first rows (tables are often sorted by class).
         rows = np.sort(np.random.default_rng(seed).choice(len(table), limit, replace=False))
         table = table.iloc[rows].reset_index(drop=True)
-    table, images = rundir.run_images(table, spec, _data_settings(run))
-    index = {c: i for i, c in enumerate(spec["classes"])}
+    table, images = run.images(table)
     # The same scaling as training's to_input: uint8 / 255 in float32.
     x = (images.astype(np.float32) / np.float32(255))[:, None]
-    return x, table["label"].map(index).to_numpy()
+    return x, run.labels(table)
 
 
-def _split_inputs(run: Path, spec: dict[str, Any]) -> tuple[np.ndarray, np.ndarray, str]:
+def _split_inputs(run: Run) -> tuple[np.ndarray, np.ndarray, str]:
     """The test split, or the first non-empty of val/train for runs without one."""
     for split in ("test", "val", "train"):
-        x, y = _images(run, spec, split)
+        x, y = _images(run, split)
         if len(x):
             return x, y, split
-    raise ExportError(f"{run}: no readable images in its dataset table to check the export against")
+    raise ExportError(f"{run.path}: no readable images in its dataset table to check the export against")
 
 
-def _calibration_inputs(run: Path, spec: dict[str, Any]) -> np.ndarray:
-    return _images(run, spec, "train", CALIBRATION_IMAGES, seed=spec.get("seed") or 0)[0]
-
-
-def _data_settings(run: Path):
-    """The run's data config (resize-cache folder, pixel limit), so its cached images are reused."""
-    try:
-        from defectscope.config import config_from_dict, load_yaml
-
-        return config_from_dict(load_yaml(run / rundir.CONFIG)).data
-    except Exception:  # a run without (or with an older) config.yaml still exports, with defaults
-        return None
+def _calibration_inputs(run: Run) -> np.ndarray:
+    return _images(run, "train", CALIBRATION_IMAGES, seed=run.spec.get("seed") or 0)[0]

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import logging
 import os
 import shutil
 import signal
@@ -52,8 +53,11 @@ from typing import Any
 
 from defectscope.deploy.predictor import UNREADABLE, Prediction, Predictor
 from defectscope.deploy.resultlog import ResultLog, export_log
+from defectscope.logs import progress as progress_bar
 
-__all__ = ["MODES", "SortError", "export_log", "place_file", "safe_folder_name", "sort_inbox"]
+__all__ = ["MODES", "SortError", "export_log", "place_file", "safe_folder_name", "sort"]
+
+_log = logging.getLogger(__name__)
 
 MODES = ("move", "copy")
 MAX_BYTES = 1 << 30  # larger files are hashed in chunks and filed as unreadable, never read into memory
@@ -425,7 +429,7 @@ def _too_large(it: _Item) -> Prediction:
 
 # ------------------------------------------------------------------------------------------ public API
 
-def sort_inbox(
+def sort(
     model: str | Path | Predictor,
     inbox: str | Path,
     out: str | Path,
@@ -438,7 +442,6 @@ def sort_inbox(
     batch_size: int = 16,
     progress: bool = True,
     stop_event: threading.Event | None = None,
-    log: Callable[..., Any] = print,
 ) -> dict[str, Any]:
     """Classify the images under ``inbox`` (recursively) and file them into ``out/<decision>/``.
 
@@ -470,6 +473,7 @@ def sort_inbox(
     predictor = model if isinstance(model, Predictor) else Predictor(model)
     stop = stop_event or threading.Event()
     started = time.perf_counter()
+    log = _log.info
     with _exclusive(out), _signals_set(stop, log):
         sorter = _Sorter(predictor, inbox, out, mode, log_path, batch_size, stop, log)
         try:
@@ -504,16 +508,11 @@ def _one_shot(sorter: _Sorter, settle_seconds: float, progress: bool) -> None:
         sorter.skipped["unsettled"] += unsettled
         sorter.say(f"{unsettled} file(s) still being written (or new): left for the next run")
     sigs = {p: settler.seen[p][0] for p in ready}
-    bar = None
-    if progress and ready:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=len(ready), unit="img", desc="sorting")
+    bar = progress_bar(total=len(ready), unit="img", desc="sorting", enabled=progress and bool(ready))
     try:
         sorter.process(ready, sigs, bar)
     finally:
-        if bar is not None:
-            bar.close()
+        bar.close()
 
 
 def _watch(sorter: _Sorter, settle_seconds: float, poll_interval: float) -> None:

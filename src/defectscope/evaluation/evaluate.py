@@ -3,23 +3,27 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from defectscope import rundir
-from defectscope.config import config_from_dict, load_yaml
 from defectscope.data.table import DataError, load_table
-from defectscope.evaluation.metrics import classification_metrics, format_metrics
+from defectscope.decision.calibrate import calibration_split, drift_scores_for
+from defectscope.decision.outcomes import apply_policy_metrics
+from defectscope.decision.policy import Policy, decide
+from defectscope.metrics import classification_metrics, format_metrics
+from defectscope.rundir import EVALUATION, LOGITS, METRICS, PREDICTIONS, Run
+
+log = logging.getLogger(__name__)
 
 
-def _load_policy(run: Path):
-    from defectscope.decision.policy import POLICY_FILE, Policy
-
-    path = run / POLICY_FILE
-    return Policy.from_json(path) if path.is_file() else None
+def load_policy(run: Run) -> Policy | None:
+    """The run's decision policy, or None before ``calibrate``."""
+    data = run.policy
+    return Policy.from_dict(data) if data is not None else None
 
 
 def format_policy_metrics(m: dict[str, Any]) -> str:
@@ -44,7 +48,7 @@ def format_policy_metrics(m: dict[str, Any]) -> str:
 
 
 def evaluate(
-    run: str | Path,
+    run: str | Path | Run,
     data: str | Path | None = None,
     *,
     split: str = "test",
@@ -52,7 +56,6 @@ def evaluate(
     skip_bad: bool = False,
     report: bool = True,
     gradcam_per_class: int = 3,
-    log=print,
     **manifest_options: Any,
 ) -> dict[str, Any]:
     """Score the run's model; writes ``metrics.json`` and ``predictions.csv`` and returns the metrics.
@@ -68,20 +71,23 @@ def evaluate(
     """
     import torch
 
-    from defectscope.training.loop import predict_logits
+    from defectscope.models.inference import features_and_logits, predict_logits
 
-    run = Path(run)
-    model, spec = rundir.load_model(run)
-    cfg = config_from_dict(load_yaml(run / rundir.CONFIG))
-    classes = spec["classes"]
-    policy = _load_policy(run)
+    unknown = set(manifest_options) - {"image_root", "path_column", "label_column"}
+    if unknown:
+        raise TypeError(f"evaluate() got unexpected options {sorted(unknown)}; manifest options are "
+                        "image_root, path_column, label_column")
+    if manifest_options and data is None:
+        raise ValueError(f"{', '.join(sorted(manifest_options))} only apply with data= (another dataset)")
+    run = run if isinstance(run, Run) else Run(run)
+    model, spec, cfg = run.model(), run.spec, run.config
+    classes = run.classes
+    policy = load_policy(run)
     if data is None:
-        table = rundir.read_table(run)
+        table = run.table
         rows = (table["split"] == split).to_numpy()
         what = f"{split} split of {cfg.data.source}"
         if policy is not None and split == "test":
-            from defectscope.decision.calibrate import calibration_split
-
             # Score only the images the policy's thresholds were not fitted on.
             calib, held_out = calibration_split(table, int(policy.calibration.get("seed", cfg.seed)))
             if (rows & calib).any():
@@ -89,17 +95,14 @@ def evaluate(
                 what += " (the half not used for calibration)"
         table = table[rows].reset_index(drop=True)
         if table.empty:
-            raise DataError(f"{run}: the {split!r} split is empty; pass --data to evaluate on other images")
+            raise DataError(f"{run.path}: the {split!r} split is empty; pass --data to evaluate on other images")
     else:
         table, _ = load_table(data, classes=classes, skip_bad=skip_bad, **manifest_options)
         what = str(data)
-    table, images = rundir.run_images(table, spec, cfg.data, skip_bad=skip_bad)
+    table, images = run.images(table, skip_bad=skip_bad)
     torch.set_num_threads(cfg.train.threads or torch.get_num_threads())
     drift_score = None
     if policy is not None and policy.drift:
-        from defectscope.decision.calibrate import drift_scores_for
-        from defectscope.decision.drift_fit import features_and_logits
-
         features, logits_np = features_and_logits(model, images)
         drift_score = drift_scores_for(run, policy, features, logits_np)
         logits = torch.from_numpy(logits_np).float()
@@ -115,20 +118,17 @@ def evaluate(
     metrics["architecture"] = spec["architecture"]
     decisions = None
     if policy is not None:
-        from defectscope.decision.metrics import apply_policy_metrics
-        from defectscope.decision.policy import decide
-
         logits_np = logits.numpy()
         metrics["policy"] = apply_policy_metrics(y_true, logits_np, policy, classes, inputs="logits",
                                                  drift_score=drift_score)
         decisions = decide(logits_np, policy, inputs="logits", drift_score=drift_score).labels
-    out_dir = Path(out) if out else run / rundir.EVALUATION
+    out_dir = Path(out) if out else run.file(EVALUATION)
     out_dir.mkdir(parents=True, exist_ok=True)
     if report:
         from defectscope.evaluation.report import report_metrics
 
         metrics["curves"] = report_metrics(probs, y_true, classes)
-    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    (out_dir / METRICS).write_text(json.dumps(metrics, indent=2))
     predictions = pd.DataFrame({
         "path": table["path"], "source": table["source"], "label": table["label"],
         "predicted": [classes[i] for i in y_pred], "confidence": probs.max(1).round(6),
@@ -139,19 +139,19 @@ def evaluate(
         predictions["drift_score"] = np.round(drift_score, 6)
     for i, name in enumerate(classes):
         predictions[f"p_{name}"] = probs[:, i].round(6)
-    predictions.to_csv(out_dir / "predictions.csv", index=False)
-    np.save(out_dir / "logits.npy", logits.numpy())
+    predictions.to_csv(out_dir / PREDICTIONS, index=False)
+    np.save(out_dir / LOGITS, logits.numpy())
     if report:
         from defectscope.evaluation.report import write_report
 
-        html = write_report(run, metrics=metrics, probs=probs, y_true=y_true, paths=list(table["path"]),
+        html = write_report(run.path, metrics=metrics, probs=probs, y_true=y_true, paths=list(table["path"]),
                             classes=classes, out_dir=out_dir, model=model, spec=spec, policy=policy,
-                            gradcam_per_class=gradcam_per_class, log=log)
-        log(f"report: {html}")
-    log(f"evaluated {spec['architecture']} on {what}")
-    log(format_metrics(metrics))
+                            gradcam_per_class=gradcam_per_class)
+        log.info(f"report: {html}")
+    log.info(f"evaluated {spec['architecture']} on {what}")
+    log.info(format_metrics(metrics))
     if "policy" in metrics:
-        log("")
-        log(format_policy_metrics(metrics["policy"]))
-    log(f"written: {out_dir / 'metrics.json'}, {out_dir / 'predictions.csv'}")
+        log.info("")
+        log.info(format_policy_metrics(metrics["policy"]))
+    log.info(f"written: {out_dir / METRICS}, {out_dir / PREDICTIONS}")
     return metrics

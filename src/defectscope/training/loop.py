@@ -6,6 +6,7 @@ keeps a CPU run repeatable and lets ``resume`` continue with the very same rando
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import time
@@ -19,12 +20,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from defectscope.config import PhaseConfig, RunConfig
-from defectscope.evaluation.metrics import classification_metrics
+from defectscope.logs import progress
+from defectscope.metrics import classification_metrics
 from defectscope.models.factory import Classifier
+from defectscope.models.inference import predict_logits
+from defectscope.rundir import CHECKPOINT
 from defectscope.training.augment import augment_batch
 from defectscope.training.losses import inverse_frequency_weights, make_loss
 
-CHECKPOINT = "checkpoint.pt"
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -114,27 +118,6 @@ def epoch_indices(labels: torch.Tensor, sampling: str, ratio: float, gen: torch.
     return perm[keep]
 
 
-def to_input(images: torch.Tensor, device: torch.device, channels_last: bool) -> torch.Tensor:
-    x = images.to(device, non_blocking=True).float().div_(255).unsqueeze(1)
-    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
-
-
-@torch.no_grad()
-def predict_logits(
-    model: nn.Module, images: np.ndarray | torch.Tensor, *, batch_size: int = 64,
-    device: torch.device | None = None, channels_last: bool = False,
-) -> torch.Tensor:
-    """Logits for uint8 images (N, H, W), in eval mode, on the model's device."""
-    device = device or next(model.parameters()).device
-    images = torch.as_tensor(images)
-    model.eval()
-    out = [
-        model(to_input(images[i:i + batch_size], device, channels_last)).float().cpu()
-        for i in range(0, len(images), batch_size)
-    ]
-    return torch.cat(out) if out else torch.empty(0, model.head.out_features)
-
-
 class Trainer:
     """Fits a Classifier on cached images and keeps its run directory's checkpoint current."""
 
@@ -149,7 +132,7 @@ class Trainer:
 
     def fit(
         self, x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_val: np.ndarray,
-        *, resume: bool = False, log=print,
+        *, resume: bool = False,
     ) -> TrainState:
         cfg, tcfg = self.cfg, self.cfg.train
         model = self.model.to(self.device)
@@ -168,7 +151,7 @@ class Trainer:
         saved: dict[str, Any] | None = None
         if resume:
             saved, state, best_weights = self._load_checkpoint(gen)
-            log(f"resuming after epoch {state.epoch} (phase {state.phase + 1}/{len(phases)})")
+            log.info(f"resuming after epoch {state.epoch} (phase {state.phase + 1}/{len(phases)})")
 
         fit_started = time.perf_counter()
         for p_idx in range(state.phase, len(phases)):
@@ -230,7 +213,7 @@ class Trainer:
                         state.phase_done = state.stopped = True
                         record["time_limit"] = True
                 self._save_checkpoint(model, optimizer, gen, state, best_weights)
-                log(
+                log.info(
                     f"epoch {state.epoch:>3}  phase {p_idx + 1} ({phase.unfreeze})  loss {train_loss:.4f}  "
                     f"val_loss {val['val_loss']:.4f}  val_macro_f1 {val['val_macro_f1']:.4f}  "
                     f"val_acc {val['val_accuracy']:.4f}  {record['seconds']:.0f}s"
@@ -269,7 +252,7 @@ class Trainer:
         order = epoch_indices(y, tcfg.sampling, tcfg.undersample_ratio, gen)
         batches = [order[i:i + tcfg.batch_size] for i in range(0, len(order), tcfg.batch_size)]
         losses = []
-        bar = _progress(batches, desc, tcfg.progress)
+        bar = progress(batches, desc=desc, unit="batch", enabled=tcfg.progress)
         for idx in bar:
             # Augment on the CPU with the run's generator so the stream is the same on every device.
             xb = augment_batch(x[idx].float().div_(255).unsqueeze(1), self.cfg.augment, gen)
@@ -291,8 +274,7 @@ class Trainer:
                 optimizer.step()
             step += 1
             losses.append(loss.item())
-            if hasattr(bar, "set_postfix"):
-                bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}")
+            bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}")
         return float(np.mean(losses)) if losses else float("nan")
 
     def _validate(self, model, x_val, y_val) -> dict[str, float]:
@@ -332,11 +314,3 @@ class Trainer:
         torch.set_rng_state(saved["torch_rng"])
         state = TrainState(**saved["state"], history=list(saved["history"]))
         return saved, state, saved["best_weights"]
-
-
-def _progress(items, desc: str, enabled: bool):
-    if not enabled:
-        return items
-    from tqdm.auto import tqdm
-
-    return tqdm(items, desc=desc, leave=False, unit="batch", dynamic_ncols=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import logging
 import os
 import platform
 import time
@@ -12,13 +13,22 @@ from typing import Any
 
 import pandas as pd
 
-from defectscope import __version__, rundir
-from defectscope.config import RunConfig, build_config, config_from_dict, load_yaml
+from defectscope import rundir
+from defectscope._version import __version__
+from defectscope.config import ConfigError, RunConfig, apply_overrides, build_config, config_from_dict, load_yaml
 from defectscope.data.cache import drop_bad, load_images
 from defectscope.data.checks import cheap_checks
 from defectscope.data.split import assign_splits, split_summary
 from defectscope.data.table import DataError, class_names, is_wafer_source, load_table
 from defectscope.data.wafer import is_wafer_file
+from defectscope.logs import progress
+
+log = logging.getLogger(__name__)
+
+# Short names accepted by train() besides dotted config keys.
+SHORT_KEYS = {"model": "model.name", "image_size": "model.image_size", "epochs": "train.epochs",
+              "seed": "seed", "pretrained": "model.pretrained", "batch_size": "train.batch_size",
+              "lr": "train.lr"}
 
 
 def train(
@@ -29,15 +39,17 @@ def train(
     config_file: str | Path | None = None,
     preset: str | None = None,
     resume: bool = False,
-    log=print,
     **overrides: Any,
 ) -> Path:
     """Train a classifier on ``data`` and write the run directory ``out``; returns its path.
 
     ``overrides`` are dotted config keys, e.g. ``train(..., **{"model.name": "resnet18", "train.epochs": 3})``,
-    or the short names ``model``, ``image_size``, ``epochs``, ``seed``. ``data='elpv'`` applies the ELPV
-    preset (flips and quarter turns on, stratified by cell type) and wafer-map data (``LSWMD.pkl``, folders or
-    manifests of .npy/.npz/.xml maps) the ``wafer`` preset, unless ``preset`` or a config says otherwise.
+    or the short names ``model``, ``image_size``, ``epochs``, ``seed``, ``pretrained``, ``batch_size``, ``lr``.
+    They apply on top of ``config`` (a :class:`RunConfig`) or ``config_file``, never both of those.
+    ``data='elpv'`` applies the ELPV preset (flips and quarter turns on, stratified by cell type) and wafer-map
+    data (``LSWMD.pkl``, folders or manifests of .npy/.npz/.xml/KLARF maps) the ``wafer`` preset, unless
+    ``preset`` names another or a config says otherwise. ``resume=True`` continues ``out`` with its saved
+    config: nothing else may be given.
 
     >>> run = train("path/to/class_folders", "runs/first", epochs=5)  # doctest: +SKIP
     """
@@ -48,15 +60,21 @@ def train(
 
     out = Path(out)
     if resume:
+        given = [name for name, value in (("data", data), ("config", config), ("config_file", config_file))
+                 if value is not None] + sorted(overrides)
+        if given:
+            raise ConfigError(f"resume continues {out} with its saved config; do not also pass {', '.join(given)}")
         cfg = config_from_dict(load_yaml(out / rundir.CONFIG))
         table = rundir.read_table(out)
-        log(f"resuming {out} with its saved config and dataset table")
+        log.info(f"resuming {out} with its saved config and dataset table")
     else:
-        cfg = config or _config_for(data, config_file, overrides, preset)
-        if (out / rundir.SPEC).exists() or (out / "checkpoint.pt").exists():
+        if config is not None and config_file is not None:
+            raise ConfigError("give a config object or a config file, not both")
+        cfg = _config_for(data, config, config_file, overrides, preset)
+        if (out / rundir.SPEC).exists() or (out / rundir.CHECKPOINT).exists():
             raise FileExistsError(f"{out} already holds a run; choose another --out or pass --resume")
         out.mkdir(parents=True, exist_ok=True)
-        table = _build_table(cfg, out, log)
+        table = _build_table(cfg, out)
 
     torch.manual_seed(cfg.seed)
     if cfg.train.threads:
@@ -64,10 +82,10 @@ def train(
 
     classes = cfg.data.classes or class_names(table)
     index = {c: i for i, c in enumerate(classes)}
-    images, bad = _cached_images(table, cfg, log)
+    images, bad = _cached_images(table, cfg)
     if bad:
         table, images = drop_bad(table, images, bad)
-        _write_skipped(out, bad, log)
+        _write_skipped(out, bad)
     if not resume:
         table.to_csv(out / rundir.TABLE, index=False)
         cfg.data.classes = classes
@@ -78,20 +96,20 @@ def train(
         raise DataError("the training split is empty")
     for name in classes:
         if not ((split == "train") & (table["label"].to_numpy() == name)).any():
-            log(f"warning: class {name!r} has no training images")
+            log.warning(f"class {name!r} has no training images")
 
     model = create_model(
         cfg.model.name, len(classes), image_size=cfg.model.image_size,
         pretrained=cfg.model.pretrained, drop_rate=cfg.model.drop_rate,
     )
     source = model.pretrained_report.get("source")
-    log(f"model {cfg.model.name} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters), "
+    log.info(f"model {cfg.model.name} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters), "
         f"pretrained: {source or 'no (from scratch)'}, {cfg.model.image_size} px")
     trainer = Trainer(model, cfg, out, classes)
-    log(f"training on {trainer.device} with {torch.get_num_threads()} threads")
+    log.info(f"training on {trainer.device} with {torch.get_num_threads()} threads")
     started = time.perf_counter()
     tr, va = split == "train", split == "val"
-    state = trainer.fit(images[tr], labels[tr], images[va], labels[va], resume=resume, log=log)
+    state = trainer.fit(images[tr], labels[tr], images[va], labels[va], resume=resume)
     seconds = time.perf_counter() - started
 
     pd.DataFrame(state.history).to_csv(out / rundir.HISTORY, index=False)
@@ -113,28 +131,32 @@ def train(
         machine=machine_info(),
     )
     rundir.save_model(trainer.model.cpu(), spec, out)
-    log(f"best epoch {state.best_epoch} ({cfg.train.monitor} {spec['best_score']:.4f}); run saved in {out}")
+    log.info(f"best epoch {state.best_epoch} ({cfg.train.monitor} {spec['best_score']:.4f}); run saved in {out}")
     return out
 
 
-def _config_for(data, config_file, overrides: dict[str, Any], preset: str | None = None) -> RunConfig:
-    short = {"model": "model.name", "image_size": "model.image_size", "epochs": "train.epochs",
-             "seed": "seed", "pretrained": "model.pretrained", "batch_size": "train.batch_size",
-             "lr": "train.lr"}
-    dotted = {short.get(k, k): v for k, v in overrides.items()}
+def _config_for(data, config: RunConfig | None, config_file, overrides: dict[str, Any],
+                preset: str | None = None) -> RunConfig:
+    dotted = {SHORT_KEYS.get(k, k): v for k, v in overrides.items()}
     if data is not None:
         dotted["data.source"] = str(data)
-    file_source = load_yaml(config_file).get("data", {}).get("source") if config_file else None
-    source = dotted.get("data.source") or file_source or ""
-    if preset is None:
-        preset = "elpv" if str(source).lower() == "elpv" else "wafer" if source and is_wafer_source(source) else None
-    cfg = build_config(preset=preset, config_file=config_file, overrides=dotted)
+    if config is not None:
+        # Overrides apply on top of a copy of the given object, exactly as on top of a YAML file.
+        cfg = apply_overrides(config_from_dict(config.to_dict()), dotted)
+    else:
+        file_source = load_yaml(config_file).get("data", {}).get("source") if config_file else None
+        source = dotted.get("data.source") or file_source or ""
+        if preset is None and str(source).lower() == "elpv":
+            preset = "elpv"
+        elif preset is None and source and is_wafer_source(source):
+            preset = "wafer"
+        cfg = build_config(preset=preset, config_file=config_file, overrides=dotted)
     if not cfg.data.source:
         raise DataError("no data given: pass a folder, a CSV manifest or 'elpv'")
     return cfg
 
 
-def _build_table(cfg: RunConfig, out: Path, log) -> pd.DataFrame:
+def _build_table(cfg: RunConfig, out: Path) -> pd.DataFrame:
     d = cfg.data
     table, bad = load_table(
         d.source, image_root=d.image_root, path_column=d.path_column, label_column=d.label_column,
@@ -142,43 +164,38 @@ def _build_table(cfg: RunConfig, out: Path, log) -> pd.DataFrame:
         trust_pickle=d.trust_pickle, cache_dir=d.cache_dir,
     )
     if bad:
-        _write_skipped(out, bad, log)
+        _write_skipped(out, bad)
     table = assign_splits(table, d.fractions, seed=cfg.seed, stratify=d.stratify, group_column=d.group_column)
-    log(f"dataset: {len(table)} images, {table['label'].nunique()} classes from {d.source}")
-    log(split_summary(table).to_string())
+    log.info(f"dataset: {len(table)} images, {table['label'].nunique()} classes from {d.source}")
+    log.info(split_summary(table).to_string())
     for warning in cheap_checks(table):
-        log(f"warning: {warning} (run `defectscope audit` for the full data audit)")
+        log.warning(f"{warning} (run `defectscope audit` for the full data audit)")
     return table
 
 
-def _cached_images(table: pd.DataFrame, cfg: RunConfig, log):
+def _cached_images(table: pd.DataFrame, cfg: RunConfig):
     started = time.perf_counter()
-    bar = None
-    if cfg.train.progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=len(table), desc="decode+resize", unit="img", leave=False)
+    bar = progress(desc="decode+resize", total=len(table), unit="img", enabled=cfg.train.progress)
     images, bad = load_images(
         table, cfg.model.image_size, resize=cfg.data.resize, max_pixels=cfg.data.max_pixels,
-        skip_bad=cfg.data.skip_bad, cache_dir=cfg.data.cache_dir, progress=bar.update if bar else None,
+        skip_bad=cfg.data.skip_bad, cache_dir=cfg.data.cache_dir, progress=bar.update,
     )
-    if bar:
-        bar.close()
-    log(f"images ready: {images.shape[0]} x {images.shape[1]}x{images.shape[2]} "
-        f"({time.perf_counter() - started:.1f}s, cached)")
+    bar.close()
+    log.info(f"images ready: {images.shape[0]} x {images.shape[1]}x{images.shape[2]} "
+             f"({time.perf_counter() - started:.1f}s, cached)")
     return images, bad
 
 
-def _write_skipped(out: Path, bad, log) -> None:
+def _write_skipped(out: Path, bad) -> None:
     path = out / rundir.SKIPPED
     previous = pd.read_csv(path, dtype=str) if path.is_file() else pd.DataFrame()
     rows = pd.DataFrame([b.__dict__ for b in bad])
     pd.concat([previous, rows]).drop_duplicates().to_csv(path, index=False)
-    log(f"skipped {len(bad)} unusable file(s), listed in {path}:")
+    log.warning(f"skipped {len(bad)} unusable file(s), listed in {path}:")
     for b in bad[:20]:
-        log(f"  {b.source}: {b.path}: {b.reason}")
+        log.warning(f"  {b.source}: {b.path}: {b.reason}")
     if len(bad) > 20:
-        log(f"  ... and {len(bad) - 20} more")
+        log.warning(f"  ... and {len(bad) - 20} more")
 
 
 def table_hash(table: pd.DataFrame) -> str:

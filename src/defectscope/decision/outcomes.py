@@ -7,10 +7,10 @@ from typing import Any, Literal
 
 import numpy as np
 
-from defectscope.decision.calibration import cp_interval
 from defectscope.decision.costs import DRIFT, expected_costs, penalties, penalty_weighted_accuracy
 from defectscope.decision.policy import REVIEW, Policy, PolicyError, decide
-from defectscope.evaluation.metrics import classification_metrics
+from defectscope.decision.thresholds import cp_interval
+from defectscope.metrics import classification_metrics
 
 
 def _rate(k: int, n: int, confidence: float) -> dict[str, Any]:

@@ -1,0 +1,79 @@
+"""The report's headline and per-class tables."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from defectscope.evaluation.report.html import esc, num, pct, rate_row
+
+
+def headline(metrics: dict[str, Any], raw: dict[str, Any] | None) -> str:
+    n = int(metrics.get("n") or sum(v["support"] for v in metrics["per_class"].values()))
+    correct = int(round(metrics["accuracy"] * n))
+    rows = [
+        f"<tr><td>macro-F1</td><td>{num(metrics['macro_f1'])}</td><td>The average F1 over classes: every class "
+        f"counts the same, however few images it has. 1.0 is perfect.</td></tr>",
+        f"<tr><td>worst class</td><td>{esc(metrics['worst_class'])} (F1 {num(metrics['worst_class_f1'])})</td>"
+        f"<td>The class the model handles worst; look here first.</td></tr>",
+        f"<tr><td>balanced accuracy</td><td>{pct(metrics['balanced_accuracy'])}</td><td>On average, this share of "
+        f"each class's images is put in the right class.</td></tr>",
+        f"<tr><td>accuracy</td><td>{pct(metrics['accuracy'])}</td><td>{correct} of {n} test images are put in the "
+        f"right class. Misleading when one class dominates.</td></tr>",
+    ]
+    if raw is not None:
+        good, how = raw["good_class"], "(most probable class, no policy)"
+        for key in ("escape", "overkill"):
+            r = raw[key]
+            if key == "escape":
+                sentence = f"{r['count']} of {r['of']} defective parts would have been passed as {good} {how}."
+            else:
+                sentence = f"{r['count']} of {r['of']} {good} parts would have been rejected as defective {how}."
+            rows.append(rate_row(f"{key} rate, raw model", r, sentence))
+    pol = metrics.get("policy")
+    if pol:
+        escape, overkill = pol.get("escape"), pol.get("overkill")
+        if escape:
+            rows.append(rate_row("escape rate, with policy", escape, f"{escape['count']} of {escape['of']} defective "
+                                 "parts would have been passed as GOOD at the chosen operating point."))
+        if overkill:
+            rows.append(rate_row("overkill rate, with policy", overkill, f"{overkill['count']} of {overkill['of']} "
+                                 "good parts would have been rejected as defective at the chosen operating point."))
+        n_pol = int(pol.get("n", 0))
+        n_review = int(round(pol.get("review_rate", 0.0) * n_pol))
+        rows.append(f"<tr><td>review rate</td><td>{pct(pol.get('review_rate'))}</td><td>{n_review} of {n_pol} "
+                    f"images would be sent to a person instead of being decided automatically.</td></tr>")
+        if pol.get("drift_rate"):
+            rows.append(f"<tr><td>drift rate</td><td>{pct(pol['drift_rate'])}</td><td>Share of images flagged as "
+                        f"unlike anything seen in training.</td></tr>")
+        auto = pol.get("auto") or {}
+        if auto:
+            rows.append(f"<tr><td>accuracy of automatic decisions</td><td>{pct(auto.get('accuracy'))}</td><td>Of the "
+                        f"{pol.get('n_auto')} images the machine decides itself, this share is right.</td></tr>")
+        if pol.get("pwa") is not None:
+            rows.append(f"<tr><td>PWA / expected cost</td><td>{num(pol['pwa'])} / "
+                        f"{num(pol.get('expected_cost_per_image'), 2)}</td><td>Penalty-weighted accuracy (1 is "
+                        f"perfect) and the expected penalty per automatically decided image under the cost "
+                        f"matrix.</td></tr>")
+    return '<table class="headline big"><tr><th>figure</th><th>value</th><th>what it means</th></tr>' + \
+        "".join(rows) + "</table>"
+
+
+def per_class_table(metrics: dict[str, Any]) -> str:
+    head = "<tr><th>class</th><th>precision</th><th>recall</th><th>F1</th><th>support</th></tr>"
+    rows = []
+    for name, m in metrics["per_class"].items():
+        cls = ' class="worst"' if name == metrics.get("worst_class") else ""
+        rows.append(f"<tr{cls}><td>{esc(name)}</td><td>{num(m['precision'])}</td><td>{num(m['recall'])}</td>"
+                    f"<td>{num(m['f1'])}</td><td>{m['support']}</td></tr>")
+    return f"<table>{head}{''.join(rows)}</table>"
+
+
+def auc_table(numbers: dict[str, Any]) -> str:
+    head = "<tr><th>class</th><th>ROC AUC</th><th>average precision</th><th>PR AUC</th><th>note</th></tr>"
+    rows = [f"<tr><td>{esc(name)}</td><td>{num(numbers['roc_auc'][name])}</td>"
+            f"<td>{num(numbers['average_precision'][name])}</td><td>{num(numbers['pr_auc'][name])}</td>"
+            f"<td>{esc(numbers['curves_skipped'].get(name, ''))}</td></tr>" for name in numbers["roc_auc"]]
+    rows.append(f"<tr><th>macro average</th><th>{num(numbers['macro_roc_auc'])}</th>"
+                f"<th>{num(numbers['macro_average_precision'])}</th><th>{num(numbers['macro_pr_auc'])}</th>"
+                f"<th></th></tr>")
+    return f"<table>{head}{''.join(rows)}</table>"

@@ -1,0 +1,83 @@
+"""Smoke tests of the CLI verbs over one small run: each verb runs through `defectscope.cli.main` and leaves
+what it promises on disk; `predict` (deploy/batch.py) also in every output format."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+
+import pytest
+
+from defectscope.cli import main
+
+
+@pytest.fixture(scope="module")
+def cli_run(trained_run, tmp_path_factory):
+    run = tmp_path_factory.mktemp("cli") / "run"
+    shutil.copytree(trained_run, run)
+    return run
+
+
+@pytest.fixture(scope="module")
+def exported(cli_run):
+    assert main(["calibrate", str(cli_run), "--review-rate", "0.1", "--drift-rate", "0.2"]) == 0
+    policy = json.loads((cli_run / "policy.json").read_text())
+    assert policy["review_threshold"] is not None and policy["drift"]["score"]
+    model = cli_run / "export" / "model.onnx"
+    assert main(["export", str(cli_run), "--out", str(model)]) == 0
+    assert model.is_file() and model.with_suffix(".json").is_file()
+    return model
+
+
+@pytest.mark.parametrize("fmt", ["csv", "json", "jsonl"])
+def test_predict_writes_one_row_per_image_in_each_format(exported, folder_dataset, tmp_path, fmt):
+    out = tmp_path / f"results.{fmt}"
+    bad = tmp_path / "in" / "broken.png"
+    bad.parent.mkdir()
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    code = main(["predict", str(exported), str(folder_dataset / "GOOD"), str(bad), "--format", fmt, "--out", str(out)])
+    assert code == 1  # an unreadable image is reported by the exit code, the rest is still written
+    n_images = len(list((folder_dataset / "GOOD").glob("*.png"))) + 1
+    if fmt == "csv":
+        rows = list(csv.DictReader(out.open()))
+        decisions = [r["decision"] for r in rows]
+    elif fmt == "json":
+        rows = json.loads(out.read_text())
+        decisions = [r["decision"] for r in rows]
+    else:
+        rows = [json.loads(line) for line in out.read_text().splitlines()]
+        decisions = [r["decision"] for r in rows]
+    assert len(rows) == n_images
+    assert decisions.count("_unreadable") == 1
+
+
+def test_predict_missing_input_is_a_one_line_error(exported, tmp_path, capsys):
+    assert main(["predict", str(exported), str(tmp_path / "nope.png")]) == 2
+    assert "no such file" in capsys.readouterr().err
+
+
+def test_sort_then_log_export(exported, folder_dataset, tmp_path):
+    inbox = tmp_path / "inbox"
+    shutil.copytree(folder_dataset / "spot", inbox)
+    n = len(list(inbox.glob("*.png")))
+    out = tmp_path / "sorted"
+    assert main(["sort", str(exported), "--inbox", str(inbox), "--out", str(out), "--copy", "--settle", "0"]) == 0
+    filed = [p for p in out.rglob("*.png")]
+    assert len(filed) == n and len(list(inbox.glob("*.png"))) == n  # copy mode leaves the inbox as is
+    log_csv = tmp_path / "log.csv"
+    assert main(["log", "export", str(out / "results.db"), "--out", str(log_csv)]) == 0
+    rows = list(csv.DictReader(log_csv.open()))
+    assert len(rows) == n and {r["status"] for r in rows} == {"done"}
+
+
+def test_drift_eval_writes_its_json(cli_run):
+    assert main(["drift-eval", str(cli_run), "--kinds", "far"]) == 0
+    result = json.loads((cli_run / "drift_eval.json").read_text())
+    assert set(result["kinds"]) == {"far"} and result["best_score"] in result["scores"]
+
+
+def test_evaluate_after_calibrate_reports_the_policy(cli_run, exported):
+    assert main(["evaluate", str(cli_run), "--no-report"]) == 0
+    metrics = json.loads((cli_run / "evaluation" / "metrics.json").read_text())
+    assert "policy" in metrics and metrics["policy"]["n"] > 0
