@@ -133,7 +133,9 @@ def fit_scorer(run: Run, model=None, *, k: int = 10) -> DriftScorer:
     model = model if model is not None else run.model()
     rows, images = run.images(run.rows("train"))
     feats, logits = features_and_logits(model, images)
-    return DriftScorer(k=k, seed=run.seed).fit(feats, logits, run.labels(rows))
+    # The linear head's weight and bias, for ViM's origin and virtual logit.
+    head = (model.head.weight.detach().cpu().numpy(), model.head.bias.detach().cpu().numpy())
+    return DriftScorer(k=k, seed=run.seed).fit(feats, logits, run.labels(rows), head=head)
 
 
 def fit_drift(run: str | Run, *, k: int = 10, model=None) -> DriftScorer:
