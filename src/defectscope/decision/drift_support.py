@@ -57,9 +57,9 @@ def support_message(support: dict[str, Any]) -> str:
     ask, got = support["requested_rate"], support["guaranteed_rate"]
     if support["supported"]:
         return (f"{n} normal calibration images guarantee a false-flag rate of {ask:g} "
-                f"(about {support['per_10000']} normal parts set aside per 10,000)")
+                f"({per_10000_words(ask)})")
     return (f"{n} normal calibration images cannot guarantee a false-flag rate of {ask:g}: they guarantee "
-            f"{got:.3g} at best (about {support['per_10000']} normal parts set aside per 10,000); "
+            f"{got:.3g} at best ({per_10000_words(got)}); "
             f"a rate of {ask:g} needs at least {need} normal images ({need - n} more)")
 
 
@@ -78,7 +78,7 @@ def threshold_with_support(scores_in_distribution: np.ndarray, rate: float) -> t
 
 
 def per_10000_words(rate: float) -> str:
-    """The false-flag rate in the line's words: 'about N normal parts a day set aside per 10,000'."""
+    """A false-flag rate in the line's words: 'about N of every 10,000 normal parts set aside'."""
     n = rate * 10_000
     shown = f"{n:.0f}" if n >= 10 else f"{n:.1f}".rstrip("0").rstrip(".")
-    return f"about {shown} normal parts set aside per 10,000"
+    return f"about {shown} of every 10,000 normal parts set aside"

@@ -83,7 +83,8 @@ class FusedDriftHead(nn.Module):
         self.register_buffer("sigma", torch.tensor(list(sigma), dtype=torch.float32))
 
     def forward(self, features: torch.Tensor, logits: torch.Tensor, maps: Sequence[torch.Tensor]) -> torch.Tensor:
-        scores = [m(maps) if k == "patch" else m(features, logits) for k, m in zip(self.kinds, self.members, strict=False)]
+        scores = [m(maps) if k == "patch" else m(features, logits)
+                  for k, m in zip(self.kinds, self.members, strict=True)]
         z = (torch.stack(scores, dim=1) - self.mu) / self.sigma
         return z.max(dim=1).values
 
