@@ -158,3 +158,11 @@ def test_multilayer_export_heads_on_a_timm_model(tmp_path):
                           (g.score(m_q) - 2.0) / 0.5)
     np.testing.assert_allclose(o_logits, l_q, rtol=1e-3, atol=1e-4)
     np.testing.assert_allclose(o_drift, expected, rtol=1e-3, atol=1e-3)
+
+
+def test_fit_patch_drift_names_a_backbone_without_maps(trained_run):
+    from defectscope.decision.patch_drift import fit_patch_drift
+
+    # The fast test run uses a seed CNN, which has no timm forward_intermediates.
+    with pytest.raises(DriftError, match="forward_intermediates"):
+        fit_patch_drift(trained_run)

@@ -21,6 +21,7 @@ Split in two so the deployed side never needs torch:
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,9 @@ from typing import Any
 import numpy as np
 
 from defectscope.decision.drift import DriftError
+from defectscope.rundir import Run
+
+log = logging.getLogger(__name__)
 
 PATCH_WEIGHTS = "patch_drift.safetensors"
 PATCH_PARAMS = "patch_drift.json"
@@ -216,3 +220,18 @@ def multilayer_forward(model, x, stages: Sequence[int]):
     backbone = model.backbone
     final, maps = backbone.forward_intermediates((x - model.mean) / model.std, indices=list(stages))
     return backbone.forward_head(final, pre_logits=True), maps
+
+
+def fit_patch_drift(run: str | Path | Run, *, d: int = 100, stages: Sequence[int] = DEFAULT_STAGES,
+                    model=None) -> PatchGaussian:
+    """Fit the patch Gaussian on the maps of the run's training split and save it in the run
+    (``RUN/patch_drift.safetensors`` + ``RUN/patch_drift.json``), beside ``fit_drift``'s statistics."""
+    run = run if isinstance(run, Run) else Run(run)
+    model = model if model is not None else run.model()
+    _, images = run.images(run.rows("train"))
+    _, _, maps = feature_maps(model, images, stages)
+    g = PatchGaussian(d=d, seed=run.seed, stages=stages).fit(maps)
+    weights, _ = g.save(run.path)
+    log.info(f"patch drift statistics of {g.n_train} training images ({len(g.channels)} channels on a "
+             f"{g.grid[0]}x{g.grid[1]} grid, {g.precision.nbytes / 1e6:.1f} MB) written: {weights}")
+    return g
