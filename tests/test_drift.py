@@ -151,8 +151,9 @@ def _empty_run(folder):
 def test_scorer_round_trips_through_safetensors_and_json(tmp_path):
     rng = np.random.default_rng(3)
     feats, labels = _clusters(rng, 30, CENTRES)
-    scorer = DriftScorer(k=7, max_bank=50, seed=4).fit(feats.astype(np.float32), None, labels)
-    assert scorer.bank.shape == (50, 8)
+    head = (rng.normal(size=(3, 8)), rng.normal(size=3))
+    scorer = DriftScorer(k=7, max_bank=50, seed=4).fit(feats.astype(np.float32), None, labels, head=head)
+    assert scorer.bank.shape == (50, 8) and scorer.available == SCORES
     run = _empty_run(tmp_path)
     scorer.save(run)
     assert json.loads((tmp_path / "drift.json").read_text())["k"] == 7
@@ -256,3 +257,33 @@ def test_drift_eval_retrains_for_held_out_class_and_group(trained_run, tmp_path)
     assert set(report["kinds"]["group"]["parts"]) == {"lot!=A"}
     assert (run / "drift_eval_runs" / "without_GOOD" / "model.safetensors").is_file()
     assert json.loads((tmp_path / "eval.json").read_text())["best_score"] in SCORES
+
+
+def test_vim_matches_the_openood_formula():
+    from defectscope.decision.drift import fit_vim, vim_score
+
+    rng = np.random.default_rng(5)
+    # Features with a low-rank structure plus noise, as penultimate features are.
+    train = rng.normal(size=(200, 4)) @ rng.normal(size=(4, 12)) + 0.1 * rng.normal(size=(200, 12)) + 1.0
+    w, b = rng.normal(size=(3, 12)), rng.normal(size=3)
+    stats = fit_vim(train, w, b, dim=4)
+    # OpenOOD VIMPostprocessor, written out: origin u = -pinv(W) b; eigenvectors of the covariance of
+    # (f - u) (EmpiricalCovariance, assume_centered=True); null space = all but the top `dim`.
+    u = -np.linalg.pinv(w) @ b
+    cov = (train - u).T @ (train - u) / len(train)
+    vals, vecs = np.linalg.eig(cov)
+    ns = np.ascontiguousarray(vecs.T[np.argsort(vals * -1)[4:]].T).real
+    alpha = (train @ w.T + b).max(axis=1).mean() / np.linalg.norm((train - u) @ ns, axis=-1).mean()
+    q = rng.normal(size=(7, 12)) * 2
+    logits = q @ w.T + b
+    direct = alpha * np.linalg.norm((q - u) @ ns, axis=-1) - np.log(np.exp(logits).sum(axis=1))
+    np.testing.assert_allclose(vim_score(q, logits, stats), direct, rtol=1e-4)
+    # Off the training subspace the score is higher.
+    inside = rng.normal(size=(50, 4)) @ rng.normal(size=(4, 12))
+    assert stats["vim.null_space"].shape == (12, 8)
+    assert np.median(vim_score(train[:50], train[:50] @ w.T + b, stats)) < np.median(
+        vim_score(inside + 5 * rng.normal(size=(50, 12)), (inside) @ w.T + b, stats))
+    with pytest.raises(DriftError, match="dimensions"):
+        vim_score(q[:, :5], logits, stats)
+    with pytest.raises(DriftError, match="needs logits"):
+        DriftScorer().fit(train, None, np.arange(200) % 3).score(q, logits, ["vim"])

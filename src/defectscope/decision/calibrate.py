@@ -16,7 +16,8 @@ import pandas as pd
 
 from defectscope.decision.costs import load_cost_matrix
 from defectscope.decision.drift import SCORES, DriftError, DriftScorer
-from defectscope.decision.drift_fit import calibrate_drift_threshold, cost_aware_drift_threshold, fit_drift
+from defectscope.decision.drift_fit import cost_aware_drift_threshold, fit_drift
+from defectscope.decision.drift_support import support_message, threshold_with_support
 from defectscope.decision.outcomes import apply_policy_metrics
 from defectscope.decision.policy import Policy, decide, review_scores, softmax
 from defectscope.decision.thresholds import (
@@ -232,10 +233,13 @@ def _calibrate_drift(policy: Policy, run: Run, model, features, logits, y, rate:
     scorer = fit_drift(run, model=model)
     s_in = scorer.score(features, logits, [score])[score]
     try:
-        threshold = calibrate_drift_threshold(s_in, rate)
+        # With too few normal images for `rate`, the threshold that guarantees 1/(n + 1) instead, and
+        # policy.json says so (rate_support), rather than no Drift flag at all.
+        threshold, support = threshold_with_support(s_in, rate)
     except (DriftError, CalibrationError, ValueError) as exc:
         log.warning(f"Drift flag not set: {exc}")
         return
+    (log.info if support["supported"] else log.warning)(support_message(support))
     evidence: dict[str, Any] = {"method": "false_flag_rate"}
     if examples is not None and policy.cost_matrix is not None and "Drift" in policy.cost_matrix["classes"]:
         drift_images = _folder_images(examples, run.spec)
@@ -250,6 +254,7 @@ def _calibrate_drift(policy: Policy, run: Run, model, features, logits, y, rate:
     policy.drift_threshold = float(threshold)
     policy.drift = {
         "score": score, "target_false_flag_rate": rate, "n_calibration": int(len(s_in)),
+        "rate_support": support,
         "calibration_flag_rate": float(np.mean(s_in > threshold)),
         "threshold_fit": {k: v for k, v in evidence.items() if k != "threshold"},
         "statistics": "drift.safetensors + drift.json in the run directory",

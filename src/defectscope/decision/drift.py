@@ -14,6 +14,10 @@ Scores:
   covariance fitted on training features (Lee et al. 2018, without input preprocessing; OpenOOD ``MDS``).
 - ``knn``: distance from the L2-normalised feature to its k-th nearest normalised training feature
   (Sun et al. 2022; OpenOOD ``KNNPostprocessor``, k = 50 on CIFAR; default here 10 for small datasets).
+- ``vim``: Virtual-logit Matching (Wang et al. 2022; OpenOOD ``VIMPostprocessor``): the norm of the
+  feature's residual outside the principal subspace of the training features (centred at the origin
+  ``u = -pinv(W) b`` of the linear head), scaled by ``alpha`` = mean max-logit / mean residual on training
+  images, minus the energy ``logsumexp(logits)``. Needs the head's weight and bias when fitting.
 
 Saved as ``RUN/drift.safetensors`` (numpy arrays, nothing pickled) plus ``RUN/drift.json`` (parameters).
 """
@@ -29,7 +33,7 @@ if TYPE_CHECKING:  # only for the annotations: the predictor imports this module
     from defectscope.rundir import Run
 
 DRIFT_VERSION = 1
-SCORES = ("msp", "energy", "mahalanobis", "knn")
+SCORES = ("msp", "energy", "mahalanobis", "knn", "vim")
 
 
 class DriftError(ValueError):
@@ -126,6 +130,43 @@ def knn_score(features: np.ndarray, bank: np.ndarray, k: int = 10, *, chunk: int
     return out
 
 
+def fit_vim(features: np.ndarray, weight: np.ndarray, bias: np.ndarray, dim: int | None = None
+            ) -> dict[str, np.ndarray]:
+    """ViM statistics: ``vim.origin`` (D,), ``vim.null_space`` (D, D - dim), ``vim.alpha`` (scalar array).
+
+    ``dim``: the principal subspace's dimension; default half the feature dimension, capped at N - 1
+    (OpenOOD uses 256 of 512 for CIFAR ResNet-18; the paper 1000 of 2048 for ImageNet ResNet-50).
+    """
+    f = np.asarray(features, dtype=np.float64)
+    w, b = np.asarray(weight, dtype=np.float64), np.asarray(bias, dtype=np.float64)
+    if f.ndim != 2 or w.ndim != 2 or w.shape[1] != f.shape[1] or b.shape != (w.shape[0],):
+        raise DriftError(f"ViM needs features (N, D), head weight (K, D) and bias (K,); got {f.shape}, "
+                         f"{w.shape}, {b.shape}")
+    n, d = f.shape
+    dim = min(d // 2 if dim is None else int(dim), d - 1, max(n - 1, 1))
+    origin = -np.linalg.pinv(w) @ b
+    centred = f - origin
+    evals, evecs = np.linalg.eigh(centred.T @ centred / n)
+    null_space = evecs[:, np.argsort(evals)[::-1][dim:]]
+    residual = np.linalg.norm(centred @ null_space, axis=1)
+    max_logit = (f @ w.T + b).max(axis=1)
+    # A zero residual (training features inside the subspace) would make alpha infinite; 1 keeps it finite.
+    alpha = max_logit.mean() / residual.mean() if residual.mean() > 0 else 1.0
+    # Sorted keys: the order safetensors reads them back in.
+    return {"vim.alpha": np.asarray(alpha, dtype=np.float64).reshape(1),
+            "vim.null_space": np.ascontiguousarray(null_space, np.float32), "vim.origin": origin.astype(np.float32)}
+
+
+def vim_score(features: np.ndarray, logits: np.ndarray, stats: dict[str, np.ndarray]) -> np.ndarray:
+    """alpha * ||(f - u) @ NS|| - logsumexp(logits): higher = more unlike training."""
+    f = np.asarray(features, dtype=np.float64)
+    origin, null_space = stats["vim.origin"].astype(np.float64), stats["vim.null_space"].astype(np.float64)
+    if f.shape[1:] != origin.shape:
+        raise DriftError(f"features have {f.shape[1:]} dimensions, the ViM origin {origin.shape}")
+    residual = np.linalg.norm((f - origin) @ null_space, axis=1)
+    return float(stats["vim.alpha"].reshape(-1)[0]) * residual - _logsumexp(np.asarray(logits, dtype=np.float64))
+
+
 class DriftScorer:
     """Fitted statistics of the training features, and every Drift score computed from them.
 
@@ -143,15 +184,18 @@ class DriftScorer:
         self.means: np.ndarray | None = None
         self.precision: np.ndarray | None = None
         self.bank: np.ndarray | None = None
+        self.vim: dict[str, np.ndarray] | None = None  # fitted only when the head is given
         self.n_train = 0
 
     @property
     def fitted(self) -> bool:
         return self.means is not None
 
-    def fit(self, features: np.ndarray, logits: np.ndarray | None, labels: np.ndarray) -> DriftScorer:
+    def fit(self, features: np.ndarray, logits: np.ndarray | None, labels: np.ndarray,
+            head: tuple[np.ndarray, np.ndarray] | None = None) -> DriftScorer:
         """Fit on training ``features`` (N, D) with class indices ``labels``; logits are not needed for
-        any fitted statistic (MSP and energy have none) and are accepted for symmetry with ``score``."""
+        any fitted statistic (MSP and energy have none) and are accepted for symmetry with ``score``.
+        ``head``: the classifier's linear (weight (K, D), bias (K,)), for ViM; without it ViM is not fitted."""
         f = np.asarray(features, dtype=np.float32)
         if len(f) == 0:
             raise DriftError("no training features to fit the drift scores on")
@@ -160,13 +204,19 @@ class DriftScorer:
         if len(f) > self.max_bank:
             idx = np.sort(np.random.default_rng(self.seed).choice(len(f), self.max_bank, replace=False))
         self.bank = l2_normalise(f[idx])
+        self.vim = fit_vim(f, *head) if head is not None else None
         self.n_train = len(f)
         return self
 
+    @property
+    def available(self) -> tuple[str, ...]:
+        """The scores these statistics can compute (ViM only when fitted with the head)."""
+        return tuple(s for s in SCORES if s != "vim" or self.vim is not None)
+
     def score(self, features: np.ndarray | None, logits: np.ndarray | None,
               names: tuple[str, ...] | list[str] | None = None) -> dict[str, np.ndarray]:
-        """The requested scores (default: all that the inputs allow; features-based ones need ``fit``)."""
-        wanted = tuple(names) if names is not None else SCORES
+        """The requested scores (default: all that the statistics allow; features-based ones need ``fit``)."""
+        wanted = tuple(names) if names is not None else self.available
         unknown = set(wanted) - set(SCORES)
         if unknown:
             raise DriftError(f"unknown drift scores {sorted(unknown)}; valid: {', '.join(SCORES)}")
@@ -184,6 +234,10 @@ class DriftScorer:
                 raise DriftError(f"the {name} score needs a fitted DriftScorer (call fit or load)")
             if name == "mahalanobis":
                 out[name] = mahalanobis_score(features, self.means, self.precision)
+            elif name == "vim":
+                if self.vim is None or logits is None:
+                    raise DriftError("the vim score needs logits and statistics fitted with the classifier's head")
+                out[name] = vim_score(features, logits, self.vim)
             else:
                 out[name] = knn_score(features, self.bank, self.k)
         return out
@@ -192,6 +246,7 @@ class DriftScorer:
         return {
             "version": DRIFT_VERSION, "scores": list(SCORES), "k": self.k, "temperature": self.temperature,
             "shrinkage": self.shrinkage, "max_bank": self.max_bank, "seed": self.seed, "n_train": self.n_train,
+            "available": list(self.available) if self.fitted else [],
             "feature_dim": None if self.means is None else int(self.means.shape[1]),
         }
 
@@ -203,6 +258,7 @@ class DriftScorer:
             "mahalanobis.means": np.ascontiguousarray(self.means),
             "mahalanobis.precision": np.ascontiguousarray(self.precision),
             "knn.bank": np.ascontiguousarray(self.bank),
+            **(self.vim or {}),
         }
         return arrays, self.params()
 
@@ -216,6 +272,8 @@ class DriftScorer:
         s = cls(k=params["k"], temperature=params["temperature"], shrinkage=params["shrinkage"],
                 max_bank=params["max_bank"], seed=params["seed"])
         s.means, s.precision, s.bank = arrays["mahalanobis.means"], arrays["mahalanobis.precision"], arrays["knn.bank"]
+        vim = {k: v for k, v in arrays.items() if k.startswith("vim.")}
+        s.vim = vim if len(vim) == 3 else None
         s.n_train = int(params.get("n_train", 0))
         return s
 

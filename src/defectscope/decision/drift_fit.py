@@ -45,11 +45,9 @@ def calibrate_drift_threshold(scores_in_distribution: np.ndarray, target_false_f
     # The epsilon keeps (n + 1)(1 - alpha) = 190.00000000000003 from rounding up to 191.
     k = math.ceil((n + 1) * (1 - alpha) - 1e-9)
     if k > n:
-        need = math.ceil(1 / alpha - 1 - 1e-9)
-        raise DriftError(
-            f"{n} in-distribution images are too few to guarantee a false-flag rate of {alpha:g}: "
-            f"at least {need} are needed (or accept a higher rate)"
-        )
+        from defectscope.decision.drift_support import rate_support, support_message
+
+        raise DriftError(support_message(rate_support(n, alpha)) + " (or accept a higher rate)")
     return float(np.sort(s)[max(k, 1) - 1])
 
 
@@ -133,7 +131,9 @@ def fit_scorer(run: Run, model=None, *, k: int = 10) -> DriftScorer:
     model = model if model is not None else run.model()
     rows, images = run.images(run.rows("train"))
     feats, logits = features_and_logits(model, images)
-    return DriftScorer(k=k, seed=run.seed).fit(feats, logits, run.labels(rows))
+    # The linear head's weight and bias, for ViM's origin and virtual logit.
+    head = (model.head.weight.detach().cpu().numpy(), model.head.bias.detach().cpu().numpy())
+    return DriftScorer(k=k, seed=run.seed).fit(feats, logits, run.labels(rows), head=head)
 
 
 def fit_drift(run: str | Run, *, k: int = 10, model=None) -> DriftScorer:

@@ -57,12 +57,18 @@ class DriftHead(nn.Module):
         elif name == "knn":
             self.register_buffer("bank", torch.from_numpy(np.ascontiguousarray(arrays["knn.bank"])).float())
             self.k = min(max(self.k, 1), len(arrays["knn.bank"]))
+        elif name == "vim":
+            from defectscope.deploy.drift_heads import VimHead
+
+            self.vim = VimHead(arrays)
 
     def forward(self, features: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
         if self.name == "msp":
             return -torch.softmax(logits / self.temperature, dim=1).max(dim=1).values
         if self.name == "energy":
             return -self.temperature * torch.logsumexp(logits / self.temperature, dim=1)
+        if self.name == "vim":
+            return self.vim(features, logits)
         if self.name == "mahalanobis":
             diff = features[:, None, :] - self.means[None]  # (N, K, D)
             return ((diff @ self.precision) * diff).sum(-1).min(dim=1).values
