@@ -21,7 +21,12 @@ depends_on = None
 def upgrade() -> None:
     # A log written by the old stdlib ResultLog has an unnamed UNIQUE constraint; the naming convention
     # gives the reflected one the name revision 0001 uses, so one drop works on both kinds of database.
-    with op.batch_alter_table("decisions", naming_convention={"uq": "uq_%(table_name)s_key"}) as b:
+    # Its CHECK on status is unnamed too, which batch mode would drop on SQLite: restate it, named.
+    checks = sa.inspect(op.get_bind()).get_check_constraints("decisions")
+    restate = (sa.CheckConstraint("status IN ('pending', 'done', 'error')", name="ck_decisions_status"),) \
+        if any(c.get("name") is None for c in checks) else ()
+    with op.batch_alter_table("decisions", naming_convention={"uq": "uq_%(table_name)s_key"},
+                              table_args=restate) as b:
         b.add_column(sa.Column("request_id", sa.Text, nullable=False, server_default=""))
         b.add_column(sa.Column("source", sa.Text, nullable=False, server_default="sort"))
         b.add_column(sa.Column("station", sa.Text))
