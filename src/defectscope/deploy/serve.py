@@ -365,7 +365,8 @@ class BodyLimit:
             return await self.app(scope, receive, send)
         length = dict(scope["headers"]).get(b"content-length")
         if length is not None and (not length.isdigit() or int(length) > self.limit):
-            response = JSONResponse({"detail": f"request body over the {self.limit} byte limit"}, status_code=413)
+            response = JSONResponse({"detail": f"request body too large (over {self.limit} bytes)"},
+                                    status_code=413)
             return await response(scope, receive, send)
         seen = 0
 
