@@ -41,10 +41,11 @@ from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
 from fastapi import FastAPI, HTTPException, Query, Request
+from fastapi import Path as FastPath
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -68,6 +69,8 @@ _IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".w
 _MIME = {"PNG": "image/png", "JPEG": "image/jpeg", "BMP": "image/bmp", "GIF": "image/gif", "WEBP": "image/webp",
          "TIFF": "image/tiff"}
 _RAW_TYPES = ("image/", "application/octet-stream")
+MAX_ID = 2**31 - 1  # ids are 32-bit INTEGER in PostgreSQL: a larger one is a 404, never a database error
+DecisionId = Annotated[int, FastPath(ge=1, le=MAX_ID)]
 
 
 @dataclass
@@ -382,7 +385,7 @@ class BodyLimit:
 
 
 class ReviewIn(BaseModel):
-    decision_id: int = Field(ge=1)
+    decision_id: int = Field(ge=1, le=MAX_ID)
     label: str = Field(min_length=1, max_length=64)
     reviewer: str | None = Field(default=None, max_length=64)
     comment: str | None = Field(default=None, max_length=1000)
@@ -630,36 +633,39 @@ def create_app(config: ServeConfig) -> FastAPI:
                       limit: int = Query(100, ge=1, le=1000), offset: int = Query(0, ge=0, le=10**9)) -> dict[str, Any]:
         """Stored decisions, newest first, filtered by time (ISO 8601; naive means UTC), decision, model id,
         station and source (sort or api)."""
+        for name, value in (("decision", decision), ("model", model), ("station", station), ("source", source)):
+            if value is not None and "\x00" in value:
+                raise HTTPException(422, f"{name}: NUL characters are not allowed")
         rows, total = await run_in_threadpool(lambda: state["store"].query(
             since=_utc_iso(since), until=_utc_iso(until), decision=decision, model=model, station=station,
             source=source, limit=limit, offset=offset))
         return {"total": total, "limit": limit, "offset": offset, "items": [_public(r) for r in rows]}
 
-    def _row(decision_id: int) -> dict[str, Any]:
+    def _row(decision_id: DecisionId) -> dict[str, Any]:
         row = state["store"].get(decision_id)
         if row is None:
             raise HTTPException(404, f"no decision {decision_id}")
         return row
 
     @app.get("/v1/decisions/{decision_id}", tags=["results"])
-    async def decision(decision_id: int) -> dict[str, Any]:
+    async def decision(decision_id: DecisionId) -> dict[str, Any]:
         """One decision with every review of it."""
         row = await run_in_threadpool(_row, decision_id)
         return {**_public(row), "reviews": await run_in_threadpool(state["store"].reviews, decision_id)}
 
     @app.get("/v1/decisions/{decision_id}/image", tags=["results"], response_class=FileResponse)
-    async def decision_image(decision_id: int) -> FileResponse:
+    async def decision_image(decision_id: DecisionId) -> FileResponse:
         """The image the decision was made on (the service's copy, or the sorter's filed file)."""
         row = await run_in_threadpool(_row, decision_id)
         return _image_response(row.get("image_path") or row.get("destination"))
 
     @app.get("/v1/decisions/{decision_id}/heatmap", tags=["results"], response_class=FileResponse)
-    async def decision_heatmap(decision_id: int) -> FileResponse:
+    async def decision_heatmap(decision_id: DecisionId) -> FileResponse:
         row = await run_in_threadpool(_row, decision_id)
         return _image_response(row.get("heatmap_path"))
 
     @app.post("/v1/decisions/{decision_id}/review-request", tags=["review"])
-    async def request_review(decision_id: int, request: Request) -> dict[str, Any]:
+    async def request_review(decision_id: DecisionId, request: Request) -> dict[str, Any]:
         """Put any decision in the review queue (a person picked it)."""
         require_key(request)
         if not await run_in_threadpool(state["store"].flag, decision_id):
@@ -686,6 +692,8 @@ def create_app(config: ServeConfig) -> FastAPI:
         reviewer = (body.reviewer or "").strip() or key_id or "anonymous"
         if not _META_RE.match(reviewer):
             raise HTTPException(422, "reviewer: printable characters only")
+        if body.comment and "\x00" in body.comment:
+            raise HTTPException(422, "comment: NUL characters are not allowed")
         try:
             rid = await run_in_threadpool(state["store"].add_review, body.decision_id, body.label, reviewer,
                                           body.comment)

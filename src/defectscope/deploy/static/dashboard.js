@@ -58,7 +58,7 @@ function frame(container, n, ymax, opts = {}) {
   return { svg, x, xb, bw, y };
 }
 
-function polyline(f, values, attrs, xfun = null) {
+function polyline(f, values, attrs, xfun = null, dots = true) {
   let d = "", pen = false;
   values.forEach((v, i) => {
     if (v === null || v === undefined) { pen = false; return; }
@@ -67,6 +67,10 @@ function polyline(f, values, attrs, xfun = null) {
     pen = true;
   });
   if (d) el("path", { d, fill: "none", ...attrs }, f.svg);
+  // Dots too: a series with data in one bucket only has no line to draw.
+  if (dots) values.forEach((v, i) => {
+    if (v !== null && v !== undefined) el("circle", { cx: (xfun || f.x)(i), cy: f.y(v), r: 1.8, fill: attrs.stroke }, f.svg);
+  });
 }
 
 function drawDecisions(d) {
@@ -103,9 +107,9 @@ function drawPChart(d) {
   if (p.pbar !== null) {
     el("line", { x1: f.x(0), x2: f.x(n - 1), y1: f.y(p.pbar), y2: f.y(p.pbar), stroke: "#2563eb", "stroke-dasharray": "4 3" }, f.svg);
   }
-  polyline(f, p.ucl, { stroke: "#dc2626", "stroke-width": 1, "stroke-dasharray": "2 2", class: "ucl" });
-  polyline(f, p.lcl, { stroke: "#dc2626", "stroke-width": 1, "stroke-dasharray": "2 2", class: "lcl" });
-  polyline(f, p.p, { stroke: "#111827", "stroke-width": 1.5 });
+  polyline(f, p.ucl, { stroke: "#dc2626", "stroke-width": 1, "stroke-dasharray": "2 2", class: "ucl" }, null, false);
+  polyline(f, p.lcl, { stroke: "#dc2626", "stroke-width": 1, "stroke-dasharray": "2 2", class: "lcl" }, null, false);
+  polyline(f, p.p, { stroke: "#111827", "stroke-width": 1.5 }, null, false);
   p.p.forEach((v, i) => {
     if (v === null) return;
     const broken = p.violations[i];
