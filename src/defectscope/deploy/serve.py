@@ -259,6 +259,7 @@ class Batcher:
         self.models, self.max_batch, self.wait, self.max_queue = models, max_batch, wait_ms / 1000, max_queue
         self.on_batch = on_batch
         self.depth = 0
+        self.incoming = 0  # reserved, not yet submitted (being decoded)
         self._lock = threading.Lock()
         self._q: queue.Queue[_Job | None] = queue.Queue()
         self._thread = threading.Thread(target=self._run, name="inference", daemon=True)
@@ -275,13 +276,18 @@ class Batcher:
             if self.depth + n > self.max_queue:
                 raise QueueFull
             self.depth += n
+            self.incoming += n
 
-    def release(self, n: int) -> None:
+    def release(self, n: int, unsubmitted: int = 0) -> None:
+        """Give back ``n`` reserved places, ``unsubmitted`` of which never reached :meth:`submit`."""
         with self._lock:
             self.depth -= n
+            self.incoming -= unsubmitted
 
     def submit(self, data: bytes, x: np.ndarray, decode_ms: float) -> Future:
         job = _Job(data, x, decode_ms, Future())
+        with self._lock:
+            self.incoming -= 1
         self._q.put(job)
         return job.future
 
@@ -292,7 +298,9 @@ class Batcher:
                 return
             batch = [job]
             deadline = time.monotonic() + self.wait
-            while len(batch) < self.max_batch:
+            # Wait for companions only while more images are accepted than gathered (other requests are
+            # still decoding theirs): a lone request goes straight to inference, a burst shares one call.
+            while len(batch) < self.max_batch and (self.incoming > 0 or not self._q.empty()):
                 remaining = deadline - time.monotonic()
                 try:
                     nxt = self._q.get(timeout=remaining) if remaining > 0 else self._q.get_nowait()
@@ -601,16 +609,24 @@ def create_app(config: ServeConfig) -> FastAPI:
             metrics.rejected.labels("queue_full").inc()
             raise HTTPException(503, "busy: the request queue is full, retry shortly",
                                 headers={"Retry-After": "1"}) from None
+        futures: list[Future] = []
         try:
             predictor = state["models"].current.predictor
             decoded = await run_in_threadpool(_decode_all, predictor, uploads)
-            futures = [batcher.submit(data, x, ms) for (_, data), (x, ms) in zip(uploads, decoded, strict=True)]
-            results = await asyncio.gather(*(asyncio.wrap_future(f) for f in futures))
+            for (_, data), (x, ms) in zip(uploads, decoded, strict=True):
+                futures.append(batcher.submit(data, x, ms))
+            # Only decodable images are filed (junk never reaches the disk), and filing (an fsync) runs
+            # while the batch is in inference.
+            filing = asyncio.ensure_future(run_in_threadpool(_file_uploads, config.data / "images", uploads))
+            try:
+                results = await asyncio.gather(*(asyncio.wrap_future(f) for f in futures))
+            finally:
+                paths = await filing
             request_id = uuid.uuid4().hex
-            records = await run_in_threadpool(_file_all, config, uploads, results, request_id, meta, started)
+            records = await run_in_threadpool(_records, config, uploads, paths, results, request_id, meta, started)
             ids = await run_in_threadpool(state["store"].add_decisions, records)
         finally:
-            batcher.release(len(uploads))
+            batcher.release(len(uploads), len(uploads) - len(futures))
         out = []
         for rid, rec, (pred, model) in zip(ids, records, results, strict=True):
             metrics.decisions.labels(pred.decision).inc()
@@ -747,13 +763,22 @@ def _decode_all(predictor: Predictor, uploads: list[tuple[str, bytes]]) -> list[
     return out
 
 
-def _file_all(config: ServeConfig, uploads: list[tuple[str, bytes]], results: list[tuple[Prediction, LoadedModel]],
-              request_id: str, meta: dict[str, str | None], started: float) -> list[dict[str, Any]]:
-    records = []
-    for (fname, data), (pred, model) in zip(uploads, results, strict=True):
+def _file_uploads(folder: Path, uploads: list[tuple[str, bytes]]) -> list[tuple[str, Path]]:
+    out = []
+    for fname, data in uploads:
         sha = hashlib.sha256(data).hexdigest()
         suffix = Path(fname).suffix.lower()
-        path = store_bytes(config.data / "images", data, sha, suffix if suffix in _IMAGE_SUFFIXES else ".img")
+        out.append((sha, store_bytes(folder, data, sha, suffix if suffix in _IMAGE_SUFFIXES else ".img")))
+    return out
+
+
+def _records(config: ServeConfig, uploads: list[tuple[str, bytes]], paths: list[tuple[str, Path]],
+             results: list[tuple[Prediction, LoadedModel]], request_id: str, meta: dict[str, str | None],
+             started: float) -> list[dict[str, Any]]:
+    """The rows of one request. ``total_ms``: server time from the request's start to its rows being ready
+    (the commit excluded)."""
+    records = []
+    for (fname, data), (sha, path), (pred, model) in zip(uploads, paths, results, strict=True):
         heatmap = getattr(pred, "heatmap", None)
         heatmap_path = _save_heatmap(config.data / "heatmaps", heatmap, sha, model.model_id) if heatmap is not None \
             else None
