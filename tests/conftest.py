@@ -77,7 +77,7 @@ def _postgres_bin(name: str) -> str | None:
 
 
 @pytest.fixture(scope="session")
-def postgres_url(tmp_path_factory) -> str:
+def postgres_url():
     """A real PostgreSQL server for this test session: initdb into a tmp folder, unix socket only.
 
     As root it runs as the ``postgres`` user (the server refuses to run as root). Skipped only when no
@@ -90,7 +90,10 @@ def postgres_url(tmp_path_factory) -> str:
     initdb, pg_ctl = _postgres_bin("initdb"), _postgres_bin("pg_ctl")
     if not (initdb and pg_ctl):
         pytest.skip("PostgreSQL is not installed (no initdb/pg_ctl on PATH or under /usr/lib/postgresql)")
-    root = tmp_path_factory.mktemp("postgres")
+    import tempfile
+
+    # Not under pytest's tmp tree: that is private to root, and the server runs as another user.
+    root = Path(tempfile.mkdtemp(prefix="defectscope-pg-"))
     data, sock = root / "data", root / "sock"
     sock.mkdir()
     prefix: list[str] = []
@@ -98,10 +101,6 @@ def postgres_url(tmp_path_factory) -> str:
         user = "postgres"
         runuser = shutil.which("runuser")
         prefix = [runuser, "-u", user, "--"] if runuser else ["su", user, "-s", "/bin/sh", "-c"]
-        # The tmp tree is root's: let the postgres user into it.
-        for p in [*root.parents][:-1]:
-            if str(p).startswith(str(tmp_path_factory.getbasetemp().parent)):
-                os.chmod(p, os.stat(p).st_mode | 0o711)
         shutil.chown(root, user)
         shutil.chown(sock, user)
 
@@ -121,3 +120,4 @@ def postgres_url(tmp_path_factory) -> str:
         yield f"postgresql://postgres@/postgres?host={sock}&port={port}"
     finally:
         run([pg_ctl, "-D", str(data), "-m", "immediate", "-w", "stop"])
+        shutil.rmtree(root, ignore_errors=True)

@@ -195,3 +195,30 @@ def test_review_export_is_a_training_manifest(url, tmp_path):
     assert [(r["filename"], r["label"], r["reviewer"]) for r in rows] == [
         (str(images[0]), "scratch", "ann"), (str(images[2]), "spot", "bob")]
     assert export_corrections(url, out, include_drift=True) == 3
+
+
+def test_the_sorter_writes_to_any_store_url_and_its_doubtful_images_wait_for_review(url, station_model, tmp_path):
+    import numpy as np
+    from conftest import CLASSES, make_image
+    from PIL import Image
+
+    from defectscope.cli import build_parser
+    from defectscope.deploy.sorter import sort_inbox
+
+    inbox, out = tmp_path / "inbox", tmp_path / "out"
+    inbox.mkdir()
+    rng = np.random.default_rng(3)
+    for i in range(9):
+        Image.fromarray(make_image(CLASSES[i % 3], rng)).save(inbox / f"img_{i}.png")
+    summary = sort_inbox(station_model, inbox, out, log_path=url, settle_seconds=0, progress=False,
+                         log=lambda *a: None)
+    assert summary["processed"] == 9 and not (out / "results.db").exists()
+    with Store(url) as s:
+        rows = s.rows()
+        assert len(rows) == 9 and {r["status"] for r in rows} == {"done"} and {r["source"] for r in rows} == {"sort"}
+        queue, n = s.review_queue()
+        assert n == sum(r["decision"] in ("REVIEW", "Drift") for r in rows)
+        assert all(q["destination"].startswith(str(out)) for q in queue)
+    for flag in ("--db", "--log"):
+        args = build_parser().parse_args(["sort", "m.onnx", "--inbox", "i", "--out", "o", flag, url])
+        assert args.db == url

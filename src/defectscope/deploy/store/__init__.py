@@ -287,7 +287,7 @@ class Store:
 
     def review_queue(self, limit: int = 50) -> tuple[list[dict[str, Any]], int]:
         """Decisions waiting for a person (flagged, no review yet), oldest first, and how many there are."""
-        waiting = sa.and_(decisions.c.needs_review.is_(True),
+        waiting = sa.and_(decisions.c.needs_review.is_(True), decisions.c.status == "done",
                           ~sa.exists().where(reviews.c.decision_id == decisions.c.id))
         with self._tx() as conn:
             total = conn.execute(sa.select(sa.func.count()).select_from(decisions).where(waiting)).scalar_one()
@@ -328,7 +328,8 @@ def _values(record: dict[str, Any], status: str) -> dict[str, Any]:
         values["probabilities"] = json.dumps(values["probabilities"])
     values.setdefault("request_id", "")
     values.setdefault("source", "sort")
-    values.setdefault("needs_review", False)
+    # REVIEW and Drift decisions wait for a person whoever made them (the sorter does not say so itself).
+    values.setdefault("needs_review", values.get("decision") in ("REVIEW", "Drift"))
     values.update(time=utc_now(), status=status)
     return values
 
