@@ -391,3 +391,12 @@ def test_kill_9_mid_stream_keeps_every_acknowledged_row(station_model, tmp_path)
             assert row is not None, f"acknowledged decision {a['id']} lost"
             assert row["decision"] == a["decision"] and row["part_id"] == a["part_id"]
             assert Path(row["image_path"]).read_bytes() == a["data"]
+
+
+def test_the_station_imports_without_torch():
+    code = ("import sys; sys.modules['torch'] = None\n"
+            "import defectscope.deploy.serve, defectscope.deploy.review, defectscope.deploy.spc\n"
+            "assert 'torch' not in {m.split('.')[0] for m, v in sys.modules.items() if v is not None}\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "PYTHONPATH": _pythonpath()})
+    assert done.returncode == 0, done.stderr

@@ -66,6 +66,14 @@ def test_a_shift_in_the_defect_rate_is_flagged():
     assert any(chart["violations"][20:]) and not any(1 in v for v in chart["violations"][:20])
 
 
+def test_binomial_alarm_p_value_is_scipys_exact_test():
+    from scipy import stats
+
+    for k, n, p0 in [(5, 500, 0.01), (20, 500, 0.01), (1, 10, 0.2), (0, 10, 0.2), (10, 10, 0.5)]:
+        expected = stats.binomtest(k, n, p0, alternative="greater").pvalue
+        assert spc.binomial_alarm(k, n, p0)["p_value"] == pytest.approx(expected, rel=1e-9, abs=1e-12)
+
+
 def test_binomial_alarm():
     assert not spc.binomial_alarm(5, 500, 0.01)["alarm"]  # exactly the calibrated rate
     a = spc.binomial_alarm(20, 500, 0.01)

@@ -13,7 +13,9 @@ from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import numpy as np
-from scipy import stats
+
+# scipy.special, not scipy.stats: stats pulls in the array-API layer, which probes for torch.
+from scipy.special import bdtrc, betaincinv
 
 __all__ = ["binomial_alarm", "clopper_pearson", "dashboard", "p_chart", "pilot_stats", "western_electric"]
 
@@ -74,7 +76,7 @@ def binomial_alarm(k: int, n: int, p0: float, alpha: float = 0.01) -> dict[str, 
     """One-sided exact binomial test that the rate behind ``k`` of ``n`` exceeds ``p0``; alarm when p < alpha."""
     if n <= 0:
         return {"k": 0, "n": 0, "rate": None, "p0": p0, "p_value": None, "alarm": False, "alpha": alpha}
-    p_value = float(stats.binomtest(int(k), int(n), p0, alternative="greater").pvalue)
+    p_value = 1.0 if k <= 0 else float(bdtrc(int(k) - 1, int(n), p0))  # P(X >= k) under rate p0
     return {"k": int(k), "n": int(n), "rate": k / n, "p0": p0, "p_value": p_value, "alarm": p_value < alpha,
             "alpha": alpha}
 
@@ -84,8 +86,8 @@ def clopper_pearson(k: int, n: int, confidence: float = 0.95) -> tuple[float, fl
     if n <= 0:
         return 0.0, 1.0
     a = 1 - confidence
-    lo = 0.0 if k == 0 else float(stats.beta.ppf(a / 2, k, n - k + 1))
-    hi = 1.0 if k == n else float(stats.beta.ppf(1 - a / 2, k + 1, n - k))
+    lo = 0.0 if k == 0 else float(betaincinv(k, n - k + 1, a / 2))
+    hi = 1.0 if k == n else float(betaincinv(k + 1, n - k, 1 - a / 2))
     return lo, hi
 
 
