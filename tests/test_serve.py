@@ -400,3 +400,24 @@ def test_the_station_imports_without_torch():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
                           env={**os.environ, "PYTHONPATH": _pythonpath()})
     assert done.returncode == 0, done.stderr
+
+
+def test_group_commit_isolates_a_bad_request(tmp_path):
+    from concurrent.futures import Future
+
+    from defectscope.deploy.serve import GroupCommit
+    from defectscope.deploy.store import StoreError
+
+    def rec(i: int, request_id: str) -> dict:
+        return {"request_id": request_id, "file_name": f"{i}.png", "source_path": "api", "content_sha256": f"{i:064x}",
+                "size_bytes": 1, "decision": "GOOD", "destination": "d"}
+
+    with Store(tmp_path / "r.db") as store:
+        store.add_decisions([rec(0, "taken")])
+        writer = GroupCommit(store)
+        good, bad, good2 = Future(), Future(), Future()
+        writer._write([([rec(1, "a"), rec(2, "a")], good), ([rec(0, "taken")], bad), ([rec(3, "b")], good2)])
+        assert len(good.result()) == 2 and len(good2.result()) == 1
+        with pytest.raises(StoreError):
+            bad.result()
+        assert store.counts() == {"done": 4}

@@ -30,6 +30,7 @@ import logging
 import os
 import queue
 import re
+import sys
 import tempfile
 import threading
 import time
@@ -334,6 +335,61 @@ class Batcher:
             job.future.set_result((pred, model))
 
 
+class GroupCommit:
+    """One thread writes every request's rows: what gathered while the previous commit ran goes in one
+    transaction, so concurrent requests share one fsync instead of queueing for one each. A failed group is
+    retried request by request, so one bad request cannot fail the others."""
+
+    def __init__(self, store: Store, max_requests: int = 64) -> None:
+        self.store, self.max_requests = store, max_requests
+        self._q: queue.Queue[tuple[list[dict[str, Any]], Future] | None] = queue.Queue()
+        self._thread = threading.Thread(target=self._run, name="store-writer", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._q.put(None)
+        self._thread.join(timeout=30)
+
+    def submit(self, records: list[dict[str, Any]]) -> Future:
+        future: Future = Future()
+        self._q.put((records, future))
+        return future
+
+    def _run(self) -> None:
+        while True:
+            item = self._q.get()
+            if item is None:
+                return
+            group = [item]
+            while len(group) < self.max_requests:
+                try:
+                    nxt = self._q.get_nowait()
+                except queue.Empty:
+                    break
+                if nxt is None:
+                    self._q.put(None)
+                    break
+                group.append(nxt)
+            self._write(group)
+
+    def _write(self, group: list[tuple[list[dict[str, Any]], Future]]) -> None:
+        try:
+            ids = self.store.add_decisions([r for records, _ in group for r in records])
+        except Exception:
+            if len(group) > 1:
+                for one in group:
+                    self._write([one])
+                return
+            group[0][1].set_exception(sys.exc_info()[1] or RuntimeError("store write failed"))
+            return
+        start = 0
+        for records, future in group:
+            future.set_result(ids[start:start + len(records)])
+            start += len(records)
+
+
 # -------------------------------------------------------------------------------------------- metrics
 
 class Metrics:
@@ -475,9 +531,12 @@ def create_app(config: ServeConfig) -> FastAPI:
         store = Store(config.db)
         models = ModelHolder(config.model, config.threads, config.max_pixels, config.reload_poll_seconds, on_reload)
         batcher = Batcher(models, config.max_batch, config.batch_wait_ms, config.max_queue, on_batch)
-        state.update(store=store, models=models, batcher=batcher, review_depth=store.review_queue(limit=0)[1])
+        writer = GroupCommit(store)
+        state.update(store=store, models=models, batcher=batcher, writer=writer,
+                     review_depth=store.review_queue(limit=0)[1])
         (config.data / "images").mkdir(parents=True, exist_ok=True)
         batcher.start()
+        writer.start()
         models.start()
         log.info("station ready: model %s, store %r, data %s", models.current.model_id, store, config.data)
         try:
@@ -485,6 +544,7 @@ def create_app(config: ServeConfig) -> FastAPI:
         finally:
             models.stop()
             batcher.stop()
+            writer.stop()
             store.close()
 
     app = FastAPI(title="defectscope inspection station", version=_version(), lifespan=lifespan,
@@ -623,8 +683,11 @@ def create_app(config: ServeConfig) -> FastAPI:
             finally:
                 paths = await filing
             request_id = uuid.uuid4().hex
-            records = await run_in_threadpool(_records, config, uploads, paths, results, request_id, meta, started)
-            ids = await run_in_threadpool(state["store"].add_decisions, records)
+            args = (config, uploads, paths, results, request_id, meta, started)
+            # Building rows is cheap unless a heatmap has to be written: only then a worker thread.
+            heatmaps = any(getattr(pred, "heatmap", None) is not None for pred, _ in results)
+            records = await run_in_threadpool(_records, *args) if heatmaps else _records(*args)
+            ids = await asyncio.wrap_future(state["writer"].submit(records))
         finally:
             batcher.release(len(uploads), len(uploads) - len(futures))
         out = []
