@@ -46,13 +46,15 @@ def images(n: int, size: int = 300, seed: int = 0) -> list[bytes]:
     out = []
     for i in range(n):
         img = rng.normal(90, 12, (size, size))
+        # The tests' three classes (tests/conftest.py make_image) drawn to scale, so the tiny model sees them.
+        w, m = max(3, size // 13), size // 10
         if i % 3 == 1:
-            r = rng.integers(10, size - 10)
-            img[r:r + 4, 10:-10] = 230
+            r = rng.integers(m, size - m)
+            img[r:r + w, m:-m] = 230
         elif i % 3 == 2:
-            cy, cx = rng.integers(20, size - 20, 2)
+            cy, cx = rng.integers(size // 4, size - size // 4, 2)
             yy, xx = np.mgrid[:size, :size]
-            img[(yy - cy) ** 2 + (xx - cx) ** 2 < 60] = 230
+            img[(yy - cy) ** 2 + (xx - cx) ** 2 < (size / 8) ** 2] = 230
         buf = io.BytesIO()
         Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(buf, format="PNG")
         out.append(buf.getvalue())
