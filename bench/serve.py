@@ -67,11 +67,12 @@ def tiny_model(workdir: Path) -> Path:
 
     from defectscope import train
     from defectscope.decision.calibrate import calibrate
-    from defectscope.deploy.export import export_onnx
+    from defectscope.deploy.export import export
 
-    run = train(write_folder_dataset(workdir / "data"), workdir / "run", log=lambda *a: None, **FAST)
-    calibrate(run, review_rate=0.2, drift_rate=None, log=lambda *a: None)
-    return export_onnx(run, workdir / "model.onnx", log=lambda *a: None) and workdir / "model.onnx"
+    run = train(write_folder_dataset(workdir / "data"), workdir / "run", **FAST)
+    calibrate(run, review_rate=0.2, drift_rate=None)
+    export(run, workdir / "model.onnx")
+    return workdir / "model.onnx"
 
 
 def summary(latencies: list[float], n_images: int, seconds: float) -> dict:

@@ -56,13 +56,13 @@ def station_model(trained_run, tmp_path_factory) -> Path:
     import shutil
 
     from defectscope.decision.calibrate import calibrate
-    from defectscope.deploy.export import export_onnx
+    from defectscope.deploy.export import export
 
     root = tmp_path_factory.mktemp("station_model")
     run = shutil.copytree(trained_run, root / "run")
-    calibrate(run, review_rate=0.3, drift_rate=None, log=lambda *a: None)
+    calibrate(run, review_rate=0.3, drift_rate=None)
     out = root / "model.onnx"
-    export_onnx(run, out, log=lambda *a: None)
+    export(run, out)
     return out
 
 

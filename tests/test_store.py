@@ -203,15 +203,14 @@ def test_the_sorter_writes_to_any_store_url_and_its_doubtful_images_wait_for_rev
     from PIL import Image
 
     from defectscope.cli import build_parser
-    from defectscope.deploy.sorter import sort_inbox
+    from defectscope.deploy.sorter import sort
 
     inbox, out = tmp_path / "inbox", tmp_path / "out"
     inbox.mkdir()
     rng = np.random.default_rng(3)
     for i in range(9):
         Image.fromarray(make_image(CLASSES[i % 3], rng)).save(inbox / f"img_{i}.png")
-    summary = sort_inbox(station_model, inbox, out, log_path=url, settle_seconds=0, progress=False,
-                         log=lambda *a: None)
+    summary = sort(station_model, inbox, out, log_path=url, settle_seconds=0, progress=False)
     assert summary["processed"] == 9 and not (out / "results.db").exists()
     with Store(url) as s:
         rows = s.rows()

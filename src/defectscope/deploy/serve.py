@@ -882,7 +882,7 @@ def _image_response(path: str | None) -> FileResponse:
 
 
 def _version() -> str:
-    from defectscope import __version__
+    from defectscope._version import __version__
 
     return __version__
 

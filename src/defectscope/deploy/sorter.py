@@ -2,8 +2,8 @@
 
 The offline sorter of an inspection line (onnxruntime, numpy and Pillow, never torch). Each image goes to
 ``OUT/GOOD``, ``OUT/<defect class>``, ``OUT/REVIEW``, ``OUT/Drift`` or, when it cannot be decoded (empty,
-truncated, not an image), ``OUT/_unreadable``; one row per image goes to a SQLite log
-(:mod:`defectscope.deploy.resultlog`, default ``OUT/results.db``).
+truncated, not an image), ``OUT/_unreadable``; one row per image goes to the results store
+(:mod:`defectscope.deploy.store`: SQLite by default, ``OUT/results.db``, or any store URL).
 
 Guarantees, in the order the code keeps them:
 
