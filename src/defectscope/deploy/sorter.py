@@ -2,8 +2,8 @@
 
 The offline sorter of an inspection line (onnxruntime, numpy and Pillow, never torch). Each image goes to
 ``OUT/GOOD``, ``OUT/<defect class>``, ``OUT/REVIEW``, ``OUT/Drift`` or, when it cannot be decoded (empty,
-truncated, not an image), ``OUT/_unreadable``; one row per image goes to a SQLite log
-(:mod:`defectscope.deploy.resultlog`, default ``OUT/results.db``).
+truncated, not an image), ``OUT/_unreadable``; one row per image goes to the results store
+(:mod:`defectscope.deploy.store`: SQLite by default, ``OUT/results.db``, or any store URL).
 
 Guarantees, in the order the code keeps them:
 
@@ -52,7 +52,7 @@ from pathlib import Path
 from typing import Any
 
 from defectscope.deploy.predictor import UNREADABLE, Prediction, Predictor
-from defectscope.deploy.resultlog import ResultLog, export_log
+from defectscope.deploy.store import Store, export_log, sqlite_path
 from defectscope.logs import progress as progress_bar
 
 __all__ = ["MODES", "SortError", "export_log", "place_file", "safe_folder_name", "sort"]
@@ -241,14 +241,16 @@ class _Settler:
 # ---------------------------------------------------------------------------------------------- sorter
 
 class _Sorter:
-    def __init__(self, predictor: Predictor, inbox: Path, out: Path, mode: str, log_path: Path,
+    def __init__(self, predictor: Predictor, inbox: Path, out: Path, mode: str, log_path: Path | str,
                  batch_size: int, stop: threading.Event, log: Callable[..., Any]) -> None:
         self.predictor, self.inbox, self.out, self.mode = predictor, inbox, out, mode
         self.batch_size, self.stop, self.say = batch_size, stop, log
         self.out_real = out.resolve()
-        self.db = ResultLog(log_path)
+        self.db = Store(log_path)
         # Never take our own output or log when they live inside the inbox.
-        self.excluded = {self.out_real, *(Path(str(log_path.resolve()) + s) for s in ("", "-wal", "-shm", "-journal"))}
+        db_file = sqlite_path(log_path)
+        self.excluded = {self.out_real, *(Path(str(db_file.resolve()) + s) for s in ("", "-wal", "-shm", "-journal")
+                                          if db_file is not None)}
         self.model_id = hashlib.sha256(Path(predictor.model_path).read_bytes()).hexdigest()[:16]
         spec, prov = predictor.spec, predictor.provenance or {}
         version = prov.get("defectscope_version") or spec.get("defectscope_version")
@@ -469,7 +471,9 @@ def sort(
     out.mkdir(parents=True, exist_ok=True)
     if inbox.resolve() == out.resolve():
         raise ValueError("the inbox and the output folder must differ")
-    log_path = Path(log_path).absolute() if log_path is not None else out / "results.db"
+    # A database URL (sqlite:///..., postgresql://...) is kept as given; a bare path is a SQLite file.
+    if log_path is None or "://" not in str(log_path):
+        log_path = Path(log_path).absolute() if log_path is not None else out / "results.db"
     predictor = model if isinstance(model, Predictor) else Predictor(model)
     stop = stop_event or threading.Event()
     started = time.perf_counter()

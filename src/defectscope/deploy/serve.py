@@ -1,0 +1,900 @@
+"""``defectscope serve``: the inspection station - an HTTP API, the results store and a dashboard, one process.
+
+Torch-free (onnxruntime through :class:`defectscope.deploy.predictor.Predictor`). The pieces:
+
+* ``POST /v1/predict``: one or several images (multipart field ``file``, repeatable, or a raw image body),
+  optional ``station``/``lot``/``part_id``. Each image is decoded in a worker thread, then waits in a bounded
+  queue for the inference thread, which gathers up to ``max_batch`` images (or what arrived within
+  ``batch_wait_ms``) into one ONNX Runtime call. The upload is filed content-addressed under
+  ``DATA/images`` and its row committed to the store *before* the answer leaves: an acknowledged request
+  is never lost, even to ``kill -9``. A full queue answers 503 with ``Retry-After``.
+* ``GET /v1/results``, ``/v1/decisions/{id}``, the review queue and ``POST /v1/reviews``: the review loop.
+* ``GET /v1/dashboard``: every statistic the page at ``/`` draws (:mod:`defectscope.deploy.spc`).
+* ``/healthz``, ``/readyz``, ``/metrics`` (Prometheus), ``/openapi.json`` and ``/docs``.
+* Hot reload: a new file at the model path is loaded and checked on a zero image before it replaces the
+  running model; a file that fails keeps the old model. Every row names the model that decided it.
+
+Security: API keys (``DEFECTSCOPE_API_KEYS``, comma-separated, or a key file) guard every write; binding
+beyond loopback without keys is refused; uploads are capped in bytes and pixels; a client's file name is
+only ever a label, never a path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import ipaddress
+import json
+import logging
+import os
+import queue
+import re
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from collections import deque
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import Future
+from contextlib import asynccontextmanager, suppress
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Annotated, Any
+
+import numpy as np
+from fastapi import FastAPI, HTTPException, Query, Request
+from fastapi import Path as FastPath
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
+from fastapi.staticfiles import StaticFiles
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from pydantic import BaseModel, Field
+from starlette.concurrency import run_in_threadpool
+
+from defectscope.data.images import ImageDecodeError
+from defectscope.deploy import spc
+from defectscope.deploy.predictor import Prediction, Predictor
+from defectscope.deploy.store import Store, sqlite_path, utc_now
+
+__all__ = ["ServeConfig", "create_app", "load_api_keys", "serve"]
+
+log = logging.getLogger(__name__)
+
+STATIC = Path(__file__).with_name("static")
+REVIEW, DRIFT = "REVIEW", "Drift"
+_META_FIELDS = ("station", "lot", "part_id")
+_META_RE = re.compile(r"^[^\x00-\x1f\x7f]{0,128}$")
+_IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".webp"}
+_MIME = {"PNG": "image/png", "JPEG": "image/jpeg", "BMP": "image/bmp", "GIF": "image/gif", "WEBP": "image/webp",
+         "TIFF": "image/tiff"}
+_RAW_TYPES = ("image/", "application/octet-stream")
+MAX_ID = 2**31 - 1  # ids are 32-bit INTEGER in PostgreSQL: a larger one is a 404, never a database error
+DecisionId = Annotated[int, FastPath(ge=1, le=MAX_ID)]
+
+
+@dataclass
+class ServeConfig:
+    """Everything ``defectscope serve`` can be told. Sizes in bytes; ``max_queue`` counts images."""
+
+    model: Path
+    db: str = "station/results.db"
+    data: Path | None = None  # default: beside a SQLite database, else ./station
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_keys: frozenset[str] = frozenset()
+    max_batch: int = 16
+    batch_wait_ms: float = 5.0
+    max_queue: int = 64
+    max_files: int = 32
+    max_upload_bytes: int = 32 << 20
+    max_request_bytes: int = 128 << 20
+    max_pixels: int = 50_000_000
+    pilot: bool = False
+    escape_cap: float = 0.01
+    reload_poll_seconds: float = 2.0
+    threads: int | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.model = Path(self.model)
+        if self.data is None:
+            db_file = sqlite_path(self.db)
+            self.data = db_file.parent if db_file is not None else Path("station")
+        self.data = Path(self.data).absolute()
+        for name in ("max_batch", "max_queue", "max_files", "max_upload_bytes", "max_request_bytes", "max_pixels"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not 0 < self.escape_cap < 1:
+            raise ValueError(f"escape_cap must be in (0, 1), got {self.escape_cap}")
+
+
+def load_api_keys(key_file: str | Path | None = None, env: dict[str, str] | None = None) -> frozenset[str]:
+    """Keys from ``DEFECTSCOPE_API_KEYS`` (comma-separated) and a key file (one per line, # comments)."""
+    env = os.environ if env is None else env
+    keys = {k.strip() for k in env.get("DEFECTSCOPE_API_KEYS", "").split(",") if k.strip()}
+    if key_file:
+        for line in Path(key_file).read_text().splitlines():
+            line = line.split("#", 1)[0].strip()
+            if line:
+                keys.add(line)
+    short = [k for k in keys if len(k) < 16]
+    if short:
+        raise ValueError(f"{len(short)} API key(s) shorter than 16 characters; use long random keys")
+    return frozenset(keys)
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+# ---------------------------------------------------------------------------------------------- model
+
+@dataclass
+class LoadedModel:
+    predictor: Predictor
+    model_id: str  # first 16 hex of the file's SHA-256, as the sorter records it
+    model_version: str
+    signature: tuple[int, int, int]
+    good_class: str
+    drift_rate: float | None
+    loaded_at: str = field(default_factory=utc_now)
+
+    def info(self) -> dict[str, Any]:
+        return {"id": self.model_id, "version": self.model_version, "classes": self.predictor.classes,
+                "good_class": self.good_class, "drift_rate": self.drift_rate, "loaded_at": self.loaded_at,
+                "path": str(self.predictor.model_path)}
+
+
+def _signature(path: Path) -> tuple[int, int, int]:
+    st = path.stat()
+    return st.st_size, st.st_mtime_ns, st.st_ino
+
+
+def load_model(path: Path, threads: int | None = None, max_pixels: int = 50_000_000) -> LoadedModel:
+    """Load and check a model: it must run on a blank image and give finite probabilities summing to 1.
+
+    Raises ``ValueError`` (or the loader's error) for a file that is not a usable defectscope model, and
+    ``RuntimeError`` when the file changed while it was read (a copy still in progress).
+    """
+    sig = _signature(path)
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    predictor = Predictor(path, threads=threads, decode_threads=1, max_pixels=max_pixels)
+    if _signature(path) != sig or hashlib.sha256(path.read_bytes()).hexdigest() != digest:
+        raise RuntimeError(f"{path} changed while it was loaded")
+    blank = np.zeros((1, 1, predictor.image_size, predictor.image_size), np.float32)
+    # _infer: the Predictor's one entry point for already-decoded arrays (the batcher needs it too).
+    pred = predictor._infer([None], blank, [0.0], False)[0]
+    total = sum(pred.probabilities.values())
+    if not pred.probabilities or not all(np.isfinite(list(pred.probabilities.values()))) or abs(total - 1) > 1e-3:
+        raise ValueError(f"{path}: the model's probabilities on a blank image are not a distribution ({total})")
+    spec, prov, policy = predictor.spec, predictor.provenance or {}, predictor.policy or {}
+    version = prov.get("defectscope_version") or spec.get("defectscope_version")
+    classes = predictor.classes
+    good = policy.get("good_class") or next((c for c in classes if c.upper() in ("GOOD", "OK", "PASS")), classes[0])
+    drift = policy.get("drift") or {}
+    rate = drift.get("target_false_flag_rate") if policy.get("drift_threshold") is not None else None
+    return LoadedModel(predictor, digest[:16], f"defectscope {version}, model created {spec.get('created')}", sig,
+                       good, float(rate) if rate is not None else None)
+
+
+class ModelHolder:
+    """The running model, swapped atomically when a new file at the model path passes :func:`load_model`."""
+
+    def __init__(self, path: Path, threads: int | None, max_pixels: int, poll: float,
+                 on_reload: Callable[[str], None]) -> None:
+        self.path, self.threads, self.max_pixels, self.poll = path, threads, max_pixels, poll
+        self.current = load_model(path, threads, max_pixels)
+        self.on_reload = on_reload
+        self.last_error: str | None = None
+        self._rejected: tuple[int, int, int] | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="model-reload", daemon=True)
+
+    def start(self) -> None:
+        if self.poll > 0:
+            self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def check(self) -> bool:
+        """Load the file at the model path if it changed and settled; True when the model was replaced."""
+        try:
+            sig = _signature(self.path)
+        except OSError:
+            return False  # moved away mid-replace: keep serving the loaded model
+        if sig == self.current.signature or sig == self._rejected:
+            return False
+        time.sleep(min(self.poll, 0.5))  # a copy in progress keeps changing: wait for it to settle
+        with suppress(OSError):
+            if _signature(self.path) != sig:
+                return False
+        try:
+            new = load_model(self.path, self.threads, self.max_pixels)
+        except Exception as exc:  # any failure keeps the old model serving; the error is shown in /readyz
+            self._rejected = sig
+            self.last_error = f"{type(exc).__name__}: {exc}"
+            log.error("model reload rejected, still serving %s: %s", self.current.model_id, self.last_error)
+            self.on_reload("rejected")
+            return False
+        old, self.current, self.last_error = self.current, new, None
+        log.info("model reloaded: %s -> %s", old.model_id, new.model_id)
+        self.on_reload("loaded")
+        return True
+
+    def _watch(self) -> None:
+        while not self._stop.wait(self.poll):
+            self.check()
+
+
+# -------------------------------------------------------------------------------------------- batcher
+
+@dataclass
+class _Job:
+    data: bytes
+    x: np.ndarray
+    decode_ms: float
+    future: Future
+
+
+class QueueFull(Exception):
+    pass
+
+
+class Batcher:
+    """Micro-batching: request handlers submit decoded images; one thread runs them in batches.
+
+    ``depth`` counts images accepted and not yet answered (queued or in inference); ``reserve`` refuses
+    new ones beyond ``max_queue`` so a burst gets a fast 503 rather than an ever longer wait.
+    """
+
+    def __init__(self, models: ModelHolder, max_batch: int, wait_ms: float, max_queue: int,
+                 on_batch: Callable[[int, float], None]) -> None:
+        self.models, self.max_batch, self.wait, self.max_queue = models, max_batch, wait_ms / 1000, max_queue
+        self.on_batch = on_batch
+        self.depth = 0
+        self.incoming = 0  # reserved, not yet submitted (being decoded)
+        self._lock = threading.Lock()
+        self._q: queue.Queue[_Job | None] = queue.Queue()
+        self._thread = threading.Thread(target=self._run, name="inference", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._q.put(None)
+        self._thread.join(timeout=10)
+
+    def reserve(self, n: int) -> None:
+        with self._lock:
+            if self.depth + n > self.max_queue:
+                raise QueueFull
+            self.depth += n
+            self.incoming += n
+
+    def release(self, n: int, unsubmitted: int = 0) -> None:
+        """Give back ``n`` reserved places, ``unsubmitted`` of which never reached :meth:`submit`."""
+        with self._lock:
+            self.depth -= n
+            self.incoming -= unsubmitted
+
+    def submit(self, data: bytes, x: np.ndarray, decode_ms: float) -> Future:
+        job = _Job(data, x, decode_ms, Future())
+        with self._lock:
+            self.incoming -= 1
+        self._q.put(job)
+        return job.future
+
+    def _run(self) -> None:
+        while True:
+            job = self._q.get()
+            if job is None:
+                return
+            batch = [job]
+            deadline = time.monotonic() + self.wait
+            # Wait for companions only while more images are accepted than gathered (other requests are
+            # still decoding theirs): a lone request goes straight to inference, a burst shares one call.
+            while len(batch) < self.max_batch and (self.incoming > 0 or not self._q.empty()):
+                remaining = deadline - time.monotonic()
+                try:
+                    nxt = self._q.get(timeout=remaining) if remaining > 0 else self._q.get_nowait()
+                except queue.Empty:
+                    break
+                if nxt is None:
+                    self._q.put(None)  # finish this batch, then stop
+                    break
+                batch.append(nxt)
+            self._infer(batch)
+
+    def _infer(self, batch: list[_Job]) -> None:
+        model = self.models.current  # one model for the whole batch: each row names it
+        p = model.predictor
+        try:
+            xs = []
+            for job in batch:
+                # Decoded for the previous model before a reload with another input size: decode again.
+                if job.x.shape[-1] != p.image_size or job.x.shape[-2] != p.image_size:
+                    job.x = p.preprocess(job.data)
+                xs.append(job.x)
+            start = time.perf_counter()
+            preds = p._infer([None] * len(batch), np.stack(xs), [j.decode_ms for j in batch], False)
+            self.on_batch(len(batch), time.perf_counter() - start)
+        except Exception as exc:  # answer every waiting request; the thread must survive any one batch
+            log.exception("inference failed for a batch of %d", len(batch))
+            for job in batch:
+                job.future.set_exception(exc)
+            return
+        for job, pred in zip(batch, preds, strict=True):
+            job.future.set_result((pred, model))
+
+
+class GroupCommit:
+    """One thread writes every request's rows: what gathered while the previous commit ran goes in one
+    transaction, so concurrent requests share one fsync instead of queueing for one each. A failed group is
+    retried request by request, so one bad request cannot fail the others."""
+
+    def __init__(self, store: Store, max_requests: int = 64) -> None:
+        self.store, self.max_requests = store, max_requests
+        self._q: queue.Queue[tuple[list[dict[str, Any]], Future] | None] = queue.Queue()
+        self._thread = threading.Thread(target=self._run, name="store-writer", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._q.put(None)
+        self._thread.join(timeout=30)
+
+    def submit(self, records: list[dict[str, Any]]) -> Future:
+        future: Future = Future()
+        self._q.put((records, future))
+        return future
+
+    def _run(self) -> None:
+        while True:
+            item = self._q.get()
+            if item is None:
+                return
+            group = [item]
+            while len(group) < self.max_requests:
+                try:
+                    nxt = self._q.get_nowait()
+                except queue.Empty:
+                    break
+                if nxt is None:
+                    self._q.put(None)
+                    break
+                group.append(nxt)
+            self._write(group)
+
+    def _write(self, group: list[tuple[list[dict[str, Any]], Future]]) -> None:
+        try:
+            ids = self.store.add_decisions([r for records, _ in group for r in records])
+        except Exception:
+            if len(group) > 1:
+                for one in group:
+                    self._write([one])
+                return
+            group[0][1].set_exception(sys.exc_info()[1] or RuntimeError("store write failed"))
+            return
+        start = 0
+        for records, future in group:
+            future.set_result(ids[start:start + len(records)])
+            start += len(records)
+
+
+# -------------------------------------------------------------------------------------------- metrics
+
+class Metrics:
+    def __init__(self, batcher_depth: Callable[[], int], review_depth: Callable[[], int]) -> None:
+        self.registry = r = CollectorRegistry()
+        self.requests = Counter("defectscope_requests", "HTTP requests", ["route", "method", "status"], registry=r)
+        self.latency = Histogram("defectscope_request_seconds", "HTTP request latency", ["route"], registry=r,
+                                 buckets=(.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10))
+        self.decisions = Counter("defectscope_decisions", "Decisions by kind (class, REVIEW, Drift)",
+                                 ["decision"], registry=r)
+        self.images = Counter("defectscope_images", "Images classified", registry=r)
+        self.rejected = Counter("defectscope_rejected", "Requests refused", ["reason"], registry=r)
+        self.batch = Histogram("defectscope_batch_size", "Images per inference call", registry=r,
+                               buckets=(1, 2, 4, 8, 16, 32, 64))
+        self.infer = Histogram("defectscope_inference_seconds", "Inference time per batch", registry=r)
+        self.reloads = Counter("defectscope_model_reloads", "Model reload attempts", ["result"], registry=r)
+        self.recent: deque[bool] = deque(maxlen=500)
+        Gauge("defectscope_queue_depth", "Images accepted and not yet answered", registry=r).set_function(
+            batcher_depth)
+        Gauge("defectscope_review_queue_depth", "Decisions waiting for a person", registry=r).set_function(
+            review_depth)
+        Gauge("defectscope_drift_rate", "Share of Drift decisions among the last 500", registry=r).set_function(
+            lambda: (sum(self.recent) / len(self.recent)) if self.recent else 0.0)
+
+
+# ------------------------------------------------------------------------------------------------ app
+
+class BodyTooLarge(Exception):
+    pass
+
+
+class BodyLimit:
+    """Pure ASGI middleware: refuse a request body over ``limit`` bytes, announced or streamed."""
+
+    def __init__(self, app: Any, limit: int) -> None:
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope["headers"]).get(b"content-length")
+        if length is not None and (not length.isdigit() or int(length) > self.limit):
+            response = JSONResponse({"detail": f"request body too large (over {self.limit} bytes)"},
+                                    status_code=413)
+            return await response(scope, receive, send)
+        seen = 0
+
+        async def limited() -> dict:
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.limit:
+                raise BodyTooLarge
+            return message
+
+        await self.app(scope, limited, send)
+
+
+class ReviewIn(BaseModel):
+    decision_id: int = Field(ge=1, le=MAX_ID)
+    label: str = Field(min_length=1, max_length=64)
+    reviewer: str | None = Field(default=None, max_length=64)
+    comment: str | None = Field(default=None, max_length=1000)
+
+
+def safe_name(name: str | None) -> str:
+    """A client's file name reduced to a printable label: never a path, never used as one."""
+    name = (name or "").replace("\\", "/").rsplit("/", 1)[-1]
+    name = "".join(ch for ch in name if ch.isprintable()).strip().lstrip(".")
+    return name[:128] or "upload"
+
+
+def _check_meta(name: str, value: str | None) -> str | None:
+    if value is None or value == "":
+        return None
+    if not _META_RE.match(value):
+        raise HTTPException(422, f"{name}: at most 128 printable characters")
+    return value
+
+
+def _utc_iso(t: datetime | None) -> str | None:
+    if t is None:
+        return None
+    if t.tzinfo is None:
+        t = t.replace(tzinfo=timezone.utc)
+    return t.astimezone(timezone.utc).isoformat(timespec="milliseconds")
+
+
+def _public(row: dict[str, Any]) -> dict[str, Any]:
+    out = dict(row)
+    if isinstance(out.get("probabilities"), str):
+        out["probabilities"] = json.loads(out["probabilities"])
+    out["needs_review"] = bool(out.get("needs_review"))
+    out["image_url"] = f"/v1/decisions/{row['id']}/image" if (row.get("image_path") or row.get("destination")) else None
+    out["heatmap_url"] = f"/v1/decisions/{row['id']}/heatmap" if row.get("heatmap_path") else None
+    for private in ("image_path", "heatmap_path", "source_path", "destination"):
+        out.pop(private, None)  # server paths stay on the server
+    return out
+
+
+def store_bytes(folder: Path, data: bytes, sha: str, suffix: str) -> Path:
+    """File ``data`` under ``folder/ab/<sha><suffix>``, durably; an existing file is never overwritten."""
+    dest = folder / sha[:2] / f"{sha}{suffix}"
+    if dest.exists():
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=".upload-")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        with suppress(FileExistsError):  # a concurrent twin won: same bytes anyway
+            os.link(tmp, dest)  # atomic, and never replaces an existing file
+    finally:
+        os.unlink(tmp)
+    return dest
+
+
+def create_app(config: ServeConfig) -> FastAPI:
+    """The station's ASGI app (open the store, load the model and start the threads on startup)."""
+    state: dict[str, Any] = {}
+    keys = config.api_keys
+
+    def review_depth() -> int:
+        return state.get("review_depth", 0)
+
+    def on_reload(result: str) -> None:
+        metrics.reloads.labels(result).inc()
+
+    def on_batch(n: int, seconds: float) -> None:
+        metrics.batch.observe(n)
+        metrics.infer.observe(seconds)
+
+    metrics = Metrics(lambda: state["batcher"].depth if "batcher" in state else 0, review_depth)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        store = Store(config.db)
+        models = ModelHolder(config.model, config.threads, config.max_pixels, config.reload_poll_seconds, on_reload)
+        batcher = Batcher(models, config.max_batch, config.batch_wait_ms, config.max_queue, on_batch)
+        writer = GroupCommit(store)
+        state.update(store=store, models=models, batcher=batcher, writer=writer,
+                     review_depth=store.review_queue(limit=0)[1])
+        (config.data / "images").mkdir(parents=True, exist_ok=True)
+        batcher.start()
+        writer.start()
+        models.start()
+        log.info("station ready: model %s, store %r, data %s", models.current.model_id, store, config.data)
+        try:
+            yield
+        finally:
+            models.stop()
+            batcher.stop()
+            writer.stop()
+            store.close()
+
+    app = FastAPI(title="defectscope inspection station", version=_version(), lifespan=lifespan,
+                  description="Classify inspection images, record every decision, review the doubtful ones.")
+    app.state.config = config
+    app.state.metrics = metrics
+    app.state.shared = state
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    # Outermost of our middlewares: an oversized body is refused before anything buffers it.
+    app.add_middleware(BodyLimit, limit=config.max_request_bytes)
+
+    @app.exception_handler(BodyTooLarge)
+    async def _too_large(request: Request, exc: BodyTooLarge) -> JSONResponse:
+        metrics.rejected.labels("too_large").inc()
+        return JSONResponse({"detail": "request body too large"}, status_code=413)
+
+    @app.middleware("http")
+    async def _observe(request: Request, call_next: Callable) -> Response:
+        start = time.perf_counter()
+        try:
+            response = await call_next(request)
+        except BodyTooLarge:
+            response = JSONResponse({"detail": "request body too large"}, status_code=413)
+        route = request.scope.get("route")
+        name = getattr(route, "path", "other")
+        metrics.requests.labels(name, request.method, str(response.status_code)).inc()
+        metrics.latency.labels(name).observe(time.perf_counter() - start)
+        return response
+
+    def require_key(request: Request) -> str | None:
+        """The caller's key id when keys are configured (401 without a valid key); None otherwise."""
+        if not keys:
+            return None
+        auth = request.headers.get("authorization", "")
+        given = auth[7:].strip() if auth[:7].lower() == "bearer " else request.headers.get("x-api-key", "")
+        # Compare with every key in constant time: no early exit tells which prefix matched.
+        ok = False
+        for key in keys:
+            ok |= hmac.compare_digest(given.encode(), key.encode())
+        if not given or not ok:
+            metrics.rejected.labels("unauthorized").inc()
+            raise HTTPException(401, "a valid API key is required (Authorization: Bearer KEY or X-API-Key: KEY)",
+                                headers={"WWW-Authenticate": "Bearer"})
+        return "key:" + hashlib.sha256(given.encode()).hexdigest()[:8]
+
+    # ---- pages and probes
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    async def dashboard_page() -> HTMLResponse:
+        return HTMLResponse((STATIC / "dashboard.html").read_text(encoding="utf-8"))
+
+    @app.get("/healthz", tags=["probes"])
+    async def healthz() -> dict[str, str]:
+        """The process is up."""
+        return {"status": "ok"}
+
+    @app.get("/readyz", tags=["probes"])
+    async def readyz() -> JSONResponse:
+        """A model is loaded and the store answers."""
+        models: ModelHolder = state["models"]
+        try:
+            await run_in_threadpool(state["store"].counts)
+            db = "ok"
+        except Exception as exc:
+            db = f"error: {exc}"
+        ready = db == "ok"
+        return JSONResponse({"ready": ready, "database": db, "model": models.current.info(),
+                             "last_reload_error": models.last_error}, status_code=200 if ready else 503)
+
+    @app.get("/metrics", tags=["probes"], response_class=Response)
+    async def prometheus() -> Response:
+        """Prometheus text format."""
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    # ---- predict
+    @app.post("/v1/predict", tags=["inspection"], status_code=200, openapi_extra={"requestBody": {"content": {
+        "multipart/form-data": {"schema": {"type": "object", "properties": {
+            "file": {"type": "array", "items": {"type": "string", "format": "binary"}},
+            "station": {"type": "string"}, "lot": {"type": "string"}, "part_id": {"type": "string"}}}},
+        "image/png": {"schema": {"type": "string", "format": "binary"}},
+        "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}}})
+    async def predict(request: Request, station: str | None = Query(None, max_length=128),
+                      lot: str | None = Query(None, max_length=128), part_id: str | None = Query(None, max_length=128),
+                      name: str | None = Query(None, max_length=256, description="file name of a raw-body image"),
+                      ) -> dict[str, Any]:
+        """Classify one image or several; each decision is stored before the answer is sent."""
+        key_id = require_key(request)
+        started = time.perf_counter()
+        meta = {"station": station, "lot": lot, "part_id": part_id}
+        ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        uploads: list[tuple[str, bytes]] = []
+        if ctype == "multipart/form-data":
+            form = await request.form(max_files=config.max_files, max_fields=16, max_part_size=64 << 10)
+            for k in _META_FIELDS:
+                value = form.get(k)
+                if isinstance(value, str) and value:
+                    meta[k] = value
+            for item in form.getlist("file"):
+                if isinstance(item, str):
+                    raise HTTPException(422, "field 'file' must be a file upload, not text")
+                data = await item.read(config.max_upload_bytes + 1)
+                uploads.append((safe_name(item.filename), data))
+            await form.close()
+            if not uploads:
+                raise HTTPException(422, "no image: send one or more files in the multipart field 'file'")
+        elif ctype.startswith(_RAW_TYPES):
+            uploads.append((safe_name(name or request.headers.get("x-file-name")), await request.body()))
+        else:
+            metrics.rejected.labels("content_type").inc()
+            raise HTTPException(415, f"unsupported content type {ctype or '(none)'!r}: send multipart/form-data "
+                                     "with field 'file', or a raw image body (image/* or application/octet-stream)")
+        meta = {k: _check_meta(k, v) for k, v in meta.items()}
+        for fname, data in uploads:
+            if not data:
+                raise HTTPException(422, f"{fname}: empty file (0 bytes)")
+            if len(data) > config.max_upload_bytes:
+                raise HTTPException(413, f"{fname}: over the {config.max_upload_bytes} byte limit per image")
+
+        batcher: Batcher = state["batcher"]
+        try:
+            batcher.reserve(len(uploads))
+        except QueueFull:
+            metrics.rejected.labels("queue_full").inc()
+            raise HTTPException(503, "busy: the request queue is full, retry shortly",
+                                headers={"Retry-After": "1"}) from None
+        futures: list[Future] = []
+        try:
+            predictor = state["models"].current.predictor
+            decoded = await run_in_threadpool(_decode_all, predictor, uploads)
+            for (_, data), (x, ms) in zip(uploads, decoded, strict=True):
+                futures.append(batcher.submit(data, x, ms))
+            # Only decodable images are filed (junk never reaches the disk), and filing (an fsync) runs
+            # while the batch is in inference.
+            filing = asyncio.ensure_future(run_in_threadpool(_file_uploads, config.data / "images", uploads))
+            try:
+                results = await asyncio.gather(*(asyncio.wrap_future(f) for f in futures))
+            finally:
+                paths = await filing
+            request_id = uuid.uuid4().hex
+            args = (config, uploads, paths, results, request_id, meta, started)
+            # Building rows is cheap unless a heatmap has to be written: only then a worker thread.
+            heatmaps = any(getattr(pred, "heatmap", None) is not None for pred, _ in results)
+            records = await run_in_threadpool(_records, *args) if heatmaps else _records(*args)
+            ids = await asyncio.wrap_future(state["writer"].submit(records))
+        finally:
+            batcher.release(len(uploads), len(uploads) - len(futures))
+        out = []
+        for rid, rec, (pred, model) in zip(ids, records, results, strict=True):
+            metrics.decisions.labels(pred.decision).inc()
+            metrics.images.inc()
+            metrics.recent.append(pred.decision == DRIFT)
+            state["review_depth"] += bool(rec["needs_review"])
+            out.append({"id": rid, "file_name": rec["file_name"], "sha256": rec["content_sha256"],
+                        "class": pred.top_class, "confidence": pred.confidence, "probabilities": pred.probabilities,
+                        "decision": pred.decision, "drift_score": pred.drift_score,
+                        "model": {"id": model.model_id, "version": model.model_version},
+                        "timing": {**pred.timing, "total_ms": rec["total_ms"]},
+                        "needs_review": rec["needs_review"], **{k: rec[k] for k in _META_FIELDS}})
+        return {"request_id": request_id, "results": out, **({"key": key_id} if key_id else {})}
+
+    # ---- results and review
+    @app.get("/v1/results", tags=["results"])
+    async def results(since: datetime | None = None, until: datetime | None = None,
+                      decision: str | None = Query(None, max_length=64), model: str | None = Query(None, max_length=64),
+                      station: str | None = Query(None, max_length=128), source: str | None = Query(None, max_length=8),
+                      limit: int = Query(100, ge=1, le=1000), offset: int = Query(0, ge=0, le=10**9)) -> dict[str, Any]:
+        """Stored decisions, newest first, filtered by time (ISO 8601; naive means UTC), decision, model id,
+        station and source (sort or api)."""
+        for name, value in (("decision", decision), ("model", model), ("station", station), ("source", source)):
+            if value is not None and "\x00" in value:
+                raise HTTPException(422, f"{name}: NUL characters are not allowed")
+        rows, total = await run_in_threadpool(lambda: state["store"].query(
+            since=_utc_iso(since), until=_utc_iso(until), decision=decision, model=model, station=station,
+            source=source, limit=limit, offset=offset))
+        return {"total": total, "limit": limit, "offset": offset, "items": [_public(r) for r in rows]}
+
+    def _row(decision_id: DecisionId) -> dict[str, Any]:
+        row = state["store"].get(decision_id)
+        if row is None:
+            raise HTTPException(404, f"no decision {decision_id}")
+        return row
+
+    @app.get("/v1/decisions/{decision_id}", tags=["results"])
+    async def decision(decision_id: DecisionId) -> dict[str, Any]:
+        """One decision with every review of it."""
+        row = await run_in_threadpool(_row, decision_id)
+        return {**_public(row), "reviews": await run_in_threadpool(state["store"].reviews, decision_id)}
+
+    @app.get("/v1/decisions/{decision_id}/image", tags=["results"], response_class=FileResponse)
+    async def decision_image(decision_id: DecisionId) -> FileResponse:
+        """The image the decision was made on (the service's copy, or the sorter's filed file)."""
+        row = await run_in_threadpool(_row, decision_id)
+        return _image_response(row.get("image_path") or row.get("destination"))
+
+    @app.get("/v1/decisions/{decision_id}/heatmap", tags=["results"], response_class=FileResponse)
+    async def decision_heatmap(decision_id: DecisionId) -> FileResponse:
+        row = await run_in_threadpool(_row, decision_id)
+        return _image_response(row.get("heatmap_path"))
+
+    @app.post("/v1/decisions/{decision_id}/review-request", tags=["review"])
+    async def request_review(decision_id: DecisionId, request: Request) -> dict[str, Any]:
+        """Put any decision in the review queue (a person picked it)."""
+        require_key(request)
+        if not await run_in_threadpool(state["store"].flag, decision_id):
+            raise HTTPException(404, f"no decision {decision_id}")
+        state["review_depth"] = (await run_in_threadpool(state["store"].review_queue, 0))[1]
+        return {"id": decision_id, "needs_review": True}
+
+    @app.get("/v1/review/queue", tags=["review"])
+    async def review_queue(limit: int = Query(20, ge=0, le=500)) -> dict[str, Any]:
+        """Decisions waiting for a person, oldest first, and the labels a person may give."""
+        rows, total = await run_in_threadpool(state["store"].review_queue, limit)
+        state["review_depth"] = total
+        return {"total": total, "labels": _labels(), "items": [_public(r) for r in rows]}
+
+    def _labels() -> list[str]:
+        return [*state["models"].current.predictor.classes, DRIFT]
+
+    @app.post("/v1/reviews", tags=["review"], status_code=201)
+    async def add_review(body: ReviewIn, request: Request) -> dict[str, Any]:
+        """A person's label for a decision (confirm: the model's class; relabel: another class; Drift)."""
+        key_id = require_key(request)
+        if body.label not in _labels():
+            raise HTTPException(422, f"label {body.label!r} is not one of {_labels()}")
+        reviewer = (body.reviewer or "").strip() or key_id or "anonymous"
+        if not _META_RE.match(reviewer):
+            raise HTTPException(422, "reviewer: printable characters only")
+        if body.comment and "\x00" in body.comment:
+            raise HTTPException(422, "comment: NUL characters are not allowed")
+        try:
+            rid = await run_in_threadpool(state["store"].add_review, body.decision_id, body.label, reviewer,
+                                          body.comment)
+        except KeyError:
+            raise HTTPException(404, f"no decision {body.decision_id}") from None
+        state["review_depth"] = max(0, state["review_depth"] - 1)
+        return {"id": rid, "decision_id": body.decision_id, "label": body.label, "reviewer": reviewer}
+
+    @app.get("/v1/dashboard", tags=["results"])
+    async def dashboard(hours: float = Query(24, gt=0, le=24 * 31), bucket_minutes: int = Query(60, ge=1, le=1440),
+                        station: str | None = Query(None, max_length=128)) -> dict[str, Any]:
+        """Everything the dashboard draws: decisions per bucket, p-chart with Western Electric rules, the
+        Drift-rate alarm, confidence and latency quantiles, the review queue depth and pilot statistics."""
+        return await run_in_threadpool(_dashboard, hours, bucket_minutes, station)
+
+    def _dashboard(hours: float, bucket_minutes: int, station: str | None) -> dict[str, Any]:
+        model: LoadedModel = state["models"].current
+        until = datetime.now(timezone.utc)
+        step = timedelta(minutes=bucket_minutes)
+        # Buckets aligned to whole steps since midnight, so a refresh does not shift every bucket.
+        midnight = until.replace(hour=0, minute=0, second=0, microsecond=0)
+        end = midnight + step * (int((until - midnight) / step) + 1)
+        since = end - step * max(1, round(timedelta(hours=hours) / step))
+        rows = state["store"].window(_utc_iso(since))
+        if station:
+            rows = [r for r in rows if r["station"] == station]
+        out = spc.dashboard(rows, classes=model.predictor.classes, good_class=model.good_class, since=since,
+                            until=end, bucket_minutes=bucket_minutes, drift_rate=model.drift_rate)
+        reviewed = state["store"].reviewed(_utc_iso(since))
+        out["pilot"] = spc.pilot_stats(reviewed, model.good_class, config.escape_cap)
+        out["pilot"]["enabled"] = config.pilot
+        _, out["review_queue"] = state["store"].review_queue(0)
+        out["model"] = model.info()
+        out["queue_depth"] = state["batcher"].depth
+        out["auth_required"] = bool(keys)
+        return out
+
+    return app
+
+
+def _decode_all(predictor: Predictor, uploads: list[tuple[str, bytes]]) -> list[tuple[np.ndarray, float]]:
+    out = []
+    for fname, data in uploads:
+        start = time.perf_counter()
+        try:
+            x = predictor.preprocess(data)
+        except ImageDecodeError as exc:
+            # The decoder names "<bytes>": name the upload instead.
+            raise HTTPException(422, f"{fname}: {exc.reason}") from None
+        out.append((x, (time.perf_counter() - start) * 1000))
+    return out
+
+
+def _file_uploads(folder: Path, uploads: list[tuple[str, bytes]]) -> list[tuple[str, Path]]:
+    out = []
+    for fname, data in uploads:
+        sha = hashlib.sha256(data).hexdigest()
+        suffix = Path(fname).suffix.lower()
+        out.append((sha, store_bytes(folder, data, sha, suffix if suffix in _IMAGE_SUFFIXES else ".img")))
+    return out
+
+
+def _records(config: ServeConfig, uploads: list[tuple[str, bytes]], paths: list[tuple[str, Path]],
+             results: list[tuple[Prediction, LoadedModel]], request_id: str, meta: dict[str, str | None],
+             started: float) -> list[dict[str, Any]]:
+    """The rows of one request. ``total_ms``: server time from the request's start to its rows being ready
+    (the commit excluded)."""
+    records = []
+    for (fname, data), (sha, path), (pred, model) in zip(uploads, paths, results, strict=True):
+        heatmap = getattr(pred, "heatmap", None)
+        heatmap_path = _save_heatmap(config.data / "heatmaps", heatmap, sha, model.model_id) if heatmap is not None \
+            else None
+        records.append({
+            "request_id": request_id, "source": "api", "file_name": fname, "source_path": f"api:{request_id}",
+            "content_sha256": sha, "size_bytes": len(data), "decision": pred.decision, "top_class": pred.top_class,
+            "confidence": pred.confidence, "probabilities": pred.probabilities, "drift_score": pred.drift_score,
+            "model_id": model.model_id, "model_version": model.model_version, "destination": str(path),
+            "image_path": str(path), "heatmap_path": heatmap_path, "decode_ms": pred.timing.get("decode_ms"),
+            "infer_ms": pred.timing.get("infer_ms"), "total_ms": round((time.perf_counter() - started) * 1000, 3),
+            "needs_review": config.pilot or pred.decision in (REVIEW, DRIFT), **meta,
+        })
+    return records
+
+
+def _save_heatmap(folder: Path, heatmap: Any, sha: str, model_id: str) -> str:
+    from PIL import Image
+
+    h = np.asarray(heatmap, dtype=np.float32)
+    h = np.nan_to_num((h - h.min()) / (np.ptp(h) or 1.0))
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{sha}-{model_id}.png"
+    Image.fromarray((h * 255).astype(np.uint8)).save(path)
+    return str(path)
+
+
+def _image_response(path: str | None) -> FileResponse:
+    from PIL import Image
+
+    if not path or not Path(path).is_file():
+        raise HTTPException(404, "the image file is not there any more")
+    try:
+        with Image.open(path) as im:
+            mime = _MIME.get(im.format or "", "application/octet-stream")
+    except Exception:
+        mime = "application/octet-stream"
+    return FileResponse(path, media_type=mime, headers={"Cache-Control": "private, max-age=86400"})
+
+
+def _version() -> str:
+    from defectscope._version import __version__
+
+    return __version__
+
+
+def serve(config: ServeConfig, *, log_level: str = "info") -> None:
+    """Run the station until SIGINT/SIGTERM. Refuses to listen beyond loopback without API keys."""
+    import uvicorn
+
+    if not is_loopback(config.host) and not config.api_keys:
+        raise ValueError(f"refusing to listen on {config.host} without API keys: set DEFECTSCOPE_API_KEYS or "
+                         "--key-file, or bind 127.0.0.1 behind a reverse proxy")
+    if not config.model.is_file():
+        raise FileNotFoundError(f"{config.model}: no such model file")
+    uvicorn.run(create_app(config), host=config.host, port=config.port, log_level=log_level, proxy_headers=True,
+                timeout_keep_alive=5, limit_max_requests=None)

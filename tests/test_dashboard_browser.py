@@ -1,0 +1,89 @@
+"""The dashboard in a real headless Chromium (Debian's, driven by Playwright): loads clean, shows a posted
+image in the charts and the review queue, and a relabel clicked in the page is stored and exported."""
+
+from __future__ import annotations
+
+import csv
+import os
+import shutil
+
+import httpx
+import pytest
+from test_serve import config_for, png, running
+
+from defectscope.deploy.review import export_corrections
+from defectscope.deploy.store import Store
+
+CHROMIUM = os.environ.get("DEFECTSCOPE_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
+ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+        "--disable-sync", "--no-first-run"]
+
+
+@pytest.fixture(scope="module")
+def browser():
+    sync_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright (the serve test extra)")
+    if not os.path.exists(CHROMIUM):
+        pytest.skip(f"no Chromium at {CHROMIUM} (apt-get install chromium)")
+    with sync_api.sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        yield b
+        b.close()
+
+
+@pytest.mark.slow
+def test_dashboard_review_in_the_browser(browser, station_model, tmp_path):
+    config = config_for(tmp_path, station_model, pilot=True)
+    with running(config) as url, httpx.Client(base_url=url, timeout=30) as client:
+        page = browser.new_page(viewport={"width": 1400, "height": 1200})
+        problems: list[str] = []
+        page.on("console", lambda m: problems.append(f"console {m.type}: {m.text}") if m.type in ("error", "warning")
+                else None)
+        page.on("pageerror", lambda e: problems.append(f"page error: {e}"))
+        page.on("requestfailed", lambda r: problems.append(f"request failed: {r.url}"))
+        page.goto(url + "/")
+        page.wait_for_function("document.getElementById('t-total').textContent === '0'")
+        assert page.locator("#rq-empty").is_visible()
+
+        first = client.post("/v1/predict", files=[("file", ("one.png", png("scratch", 1), "image/png"))],
+                            data={"station": "<img src=x onerror=alert(1)>"}).json()["results"][0]
+        page.evaluate("refresh()")
+        page.wait_for_function("document.getElementById('t-total').textContent === '1'")
+        assert page.locator("#c-decisions rect").count() >= 1  # the decision is in the per-bucket chart
+        assert page.locator("#c-pchart circle").count() >= 1  # and on the p-chart
+        page.wait_for_selector("#rq-item:not([hidden])")
+        assert f"#{first['id']} one.png" in page.locator("#rq-meta").inner_text()
+        page.wait_for_function("document.getElementById('rq-image').complete && "
+                               "document.getElementById('rq-image').naturalWidth === 40")
+        assert page.locator("#rq-probs .prob").count() == 3
+        assert "<img" in page.locator("#rq-meta").inner_text()  # hostile metadata shown as text, not markup
+
+        relabel = next(label for label in ("GOOD", "scratch", "spot") if label != first["class"])
+        page.fill("#reviewer", "ann")
+        page.click(f"#rq-buttons button[data-label='{relabel}']:not(.confirm)")
+        page.wait_for_function("document.getElementById('rq-msg').textContent.startsWith('stored')")
+        with Store(config.db) as store:
+            assert [(r["label"], r["reviewer"]) for r in store.reviews(first["id"])] == [(relabel, "ann")]
+
+        # Keyboard: Enter confirms the model's class.
+        second = client.post("/v1/predict", content=png("spot", 2), headers={"Content-Type": "image/png"}).json()
+        second = second["results"][0]
+        page.evaluate("refresh()")
+        page.wait_for_function(f"document.getElementById('rq-meta').textContent.includes('#{second['id']} ')")
+        page.locator("body").click(position={"x": 5, "y": 300})
+        page.keyboard.press("Enter")
+        page.wait_for_function("document.getElementById('rq-msg').textContent.startsWith('stored')")
+        with Store(config.db) as store:
+            assert [r["label"] for r in store.reviews(second["id"])] == [second["class"]]
+        page.evaluate("refresh()")
+        page.wait_for_selector("#rq-empty:not([hidden])")
+        page.wait_for_function("document.getElementById('pilot').textContent.includes('2 / 2') || "
+                               "document.getElementById('pilot').textContent.includes('/ 2')")
+
+        out = tmp_path / "corrections.csv"
+        assert export_corrections(config.db, out) == 2
+        with open(out, newline="") as f:
+            labels = {int(r["decision_id"]): r["label"] for r in csv.DictReader(f)}
+        assert labels == {first["id"]: relabel, second["id"]: second["class"]}
+        page.screenshot(path=str(tmp_path / "dashboard.png"), full_page=True)
+        page.close()
+        assert problems == []
