@@ -69,7 +69,9 @@ class ResultLog:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         # isolation_level=None: autocommit, each statement is its own durable transaction.
-        self.conn = sqlite3.connect(str(self.path), isolation_level=None, timeout=30.0)
+        # check_same_thread=False: the sorter reads from its main thread and writes from its filing thread,
+        # one at a time under its own lock (sqlite3 connections are serialized, the check is only a guard).
+        self.conn = sqlite3.connect(str(self.path), isolation_level=None, timeout=30.0, check_same_thread=False)
         self.conn.row_factory = sqlite3.Row
         self.conn.execute("PRAGMA journal_mode=WAL")
         self.conn.execute("PRAGMA synchronous=FULL")
