@@ -57,7 +57,9 @@ def test_policy_json_is_embedded(trained_run, tmp_path):
     policy = {"version": 1, "thresholds": {"GOOD": 0.9}, "review": "REVIEW"}
     (run / "policy.json").write_text(json.dumps(policy))
     out = tmp_path / "out" / "model.onnx"
-    export(run, out)
+    # Not a policy the decision module accepts (only its embedding is tested): nothing can decide with it,
+    # so no runtime selection.
+    export(run, out, int8=False, select=False)
     assert onnx_metadata(out)[md.KEY_POLICY] == policy
     assert json.loads(md.sidecar_path(out).read_text())[md.KEY_POLICY] == policy
 

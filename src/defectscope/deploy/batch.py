@@ -38,11 +38,18 @@ def predict(
     out: str | Path | None = None,
     batch_size: int = 32,
     threads: int | None = None,
+    runtime: str = "auto",
+    precision: str = "auto",
+    device: str = "cpu",
 ) -> dict[str, int]:
-    """Write one row per image (csv, json or jsonl) to ``out`` or stdout; returns counts per decision."""
+    """Write one row per image (csv, json or jsonl) to ``out`` or stdout; returns counts per decision.
+
+    ``runtime``, ``precision``, ``device``: as :class:`Predictor`; ``auto`` by default (the fastest runtime
+    whose decisions match fp32 on this machine).
+    """
     if fmt not in FORMATS:
         raise ValueError(f"unknown format {fmt!r}; use one of {', '.join(FORMATS)}")
-    predictor = Predictor(model, threads=threads)
+    predictor = Predictor(model, threads=threads, runtime=runtime, precision=precision, device=device)
     files = expand_inputs(inputs, recursive=recursive)
     counts: dict[str, int] = {}
     stream: TextIO

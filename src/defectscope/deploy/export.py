@@ -26,6 +26,7 @@ from torch import nn
 from defectscope._version import __version__
 from defectscope.decision.drift import DriftScorer
 from defectscope.deploy import metadata as md
+from defectscope.deploy import runtimes, selection
 from defectscope.deploy.quantize import QUANTIZE_MODES, quantize_model
 from defectscope.rundir import EVALUATION, METRICS, SPEC, Run
 
@@ -108,6 +109,8 @@ def export(
     *,
     quantize: str | None = None,
     opset: int = 17,
+    int8: bool = True,
+    select: bool = True,
 ) -> dict[str, Any]:
     """Export ``run`` to ``out`` (.onnx) and ``out.with_suffix('.json')``; return the check report.
 
@@ -115,6 +118,11 @@ def export(
     images). The fp32 graph must match PyTorch (probabilities within 1e-4, identical argmax on up to 64
     test images) or :class:`ExportError` is raised and nothing is written. A quantized model is compared
     to the fp32 one on the whole test split and the differences are reported, not enforced.
+
+    Beside an fp32 ``out`` it also writes (see :mod:`defectscope.deploy.selection`):
+    ``<stem>.check.npz``, the reference set that ``--runtime auto`` checks candidates on; with ``int8``,
+    ``<stem>.int8.onnx``, statically quantized on the run's calibration images; with ``select``, the
+    measured runtime choice for this machine, in the sidecar under ``runtime_selection``.
     """
     if quantize not in (None, *QUANTIZE_MODES):
         raise ValueError(f"unknown quantize mode {quantize!r}; use None, {', '.join(map(repr, QUANTIZE_MODES))}")
@@ -154,9 +162,59 @@ def export(
                 f"max |dp| = {q['max_abs_diff_probabilities']:.3f}, decisions changed = {q['argmax_mismatches']}")
         metadata = build_metadata(run, spec, quantize)
         _write_onnx_with_metadata(final, out, metadata)
-    sidecar.write_text(json.dumps({**metadata, "export_check": report}, indent=2))
+        int8_path = runtimes.variant_path(out, "int8")
+        if quantize is None and int8:
+            q = Path(tmp) / "int8.onnx"
+            report["int8"] = {"model": str(int8_path),
+                              "quantization": quantize_model(fp32, q, "static", _calibration_inputs(run))}
+            _write_onnx_with_metadata(q, int8_path, build_metadata(run, spec, "static"))
+            report["size_bytes"]["int8"] = int8_path.stat().st_size
+        elif int8_path.exists():
+            int8_path.unlink()  # an int8 file of an earlier export would not match this model
+    selection_record = None
+    selection.cache_path(out).unlink(missing_ok=True)  # choices measured for an earlier model
+    selection.reference_path(out).unlink(missing_ok=True)
+    if quantize is None:  # a quantized main model has no fp32 to check candidates against
+        drift_x = _drift_images(x_test, spec)
+        to_u8 = lambda a: np.rint(a[:, 0] * 255).astype(np.uint8)  # noqa: E731 - exact: inputs are u8 / 255
+        selection.write_reference(out, to_u8(x_test), y_test, drift_x)
+        report["reference_set"] = {"file": str(selection.reference_path(out)), "split": split,
+                                   "images": len(x_test), "drift_images": len(drift_x)}
+        if select:
+            from defectscope.deploy.predictor import _decide
+
+            policy, classes = metadata[md.KEY_POLICY], list(spec["classes"])
+            selection_record = selection.select(
+                out, decide=lambda p, d: _decide(p, policy, classes, d if policy and policy.get("drift") else None))
+            log.info(f"runtime choice on this machine: {selection.summary(selection_record)}")
+    sidecar.write_text(json.dumps({**metadata, "export_check": report,
+                                   **({selection.SELECTION_KEY: selection_record} if selection_record else {})},
+                                  indent=2))
     log.info(f"exported {out} and {sidecar.name}")
     return report
+
+
+DRIFT_CORRUPTED = 128  # corrupted test images in the reference set's Drift images
+DRIFT_FAR = 32  # far-off images (wafer maps, digits)
+
+
+def _drift_images(x_test: np.ndarray, spec: dict[str, Any]) -> np.ndarray:
+    """Drift images for the reference set: test images under each line corruption, plus far-off images."""
+    from defectscope.evaluation import corruptions
+
+    size = int(spec["image_size"])
+    base = np.rint(x_test[:, 0] * 255).astype(np.uint8)
+    parts = []
+    if len(base):
+        rows = np.random.default_rng(0).choice(len(base), min(DRIFT_CORRUPTED, len(base)), replace=False)
+        names = list(corruptions.CORRUPTIONS)
+        for i, name in enumerate(names):
+            chosen = base[rows[i::len(names)]]
+            if len(chosen):
+                parts.append(corruptions.corrupt(chosen, name, seed=i))
+    parts.append(corruptions.wafer_maps(DRIFT_FAR // 2, size, seed=1))
+    parts.append(corruptions.digit_glyphs(DRIFT_FAR - DRIFT_FAR // 2, size, seed=2))
+    return np.concatenate(parts).astype(np.uint8)
 
 
 def build_metadata(run: Run, spec: dict[str, Any], quantize: str | None) -> dict[str, Any]:

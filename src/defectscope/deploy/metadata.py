@@ -2,7 +2,7 @@
 
 Every value is a JSON string under one of the keys below, in the ONNX ``metadata_props``; the exporter
 writes the same dictionary (decoded) to a sidecar ``<model>.json``. Only the standard library and
-onnxruntime are used here, so the torch-free predictor can import this module.
+onnxruntime or OpenVINO are used here, so the torch-free predictor can import this module.
 """
 
 from __future__ import annotations
@@ -51,13 +51,22 @@ def decode(props: dict[str, str], origin: str = "model") -> dict[str, Any]:
 
 
 def read_metadata(model_path: str | Path) -> dict[str, Any]:
-    """The decoded defectscope metadata of an ONNX file, read with onnxruntime (no onnx package needed)."""
-    import onnxruntime as ort
+    """The decoded defectscope metadata of an ONNX file, read with whichever runtime is installed
+    (onnxruntime, else OpenVINO; the onnx package is never needed)."""
+    import importlib.util
 
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    session = ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
-    return decode(session.get_modelmeta().custom_metadata_map, str(model_path))
+    if not Path(model_path).is_file():
+        raise FileNotFoundError(f"{model_path}: no such model file")
+    if importlib.util.find_spec("onnxruntime") is not None:
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        session = ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
+        return decode(session.get_modelmeta().custom_metadata_map, str(model_path))
+    from defectscope.deploy.runtimes import _ov_core, onnx_props_from_openvino
+
+    return decode(onnx_props_from_openvino(_ov_core().read_model(str(model_path))), str(model_path))
 
 
 def sidecar_path(model_path: str | Path) -> Path:

@@ -1,4 +1,4 @@
-"""Classify images with an exported model: onnxruntime, numpy and Pillow only, never torch.
+"""Classify images with an exported model: ONNX Runtime or OpenVINO, numpy and Pillow only, never torch.
 
 Preprocessing is :func:`defectscope.data.images.load_gray` with the run's size and resize mode, then
 ``uint8 / 255`` - exactly what training cached and fed - so deployed and trained models see identical
@@ -79,34 +79,52 @@ def _decide(probs: np.ndarray, policy_dict: dict[str, Any] | None, classes: list
 class Predictor:
     """An exported defectscope model ready to classify images.
 
-    ``threads``: ONNX Runtime intra-op threads (default: every core). ``decode_threads``: image decoders
-    running beside inference in :meth:`predict_batch` (default: a quarter of the cores, at least one; raise
-    it for large images and small models).
-    ``providers``: ONNX Runtime execution providers (default: CPU).
+    ``runtime``: ``onnxruntime`` (default), ``openvino`` or ``auto``; ``precision``: ``fp32`` (default),
+    ``int8``, ``bf16``, ``fp16`` or ``auto``. ``auto`` takes the fastest candidate whose decisions match fp32
+    on the run's reference images, measured once per machine (:mod:`defectscope.deploy.selection`).
+    ``device``: ``cpu`` or ``gpu`` (CUDA for onnxruntime, OpenVINO's GPU), falling back to the CPU.
+    ``threads``: inference threads (default: every core). ``decode_threads``: image decoders running beside
+    inference in :meth:`predict_batch` (default: the cores ``threads`` leaves free, else a quarter of the
+    cores, at least one; raise it for large images and small models). ``providers``: ONNX Runtime
+    execution providers (overrides ``device``).
     Raises :class:`defectscope.deploy.metadata.MetadataError` for an ONNX file not made by
-    ``defectscope export``.
+    ``defectscope export``, :class:`defectscope.deploy.runtimes.RuntimeUnavailable` for a runtime,
+    precision or device this machine cannot provide.
     """
 
     def __init__(self, model_path: str | Path, *, threads: int | None = None,
                  providers: list[str] | None = None, decode_threads: int | None = None,
-                 max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
-        import onnxruntime as ort
+                 max_pixels: int = DEFAULT_MAX_PIXELS, runtime: str = "onnxruntime", precision: str = "fp32",
+                 device: str = "cpu") -> None:
+        from defectscope.deploy import runtimes
 
         self.model_path = Path(model_path)
+        if not self.model_path.is_file():
+            raise FileNotFoundError(f"{self.model_path}: no such model file")
         cores = os.cpu_count() or 1
         # Decoding runs in parallel with inference in predict_batch. Inference is most of the work for a
-        # real model (68% of the sorter's time on ELPV, bench/results/throughput.json), so ORT gets every
-        # core and the decode threads share them; a 1 + 1 split on 2 cores left inference at half speed.
-        self.decode_threads = decode_threads or max(1, cores // 4)
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads or cores
-        options.inter_op_num_threads = 1
-        options.log_severity_level = 3
-        # Spinning ORT workers would steal the cores the decode threads need.
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        self.session = ort.InferenceSession(str(self.model_path), options,
-                                            providers=providers or ["CPUExecutionProvider"])
-        meta = md.decode(self.session.get_modelmeta().custom_metadata_map, str(self.model_path))
+        # real model (68% of the sorter's time on ELPV, bench/results/throughput.json), so the runtime gets
+        # every core and the decode threads share them; a 1 + 1 split on 2 cores left inference at half speed.
+        # With fewer inference threads than cores, the decoders get the cores inference leaves free.
+        self.decode_threads = decode_threads or max(1, cores - threads if threads and threads < cores else cores // 4)
+        threads = threads or cores
+        self.selection: dict[str, Any] | None = None
+        if runtime == "auto" or precision == "auto":
+            from defectscope.deploy import selection
+
+            meta = md.read_metadata(self.model_path)
+            classes = list(meta[md.KEY_SPEC]["classes"])
+            policy = meta[md.KEY_POLICY]
+            runtime, precision, self.selection = selection.resolve(
+                self.model_path, runtime, precision, device=device, threads=threads,
+                decide=lambda p, d: _decide(p, policy, classes, d if policy and policy.get("drift") else None))
+        self.engine = runtimes.create_engine(self.model_path, runtime, precision, device=device, threads=threads,
+                                             providers=providers)
+        self.runtime, self.precision, self.device = runtime, precision, self.engine.device
+        # ONNX Runtime's session, for callers that used it directly (None with OpenVINO).
+        self.session = getattr(self.engine, "session", None)
+        props = self.engine.props if self.engine.model_file == self.model_path else None
+        meta = md.decode(props, str(self.model_path)) if props else md.read_metadata(self.model_path)
         self.metadata = meta
         self.spec: dict[str, Any] = meta[md.KEY_SPEC]
         self.policy: dict[str, Any] | None = meta[md.KEY_POLICY]
@@ -124,7 +142,7 @@ class Predictor:
 
     def __repr__(self) -> str:
         return (f"Predictor({str(self.model_path)!r}, classes={self.classes}, "
-                f"input={self.image_size}px {self.resize})")
+                f"input={self.image_size}px {self.resize}, {self.runtime} {self.precision} {self.device})")
 
     def preprocess(self, source: Any) -> np.ndarray:
         """The graph input for one image: float32 (1, H, W) in [0, 1]. Raises ImageDecodeError."""
@@ -148,7 +166,7 @@ class Predictor:
                      return_features: bool = False) -> Iterator[Prediction]:
         """:meth:`predict_batch` as a generator, for folders too large to hold all results.
 
-        Batch k+1 is decoded in a thread pool while batch k runs in ONNX Runtime (which releases the GIL).
+        Batch k+1 is decoded in a thread pool while batch k runs in the runtime (which releases the GIL).
         """
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -195,7 +213,7 @@ class Predictor:
     def _infer(self, paths: list[str | None], x: np.ndarray, decode_ms: list[float],
                return_features: bool) -> list[Prediction]:
         start = time.perf_counter()
-        probs, features, drift = self.session.run(list(md.OUTPUTS[1:]), {md.INPUT: x})
+        probs, features, drift = self.engine.run(x)
         infer_ms = (time.perf_counter() - start) * 1000 / len(x)
         has_drift = bool(self.policy and self.policy.get("drift"))
         decisions = _decide(probs, self.policy, self.classes, drift if has_drift else None)

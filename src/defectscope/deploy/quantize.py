@@ -2,19 +2,22 @@
 
 ``dynamic``: weights stored as uint8, activations quantized on the fly; no data needed.
 ``static``: weights and activations int8/uint8 with ranges calibrated on training images (QDQ format).
-The softmax and everything after the last Gemm stay in float, so probabilities still sum to one.
+Everything computed from the pooled ``features`` (the classifier head, the softmax, the Drift score) stays
+in float: it costs nothing to keep and the Drift score's distances are sensitive to rounding. The QDQ file
+runs in int8 on ONNX Runtime and on OpenVINO alike.
 """
 
 from __future__ import annotations
 
 import logging
+import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_dynamic, quantize_static
 
-from defectscope.deploy.metadata import INPUT
+from defectscope.deploy.metadata import INPUT, OUTPUTS
 
 QUANTIZE_MODES = ("dynamic", "static")
 
@@ -35,22 +38,46 @@ def quantize_model(src: str | Path, dst: str | Path, mode: str, calibration: np.
     level = root.level
     root.setLevel(logging.ERROR)
     try:
-        if mode == "dynamic":
-            # uint8 weights: ORT's CPU kernel for dynamically quantized Conv (ConvInteger) is uint8 x uint8
-            # only; int8 weights export fine but fail at session creation.
-            quantize_dynamic(str(src), str(dst), op_types_to_quantize=_OPS, weight_type=QuantType.QUInt8)
-            return {"mode": mode, "weights": "uint8", "activations": "uint8 (dynamic)", "ops": _OPS}
-        if calibration is None or len(calibration) == 0:
-            raise ValueError("static quantization needs calibration images")
-        quantize_static(
-            str(src), str(dst), _Calibration(calibration, batch_size), quant_format=QuantFormat.QDQ,
-            op_types_to_quantize=_OPS, per_channel=True, activation_type=QuantType.QUInt8,
-            weight_type=QuantType.QInt8,
-        )
+        with tempfile.TemporaryDirectory(prefix=".quantize-", dir=Path(dst).parent) as tmp:
+            named = Path(tmp) / "named.onnx"
+            excluded = _name_nodes_and_find_head(src, named)
+            if mode == "dynamic":
+                # uint8 weights: ORT's CPU kernel for dynamically quantized Conv (ConvInteger) is uint8 x uint8
+                # only; int8 weights export fine but fail at session creation.
+                quantize_dynamic(str(named), str(dst), op_types_to_quantize=_OPS, weight_type=QuantType.QUInt8,
+                                 nodes_to_exclude=excluded)
+                return {"mode": mode, "weights": "uint8", "activations": "uint8 (dynamic)", "ops": _OPS,
+                        "kept_in_float": len(excluded)}
+            if calibration is None or len(calibration) == 0:
+                raise ValueError("static quantization needs calibration images")
+            quantize_static(
+                str(named), str(dst), _Calibration(calibration, batch_size), quant_format=QuantFormat.QDQ,
+                op_types_to_quantize=_OPS, per_channel=True, activation_type=QuantType.QUInt8,
+                weight_type=QuantType.QInt8, nodes_to_exclude=excluded,
+            )
         return {"mode": mode, "weights": "int8 per channel", "activations": "uint8 (MinMax calibrated)",
-                "ops": _OPS, "calibration_images": len(calibration)}
+                "ops": _OPS, "calibration_images": len(calibration), "kept_in_float": len(excluded)}
     finally:
         root.setLevel(level)
+
+
+def _name_nodes_and_find_head(src: str | Path, dst: Path) -> list[str]:
+    """Copy ``src`` to ``dst`` with every node named (the quantizer excludes nodes by name) and return the
+    names of the nodes computed from the ``features`` output: the head and the Drift score."""
+    import onnx
+
+    model = onnx.load(str(src))
+    nodes = model.graph.node
+    for i, node in enumerate(nodes):
+        if not node.name:
+            node.name = f"{node.op_type}_{i}"
+    tensors, excluded = {OUTPUTS[2]}, []
+    for node in nodes:  # ONNX graphs are topologically sorted: one pass finds every descendant
+        if tensors.intersection(node.input):
+            excluded.append(node.name)
+            tensors.update(node.output)
+    onnx.save(model, str(dst))
+    return excluded
 
 
 class _Calibration(CalibrationDataReader):

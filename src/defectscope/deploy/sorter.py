@@ -1,6 +1,6 @@
 """``defectscope sort``: file every new image of an inbox into ``OUT/<decision>/`` and log it, crash-safely.
 
-The offline sorter of an inspection line (onnxruntime, numpy and Pillow, never torch). Each image goes to
+The offline sorter of an inspection line (ONNX Runtime or OpenVINO, numpy and Pillow, never torch). Each image goes to
 ``OUT/GOOD``, ``OUT/<defect class>``, ``OUT/REVIEW``, ``OUT/Drift`` or, when it cannot be decoded (empty,
 truncated, not an image), ``OUT/_unreadable``; one row per image goes to the results store
 (:mod:`defectscope.deploy.store`: SQLite by default, ``OUT/results.db``, or any store URL).
@@ -38,13 +38,14 @@ import errno
 import hashlib
 import logging
 import os
+import queue
 import shutil
 import signal
 import sqlite3
 import stat
 import threading
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
@@ -246,7 +247,10 @@ class _Sorter:
         self.predictor, self.inbox, self.out, self.mode = predictor, inbox, out, mode
         self.batch_size, self.stop, self.say = batch_size, stop, log
         self.out_real = out.resolve()
-        self.db = Store(log_path)
+        self.db = Store(log_path)  # written by the filing thread only (and by recover() before it starts)
+        # A second connection for this thread's look-ups: in WAL mode a reader never waits for the writer's
+        # fsynced commits, so reading the next files never stalls behind filing.
+        self.reader = Store(log_path)
         # Never take our own output or log when they live inside the inbox.
         db_file = sqlite_path(log_path)
         self.excluded = {self.out_real, *(Path(str(db_file.resolve()) + s) for s in ("", "-wal", "-shm", "-journal")
@@ -334,21 +338,42 @@ class _Sorter:
 
     # ---- processing
     def process(self, paths: list[Path], sigs: dict[Path, tuple[int, int, int]], progress: Any = None) -> None:
-        """Hash, classify (in batches) and file ``paths``; stops between files once ``stop`` is set."""
-        for start in range(0, len(paths), self.batch_size):
-            if self.stop.is_set():
-                return
-            items = [it for p in paths[start:start + self.batch_size] if (it := self._load(p, sigs[p]))]
-            todo = [it for it in items if not self._already_done(it, sigs[it.path])]
-            decodable = [it for it in todo if it.data is not None]
-            preds = iter(self.predictor.predict_batch([it.data for it in decodable], self.batch_size))
-            for it in todo:
-                if self.stop.is_set():
-                    return  # the files of this batch not filed yet have no row: the next run takes them
-                pred = next(preds) if it.data is not None else _too_large(it)
-                self._file(it, pred, sigs[it.path])
-            if progress is not None:
-                progress.update(len(paths[start:start + self.batch_size]))
+        """Hash, classify and file ``paths``; stops between files once ``stop`` is set.
+
+        Three stages overlap so the runtime is never idle: this thread reads and hashes the files and feeds
+        them to the predictor (which decodes the next batch in its pool while the runtime runs this one,
+        batches spanning files of any folder), and a filing thread places each classified file and writes
+        its log rows while the next batch is inferred. Files are filed in the order they were read.
+        """
+        waiting: deque[_Item] = deque()  # read and sent to the predictor, in order
+
+        def sources() -> Iterator[bytes]:
+            for path in paths:
+                if self.stop.is_set() or filer.failed:
+                    return
+                it = self._load(path, sigs[path])
+                if it is None or self._already_done(it, sigs[path]):
+                    if progress is not None:
+                        progress.update(1)
+                    continue
+                waiting.append(it)
+                if it.data is not None:
+                    yield it.data
+
+        filer = _Filer(self, sigs, progress)
+        try:
+            for pred in self.predictor.iter_predict(sources(), self.batch_size):
+                while waiting[0].data is None:  # too large to decode: filed as unreadable in its turn
+                    it = waiting.popleft()
+                    filer.put(it, _too_large(it))
+                filer.put(waiting.popleft(), pred)
+                if self.stop.is_set() or filer.failed:
+                    break
+            while waiting and not self.stop.is_set() and not filer.failed:
+                it = waiting.popleft()
+                filer.put(it, _too_large(it))
+        finally:
+            filer.close()  # waits for the files in hand; re-raises what stopped the filing thread
 
     def _load(self, path: Path, sig: tuple[int, int, int]) -> _Item | None:
         try:
@@ -366,8 +391,8 @@ class _Sorter:
             return None
         return _Item(path, _printable(path.name), size, sha, data)
 
-    def _already_done(self, it: _Item, sig: tuple[int, int, int]) -> bool:
-        row = self.db.find(it.sha256, it.name)
+    def _already_done(self, it: _Item, sig: tuple[int, int, int], db: Store | None = None) -> bool:
+        row = (db or self.reader).find(it.sha256, it.name)
         if row is None or row["status"] != "done":
             return False
         if self.mode == "copy":
@@ -388,7 +413,7 @@ class _Sorter:
 
     def _file(self, it: _Item, pred: Prediction, sig: tuple[int, int, int]) -> None:
         row = self.db.find(it.sha256, it.name)
-        if row is not None and row["status"] == "done" and self._already_done(it, sig):
+        if row is not None and row["status"] == "done" and self._already_done(it, sig, self.db):
             return  # a twin (same name and bytes) in another inbox folder was filed earlier in this batch
         folder = self.out / safe_folder_name(pred.decision)
         dest = _unique_path(folder, _safe_file_name(it.path.name))
@@ -422,6 +447,54 @@ class _Sorter:
 
     def close(self) -> None:
         self.db.close()
+        self.reader.close()
+
+
+class _Filer:
+    """The filing thread: places each classified file and logs it, in order, while inference goes on.
+
+    Once ``stop`` is set it files nothing more (those files have no row yet: the next run takes them). An
+    exception escaping :meth:`_Sorter._file` (a bug, or a test's simulated crash) stops it; :meth:`close`
+    re-raises it in the caller's thread.
+    """
+
+    def __init__(self, sorter: _Sorter, sigs: dict[Path, tuple[int, int, int]], progress: Any) -> None:
+        self.sorter, self.sigs, self.progress = sorter, sigs, progress
+        # Bounded: inference may run at most a couple of batches ahead of the disk.
+        self.queue: queue.Queue[tuple[_Item, Prediction] | None] = queue.Queue(maxsize=2 * sorter.batch_size)
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._work, name="defectscope-filer", daemon=True)
+        self.thread.start()
+
+    @property
+    def failed(self) -> bool:
+        return self.error is not None
+
+    def put(self, item: _Item, pred: Prediction) -> None:
+        while not self.failed:
+            try:
+                self.queue.put((item, pred), timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
+    def _work(self) -> None:
+        while (job := self.queue.get()) is not None:
+            if self.failed or self.sorter.stop.is_set():
+                continue  # drain without filing, so put() never blocks
+            item, pred = job
+            try:
+                self.sorter._file(item, pred, self.sigs[item.path])
+            except BaseException as exc:  # noqa: BLE001 - handed to the caller's thread by close()
+                self.error = exc
+            if self.progress is not None:
+                self.progress.update(1)
+
+    def close(self) -> None:
+        self.queue.put(None)
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
 
 
 def _too_large(it: _Item) -> Prediction:
@@ -441,13 +514,18 @@ def sort(
     watch: bool = False,
     poll_interval: float = 1.0,
     settle_seconds: float = 1.0,
-    batch_size: int = 16,
+    batch_size: int = 32,
     progress: bool = True,
     stop_event: threading.Event | None = None,
+    runtime: str = "auto",
+    precision: str = "auto",
+    device: str = "cpu",
 ) -> dict[str, Any]:
     """Classify the images under ``inbox`` (recursively) and file them into ``out/<decision>/``.
 
-    ``model`` is an exported ``.onnx`` file or a loaded :class:`Predictor`. ``mode="move"`` empties the
+    ``model`` is an exported ``.onnx`` file or a loaded :class:`Predictor` (``runtime``, ``precision`` and
+    ``device`` apply to a file: ``auto`` is the fastest runtime that keeps the decisions, see
+    :mod:`defectscope.deploy.selection`). ``mode="move"`` empties the
     inbox; ``"copy"`` leaves it as is (the log then keeps re-runs from filing a file twice). ``log_path``
     defaults to ``out/results.db``.
 
@@ -474,7 +552,8 @@ def sort(
     # A database URL (sqlite:///..., postgresql://...) is kept as given; a bare path is a SQLite file.
     if log_path is None or "://" not in str(log_path):
         log_path = Path(log_path).absolute() if log_path is not None else out / "results.db"
-    predictor = model if isinstance(model, Predictor) else Predictor(model)
+    predictor = model if isinstance(model, Predictor) else Predictor(model, runtime=runtime, precision=precision,
+                                                                     device=device)
     stop = stop_event or threading.Event()
     started = time.perf_counter()
     log = _log.info
@@ -495,6 +574,7 @@ def sort(
         "errors": sorter.errors, "recovered": sorter.recovered, "seconds": round(seconds, 3),
         "images_per_second": round(processed / seconds, 2) if seconds > 0 else 0.0,
         "out": str(out), "log": str(log_path),
+        "runtime": {"runtime": predictor.runtime, "precision": predictor.precision, "device": predictor.device},
     }
     per = ", ".join(f"{k} {v}" for k, v in sorted(sorter.counts.items())) or "nothing new"
     log(f"sorted {processed} image(s) in {seconds:.1f} s ({summary['images_per_second']}/s): {per}; "
