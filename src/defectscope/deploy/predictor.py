@@ -24,6 +24,7 @@ import numpy as np
 
 from defectscope.data.images import DEFAULT_MAX_PIXELS, ImageDecodeError, load_gray
 from defectscope.deploy import metadata as md
+from defectscope.deploy.cascade_runtime import CascadeRunner, is_manifest
 
 UNREADABLE = "_unreadable"
 
@@ -83,6 +84,8 @@ class Predictor:
     running beside inference in :meth:`predict_batch` (default: a quarter of the cores, at least one; raise
     it for large images and small models).
     ``providers``: ONNX Runtime execution providers (default: CPU).
+    ``model_path`` may also be the ``cascade.json`` of a two-file cascade export: the screen runs on every
+    image, the classifier only on those the screen did not pass (see ``deploy/cascade_runtime.py``).
     Raises :class:`defectscope.deploy.metadata.MetadataError` for an ONNX file not made by
     ``defectscope export``.
     """
@@ -104,8 +107,15 @@ class Predictor:
         options.log_severity_level = 3
         # Spinning ORT workers would steal the cores the decode threads need.
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        self.session = ort.InferenceSession(str(self.model_path), options,
-                                            providers=providers or ["CPUExecutionProvider"])
+        self.cascade = None
+        if is_manifest(self.model_path):
+            # A two-file cascade (screen.onnx + classifier.onnx): the classifier's file describes the model.
+            self.cascade = CascadeRunner(self.model_path, lambda path: ort.InferenceSession(
+                str(path), options, providers=providers or ["CPUExecutionProvider"]))
+            self.session = self.cascade.classifier
+        else:
+            self.session = ort.InferenceSession(str(self.model_path), options,
+                                                providers=providers or ["CPUExecutionProvider"])
         meta = md.decode(self.session.get_modelmeta().custom_metadata_map, str(self.model_path))
         self.metadata = meta
         self.spec: dict[str, Any] = meta[md.KEY_SPEC]
@@ -192,7 +202,10 @@ class Predictor:
     def _infer(self, paths: list[str | None], x: np.ndarray, decode_ms: list[float],
                return_features: bool) -> list[Prediction]:
         start = time.perf_counter()
-        probs, features, drift = self.session.run(list(md.OUTPUTS[1:]), {md.INPUT: x})
+        if self.cascade is not None:
+            probs, features, drift = self.cascade.run(x)[1:]
+        else:
+            probs, features, drift = self.session.run(list(md.OUTPUTS[1:]), {md.INPUT: x})
         infer_ms = (time.perf_counter() - start) * 1000 / len(x)
         has_drift = bool(self.policy and self.policy.get("drift"))
         decisions = _decide(probs, self.policy, self.classes, drift if has_drift else None)
