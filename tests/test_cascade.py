@@ -222,3 +222,18 @@ def test_cli_cascade_exports_both_forms(screen_run, classifier_run, tmp_path):
     assert main(["cascade", str(screen_run), str(classifier_run), "--max-escape", "0.3", "--confidence", "0.8",
                  "--out", str(tmp_path / "policy.json"), "--export", str(out)]) == 0
     assert {"cascade.json", "screen.onnx", "classifier.onnx", "cascade_graph.onnx"} <= {p.name for p in out.iterdir()}
+
+
+def test_readme_cascade_commands_parse():
+    """The README's cascade commands use flags the CLI has (they are run for real in the tests above)."""
+    import re
+    import shlex
+
+    from defectscope.cli import build_parser
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    body = text.split("## Two-stage cascade", 1)[1].split("\n## ", 1)[0]
+    lines = [line for block in re.findall(r"```bash\n(.*?)```", body, flags=re.S) for line in block.splitlines()]
+    assert any(" cascade " in line for line in lines)
+    for line in lines:
+        build_parser().parse_args(shlex.split(line)[1:])

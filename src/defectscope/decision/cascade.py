@@ -299,6 +299,12 @@ def cascade(
                         "method's guarantee assumes it was not (use method='split' for a strict guarantee)")
     result = cascade_thresholds(p_screen, p_clf, defective, max_escape=max_escape, confidence=confidence,
                                 method=method, screen_share=screen_share, classifier_threshold=classifier_threshold)
+    if result.classifier_threshold > 1.0:
+        # Deployed, a screen-passed part is handed to the policy as P(good) = 1; a threshold above 1 would
+        # turn it away, so the exported cascade would not decide what this policy says.
+        raise CalibrationError(
+            f"the classifier gives calibrated P({good_class}) = 1 to defective calibration images, so its threshold "
+            f"exceeds 1 and it can pass nothing; retrain or recalibrate the classifier (a higher temperature)")
     policy_c = Policy.from_dict(base.to_dict())
     policy_c.escape_threshold = result.classifier_threshold
     policy_c.escape_guarantee = result.classifier_guarantee or {
