@@ -237,3 +237,17 @@ def test_readme_cascade_commands_parse():
     assert any(" cascade " in line for line in lines)
     for line in lines:
         build_parser().parse_args(shlex.split(line)[1:])
+
+
+def test_two_file_cascade_runs_without_torch(exports, cascade_data):
+    import subprocess
+    import sys
+
+    root, _, _ = exports
+    image = next((cascade_data / "spot").glob("*.png"))
+    code = ("import sys; sys.modules['torch'] = None\n"
+            "from defectscope.deploy.predictor import Predictor\n"
+            f"print(Predictor({str(root / 'two' / 'cascade.json')!r}).predict({str(image)!r}).decision)\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() in {"GOOD", "scratch", "spot", "REVIEW", "Drift"}
