@@ -34,8 +34,8 @@ from PIL import Image
 import defectscope
 from defectscope.decision.calibrate import calibrate_from_logits, calibration_split
 from defectscope.decision.cascade import cascade, cascade_decide
-from defectscope.decision.policy import decide
-from defectscope.decision.thresholds import CalibrationError
+from defectscope.decision.policy import Policy, decide, softmax
+from defectscope.decision.thresholds import CalibrationError, escape_threshold
 from defectscope.demo import DEMO_RECIPE
 from defectscope.deploy.cascade_export import GRAPH, MANIFEST, export_cascade
 from defectscope.deploy.cascade_runtime import CascadeRunner
@@ -199,11 +199,13 @@ def bench_dataset(name: str, args, work: Path) -> dict:
                 if method == "fixed":
                     # Fixed beforehand = on images the cascade does not calibrate on: the classifier's own
                     # threshold at half the cap, from the VALIDATION split (independent of the calibration half).
+                    # P(good) at the temperature cascade() applies (the classifier policy's, else 1).
                     rows_v, img_v = clf.images(clf.rows("val"))
                     _, logits_v = features_and_logits(model, img_v)
-                    pv, _ = calibrate_from_logits(logits_v, clf.labels(rows_v), classes, good_class=good,
-                                                  max_escape=cap / 2, confidence=0.5)
-                    extra["classifier_threshold"] = pv.escape_threshold
+                    temperature = Policy.from_dict(clf.policy).temperature if clf.policy else 1.0
+                    p_val = softmax(logits_v, temperature)[:, g]
+                    extra["classifier_threshold"] = escape_threshold(
+                        p_val, clf.labels(rows_v) != g, max_escape=cap / 2, confidence=0.5).threshold
                 cp = cascade(screen, clf, out=work / f"{name}_cascade_{key}_{method}.json", max_escape=cap,
                              confidence=confidence, method=method, **extra)
             except CalibrationError as exc:
