@@ -23,7 +23,9 @@ from defectscope._version import __version__
 if TYPE_CHECKING:  # pragma: no cover
     from defectscope.data.table import load_table
     from defectscope.decision.calibrate import calibrate
+    from defectscope.decision.cascade import cascade
     from defectscope.deploy.batch import predict
+    from defectscope.deploy.cascade_export import export_cascade
     from defectscope.deploy.export import export
     from defectscope.deploy.predictor import Predictor
     from defectscope.deploy.resultlog import export_log
@@ -39,9 +41,11 @@ _LAZY = {
     "Run": "defectscope.rundir",
     "train": "defectscope.training.train",
     "calibrate": "defectscope.decision.calibrate",
+    "cascade": "defectscope.decision.cascade",
     "evaluate": "defectscope.evaluation.evaluate",
     "drift_eval": "defectscope.evaluation.drift_eval",
     "export": "defectscope.deploy.export",
+    "export_cascade": "defectscope.deploy.cascade_export",
     "Predictor": "defectscope.deploy.predictor",
     "predict": "defectscope.deploy.batch",
     "sort": "defectscope.deploy.sorter",
@@ -49,8 +53,8 @@ _LAZY = {
 }
 
 __all__ = [
-    "Predictor", "Run", "__version__", "calibrate", "drift_eval", "evaluate", "export", "export_log", "load_table",
-    "predict", "sort", "train",
+    "Predictor", "Run", "__version__", "calibrate", "cascade", "drift_eval", "evaluate", "export", "export_cascade",
+    "export_log", "load_table", "predict", "sort", "train",
 ]
 
 

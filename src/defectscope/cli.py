@@ -115,6 +115,24 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--no-select", action="store_true",
                    help="do not measure the runtimes here (a line PC then measures at its first start)")
 
+    ca = sub.add_parser("cascade", help="calibrate a two-stage cascade (small screen + classifier) under one "
+                                        "escape cap, and export it")
+    ca.add_argument("screen_run", help="run of the small screen model (good vs defective, or any run with GOOD)")
+    ca.add_argument("classifier_run", help="run of the full classifier (its calibration images are used)")
+    ca.add_argument("--max-escape", type=float, required=True, help="end-to-end cap on defective parts passed")
+    ca.add_argument("--confidence", type=float, default=0.95, help="confidence of the escape guarantee (0.95)")
+    ca.add_argument("--method", default="split", choices=["split", "fixed"],
+                    help="split: cap and risk split between the stages (strict); fixed: keep the classifier's "
+                         "threshold and scan the screen's (valid if that threshold was set on other images)")
+    ca.add_argument("--screen-share", type=float, default=0.5, help="share of the cap the screen may use (split)")
+    ca.add_argument("--classifier-threshold", type=float, help="fixed classifier P(good) threshold (method fixed)")
+    ca.add_argument("--good-class", help="the classifier's good class (default: its policy's, or GOOD)")
+    ca.add_argument("--screen-good-class", help="the screen's good class (default: the same name, or GOOD)")
+    ca.add_argument("--out", help="cascade policy JSON (default CLASSIFIER_RUN/cascade_policy.json)")
+    ca.add_argument("--export", metavar="DIR", help="also export: DIR/cascade.json + screen.onnx + classifier.onnx "
+                                                    "(two files, compute saved) and DIR/cascade_graph.onnx (one graph)")
+    ca.add_argument("--form", default="both", choices=["both", "files", "graph"], help="which export form(s)")
+
     pr = sub.add_parser("predict", help="classify images with an exported model (no PyTorch needed)")
     pr.add_argument("model", help="exported .onnx file")
     pr.add_argument("images", nargs="+", help="image files and/or folders")
@@ -299,6 +317,23 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         export(args.run, args.out, quantize=args.quantize, opset=args.opset, int8=not args.no_int8,
                select=not args.no_select)
+        return 0
+    if args.command == "cascade":
+        from defectscope.decision.cascade import cascade
+
+        written = cascade(args.screen_run, args.classifier_run, out=args.out, max_escape=args.max_escape,
+                          confidence=args.confidence, method=args.method, screen_share=args.screen_share,
+                          classifier_threshold=args.classifier_threshold, good_class=args.good_class,
+                          screen_good_class=args.screen_good_class)
+        if args.export:
+            from pathlib import Path
+
+            from defectscope.deploy.cascade_export import GRAPH, export_cascade
+
+            if args.form in ("both", "files"):
+                export_cascade(written["path"], args.export, form="files")
+            if args.form in ("both", "graph"):
+                export_cascade(written["path"], Path(args.export) / GRAPH, form="graph")
         return 0
     if args.command == "predict":
         from defectscope.deploy.batch import predict

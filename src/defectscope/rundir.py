@@ -10,6 +10,7 @@
     RUN/policy.json          the decision policy from `defectscope calibrate`
     RUN/drift.safetensors    statistics of the training features for the Drift scores (+ drift.json)
     RUN/drift_eval.json      Drift scores measured by `defectscope drift-eval` (+ drift_eval_scores.npz)
+    RUN/cascade_policy.json  a two-stage cascade with this run as its classifier (`defectscope cascade`)
     RUN/evaluation/          metrics.json, predictions.csv, logits.npy, report.html from `defectscope evaluate`
 
 This module knows where each file is and how it is stored (YAML, CSV, JSON, safetensors); what a policy or a
@@ -45,6 +46,7 @@ EVALUATION = "evaluation"
 METRICS = "metrics.json"
 PREDICTIONS = "predictions.csv"
 LOGITS = "logits.npy"
+CASCADE_POLICY = "cascade_policy.json"
 
 
 class RunError(FileNotFoundError):

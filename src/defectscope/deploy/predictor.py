@@ -24,6 +24,7 @@ import numpy as np
 
 from defectscope.data.images import DEFAULT_MAX_PIXELS, ImageDecodeError, load_gray
 from defectscope.deploy import metadata as md
+from defectscope.deploy.cascade_runtime import CascadeRunner, is_manifest
 
 UNREADABLE = "_unreadable"
 
@@ -87,6 +88,9 @@ class Predictor:
     inference in :meth:`predict_batch` (default: the cores ``threads`` leaves free, else a quarter of the
     cores, at least one; raise it for large images and small models). ``providers``: ONNX Runtime
     execution providers (overrides ``device``).
+    ``model_path`` may also be the ``cascade.json`` of a two-file cascade export: the screen runs on every
+    image, the classifier only on those the screen did not pass (see ``deploy/cascade_runtime.py``; ONNX
+    Runtime fp32 on the CPU only).
     Raises :class:`defectscope.deploy.metadata.MetadataError` for an ONNX file not made by
     ``defectscope export``, :class:`defectscope.deploy.runtimes.RuntimeUnavailable` for a runtime,
     precision or device this machine cannot provide.
@@ -109,7 +113,7 @@ class Predictor:
         self.decode_threads = decode_threads or max(1, cores - threads if threads and threads < cores else cores // 4)
         threads = threads or cores
         self.selection: dict[str, Any] | None = None
-        if runtime == "auto" or precision == "auto":
+        if (runtime == "auto" or precision == "auto") and not is_manifest(self.model_path):
             from defectscope.deploy import selection
 
             meta = md.read_metadata(self.model_path)
@@ -118,13 +122,29 @@ class Predictor:
             runtime, precision, self.selection = selection.resolve(
                 self.model_path, runtime, precision, device=device, threads=threads,
                 decide=lambda p, d: _decide(p, policy, classes, d if policy and policy.get("drift") else None))
-        self.engine = runtimes.create_engine(self.model_path, runtime, precision, device=device, threads=threads,
-                                             providers=providers)
-        self.runtime, self.precision, self.device = runtime, precision, self.engine.device
-        # ONNX Runtime's session, for callers that used it directly (None with OpenVINO).
-        self.session = getattr(self.engine, "session", None)
-        props = self.engine.props if self.engine.model_file == self.model_path else None
-        meta = md.decode(props, str(self.model_path)) if props else md.read_metadata(self.model_path)
+        self.cascade = None
+        if is_manifest(self.model_path):
+            # A two-file cascade (screen.onnx + classifier.onnx): the classifier's file describes the model.
+            import onnxruntime as ort
+
+            options = ort.SessionOptions()
+            options.intra_op_num_threads = threads
+            options.inter_op_num_threads = 1
+            options.log_severity_level = 3
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+            self.cascade = CascadeRunner(self.model_path, lambda path: ort.InferenceSession(
+                str(path), options, providers=providers or ["CPUExecutionProvider"]))
+            self.engine, self.session = None, self.cascade.classifier
+            self.runtime, self.precision, self.device = "onnxruntime", "fp32", "cpu"
+            meta = md.decode(self.session.get_modelmeta().custom_metadata_map, str(self.model_path))
+        else:
+            self.engine = runtimes.create_engine(self.model_path, runtime, precision, device=device,
+                                                 threads=threads, providers=providers)
+            self.runtime, self.precision, self.device = runtime, precision, self.engine.device
+            # ONNX Runtime's session, for callers that used it directly (None with OpenVINO).
+            self.session = getattr(self.engine, "session", None)
+            props = self.engine.props if self.engine.model_file == self.model_path else None
+            meta = md.decode(props, str(self.model_path)) if props else md.read_metadata(self.model_path)
         self.metadata = meta
         self.spec: dict[str, Any] = meta[md.KEY_SPEC]
         self.policy: dict[str, Any] | None = meta[md.KEY_POLICY]
@@ -213,7 +233,10 @@ class Predictor:
     def _infer(self, paths: list[str | None], x: np.ndarray, decode_ms: list[float],
                return_features: bool) -> list[Prediction]:
         start = time.perf_counter()
-        probs, features, drift = self.engine.run(x)
+        if self.cascade is not None:
+            probs, features, drift = self.cascade.run(x)[1:]
+        else:
+            probs, features, drift = self.engine.run(x)
         infer_ms = (time.perf_counter() - start) * 1000 / len(x)
         has_drift = bool(self.policy and self.policy.get("drift"))
         decisions = _decide(probs, self.policy, self.classes, drift if has_drift else None)
