@@ -51,6 +51,7 @@ def train(
     import torch
 
     from defectscope.models.factory import create_model, model_spec
+    from defectscope.models.heads import symmetry_views
     from defectscope.training.loop import Trainer
 
     out = Path(out)
@@ -100,22 +101,44 @@ def train(
     source = model.pretrained_report.get("source")
     log.info(f"model {cfg.model.name} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters), "
         f"pretrained: {source or 'no (from scratch)'}, {cfg.model.image_size} px")
-    trainer = Trainer(model, cfg, out, classes)
-    log.info(f"training on {trainer.device} with {torch.get_num_threads()} threads")
-    started = time.perf_counter()
     tr, va = split == "train", split == "val"
-    state = trainer.fit(images[tr], labels[tr], images[va], labels[va], resume=resume)
+    started = time.perf_counter()
+    extra: dict[str, Any]
+    if cfg.train.recipe == "frozen":
+        from defectscope.training.frozen import fit_frozen
+
+        if source is None:
+            log.warning("frozen-feature recipe without pretrained weights: the features are random projections")
+        log.info(f"frozen-feature recipe on {torch.get_num_threads()} threads")
+        fitted = fit_frozen(model, cfg, images[tr], labels[tr], images[va], labels[va], classes)
+        val_f1 = fitted["val"]["macro_f1"] if fitted["val"] else float("nan")
+        history = [{"epoch": 0, "val_macro_f1": val_f1,
+                    "val_accuracy": fitted["val"]["accuracy"] if fitted["val"] else float("nan"),
+                    "seconds": time.perf_counter() - started}]
+        extra = dict(best_epoch=0, epochs_run=0, monitor="val_macro_f1", best_score=val_f1,
+                     recipe="frozen", views=fitted["views"],
+                     frozen_head={"kind": cfg.train.frozen_head, "landmarks": fitted["landmarks"], "C": fitted["C"],
+                                  "cv_macro_f1": {f"{c:g}": round(v, 4) for c, v in fitted["cv_macro_f1"].items()},
+                                  "seconds": fitted["seconds"]})
+    else:
+        trainer = Trainer(model, cfg, out, classes)
+        log.info(f"training on {trainer.device} with {torch.get_num_threads()} threads")
+        state = trainer.fit(images[tr], labels[tr], images[va], labels[va], resume=resume)
+        model = trainer.model.cpu()
+        history = state.history
+        if cfg.model.tta:  # averaging over the data's symmetries only at inference: training stays one view
+            model.views = symmetry_views(cfg.augment.hflip, cfg.augment.vflip, cfg.augment.rot90)
+        extra = dict(best_epoch=state.best_epoch, epochs_run=state.epoch, monitor=cfg.train.monitor,
+                     best_score=state.best_score if cfg.train.monitor == "val_macro_f1" else -state.best_score,
+                     recipe="finetune", views=list(model.views))
     seconds = time.perf_counter() - started
 
-    pd.DataFrame(state.history).to_csv(out / rundir.HISTORY, index=False)
+    pd.DataFrame(history).to_csv(out / rundir.HISTORY, index=False)
     spec = model_spec(
-        trainer.model, cfg.model.name, classes, cfg.model.image_size,
+        model, cfg.model.name, classes, cfg.model.image_size,
         resize=cfg.data.resize,
         pretrained=source,
-        best_epoch=state.best_epoch,
-        epochs_run=state.epoch,
-        monitor=cfg.train.monitor,
-        best_score=state.best_score if cfg.train.monitor == "val_macro_f1" else -state.best_score,
+        **extra,
         train_seconds=round(seconds, 1),
         dataset_sha256=table_hash(table),
         seed=cfg.seed,
@@ -123,8 +146,8 @@ def train(
         created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         machine=machine_info(),
     )
-    rundir.save_model(trainer.model.cpu(), spec, out)
-    log.info(f"best epoch {state.best_epoch} ({cfg.train.monitor} {spec['best_score']:.4f}); run saved in {out}")
+    rundir.save_model(model, spec, out)
+    log.info(f"best epoch {spec['best_epoch']} ({spec['monitor']} {spec['best_score']:.4f}); run saved in {out}")
     return out
 
 
