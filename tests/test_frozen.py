@@ -119,3 +119,26 @@ def test_bad_recipe_names_the_key(folder_dataset, tmp_path):
         train(folder_dataset, tmp_path / "a", **{**FAST, "train.recipe": "magic"})
     with pytest.raises(ConfigError, match="frozen_c"):
         train(folder_dataset, tmp_path / "b", **{**FAST, "train.frozen_c": [0.0]})
+
+
+def test_auto_recipe_keeps_frozen_without_time_for_a_fine_tune(folder_dataset, tmp_path):
+    run = train(folder_dataset, tmp_path / "run", **{**FAST, "train.recipe": "auto", "train.frozen_c": [1.0],
+                                                     "train.time_limit_minutes": 1e-4})
+    spec = json.loads((run / "model.json").read_text())
+    assert spec["recipe"] == "frozen" and spec["auto"]["chosen"] == "frozen"
+
+
+def test_auto_recipe_compares_on_validation(folder_dataset, tmp_path):
+    run = train(folder_dataset, tmp_path / "run", **{**FAST, "train.recipe": "auto", "train.frozen_c": [1.0],
+                                                     "train.epochs": 2})
+    auto = json.loads((run / "model.json").read_text())["auto"]
+    assert auto["chosen"] in ("frozen", "finetune") and 0.0 <= auto["finetune_win_share"] <= 1.0
+    assert json.loads((run / "model.json").read_text())["recipe"] == auto["chosen"]
+
+
+def test_cli_budget_parses_units():
+    from defectscope.cli import _minutes
+
+    assert _minutes("15m") == 15 and _minutes("1h") == 60 and _minutes("90s") == 1.5 and _minutes("7") == 7
+    with pytest.raises(ValueError, match="budget"):
+        _minutes("soon")

@@ -70,6 +70,8 @@ class TrainConfig:
     # finetune: train the network end to end (the loop below). frozen: keep the pretrained backbone fixed,
     # pool its features (averaged over the data's symmetries) and fit an RBF-kernel or linear head with
     # scikit-learn, the regularisation chosen by cross-validation on the training split; seconds to fit.
+    # auto: frozen first, then fine-tune within what is left of time_limit_minutes (the budget), and keep
+    # the fine-tuned model only if it beats the frozen one on validation in >= 80% of bootstrap resamples.
     recipe: str = "finetune"
     frozen_head: str = "rbf"  # rbf | linear
     frozen_c: list[float] = field(default_factory=lambda: [1.0, 3.0, 10.0, 30.0, 100.0])  # C grid for the CV
@@ -241,7 +243,7 @@ def _validate(cfg: RunConfig) -> None:
         "train.monitor": (cfg.train.monitor, {"val_macro_f1", "val_loss"}),
         "train.optimizer": (cfg.train.optimizer, {"adamw", "adam", "sgd"}),
         "train.schedule": (cfg.train.schedule, {"cosine", "constant"}),
-        "train.recipe": (cfg.train.recipe, {"finetune", "frozen"}),
+        "train.recipe": (cfg.train.recipe, {"finetune", "frozen", "auto"}),
         "train.frozen_head": (cfg.train.frozen_head, {"rbf", "linear"}),
     }
     for key, (value, valid) in choices.items():

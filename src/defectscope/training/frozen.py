@@ -134,7 +134,8 @@ def fit_frozen(model: Classifier, cfg: RunConfig, images: np.ndarray, labels: np
         best_c = max(grid, key=lambda c: (scores[c], -abs(np.log(c))))  # ties: the C nearest 1
     else:
         best_c = grid[len(grid) // 2]
-        log.warning("too few images per class for cross-validation; frozen head uses C=%g", best_c)
+        if len(grid) > 1:
+            log.warning(f"too few images per class for cross-validation; frozen head uses C={best_c:g}")
     t_cv = time.perf_counter() - started
 
     started = time.perf_counter()
