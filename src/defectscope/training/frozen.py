@@ -82,10 +82,13 @@ class _HeadFitter:
     def embed(emb: Any, z: np.ndarray) -> np.ndarray:
         return z if emb is None else emb.transform(z)
 
-    def fit(self, e: np.ndarray, y: np.ndarray, c: float, w: np.ndarray | None) -> Any:
+    def fit(self, e: np.ndarray, y: np.ndarray, c: float, w: np.ndarray | None, start: Any = None) -> Any:
+        """Logistic regression; ``start`` (the fit at the previous, smaller C) warm-starts the solver."""
         from sklearn.linear_model import LogisticRegression
 
-        return LogisticRegression(C=c, max_iter=3000).fit(e, y, sample_weight=w)
+        if start is None:
+            return LogisticRegression(C=c, max_iter=3000).fit(e, y, sample_weight=w)
+        return start.set_params(C=c, warm_start=True).fit(e, y, sample_weight=w)
 
 
 def fit_frozen(model: Classifier, cfg: RunConfig, images: np.ndarray, labels: np.ndarray,
@@ -117,7 +120,7 @@ def fit_frozen(model: Classifier, cfg: RunConfig, images: np.ndarray, labels: np
     fitter = _HeadFitter(cfg.train.frozen_head, cfg.seed)
 
     started = time.perf_counter()
-    grid = list(cfg.train.frozen_c)
+    grid = sorted(cfg.train.frozen_c)
     scores: dict[float, float] = {}
     folds = _cv_folds(labels, cfg.seed)
     if folds and len(grid) > 1:
@@ -128,8 +131,10 @@ def fit_frozen(model: Classifier, cfg: RunConfig, images: np.ndarray, labels: np
             emb = fitter.embed_fit(z[fit_idx])
             e_fit, e_held = fitter.embed(emb, z[fit_idx]), fitter.embed(emb, z[held_idx])
             w = weights[fit_idx] if weights is not None else None
-            for c in grid:
-                predictions[c][held_idx] = fitter.fit(e_fit, labels[fit_idx], c, w).predict(e_held)
+            previous = None
+            for c in grid:  # ascending C: each fit starts from the last, more regularised one
+                previous = fitter.fit(e_fit, labels[fit_idx], c, w, previous)
+                predictions[c][held_idx] = previous.predict(e_held)
         scores = {c: float(f1_score(labels, p, average="macro")) for c, p in predictions.items()}
         best_c = max(grid, key=lambda c: (scores[c], -abs(np.log(c))))  # ties: the C nearest 1
     else:
