@@ -9,7 +9,7 @@ Protocol (Deitsch et al. 2019): stratified by class and cell type, 75% train / 2
   seed_cnn3  - the die-bridge project's recipe: seed_cnn3 at 299 px, Adam 1e-3, batch 8,
                early stopping on validation loss with patience 7
   frozen     - frozen-feature recipe: EfficientNet-Lite0 ImageNet features at 224 px averaged over the
-               8 flips/quarter turns, RBF-kernel head (C by 5-fold CV on the training split)
+               8 flips/quarter turns, RBF-kernel head (C by 3-fold CV on the training split)
   frozen160  - the same at 160 px (half the forward cost)
   raw_logreg, raw_svm - classical baselines: logistic regression / RBF-SVM on raw pixels downscaled to
                32x32 (standardised), C by 5-fold CV on the training split, fitted on train, scored on test

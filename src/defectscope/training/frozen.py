@@ -5,7 +5,7 @@ Why: on ELPV (2,624 cells, 2 CPU cores) EfficientNet-Lite0 ImageNet features at 
 8 flips/quarter turns, with an RBF head reach 0.79-0.80 test accuracy, above the default 11-minute
 fine-tune (0.76), in the time of one pass over the images (research/elpv/FINDINGS.md).
 
-The head is fitted on the training split only; its C is chosen by stratified cross-validation inside it
+The head is fitted on the training split only; its C is chosen by 3-fold stratified cross-validation inside it
 (macro-F1), so the validation split stays unseen and comparable with a fine-tuned run's validation score,
 and the test split stays clean for calibration and evaluation.
 """
@@ -53,12 +53,13 @@ def _sample_weights(labels: np.ndarray, num_classes: int, cfg: RunConfig) -> np.
 
 
 def _cv_folds(labels: np.ndarray, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Stratified folds; as many as the smallest class allows (max 5). Fewer than 2: no CV possible."""
+    """Stratified folds; as many as the smallest class allows (max 3: each fold refits the kernel map and
+    every C, and 3 folds already pick C reliably). Fewer than 2: no CV possible."""
     from sklearn.model_selection import StratifiedKFold
 
     counts = np.bincount(labels)
     smallest = int(counts[counts > 0].min()) if len(labels) else 0
-    n = min(5, smallest)
+    n = min(3, smallest)
     if n < 2:
         return []
     return list(StratifiedKFold(n, shuffle=True, random_state=seed).split(np.zeros(len(labels)), labels))
