@@ -52,6 +52,10 @@ def build_parser() -> argparse.ArgumentParser:
                                     "(auto for 'elpv' and for wafer-map data)")
     t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="any config key, e.g. --set train.loss=focal --set augment.hflip=true")
+    t.add_argument("--recipe", choices=["finetune", "frozen", "auto"],
+                   help="finetune (default), frozen (fixed pretrained features + kernel head, seconds to fit), "
+                        "auto (frozen, then fine-tune in the budget left, keep the better on validation)")
+    t.add_argument("--budget", help="training time budget, e.g. 15m, 900s or 1h; alone it implies --recipe auto")
     t.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     t.add_argument("--no-progress", action="store_true", help="no progress bars (logs stay)")
     _add_manifest_options(t)
@@ -259,6 +263,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         }
         if args.no_progress:
             overrides["train.progress"] = False
+        if args.budget is not None:
+            overrides["train.time_limit_minutes"] = _minutes(args.budget)
+        if args.recipe or args.budget is not None:
+            overrides["train.recipe"] = args.recipe or "auto"
         for item in args.set:
             key, sep, value = item.partition("=")
             if not sep:
@@ -394,6 +402,20 @@ def _dispatch(args: argparse.Namespace) -> int:
         print("\n".join(list_models(args.pattern)))
         return 0
     raise AssertionError(args.command)
+
+
+def _minutes(text: str) -> float:
+    """'15m', '900s', '1h' or a bare number of minutes -> minutes."""
+    value = text.strip().lower()
+    scale = {"s": 1 / 60, "m": 1.0, "h": 60.0}.get(value[-1:])
+    number = value[:-1] if scale is not None else value
+    try:
+        minutes = float(number) * (scale or 1.0)
+    except ValueError:
+        raise ValueError(f"--budget {text!r}: give minutes like 15m, 900s or 1h") from None
+    if minutes <= 0:
+        raise ValueError(f"--budget {text!r} must be positive")
+    return minutes
 
 
 def _parse_value(text: str):

@@ -42,6 +42,9 @@ class ModelConfig:
     pretrained: str | None = "auto"  # auto | none | package | hub[:name] | path/to/weights
     image_size: int = 160
     drop_rate: float = 0.2
+    # Test-time augmentation: average the pooled features over the symmetries switched on in `augment`
+    # (hflip, vflip, rot90); part of the model and of its ONNX export. Costs that many forward passes.
+    tta: bool = False
 
 
 @dataclass
@@ -65,6 +68,16 @@ class PhaseConfig:
 
 @dataclass
 class TrainConfig:
+    # finetune: train the network end to end (the loop below). frozen: keep the pretrained backbone fixed,
+    # pool its features (averaged over the data's symmetries) and fit an RBF-kernel or linear head with
+    # scikit-learn, the regularisation chosen by cross-validation on the training split; seconds to fit.
+    # auto: frozen first, then fine-tune within what is left of time_limit_minutes (the budget), and keep
+    # the fine-tuned model only if it beats the frozen one on validation in >= 80% of bootstrap resamples.
+    recipe: str = "finetune"
+    frozen_head: str = "rbf"  # rbf | linear
+    # C grid for the head's cross-validation (3 folds): ELPV's best was 10 (research/elpv/FINDINGS.md); each
+    # value costs 3 kernel logistic-regression fits, minutes on 2 cores at a few thousand images.
+    frozen_c: list[float] = field(default_factory=lambda: [3.0, 10.0, 30.0])
     epochs: int = 12
     batch_size: int = 32
     lr: float = 1e-3
@@ -242,10 +255,15 @@ def _validate(cfg: RunConfig) -> None:
         "train.monitor": (cfg.train.monitor, {"val_macro_f1", "val_loss"}),
         "train.optimizer": (cfg.train.optimizer, {"adamw", "adam", "sgd"}),
         "train.schedule": (cfg.train.schedule, {"cosine", "constant"}),
+        "train.recipe": (cfg.train.recipe, {"finetune", "frozen", "auto"}),
+        "train.frozen_head": (cfg.train.frozen_head, {"rbf", "linear"}),
     }
     for key, (value, valid) in choices.items():
         if value not in valid:
             raise ConfigError(f"{key}={value!r} is not one of {', '.join(sorted(valid))}")
+    if not cfg.train.frozen_c or any(float(c) <= 0 for c in cfg.train.frozen_c):
+        raise ConfigError(f"train.frozen_c must be a non-empty list of positive numbers, got {cfg.train.frozen_c}")
+    cfg.train.frozen_c = [float(c) for c in cfg.train.frozen_c]
     if cfg.model.image_size < 16:
         raise ConfigError(f"model.image_size must be at least 16, got {cfg.model.image_size}")
     if cfg.train.batch_size < 1 or cfg.train.epochs < 0:

@@ -72,6 +72,11 @@ def gradcam_maps(
     if layer is None:
         layer, _ = target_layer(model)
     was_training = model.training
+    # A model that averages over flipped/turned views (TTA) would fire the layer hook once per view and
+    # misalign the maps: explain the identity view alone.
+    views = getattr(model, "views", None)
+    if views is not None:
+        model.views = (0,)
     saved_grads = [(p, None if p.grad is None else p.grad.clone()) for p in model.parameters()]
     model.eval()
     out = []
@@ -89,6 +94,8 @@ def gradcam_maps(
         for p, g in saved_grads:
             p.grad = g
         model.train(was_training)
+        if views is not None:
+            model.views = views
     maps = np.concatenate(out) if out else np.zeros((0, *x.shape[2:]), dtype=np.float32)
     # grad-cam divides by (max + 1e-7); guard the NaN a degenerate layer output could still produce.
     return np.clip(np.nan_to_num(maps, nan=0.0, posinf=1.0, neginf=0.0), 0.0, 1.0)

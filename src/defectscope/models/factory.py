@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from defectscope.models.heads import IDENTITY_VIEW, FeatureNorm, KernelHead, dihedral
 from defectscope.models.seed_cnn import SEED_CNNS, SeedCNN, create_seed_cnn
 
 # Grayscale statistics: the mean of ImageNet's RGB means and stds, which is what an RGB stem summed to
@@ -26,7 +27,14 @@ class ModelError(ValueError):
 
 
 class Classifier(nn.Module):
-    """Input in [0, 1], shape (B, C, H, W) -> class logits."""
+    """Input in [0, 1], shape (B, C, H, W) -> class logits.
+
+    ``views`` (see :func:`~defectscope.models.heads.symmetry_views`) averages the pooled backbone features
+    over flips / quarter turns of the input: test-time augmentation that is part of the model, so it is in
+    the exported graph too. ``post`` transforms the pooled features before the head (the frozen-feature
+    recipe's :class:`~defectscope.models.heads.FeatureNorm`); ``head`` may be a Linear layer or a
+    :class:`~defectscope.models.heads.KernelHead`.
+    """
 
     def __init__(self, backbone: nn.Module, num_features: int, num_classes: int, drop_rate: float = 0.0,
                  mean: float = GRAY_MEAN, std: float = GRAY_STD):
@@ -35,12 +43,24 @@ class Classifier(nn.Module):
         self.register_buffer("mean", torch.tensor(mean).view(1, 1, 1, 1))
         self.register_buffer("std", torch.tensor(std).view(1, 1, 1, 1))
         self.dropout = nn.Dropout(drop_rate)
-        self.head = nn.Linear(num_features, num_classes)
+        self.head: nn.Module = nn.Linear(num_features, num_classes)
         self.num_features = num_features
+        self.post: nn.Module = nn.Identity()
+        self.views: tuple[int, ...] = IDENTITY_VIEW
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Pooled penultimate features (B, num_features): what Drift scores and feature banks use."""
-        return self.backbone((x - self.mean) / self.std)
+        x = (x - self.mean) / self.std
+        if len(self.views) == 1 and self.views[0] == 0:
+            return self.post(self.backbone(x))
+        pooled = torch.stack([self.backbone(dihedral(x, k)) for k in self.views]).mean(0)
+        return self.post(pooled)
+
+    def make_frozen(self, head: nn.Module) -> None:
+        """Turn into the frozen-feature model: FeatureNorm after pooling, ``head`` (Linear or KernelHead)."""
+        self.post = FeatureNorm(self.num_features)
+        self.head = head
+        self.dropout = nn.Dropout(0.0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.dropout(self.forward_features(x)))
@@ -146,10 +166,19 @@ def model_spec(model: Classifier, model_name: str, classes: list[str], image_siz
 
 def model_from_spec(spec: dict[str, Any]) -> Classifier:
     """Rebuild the architecture from a saved spec (weights are loaded by the caller)."""
-    return create_model(
+    model = create_model(
         spec["architecture"],
         spec["num_classes"],
         in_chans=spec.get("in_chans", 1),
         image_size=spec["image_size"],
         pretrained=None,
     )
+    model.views = tuple(spec.get("views", IDENTITY_VIEW))
+    frozen = spec.get("frozen_head")
+    if frozen:
+        if frozen["kind"] == "rbf":
+            head: nn.Module = KernelHead(model.num_features, int(frozen["landmarks"]), spec["num_classes"])
+        else:
+            head = nn.Linear(model.num_features, spec["num_classes"])
+        model.make_frozen(head)
+    return model

@@ -56,7 +56,6 @@ def train(
     import torch
 
     from defectscope.models.factory import create_model, model_spec
-    from defectscope.training.loop import Trainer
 
     out = Path(out)
     if resume:
@@ -105,24 +104,25 @@ def train(
     source = model.pretrained_report.get("source")
     log.info(f"model {cfg.model.name} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters), "
         f"pretrained: {source or 'no (from scratch)'}, {cfg.model.image_size} px")
-    trainer = Trainer(model, cfg, out, classes)
-    log.info(f"training on {trainer.device} with {torch.get_num_threads()} threads")
-    started = time.perf_counter()
     tr, va = split == "train", split == "val"
-    state = trainer.fit(images[tr], labels[tr], images[va], labels[va], resume=resume)
+    started = time.perf_counter()
+    train_data = (images[tr], labels[tr], images[va], labels[va])
+    if cfg.train.recipe == "frozen":
+        model, history, extra = _fit_frozen(model, cfg, train_data, classes, source)
+    elif cfg.train.recipe == "auto":
+        model, history, extra = _fit_auto(model, cfg, train_data, classes, source, out, started)
+    else:
+        model, history, extra = _fine_tune(model, cfg, train_data, classes, out, resume)
     seconds = time.perf_counter() - started
 
-    pd.DataFrame(state.history).to_csv(out / rundir.HISTORY, index=False)
+    pd.DataFrame(history).to_csv(out / rundir.HISTORY, index=False)
     spec = model_spec(
-        trainer.model, cfg.model.name, classes, cfg.model.image_size,
+        model, cfg.model.name, classes, cfg.model.image_size,
         resize=cfg.data.resize,
         # The predictor renders die grids (files or arrays) with nearest-neighbour when it reads this.
         input_kind="wafer_map" if table["path"].map(is_wafer_file).all() else "image",
         pretrained=source,
-        best_epoch=state.best_epoch,
-        epochs_run=state.epoch,
-        monitor=cfg.train.monitor,
-        best_score=state.best_score if cfg.train.monitor == "val_macro_f1" else -state.best_score,
+        **extra,
         train_seconds=round(seconds, 1),
         dataset_sha256=table_hash(table),
         seed=cfg.seed,
@@ -130,9 +130,106 @@ def train(
         created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         machine=machine_info(),
     )
-    rundir.save_model(trainer.model.cpu(), spec, out)
-    log.info(f"best epoch {state.best_epoch} ({cfg.train.monitor} {spec['best_score']:.4f}); run saved in {out}")
+    rundir.save_model(model, spec, out)
+    log.info(f"best epoch {spec['best_epoch']} ({spec['monitor']} {spec['best_score']:.4f}); run saved in {out}")
     return out
+
+
+def _fit_frozen(model, cfg: RunConfig, data: tuple, classes: list[str], source: str | None):
+    import torch
+
+    from defectscope.training.frozen import fit_frozen
+
+    if source is None:
+        log.warning("frozen-feature recipe without pretrained weights: the features are random projections")
+    log.info(f"frozen-feature recipe on {torch.get_num_threads()} threads")
+    started = time.perf_counter()
+    fitted = fit_frozen(model, cfg, *data, classes)
+    val = fitted["val"] or {}
+    val_f1 = val.get("macro_f1", float("nan"))
+    history = [{"epoch": 0, "val_macro_f1": val_f1, "val_accuracy": val.get("accuracy", float("nan")),
+                "seconds": time.perf_counter() - started}]
+    extra = dict(best_epoch=0, epochs_run=0, monitor="val_macro_f1", best_score=val_f1, recipe="frozen",
+                 views=fitted["views"],
+                 frozen_head={"kind": cfg.train.frozen_head, "landmarks": fitted["landmarks"], "C": fitted["C"],
+                              "cv_macro_f1": {f"{c:g}": round(v, 4) for c, v in fitted["cv_macro_f1"].items()},
+                              "seconds": fitted["seconds"]})
+    return model, history, extra
+
+
+def _fine_tune(model, cfg: RunConfig, data: tuple, classes: list[str], out: Path, resume: bool):
+    import torch
+
+    from defectscope.models.heads import symmetry_views
+    from defectscope.training.loop import Trainer
+
+    trainer = Trainer(model, cfg, out, classes)
+    log.info(f"training on {trainer.device} with {torch.get_num_threads()} threads")
+    state = trainer.fit(*data, resume=resume)
+    model = trainer.model.cpu()
+    if cfg.model.tta:  # averaging over the data's symmetries only at inference: training stays one view
+        model.views = symmetry_views(cfg.augment.hflip, cfg.augment.vflip, cfg.augment.rot90)
+    extra = dict(best_epoch=state.best_epoch, epochs_run=state.epoch, monitor=cfg.train.monitor,
+                 best_score=state.best_score if cfg.train.monitor == "val_macro_f1" else -state.best_score,
+                 recipe="finetune", views=list(model.views))
+    return model, state.history, extra
+
+
+AUTO_MIN_FINETUNE_MINUTES = 1.0  # less than this left after the frozen fit: no fine-tune is attempted
+AUTO_WIN_SHARE = 0.8  # share of bootstrap resamples of the validation split the fine-tune must win
+
+
+def _fit_auto(model, cfg: RunConfig, data: tuple, classes: list[str], source: str | None, out: Path,
+              started: float):
+    """Frozen first (cheap), then a fine-tune in the rest of the budget; keep the fine-tune only if it wins.
+
+    Tiny validation classes make one macro-F1 number noisy, so the fine-tune must beat the frozen model in
+    at least 80% of bootstrap resamples of the validation split (stratified by class), else the cheaper,
+    steadier frozen model stays.
+    """
+    from defectscope.models.factory import create_model
+    from defectscope.models.inference import predict_logits
+
+    budget = cfg.train.time_limit_minutes
+    frozen, history, extra = _fit_frozen(model, cfg, data, classes, source)
+    left = (budget * 60 - (time.perf_counter() - started)) / 60 if budget else None
+    val_images, val_labels = data[2], data[3]
+    if (left is not None and left < AUTO_MIN_FINETUNE_MINUTES) or len(val_labels) == 0:
+        log.info("auto: keeping the frozen-feature model (no time left for a fine-tune, or no validation images)")
+        return frozen, history, {**extra, "auto": {"chosen": "frozen", "finetune_minutes": 0}}
+    ft_cfg = apply_overrides(config_from_dict(cfg.to_dict()),
+                             {"train.recipe": "finetune", "train.time_limit_minutes": left})
+    tuned = create_model(cfg.model.name, len(classes), image_size=cfg.model.image_size,
+                         pretrained=cfg.model.pretrained, drop_rate=cfg.model.drop_rate)
+    tuned, ft_history, ft_extra = _fine_tune(tuned, ft_cfg, data, classes, out, False)
+    wins = _bootstrap_wins(predict_logits(tuned, val_images).argmax(1).numpy(),
+                           predict_logits(frozen, val_images).argmax(1).numpy(), val_labels, len(classes), cfg.seed)
+    chosen = "finetune" if wins >= AUTO_WIN_SHARE else "frozen"
+    log.info(f"auto: the fine-tune beats the frozen model in {wins:.0%} of validation resamples; keeping {chosen}")
+    report = {"chosen": chosen, "finetune_win_share": round(wins, 3),
+              "finetune_minutes": None if left is None else round(left, 2),
+              "frozen_val_macro_f1": extra["best_score"], "finetune_val_macro_f1": ft_extra["best_score"]}
+    if chosen == "finetune":
+        return tuned, ft_history, {**ft_extra, "auto": report}
+    return frozen, history, {**extra, "auto": report}
+
+
+def _bootstrap_wins(pred_a, pred_b, labels, k: int, seed: int, n: int = 500) -> float:
+    """Share of class-stratified bootstrap resamples in which ``pred_a`` has a higher macro-F1 than ``pred_b``."""
+    import numpy as np
+
+    from defectscope.metrics import classification_metrics
+
+    rng = np.random.default_rng(seed)
+    names = [str(i) for i in range(k)]
+    by_class = [np.flatnonzero(labels == c) for c in range(k) if (labels == c).any()]
+    wins = 0
+    for _ in range(n):
+        idx = np.concatenate([rng.choice(i, size=len(i), replace=True) for i in by_class])
+        a = classification_metrics(labels[idx], pred_a[idx], names)["macro_f1"]
+        b = classification_metrics(labels[idx], pred_b[idx], names)["macro_f1"]
+        wins += a > b
+    return wins / n
 
 
 def _config_for(data, config: RunConfig | None, config_file, overrides: dict[str, Any],
