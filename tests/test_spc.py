@@ -119,8 +119,8 @@ def test_dashboard_buckets_and_series():
 
     rows = [row(1, "GOOD"), row(2, "scratch"), row(3, "REVIEW", 0.5), row(65, "Drift", 0.4), row(70, "GOOD"),
             row(70, "_unreadable", None, None)]
-    d = spc.dashboard(rows, classes=["GOOD", "scratch"], good_class="GOOD", since=t0, until=t0 + timedelta(hours=3),
-                      bucket_minutes=60, drift_rate=0.01)
+    d = spc.dashboard(*spc.aggregate(rows), classes=["GOOD", "scratch"], good_class="GOOD", since=t0,
+                      until=t0 + timedelta(hours=3), bucket_minutes=60, drift_rate=0.01)
     assert len(d["buckets"]) == 3 and d["total"] == 6
     assert d["decisions_by_kind"]["GOOD"] == [1, 1, 0] and d["decisions_by_kind"]["Drift"] == [0, 1, 0]
     assert d["other_decisions"] == {"_unreadable": 1}

@@ -10,6 +10,7 @@ import uuid
 import pytest
 import sqlalchemy as sa
 
+from defectscope.deploy import spc
 from defectscope.deploy import store as store_mod
 from defectscope.deploy.review import export_corrections
 from defectscope.deploy.store import COLUMNS, Store, StoreError, database_url, export_log, sqlite_path
@@ -112,6 +113,12 @@ def test_service_rows_queries_and_reviews(url):
         assert [(r["id"], r["label"], r["reviewer"]) for r in reviewed] == [(ids[0], "GOOD", "bob")]
         assert [r["label"] for r in s.reviews(ids[0])] == ["scratch", "GOOD"]
         assert len(s.window(first)) == 4
+        # The dashboard's aggregates, computed by the database, equal the ones from the rows.
+        counts, samples, recent = spc.aggregate(s.window(first))
+        assert sorted(s.minute_counts(first)) == sorted(counts)
+        assert sorted(s.sample(first)) == sorted(samples) and s.recent_decisions(500) == recent
+        assert len(s.sample(first, max_rows=2)) == 2 and s.recent_decisions(2) == recent[-2:]
+        assert sum(n for *_, n in s.minute_counts(first, station="A")) == 2
 
 
 def test_concurrent_writers_lose_nothing(url):

@@ -796,11 +796,13 @@ def create_app(config: ServeConfig) -> FastAPI:
         midnight = until.replace(hour=0, minute=0, second=0, microsecond=0)
         end = midnight + step * (int((until - midnight) / step) + 1)
         since = end - step * max(1, round(timedelta(hours=hours) / step))
-        rows = state["store"].window(_utc_iso(since))
-        if station:
-            rows = [r for r in rows if r["station"] == station]
-        out = spc.dashboard(rows, classes=model.predictor.classes, good_class=model.good_class, since=since,
-                            until=end, bucket_minutes=bucket_minutes, drift_rate=model.drift_rate)
+        store: Store = state["store"]
+        start = _utc_iso(since)
+        # Counted in the database; only a bounded sample comes back for the quantiles.
+        out = spc.dashboard(store.minute_counts(start, station), store.sample(start, station=station),
+                            store.recent_decisions(500, station), classes=model.predictor.classes,
+                            good_class=model.good_class, since=since, until=end, bucket_minutes=bucket_minutes,
+                            drift_rate=model.drift_rate)
         reviewed = state["store"].reviewed(_utc_iso(since))
         out["pilot"] = spc.pilot_stats(reviewed, model.good_class, config.escape_cap)
         out["pilot"]["enabled"] = config.pilot

@@ -17,7 +17,7 @@ import numpy as np
 # scipy.special, not scipy.stats: stats pulls in the array-API layer, which probes for torch.
 from scipy.special import bdtrc, betaincinv
 
-__all__ = ["binomial_alarm", "clopper_pearson", "dashboard", "p_chart", "pilot_stats", "western_electric"]
+__all__ = ["aggregate", "binomial_alarm", "clopper_pearson", "dashboard", "p_chart", "pilot_stats", "western_electric"]
 
 REVIEW, DRIFT = "REVIEW", "Drift"
 NOT_AUTO = {REVIEW, DRIFT, "_unreadable"}
@@ -141,56 +141,73 @@ def _buckets(start: datetime, end: datetime, step: timedelta) -> list[datetime]:
     return out
 
 
-def dashboard(rows: list[dict[str, Any]], *, classes: list[str], good_class: str, since: datetime,
-              until: datetime, bucket_minutes: int = 60, drift_rate: float | None = None,
-              recent: int = 500, alpha: float = 0.01) -> dict[str, Any]:
-    """Everything the dashboard draws, from :meth:`Store.window` rows in ``[since, until)``.
+def aggregate(rows: list[dict[str, Any]], recent: int = 500) -> tuple[list, list, list]:
+    """:func:`dashboard`'s inputs from plain rows (``time``, ``decision``, ``confidence``, ``total_ms``), in
+    id order - what :meth:`Store.minute_counts`, :meth:`Store.sample` and :meth:`Store.recent_decisions`
+    compute in the database."""
+    counts = Counter((r["time"][:16], r["decision"]) for r in rows)
+    return ([(m, d, n) for (m, d), n in counts.items()],
+            [(r["time"], r.get("confidence"), r.get("total_ms")) for r in rows],
+            [r["decision"] for r in rows[-recent:]])
 
-    Per bucket: decisions by kind, the p-chart of the defect rate, Drift counts, confidence quantiles
-    (10/50/90 %), throughput and latency (p50/p99 of ``total_ms``). ``drift_alarm``: the binomial test of
-    the last ``recent`` decisions' Drift rate against ``drift_rate``, the rate the policy was calibrated to
-    flag on normal images.
+
+def dashboard(counts: list[tuple[str, str, int]], samples: list[tuple[str, float | None, float | None]],
+              recent: list[str], *, classes: list[str], good_class: str, since: datetime, until: datetime,
+              bucket_minutes: int = 60, drift_rate: float | None = None, alpha: float = 0.01) -> dict[str, Any]:
+    """Everything the dashboard draws for ``[since, until)``.
+
+    ``counts``: decisions per minute (``"YYYY-MM-DDTHH:MM"``) and kind, exact; ``samples``: (time,
+    confidence, total_ms) of all or an even sample of the decisions, for the quantiles; ``recent``: the
+    decisions of the last few hundred images, for the Drift test. Per bucket: decisions by kind, the p-chart
+    of the defect rate, Drift counts, confidence quantiles (10/50/90 %), throughput and latency (p50/p99 of
+    ``total_ms``). ``drift.alarm``: the binomial test of ``recent``'s Drift rate against ``drift_rate``, the
+    rate the policy was calibrated to flag on normal images.
     """
     step = timedelta(minutes=bucket_minutes)
     starts = _buckets(since, until, step)
     nb = len(starts)
-    idx = [min(nb - 1, max(0, int((_parse(r["time"]) - since) / step))) for r in rows]
+
+    def bucket(t: str) -> int:
+        return min(nb - 1, max(0, int((_parse(t) - since) / step)))
+
     kinds = [*classes, REVIEW, DRIFT]
     by_kind = {k: [0] * nb for k in kinds}
     other: Counter[str] = Counter()
     auto_n, defects, drift_n, total_n = (np.zeros(nb, int) for _ in range(4))
+    for minute, d, n in counts:
+        b = bucket(minute + ":00+00:00")
+        if d in by_kind:
+            by_kind[d][b] += n
+        else:
+            other[d] += n
+        total_n[b] += n
+        if d not in NOT_AUTO:
+            auto_n[b] += n
+            defects[b] += n * (d != good_class)
+        drift_n[b] += n * (d == DRIFT)
     conf: list[list[float]] = [[] for _ in range(nb)]
     lat: list[list[float]] = [[] for _ in range(nb)]
-    for r, b in zip(rows, idx, strict=True):
-        d = r["decision"]
-        if d in by_kind:
-            by_kind[d][b] += 1
-        else:
-            other[d] += 1
-        total_n[b] += 1
-        if d not in NOT_AUTO:
-            auto_n[b] += 1
-            defects[b] += d != good_class
-        drift_n[b] += d == DRIFT
-        if r.get("confidence") is not None:
-            conf[b].append(r["confidence"])
-        if r.get("total_ms") is not None:
-            lat[b].append(r["total_ms"])
+    for t, c, ms in samples:
+        b = bucket(t)
+        if c is not None:
+            conf[b].append(c)
+        if ms is not None:
+            lat[b].append(ms)
 
     def quantiles(groups: list[list[float]], qs: tuple[float, ...]) -> list[list[float | None]]:
         return [[_num(np.quantile(g, q)) if g else None for g in groups] for q in qs]
 
-    last = rows[-recent:]
-    k_drift = sum(r["decision"] == DRIFT for r in last)
+    k_drift = sum(d == DRIFT for d in recent)
     return {
         "since": since.isoformat(), "until": until.isoformat(), "bucket_minutes": bucket_minutes,
         "buckets": [t.isoformat() for t in starts], "classes": classes, "good_class": good_class,
-        "total": len(rows), "decisions_by_kind": by_kind, "other_decisions": dict(other),
+        "total": int(total_n.sum()), "decisions_by_kind": by_kind, "other_decisions": dict(other),
         "p_chart": p_chart(defects, auto_n),
         "drift": {"per_bucket": drift_n.tolist(), "n": total_n.tolist(), "calibrated_rate": drift_rate,
-                  "alarm": binomial_alarm(k_drift, len(last), drift_rate, alpha) if drift_rate else None,
-                  "window": len(last)},
+                  "alarm": binomial_alarm(k_drift, len(recent), drift_rate, alpha) if drift_rate else None,
+                  "window": len(recent)},
         "confidence": dict(zip(("q10", "q50", "q90"), quantiles(conf, (0.1, 0.5, 0.9)), strict=True)),
+        "quantile_sample": len(samples),
         "throughput_per_minute": [round(int(x) / bucket_minutes, 4) for x in total_n],
         "latency_ms": dict(zip(("p50", "p99"), quantiles(lat, (0.5, 0.99)), strict=True)),
     }

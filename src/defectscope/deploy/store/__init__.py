@@ -232,12 +232,15 @@ class Store:
 
         Each record needs ``request_id`` (unique per request) besides the sorter's columns.
         """
-        ids = []
+        if not records:
+            return []
+        rows = [_values({"source": "api", **record}, status="done") for record in records]
+        # One executemany with RETURNING (SQLAlchemy batches it into few statements): same keys in every row.
+        keys = set().union(*rows)
+        rows = [{k: row.get(k) for k in keys} for row in rows]
         with self._tx(write=True) as conn:
-            for record in records:
-                values = _values({"source": "api", **record}, status="done")
-                ids.append(int(conn.execute(sa.insert(decisions).values(**values)).inserted_primary_key[0]))
-        return ids
+            result = conn.execute(sa.insert(decisions).returning(decisions.c.id, sort_by_parameter_order=True), rows)
+            return [int(i) for i in result.scalars()]
 
     def get(self, decision_id: int) -> dict[str, Any] | None:
         with self._tx() as conn:
@@ -307,6 +310,41 @@ class Store:
             q = q.where(decisions.c.time >= since)
         with self._tx() as conn:
             return [dict(r) for r in conn.execute(q).mappings()]
+
+    def _done_since(self, since: str, station: str | None) -> list[Any]:
+        conds = [decisions.c.time >= since, decisions.c.status == "done"]
+        if station is not None:
+            conds.append(decisions.c.station == station)
+        return conds
+
+    def minute_counts(self, since: str, station: str | None = None) -> list[tuple[str, str, int]]:
+        """Finished decisions per minute (``"YYYY-MM-DDTHH:MM"``, UTC) and decision since ``since``,
+        counted in the database (ISO text times: a prefix is a minute on every backend)."""
+        minute = sa.func.substr(decisions.c.time, 1, 16).label("minute")
+        q = (sa.select(minute, decisions.c.decision, sa.func.count())
+             .where(*self._done_since(since, station)).group_by(minute, decisions.c.decision))
+        with self._tx() as conn:
+            return [(m, d, int(n)) for m, d, n in conn.execute(q)]
+
+    def sample(self, since: str, max_rows: int = 5_000, station: str | None = None) -> list[tuple[Any, ...]]:
+        """(time, confidence, total_ms) of the finished decisions since ``since``: all of them, or every
+        k-th by id when there are more than ``max_rows`` (enough for quantiles, bounded cost)."""
+        conds = self._done_since(since, station)
+        with self._tx() as conn:
+            n = conn.execute(sa.select(sa.func.count()).select_from(decisions).where(*conds)).scalar_one()
+            k = max(1, -(-int(n) // max_rows))
+            if k > 1:
+                conds.append(decisions.c.id % k == 0)
+            q = sa.select(decisions.c.time, decisions.c.confidence, decisions.c.total_ms).where(*conds)
+            return [tuple(r) for r in conn.execute(q)]
+
+    def recent_decisions(self, n: int = 500, station: str | None = None) -> list[str]:
+        """The decisions of the last ``n`` finished rows, oldest first."""
+        q = sa.select(decisions.c.decision).where(decisions.c.status == "done")
+        if station is not None:
+            q = q.where(decisions.c.station == station)
+        with self._tx() as conn:
+            return [d for (d,) in conn.execute(q.order_by(decisions.c.id.desc()).limit(n))][::-1]
 
     def window(self, since: str, until: str | None = None) -> list[dict[str, Any]]:
         """The columns the dashboard's statistics need, for finished decisions in a time window."""
