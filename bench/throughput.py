@@ -267,7 +267,10 @@ def main() -> None:
                         help="cores for the plain loop, the decode pool and the runtimes (2)")
     parser.add_argument("--results", default=str(HERE / "results" / "throughput.json"))
     parser.add_argument("--workdir", help="where the inbox, output and log go (default: the system temp folder)")
+    parser.add_argument("--skip", default="", help="comma-separated parts to leave out: plain_loop, components "
+                        "(on a machine shared with other jobs eager PyTorch crawls)")
     args = parser.parse_args()
+    skip = {part.strip() for part in args.skip.split(",") if part.strip()}
     if args.images < 1 or args.repeats < 1 or args.threads < 1:
         sys.exit("--images, --repeats and --threads must be >= 1")
 
@@ -323,20 +326,23 @@ def main() -> None:
             rows["end_to_end"].append(measure_end_to_end(onnx, files, root, sorter_config["runtime"],
                                                          sorter_config["precision"]))
             rows["end_to_end_ort_fp32"].append(measure_end_to_end(onnx, files, root, "onnxruntime", "fp32"))
-            rows["components"].append(measure_components(onnx, files, root))
-            rows["plain_loop"].append(measure_plain_loop(run, files, args.threads))
+            if "components" not in skip:
+                rows["components"].append(measure_components(onnx, files, root))
+            if "plain_loop" not in skip:
+                rows["plain_loop"].append(measure_plain_loop(run, files, args.threads))
             rows["decode"].append(measure_decode(files, size, mode, args.threads))
             rows["batched"].append({k: measure_batched(p.engine, x) for k, p in predictors.items()})
             rows["one"].append({k: measure_one_at_a_time(p, files[:ONE_AT_A_TIME]) for k, p in predictors.items()})
             print(f"repeat {r + 1}/{args.repeats}: end-to-end {rows['end_to_end'][-1]['images_per_second']:.1f}/s "
                   f"({sorter_config['runtime']} {sorter_config['precision']}), onnxruntime fp32 "
                   f"{rows['end_to_end_ort_fp32'][-1]['images_per_second']:.1f}/s, plain loop "
-                  f"{rows['plain_loop'][-1]['images_per_second']:.1f}/s, decode "
+                  f"{(rows['plain_loop'] or [{'images_per_second': float('nan')}])[-1]['images_per_second']:.1f}/s, "
+                  "decode "
                   f"{rows['decode'][-1]['images_per_second']:.1f}/s, batched "
                   + ", ".join(f"{k} {v:.0f}" for k, v in rows["batched"][-1].items()), flush=True)
 
     decode = median(rows["decode"], "images_per_second")
-    plain = median(rows["plain_loop"], "images_per_second")
+    plain = median(rows["plain_loop"], "images_per_second") if rows["plain_loop"] else float("nan")
     per_runtime: dict[str, Any] = {}
     for key in KEYS:
         if key in unavailable:
@@ -365,7 +371,7 @@ def main() -> None:
     e2e_old = median(rows["end_to_end_ort_fp32"], "images_per_second")
     bound_new = per_runtime[chosen]["bound_images_per_second"]
     bound_old = fp32["bound_images_per_second"]
-    stages = {k: median(rows["components"], k) for k in STAGES}
+    stages = {k: median(rows["components"], k) if rows["components"] else float("nan") for k in STAGES}
     total = sum(stages.values())
     fraction, fraction_old, gain = e2e / bound_new, e2e_old / bound_old, bound_new / bound_old
 
