@@ -177,6 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--data", help="folder for uploaded images (default: beside a SQLite database, else ./station)")
     sv.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; others need API keys)")
     sv.add_argument("--port", type=int, default=8000)
+    _add_runtime_options(sv)
     sv.add_argument("--key-file", help="API keys, one per line (also: DEFECTSCOPE_API_KEYS, comma-separated)")
     sv.add_argument("--pilot", action="store_true", help="send every decision to review too (pilot phase)")
     sv.add_argument("--escape-cap", type=float, default=0.01,
@@ -374,7 +375,8 @@ def _dispatch(args: argparse.Namespace) -> int:
             model=args.model, db=args.db, data=args.data, host=args.host, port=args.port,
             api_keys=load_api_keys(args.key_file), pilot=args.pilot, escape_cap=args.escape_cap,
             max_batch=args.max_batch, batch_wait_ms=args.batch_wait_ms, max_queue=args.queue,
-            max_upload_bytes=int(args.max_upload_mb * (1 << 20)), max_pixels=args.max_pixels, threads=args.threads)
+            max_upload_bytes=int(args.max_upload_mb * (1 << 20)), max_pixels=args.max_pixels, threads=args.threads,
+            runtime=args.runtime, precision=args.precision, device=args.device)
         serve(config)
         return 0
     if args.command == "review":

@@ -230,6 +230,12 @@ class Predictor:
                                       error=error))
         return out
 
+    def infer_arrays(self, x: np.ndarray, *, decode_ms: list[float] | None = None,
+                     return_features: bool = False) -> list[Prediction]:
+        """Classify already-preprocessed graph inputs ``x`` float32 (N, 1, H, W) in [0, 1] (see :meth:`preprocess`);
+        for callers that decode themselves (the station's micro-batcher)."""
+        return self._infer([None] * len(x), x, decode_ms or [0.0] * len(x), return_features)
+
     def _infer(self, paths: list[str | None], x: np.ndarray, decode_ms: list[float],
                return_features: bool) -> list[Prediction]:
         start = time.perf_counter()

@@ -95,6 +95,9 @@ class ServeConfig:
     escape_cap: float = 0.01
     reload_poll_seconds: float = 2.0
     threads: int | None = None
+    runtime: str = "onnxruntime"  # onnxruntime | openvino | auto (see defectscope.deploy.runtimes)
+    precision: str = "fp32"  # fp32 | int8 | bf16 | fp16 | auto
+    device: str = "cpu"  # cpu | gpu (falls back to the CPU)
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -157,7 +160,8 @@ def _signature(path: Path) -> tuple[int, int, int]:
     return st.st_size, st.st_mtime_ns, st.st_ino
 
 
-def load_model(path: Path, threads: int | None = None, max_pixels: int = 50_000_000) -> LoadedModel:
+def load_model(path: Path, threads: int | None = None, max_pixels: int = 50_000_000,
+               **runtime: str) -> LoadedModel:
     """Load and check a model: it must run on a blank image and give finite probabilities summing to 1.
 
     Raises ``ValueError`` (or the loader's error) for a file that is not a usable defectscope model, and
@@ -165,12 +169,12 @@ def load_model(path: Path, threads: int | None = None, max_pixels: int = 50_000_
     """
     sig = _signature(path)
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
-    predictor = Predictor(path, threads=threads, decode_threads=1, max_pixels=max_pixels)
+    # runtime: runtime=, precision=, device= as for the sorter (--runtime auto measures once per machine).
+    predictor = Predictor(path, threads=threads, decode_threads=1, max_pixels=max_pixels, **runtime)
     if _signature(path) != sig or hashlib.sha256(path.read_bytes()).hexdigest() != digest:
         raise RuntimeError(f"{path} changed while it was loaded")
     blank = np.zeros((1, 1, predictor.image_size, predictor.image_size), np.float32)
-    # _infer: the Predictor's one entry point for already-decoded arrays (the batcher needs it too).
-    pred = predictor._infer([None], blank, [0.0], False)[0]
+    pred = predictor.infer_arrays(blank)[0]
     total = sum(pred.probabilities.values())
     if not pred.probabilities or not all(np.isfinite(list(pred.probabilities.values()))) or abs(total - 1) > 1e-3:
         raise ValueError(f"{path}: the model's probabilities on a blank image are not a distribution ({total})")
@@ -188,9 +192,10 @@ class ModelHolder:
     """The running model, swapped atomically when a new file at the model path passes :func:`load_model`."""
 
     def __init__(self, path: Path, threads: int | None, max_pixels: int, poll: float,
-                 on_reload: Callable[[str], None]) -> None:
+                 on_reload: Callable[[str], None], runtime: dict[str, str] | None = None) -> None:
         self.path, self.threads, self.max_pixels, self.poll = path, threads, max_pixels, poll
-        self.current = load_model(path, threads, max_pixels)
+        self.runtime = dict(runtime or {})
+        self.current = load_model(path, threads, max_pixels, **self.runtime)
         self.on_reload = on_reload
         self.last_error: str | None = None
         self._rejected: tuple[int, int, int] | None = None
@@ -217,7 +222,7 @@ class ModelHolder:
             if _signature(self.path) != sig:
                 return False
         try:
-            new = load_model(self.path, self.threads, self.max_pixels)
+            new = load_model(self.path, self.threads, self.max_pixels, **self.runtime)
         except Exception as exc:  # any failure keeps the old model serving; the error is shown in /readyz
             self._rejected = sig
             self.last_error = f"{type(exc).__name__}: {exc}"
@@ -324,7 +329,7 @@ class Batcher:
                     job.x = p.preprocess(job.data)
                 xs.append(job.x)
             start = time.perf_counter()
-            preds = p._infer([None] * len(batch), np.stack(xs), [j.decode_ms for j in batch], False)
+            preds = p.infer_arrays(np.stack(xs), decode_ms=[j.decode_ms for j in batch])
             self.on_batch(len(batch), time.perf_counter() - start)
         except Exception as exc:  # answer every waiting request; the thread must survive any one batch
             log.exception("inference failed for a batch of %d", len(batch))
@@ -529,7 +534,9 @@ def create_app(config: ServeConfig) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         store = Store(config.db)
-        models = ModelHolder(config.model, config.threads, config.max_pixels, config.reload_poll_seconds, on_reload)
+        models = ModelHolder(config.model, config.threads, config.max_pixels, config.reload_poll_seconds, on_reload,
+                             runtime={"runtime": config.runtime, "precision": config.precision,
+                                      "device": config.device})
         batcher = Batcher(models, config.max_batch, config.batch_wait_ms, config.max_queue, on_batch)
         writer = GroupCommit(store)
         state.update(store=store, models=models, batcher=batcher, writer=writer,
