@@ -9,8 +9,8 @@ Protocol (Deitsch et al. 2019): stratified by class and cell type, 75% train / 2
   seed_cnn3  - the die-bridge project's recipe: seed_cnn3 at 299 px, Adam 1e-3, batch 8,
                early stopping on validation loss with patience 7
   frozen     - frozen-feature recipe: EfficientNet-Lite0 ImageNet features at 224 px averaged over the
-               8 flips/quarter turns, RBF-kernel head (C by 3-fold CV on the training split)
-  frozen160  - the same at 160 px (half the forward cost)
+               4 quarter turns, RBF-kernel head (C by 3-fold CV on the training split)
+  frozen160  - 160 px, all 8 flips/quarter turns
   raw_logreg, raw_svm - classical baselines: logistic regression / RBF-SVM on raw pixels downscaled to
                32x32 (standardised), C by 5-fold CV on the training split, fitted on train, scored on test
 
@@ -56,7 +56,8 @@ RECIPES = {
         "augment.rot90": False,
     },
     "frozen": {"model.name": "tf_efficientnet_lite0", "model.pretrained": "auto", "model.image_size": 224,
-               "train.recipe": "frozen", "train.frozen_head": "rbf"},
+               "train.recipe": "frozen", "train.frozen_head": "rbf",
+               "augment.hflip": False, "augment.vflip": False, "augment.rot90": True},
     "frozen160": {"model.name": "tf_efficientnet_lite0", "model.pretrained": "auto", "model.image_size": 160,
                   "train.recipe": "frozen", "train.frozen_head": "rbf"},
 }
