@@ -172,12 +172,13 @@ def test_report_without_drift_gives_the_hint(tmp_path):
 
 
 def _drift_eval_json(scores, kinds):
-    auroc = {"corruptions": [0.61, 0.72, 0.93, 0.88], "far": [0.55, 0.66, 0.99, 0.97],
-             "heldout_class": [0.51, 0.52, 0.71, 0.69]}
+    auroc = {"corruptions": [0.61, 0.72, 0.93, 0.88, 0.64], "far": [0.55, 0.66, 0.99, 0.97, 0.58],
+             "heldout_class": [0.51, 0.52, 0.71, 0.69, 0.6]}
+    auroc = {k: v[:len(scores)] for k, v in auroc.items()}
     out = {"scores": list(scores), "best_score": "mahalanobis", "kinds": {}, "mean_auroc": {}}
     for kind in kinds:
         out["kinds"][kind] = {"auroc": dict(zip(scores, auroc[kind], strict=True)),
-                              "fpr95": dict(zip(scores, [0.9, 0.8, 0.123, 0.2], strict=True)),
+                              "fpr95": dict(zip(scores, [0.9, 0.8, 0.123, 0.2, 0.7][:len(scores)], strict=True)),
                               "n_normal": 200, "n_drift": 50}
     for i, s in enumerate(scores):
         out["mean_auroc"][s] = float(np.mean([auroc[k][i] for k in kinds]))

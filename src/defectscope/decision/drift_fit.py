@@ -126,13 +126,19 @@ def cost_aware_drift_threshold(
 
 def fit_scorer(run: Run, model=None, *, k: int = 10) -> DriftScorer:
     """A DriftScorer fitted on the features of the run's training split (``model``: the run's, loaded if None)."""
+    import torch
+
     from defectscope.models.inference import features_and_logits
 
     model = model if model is not None else run.model()
     rows, images = run.images(run.rows("train"))
     feats, logits = features_and_logits(model, images)
-    # The linear head's weight and bias, for ViM's origin and virtual logit.
-    head = (model.head.weight.detach().cpu().numpy(), model.head.bias.detach().cpu().numpy())
+    # The linear head's weight and bias, for ViM's origin and virtual logit; a kernel head (the frozen
+    # recipe's RBF head) has no such origin, so ViM is left out for it.
+    weight, bias = getattr(model.head, "weight", None), getattr(model.head, "bias", None)
+    head = None
+    if isinstance(weight, torch.Tensor) and isinstance(bias, torch.Tensor):
+        head = (weight.detach().cpu().numpy(), bias.detach().cpu().numpy())
     return DriftScorer(k=k, seed=run.seed).fit(feats, logits, run.labels(rows), head=head)
 
 
