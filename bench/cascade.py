@@ -306,6 +306,8 @@ def main() -> None:
     parser.add_argument("--diebridge-images", type=int, default=1600)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--threads", type=int, help="training threads (default: torch's)")
+    parser.add_argument("--quick", action="store_true",
+                        help="short trainings (classifier: 2 epochs at 96 px, <= 4 min; screen <= 2 min)")
     parser.add_argument("--stage-cost-only", action="store_true",
                         help="only the inference cost of each stage (no training): what a screen pass share saves")
     parser.add_argument("--work", default=str(HERE / "runs" / "cascade"))
@@ -327,8 +329,12 @@ def main() -> None:
     print(json.dumps(out["stage_cost"], indent=2))
     if args.stage_cost_only:
         return
+    if args.quick:
+        for cfg in DATASETS.values():
+            cfg["classifier"].update({"model.image_size": 96, "train.epochs": 2, "train.time_limit_minutes": 4})
+            cfg["screen"].update({"train.epochs": 6, "train.time_limit_minutes": 2})
     for name in names:
-        out["datasets"][name] = bench_dataset(name, args, work)
+        out["datasets"][name] = {**bench_dataset(name, args, work), "quick": bool(args.quick)}
         out["command"] = "python " + " ".join(shlex.quote(a) for a in sys.argv)
         out["machine"] = machine_info()
         out["note"] = ("images/s are ONNX Runtime on decoded inputs, medians of interleaved rounds on a shared "
