@@ -25,6 +25,7 @@ import json
 import shlex
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -255,6 +256,47 @@ def bench_dataset(name: str, args, work: Path) -> dict:
     return result
 
 
+def stage_cost(rounds: int, threads: int = 2) -> dict:
+    """Inference cost of each stage at the recipes' sizes, untrained weights (cost does not depend on them):
+    what the two-file cascade saves as a function of the share p the screen passes, 1 / (screen + (1 - p))."""
+    import warnings
+
+    import onnxruntime as ort
+    import torch
+
+    from defectscope.models.factory import create_model
+
+    def session(module, path: Path, size: int):
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(module.eval(), (torch.rand(2, 1, size, size),), str(path), input_names=[INPUT],
+                              output_names=["out"], dynamic_axes={INPUT: {0: "b"}, "out": {0: "b"}},
+                              opset_version=17, dynamo=False)
+        options = ort.SessionOptions()
+        options.intra_op_num_threads, options.log_severity_level = threads, 3
+        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+    out = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, cfg in DATASETS.items():
+            c, s = cfg["classifier"], cfg["screen"]
+            big, small = c["model.image_size"], s["model.image_size"]
+            clf = session(create_model(c["model.name"], 4, image_size=big), Path(tmp) / "c.onnx", big)
+            scr = session(ScreenScore(create_model(s["model.name"], 4, image_size=small), small, 0),
+                          Path(tmp) / "s.onnx", big)
+            x = np.random.default_rng(0).random((64, 1, big, big), dtype=np.float32)
+            times = throughput({"single": lambda b, m=clf: (m.run(None, {INPUT: b}), len(b))[1],
+                                "screen": lambda b, m=scr: (m.run(None, {INPUT: b}), len(b))[1]}, x, rounds)
+            share = times["single"]["images_per_s"] / times["screen"]["images_per_s"]
+            out[name] = {"classifier": f"{c['model.name']}@{big}px", "screen": f"{small}px {s['model.name']}",
+                         "classifier_images_per_s": times["single"]["images_per_s"],
+                         "screen_images_per_s": times["screen"]["images_per_s"],
+                         "screen_cost_relative_to_classifier": round(share, 4),
+                         "cascade_speedup_if_screen_passes": {f"{p:.0%}": round(1 / (share + 1 - p), 2)
+                                                              for p in (0.0, 0.15, 0.3, 0.5, 0.58)}}
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--datasets", default="diebridge,elpv")
@@ -264,6 +306,10 @@ def main() -> None:
     parser.add_argument("--diebridge-images", type=int, default=1600)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--threads", type=int, help="training threads (default: torch's)")
+    parser.add_argument("--quick", action="store_true",
+                        help="short trainings (classifier: 2 epochs at 96 px, <= 4 min; screen <= 2 min)")
+    parser.add_argument("--stage-cost-only", action="store_true",
+                        help="only the inference cost of each stage (no training): what a screen pass share saves")
     parser.add_argument("--work", default=str(HERE / "runs" / "cascade"))
     parser.add_argument("--results", default=str(HERE / "results" / "cascade.json"))
     args = parser.parse_args()
@@ -276,8 +322,19 @@ def main() -> None:
     results_path = Path(args.results)
     out = json.loads(results_path.read_text()) if results_path.is_file() else {}
     out.setdefault("datasets", {})
+    out["stage_cost"] = stage_cost(args.rounds)
+    out["command_stage_cost"] = "python " + " ".join(shlex.quote(a) for a in sys.argv)
+    results_path.parent.mkdir(parents=True, exist_ok=True)
+    results_path.write_text(json.dumps(out, indent=2) + "\n")
+    print(json.dumps(out["stage_cost"], indent=2))
+    if args.stage_cost_only:
+        return
+    if args.quick:
+        for cfg in DATASETS.values():
+            cfg["classifier"].update({"model.image_size": 96, "train.epochs": 2, "train.time_limit_minutes": 4})
+            cfg["screen"].update({"train.epochs": 6, "train.time_limit_minutes": 2})
     for name in names:
-        out["datasets"][name] = bench_dataset(name, args, work)
+        out["datasets"][name] = {**bench_dataset(name, args, work), "quick": bool(args.quick)}
         out["command"] = "python " + " ".join(shlex.quote(a) for a in sys.argv)
         out["machine"] = machine_info()
         out["note"] = ("images/s are ONNX Runtime on decoded inputs, medians of interleaved rounds on a shared "

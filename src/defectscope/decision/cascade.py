@@ -57,6 +57,7 @@ log = logging.getLogger(__name__)
 CASCADE_KIND = "defectscope.cascade"
 CASCADE_VERSION = 1
 METHODS = ("split", "fixed")
+DEPLOY_MARGIN = 1e-5
 
 
 @dataclass
@@ -299,6 +300,12 @@ def cascade(
                         "method's guarantee assumes it was not (use method='split' for a strict guarantee)")
     result = cascade_thresholds(p_screen, p_clf, defective, max_escape=max_escape, confidence=confidence,
                                 method=method, screen_share=screen_share, classifier_threshold=classifier_threshold)
+    # Raise both thresholds a hair above the calibration scores they sit on: ONNX Runtime's scores differ from
+    # PyTorch's by ~1e-7, which would otherwise pass a calibration image lying exactly at the boundary. A higher
+    # threshold only passes fewer parts, so the guarantee holds.
+    result.screen_threshold = float(result.screen_threshold + DEPLOY_MARGIN)
+    result.classifier_threshold = float(min(result.classifier_threshold + DEPLOY_MARGIN,
+                                            max(result.classifier_threshold, 1.0)))
     if result.classifier_threshold > 1.0:
         # Deployed, a screen-passed part is handed to the policy as P(good) = 1; a threshold above 1 would
         # turn it away, so the exported cascade would not decide what this policy says.
