@@ -124,7 +124,10 @@ def training_curves(history: Any) -> Figure:
             ax_loss.plot(epoch, history[col], marker=".", label=label)
     ax_loss.set_xlabel("epoch")
     ax_loss.set_ylabel("loss")
-    ax_loss.legend(fontsize=8)
+    if ax_loss.get_lines():  # a frozen-feature run has no loss curve to label
+        ax_loss.legend(fontsize=8)
+    else:
+        ax_loss.text(0.5, 0.5, "no loss: frozen-feature head", ha="center", va="center", transform=ax_loss.transAxes)
     ax_loss.grid(alpha=0.3)
     for col, label in (("val_macro_f1", "validation macro-F1"), ("val_accuracy", "validation accuracy")):
         if col in history:
