@@ -106,8 +106,8 @@ def measure_components(onnx: Path, files: list[Path], root: Path) -> dict[str, f
     """Seconds per image of each stage, alone and one after the other, with the sorter's own pieces."""
     from defectscope.data.images import decode_gray, resize_gray
     from defectscope.deploy.predictor import Predictor
-    from defectscope.deploy.resultlog import ResultLog
     from defectscope.deploy.sorter import place_file
+    from defectscope.deploy.store import Store
 
     # The sorter's configuration: the auto runtime, threads and decode threads by default.
     predictor = Predictor(onnx, runtime="auto", precision="auto")
@@ -137,7 +137,7 @@ def measure_components(onnx: Path, files: list[Path], root: Path) -> dict[str, f
         "drift_score": None, "model_id": "0" * 16, "model_version": "bench", "destination": str(db_dir / f.name),
         "error": None,
     } for i, (f, d, p) in enumerate(zip(files, data, probs, strict=True))]
-    with ResultLog(db_dir / "results.db") as db:
+    with Store(db_dir / "results.db") as db:
         start = time.perf_counter()
         for r in records:
             db.find(r["content_sha256"], r["file_name"])
@@ -404,7 +404,7 @@ def main() -> None:
         },
         "components": {
             "what": "each stage alone on the same files, sequentially: decode_gray(bytes), resize_gray + /255, "
-                    f"the chosen runtime in batches of {SORTER_BATCH}, ResultLog find x2 + begin + mark_done "
+                    f"the chosen runtime in batches of {SORTER_BATCH}, store find x2 + begin + mark_done "
                     "(SQLite, WAL, synchronous=FULL); filing: read + SHA-256 + place_file copy (fsync, verify)",
             "seconds_per_image": {k: round(v, 6) for k, v in stages.items()},
             "share": {k: round(v / total, 4) for k, v in stages.items()},

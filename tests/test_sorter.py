@@ -24,8 +24,8 @@ from PIL import Image
 from defectscope.deploy import sorter
 from defectscope.deploy.export import export
 from defectscope.deploy.predictor import UNREADABLE, Predictor
-from defectscope.deploy.resultlog import COLUMNS, ResultLog, export_log
 from defectscope.deploy.sorter import safe_folder_name, sort
+from defectscope.deploy.store import COLUMNS, Store, export_log
 
 QUIET = {"settle_seconds": 0, "progress": False}
 CHILD = Path(__file__).with_name("sorter_child.py")
@@ -65,7 +65,7 @@ def filed(out: Path) -> dict[Path, str]:
 
 
 def rows(db: Path) -> list[sqlite3.Row]:
-    with ResultLog(db) as log:
+    with Store(db) as log:
         return log.rows()
 
 
@@ -321,7 +321,7 @@ def test_restart_after_a_crash_at_each_step(predictor, tmp_path, monkeypatch, po
     inbox, out = tmp_path / "inbox", tmp_path / "out"
     shas = sorted(sha(p) for p in make_inbox(inbox, 3))
     if point == "before_done":
-        monkeypatch.setattr(ResultLog, "mark_done", lambda self, row_id: (_ for _ in ()).throw(Crash()))
+        monkeypatch.setattr(Store, "mark_done", lambda self, row_id: (_ for _ in ()).throw(Crash()))
     else:
         monkeypatch.setattr(sorter, "place_file", _crash_after_link if point == "after_link" else _crash_in_copy)
     with pytest.raises(Crash):
@@ -381,7 +381,7 @@ def test_export_log_writes_every_row(predictor, tmp_path):
 
 def test_sorter_imports_without_torch():
     code = ("import sys; sys.modules['torch'] = None\n"
-            "import defectscope.deploy.sorter, defectscope.deploy.resultlog\n"
+            "import defectscope.deploy.sorter, defectscope.deploy.store\n"
             "assert 'torch' not in {m.split('.')[0] for m, v in sys.modules.items() if v is not None}\n")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr

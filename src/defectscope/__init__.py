@@ -28,8 +28,8 @@ if TYPE_CHECKING:  # pragma: no cover
     from defectscope.deploy.cascade_export import export_cascade
     from defectscope.deploy.export import export
     from defectscope.deploy.predictor import Predictor
-    from defectscope.deploy.resultlog import export_log
     from defectscope.deploy.sorter import sort
+    from defectscope.deploy.store import export_log
     from defectscope.evaluation.drift_eval import drift_eval
     from defectscope.evaluation.evaluate import evaluate
     from defectscope.rundir import Run
@@ -49,7 +49,7 @@ _LAZY = {
     "Predictor": "defectscope.deploy.predictor",
     "predict": "defectscope.deploy.batch",
     "sort": "defectscope.deploy.sorter",
-    "export_log": "defectscope.deploy.resultlog",
+    "export_log": "defectscope.deploy.store",
 }
 
 __all__ = [
