@@ -160,9 +160,35 @@ def test_multilayer_export_heads_on_a_timm_model(tmp_path):
     np.testing.assert_allclose(o_drift, expected, rtol=1e-3, atol=1e-3)
 
 
-def test_fit_patch_drift_names_a_backbone_without_maps(trained_run):
-    from defectscope.decision.patch_drift import fit_patch_drift
+def test_fit_patch_drift_on_a_seed_cnn_run(trained_run, tmp_path):
+    """The seed CNN's conv+pool stages give the maps; the pooled features equal forward_features."""
+    import shutil
 
-    # The fast test run uses a seed CNN, which has no timm forward_intermediates.
+    from defectscope.decision.patch_drift import default_stages, feature_maps, fit_patch_drift
+    from defectscope.models.inference import features_and_logits
+    from defectscope.rundir import Run
+
+    run = Run(shutil.copytree(trained_run, tmp_path / "run"))
+    model = run.model()
+    g = fit_patch_drift(run, model=model)
+    assert g.stages == default_stages(model) == (1,)
+    assert (run.path / "patch_drift.safetensors").is_file() and PatchGaussian.load(run).n_train == g.n_train
+    _, images = run.images(run.rows("test"))
+    feats, logits, maps = feature_maps(model, images, g.stages)
+    f2, l2 = features_and_logits(model, images)
+    np.testing.assert_allclose(feats, f2, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(logits, l2, rtol=1e-5, atol=1e-6)
+    assert [list(m.shape[1:]) for m in maps] == g.map_shapes
+
+
+def test_feature_maps_name_a_backbone_without_maps():
+    torch = pytest.importorskip("torch")
+    from defectscope.decision.patch_drift import feature_maps
+
+    class Plain(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.backbone = torch.nn.Linear(2, 2)
+
     with pytest.raises(DriftError, match="forward_intermediates"):
-        fit_patch_drift(trained_run)
+        feature_maps(Plain(), np.zeros((1, 4, 4), np.uint8))

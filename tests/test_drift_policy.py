@@ -1,0 +1,82 @@
+"""The policy's Drift score wired end to end: calibrate (patch, fused max), evaluate, the statistical flag rate."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+
+from defectscope.decision.drift import DriftError
+from defectscope.decision.drift_policy import parse_score, score_name
+from defectscope.decision.thresholds import CalibrationError
+
+
+def test_parse_score_names():
+    assert parse_score("knn") == ("knn",)
+    assert parse_score("max(knn, patch)") == ("knn", "patch")
+    assert score_name(("mahalanobis", "patch")) == "max(mahalanobis,patch)"
+    for bad in ("nope", "max(knn)", "max(knn,knn)", "max(knn,nope)", "max(knn,)"):
+        with pytest.raises(DriftError):
+            parse_score(bad)
+
+
+@pytest.fixture
+def run_copy(trained_run, tmp_path):
+    return shutil.copytree(trained_run, tmp_path / "run")
+
+
+def test_calibrate_a_fused_patch_score(run_copy):
+    """policy.json records the members, their standardisation on the val split and the patch statistics;
+    the score it names equals the direct computation: each member z-scored with the val images' mean and
+    standard deviation, then the max; the calibration flag rate is that of the threshold."""
+    from defectscope.decision.calibrate import calibrate, drift_scores_for, drift_stages
+    from defectscope.decision.drift import DriftScorer
+    from defectscope.decision.patch_drift import PatchGaussian, feature_maps
+    from defectscope.decision.policy import Policy
+    from defectscope.rundir import Run
+
+    out = calibrate(run_copy, drift_score="max(mahalanobis, patch)", drift_rate=0.2)
+    policy = Policy.from_dict(out["policy"])
+    d = policy.drift
+    assert d["score"] == "max(mahalanobis,patch)" and d["members"] == ["mahalanobis", "patch"] and d["rule"] == "max"
+    assert d["patch"]["stages"] == [1] and d["standardised_on"] == "val"
+    assert set(d["rate_support"]) >= {"guaranteed_rate", "images_needed", "supported"}
+    run = Run(run_copy)
+    assert (run_copy / "patch_drift.safetensors").is_file() and drift_stages(policy) == (1,)
+
+    model = run.model()
+    _, val = run.images(run.rows("val"))
+    f, lg, maps = feature_maps(model, val, (1,))
+    pooled, patch = DriftScorer.load(run), PatchGaussian.load(run)
+    raw_val = {"mahalanobis": pooled.score(f, lg, ["mahalanobis"])["mahalanobis"], "patch": patch.score(maps)}
+    for m, s in raw_val.items():
+        assert d["standardiser"]["mu"][m] == pytest.approx(s.mean())
+        assert d["standardiser"]["sigma"][m] == pytest.approx(s.std(ddof=1))
+
+    _, test = run.images(run.rows("test"))
+    f, lg, maps = feature_maps(model, test, (1,))
+    direct = np.maximum(
+        (pooled.score(f, lg, ["mahalanobis"])["mahalanobis"] - raw_val["mahalanobis"].mean())
+        / raw_val["mahalanobis"].std(ddof=1),
+        (patch.score(maps) - raw_val["patch"].mean()) / raw_val["patch"].std(ddof=1))
+    np.testing.assert_allclose(drift_scores_for(run, policy, f, lg, maps), direct, rtol=1e-6)
+    with pytest.raises(DriftError, match="feature maps"):
+        drift_scores_for(run, policy, f, lg)
+
+
+def test_calibrate_refuses_unknown_and_unavailable_scores(run_copy):
+    from defectscope.decision.calibrate import calibrate
+
+    with pytest.raises(CalibrationError, match="unknown drift score"):
+        calibrate(run_copy, drift_score="max(knn,nope)")
+
+
+def test_patch_only_policy_through_evaluate(run_copy, tmp_path):
+    from defectscope.decision.calibrate import calibrate
+    from defectscope.evaluation.evaluate import evaluate
+
+    out = calibrate(run_copy, drift_score="patch", drift_rate=0.2)
+    assert out["policy"]["drift"]["score"] == "patch" and "standardiser" not in out["policy"]["drift"]
+    metrics = evaluate(run_copy, out=tmp_path / "eval", report=False)
+    assert "drift_rate" in metrics["policy"]
