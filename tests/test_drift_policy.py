@@ -80,3 +80,31 @@ def test_patch_only_policy_through_evaluate(run_copy, tmp_path):
     assert out["policy"]["drift"]["score"] == "patch" and "standardiser" not in out["policy"]["drift"]
     metrics = evaluate(run_copy, out=tmp_path / "eval", report=False)
     assert "drift_rate" in metrics["policy"]
+
+
+@pytest.mark.parametrize("score", ["max(knn,patch)", "patch"])
+def test_exported_drift_score_matches_numpy(run_copy, tmp_path, score):
+    """The ONNX graph's drift_score output, read by the torch-free Predictor, equals the numpy score
+    (PolicyDrift on torch features and maps) to 1e-4 of its scale; its decisions are the policy's."""
+    from defectscope.decision.calibrate import calibrate, drift_scores_for, drift_stages
+    from defectscope.decision.drift_policy import policy_forward
+    from defectscope.decision.policy import Policy, decide
+    from defectscope.deploy.export import export
+    from defectscope.deploy.predictor import Predictor
+    from defectscope.rundir import Run
+
+    policy = Policy.from_dict(calibrate(run_copy, drift_score=score, drift_rate=0.2)["policy"])
+    report = export(run_copy, tmp_path / "m.onnx", int8=False, select=False)
+    assert report["parity"]["drift_score"] == score
+    run = Run(run_copy)
+    _, images = run.images(run.table)
+    rng = np.random.default_rng(0)
+    odd = rng.integers(0, 256, (6, *images.shape[1:]), dtype=np.uint8)  # noise: far from training
+    images = np.concatenate([images, odd])
+    preds = Predictor(tmp_path / "m.onnx", threads=1).predict_batch(list(images))
+    onnx_drift = np.array([p.drift_score for p in preds])
+    f, lg, maps = policy_forward(run.model(), images, drift_stages(policy))
+    expected = drift_scores_for(run, policy, f, lg, maps)
+    assert np.abs(onnx_drift - expected).max() <= 1e-4 * np.abs(expected).max()
+    assert [p.decision for p in preds] == list(decide(lg, policy, inputs="logits", drift_score=expected).labels)
+    assert sum(p.decision == "Drift" for p in preds[-6:]) >= 5
