@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from defectscope.decision.drift import DriftError
-from defectscope.decision.drift_policy import parse_score, score_name
+from defectscope.decision.drift_policy import PolicyDrift, parse_score, policy_forward, score_name
 from defectscope.decision.thresholds import CalibrationError
 
 
@@ -108,3 +108,54 @@ def test_exported_drift_score_matches_numpy(run_copy, tmp_path, score):
     assert np.abs(onnx_drift - expected).max() <= 1e-4 * np.abs(expected).max()
     assert [p.decision for p in preds] == list(decide(lg, policy, inputs="logits", drift_score=expected).labels)
     assert sum(p.decision == "Drift" for p in preds[-6:]) >= 5
+
+
+def _grid_pattern(rng, size: int = 40) -> np.ndarray:
+    """A pattern no training class has: the usual texture crossed by a dark grid."""
+    img = rng.normal(90, 12, (size, size))
+    step = int(rng.integers(7, 10))
+    img[::step, :] = 15
+    img[:, ::step] = 15
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+def test_held_out_pattern_is_flagged_and_normal_images_at_the_calibrated_rate(run_copy):
+    """On fresh images from the training distribution, the split-conformal threshold of the fused score
+    flags a share whose count follows the exact law of conformal exceedances, Beta-Binomial(m, n + 1 - k, k)
+    (k-th of n calibration scores); an unseen pattern is flagged almost always."""
+    from helpers import CLASSES, make_image
+    from scipy.stats import betabinom
+
+    from defectscope.data.images import load_gray
+    from defectscope.decision.drift_fit import fit_drift
+    from defectscope.decision.drift_fusion import Standardiser
+    from defectscope.decision.drift_support import threshold_with_support
+    from defectscope.decision.patch_drift import fit_patch_drift
+    from defectscope.rundir import Run
+
+    run = Run(run_copy)
+    model = run.model()
+    drift = PolicyDrift(("mahalanobis", "patch"), fit_drift(run, model=model), fit_patch_drift(run, model=model))
+
+    def scores(images: np.ndarray) -> np.ndarray:
+        x = np.stack([load_gray(im, run.image_size, "squash") for im in images])
+        return drift.score(*policy_forward(model, x, drift.stages))
+
+    _, val = run.images(run.rows("val"))
+    drift.standardiser = Standardiser.fit(drift.raw(*policy_forward(model, val, drift.stages)))
+    rng = np.random.default_rng(11)
+
+    def normal(n: int) -> np.ndarray:
+        return np.stack([make_image(str(rng.choice(CLASSES)), rng) for _ in range(n)])
+
+    n, m, alpha = 199, 600, 0.05
+    threshold, support = threshold_with_support(scores(normal(n)), alpha)
+    assert support["supported"] and support["guaranteed_rate"] == alpha
+    flagged = int((scores(normal(m)) > threshold).sum())
+    k = int(np.ceil((n + 1) * (1 - alpha)))  # the threshold is the k-th smallest calibration score
+    law = betabinom(m, n + 1 - k, k)
+    assert law.mean() == pytest.approx(m * alpha)
+    # Two-sided: neither far more nor far fewer false flags than the calibrated rate allows.
+    assert law.sf(flagged - 1) > 1e-3 and law.cdf(flagged) > 1e-3, (flagged, m * alpha)
+    pattern = np.stack([_grid_pattern(rng) for _ in range(100)])
+    assert (scores(pattern) > threshold).mean() >= 0.9
