@@ -94,7 +94,7 @@ def test_exported_drift_score_matches_numpy(run_copy, tmp_path, score):
     from defectscope.rundir import Run
 
     policy = Policy.from_dict(calibrate(run_copy, drift_score=score, drift_rate=0.2)["policy"])
-    report = export(run_copy, tmp_path / "m.onnx", int8=False, select=False)
+    report = export(run_copy, tmp_path / "m.onnx", int8=score == "patch", select=False)
     assert report["parity"]["drift_score"] == score
     run = Run(run_copy)
     _, images = run.images(run.table)
@@ -108,6 +108,14 @@ def test_exported_drift_score_matches_numpy(run_copy, tmp_path, score):
     assert np.abs(onnx_drift - expected).max() <= 1e-4 * np.abs(expected).max()
     assert [p.decision for p in preds] == list(decide(lg, policy, inputs="logits", drift_score=expected).labels)
     assert sum(p.decision == "Drift" for p in preds[-6:]) >= 5
+    if score == "patch":
+        # The int8 variant quantizes the shared backbone but keeps the patch score's own nodes in float.
+        from defectscope.deploy.export import _session
+
+        x = (images.astype(np.float32) / np.float32(255))[:, None]
+        int8 = _session(tmp_path / "m.int8.onnx").run(["drift_score"], {"image": x})[0]
+        assert report["int8"]["quantization"]["kept_in_float"] > 10
+        assert np.corrcoef(int8, onnx_drift)[0, 1] > 0.97
 
 
 def _grid_pattern(rng, size: int = 40) -> np.ndarray:
