@@ -192,3 +192,26 @@ def test_feature_maps_name_a_backbone_without_maps():
 
     with pytest.raises(DriftError, match="forward_intermediates"):
         feature_maps(Plain(), np.zeros((1, 4, 4), np.uint8))
+
+
+def test_feature_maps_follow_the_frozen_recipe_and_views():
+    """With the frozen recipe's feature transform, a kernel head and test-time views, the pooled features of
+    the maps' pass still equal forward_features (what the pooled Drift scores were fitted on)."""
+    torch = pytest.importorskip("torch")
+    from defectscope.decision.patch_drift import default_stages, feature_maps
+    from defectscope.models.factory import create_model
+    from defectscope.models.heads import KernelHead
+    from defectscope.models.inference import features_and_logits
+
+    torch.manual_seed(0)
+    model = create_model("seed_cnn2", 3, image_size=32)
+    model.make_frozen(KernelHead(model.num_features, 5, 3))
+    model.post.shift.uniform_(0, 1)
+    model.post.scale.uniform_(0.5, 2)
+    model.views = (0, 1, 3)
+    images = np.random.default_rng(0).integers(0, 256, (6, 32, 32), dtype=np.uint8)
+    f, lg, maps = feature_maps(model.eval(), images, default_stages(model))
+    f2, l2 = features_and_logits(model, images)
+    np.testing.assert_allclose(f, f2, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(lg, l2, rtol=1e-5, atol=1e-6)
+    assert maps[0].shape == (6, 64, 6, 6)
