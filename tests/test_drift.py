@@ -217,14 +217,27 @@ def test_fit_drift_and_drift_eval_on_a_run(trained_run, tmp_path):
 
     report = drift_eval(run, kinds=("corruptions", "far"), n_far=20)
     saved = json.loads((run / "drift_eval.json").read_text())
-    assert saved["best_score"] in SCORES and set(saved["kinds"]) == {"corruptions", "far"}
+    assert saved["members"] == [*SCORES, "patch"] and set(saved["kinds"]) == {"corruptions", "far"}
+    assert "max(knn,patch)" in saved["scores"] and saved["best_score"] in saved["scores"]
     assert set(saved["kinds"]["corruptions"]["parts"]) == set(CORRUPTIONS)
     for kind in saved["kinds"].values():
         for metric in ("auroc", "fpr95"):
-            assert set(kind[metric]) == set(SCORES)
+            assert set(kind[metric]) == set(saved["scores"])
             assert all(0.0 <= v <= 1.0 for v in kind[metric].values())
     assert max(saved["kinds"]["far"]["auroc"].values()) > 0.5
-    assert report["best_score"] == saved["best_score"]
+    assert report["best_score"] == saved["best_score"] == saved["chosen"]["score"]
+    # Chosen by its worst kind; each kind left out in turn is judged by a choice made on the other one.
+    sel = saved["selection"]
+    chosen_worst = min(k["auroc"][sel["chosen"]] for k in saved["kinds"].values())
+    assert sel["worst_in_sample"] == pytest.approx(chosen_worst)
+    assert chosen_worst == pytest.approx(max(sel["worst_kind_auroc"].values()))
+    for held, entry in sel["loko"].items():
+        other = next(k for k in saved["kinds"] if k != held)
+        assert entry["auroc"] == pytest.approx(saved["kinds"][held]["auroc"][entry["chosen"]])
+        assert saved["kinds"][other]["auroc"][entry["chosen"]] == pytest.approx(
+            max(saved["kinds"][other]["auroc"].values()))
+    for kind, per in saved["chosen"]["per_kind"].items():
+        assert per["auroc"] == saved["kinds"][kind]["auroc"][saved["best_score"]]
     # The raw scores behind the metrics, as plain floats: recomputing the metrics gives the JSON's.
     from defectscope.evaluation.drift_eval import auroc_fpr95, load_scores
 
@@ -256,7 +269,9 @@ def test_drift_eval_retrains_for_held_out_class_and_group(trained_run, tmp_path)
     assert set(report["kinds"]["heldout_class"]["parts"]) == {"GOOD", "scratch", "spot"}
     assert set(report["kinds"]["group"]["parts"]) == {"lot!=A"}
     assert (run / "drift_eval_runs" / "without_GOOD" / "model.safetensors").is_file()
-    assert json.loads((tmp_path / "eval.json").read_text())["best_score"] in SCORES
+    saved = json.loads((tmp_path / "eval.json").read_text())
+    assert saved["best_score"] in saved["scores"] and set(saved["selection"]["loko"]) == {"heldout_class", "group"}
+    assert set(saved["kinds"]["heldout_class"]["parts"]["GOOD"]["auroc"]) == set(saved["scores"])
 
 
 def test_vim_matches_the_openood_formula():

@@ -160,9 +160,58 @@ def test_multilayer_export_heads_on_a_timm_model(tmp_path):
     np.testing.assert_allclose(o_drift, expected, rtol=1e-3, atol=1e-3)
 
 
-def test_fit_patch_drift_names_a_backbone_without_maps(trained_run):
-    from defectscope.decision.patch_drift import fit_patch_drift
+def test_fit_patch_drift_on_a_seed_cnn_run(trained_run, tmp_path):
+    """The seed CNN's conv+pool stages give the maps; the pooled features equal forward_features."""
+    import shutil
 
-    # The fast test run uses a seed CNN, which has no timm forward_intermediates.
+    from defectscope.decision.patch_drift import default_stages, feature_maps, fit_patch_drift
+    from defectscope.models.inference import features_and_logits
+    from defectscope.rundir import Run
+
+    run = Run(shutil.copytree(trained_run, tmp_path / "run"))
+    model = run.model()
+    g = fit_patch_drift(run, model=model)
+    assert g.stages == default_stages(model) == (1,)
+    assert (run.path / "patch_drift.safetensors").is_file() and PatchGaussian.load(run).n_train == g.n_train
+    _, images = run.images(run.rows("test"))
+    feats, logits, maps = feature_maps(model, images, g.stages)
+    f2, l2 = features_and_logits(model, images)
+    np.testing.assert_allclose(feats, f2, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(logits, l2, rtol=1e-5, atol=1e-6)
+    assert [list(m.shape[1:]) for m in maps] == g.map_shapes
+
+
+def test_feature_maps_name_a_backbone_without_maps():
+    torch = pytest.importorskip("torch")
+    from defectscope.decision.patch_drift import feature_maps
+
+    class Plain(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.backbone = torch.nn.Linear(2, 2)
+
     with pytest.raises(DriftError, match="forward_intermediates"):
-        fit_patch_drift(trained_run)
+        feature_maps(Plain(), np.zeros((1, 4, 4), np.uint8))
+
+
+def test_feature_maps_follow_the_frozen_recipe_and_views():
+    """With the frozen recipe's feature transform, a kernel head and test-time views, the pooled features of
+    the maps' pass still equal forward_features (what the pooled Drift scores were fitted on)."""
+    torch = pytest.importorskip("torch")
+    from defectscope.decision.patch_drift import default_stages, feature_maps
+    from defectscope.models.factory import create_model
+    from defectscope.models.heads import KernelHead
+    from defectscope.models.inference import features_and_logits
+
+    torch.manual_seed(0)
+    model = create_model("seed_cnn2", 3, image_size=32)
+    model.make_frozen(KernelHead(model.num_features, 5, 3))
+    model.post.shift.uniform_(0, 1)
+    model.post.scale.uniform_(0.5, 2)
+    model.views = (0, 1, 3)
+    images = np.random.default_rng(0).integers(0, 256, (6, 32, 32), dtype=np.uint8)
+    f, lg, maps = feature_maps(model.eval(), images, default_stages(model))
+    f2, l2 = features_and_logits(model, images)
+    np.testing.assert_allclose(f, f2, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(lg, l2, rtol=1e-5, atol=1e-6)
+    assert maps[0].shape == (6, 64, 6, 6)

@@ -211,7 +211,9 @@ def test_report_drift_section_from_synthetic_files(tmp_path):
     threshold = 14.0
     policy = Policy(classes=classes, good_class="GOOD", drift_threshold=threshold,
                     drift={"score": "mahalanobis", "target_false_flag_rate": 0.01, "n_calibration": 150,
-                           "calibration_flag_rate": 0.02, "threshold_fit": {"method": "false_flag_rate"}})
+                           "calibration_flag_rate": 0.02, "threshold_fit": {"method": "false_flag_rate"},
+                           "rate_support": {"requested_rate": 0.01, "n_calibration": 150, "supported": True,
+                                            "guaranteed_rate": 0.01, "images_needed": 99, "per_10000": 100}})
     eval_scores = np.where(np.arange(len(y)) % 10 == 0, 30.0, 1.0)  # every tenth image is Drift
     metrics = classification_metrics(y, probs.argmax(1), classes)
     metrics["policy"] = apply_policy_metrics(y, probs, policy, classes, inputs="probs", drift_score=eval_scores)
@@ -224,6 +226,7 @@ def test_report_drift_section_from_synthetic_files(tmp_path):
     # What the threshold flags.
     assert "1% false-flag rate: about 1 in 100 normal parts will be set aside as Drift" in page
     assert "14.000000" in page and "3 of 150 normal calibration images" in page
+    assert "about 100 normal parts a day set aside per 10,000" in page
     assert "20 of 200 evaluated images were set aside as Drift" in page
     # The AUROC / FPR@95 table, best score marked.
     assert "0.930 / 12.30%" in page and "0.990 / 12.30%" in page and "0.710 / 12.30%" in page
@@ -248,7 +251,8 @@ def test_report_drift_section_from_a_real_drift_eval(tmp_path, trained_run):
     run = Path(shutil.copytree(trained_run, tmp_path / "run"))
     result = drift_eval(run, kinds=("far",), n_far=10)
     with np.load(run / "drift_eval_scores.npz", allow_pickle=False) as z:
-        assert set(z.files) == {f"{w}__{s}" for w in ("normal", "far") for s in SCORES}
+        shown = [*SCORES, "patch"] + ([result["best_score"]] if result["chosen"]["rule"] != "single" else [])
+        assert set(z.files) == {f"{w}__{s}" for w in ("normal", "far") for s in shown}
         assert len(z["far__knn"]) == 20  # n_far images of each far kind
     probs, y, paths = synthetic(tmp_path, 3, 3)
     html = write_report(run, metrics=classification_metrics(y, probs.argmax(1), ["GOOD", "scratch", "spot"]),
@@ -258,3 +262,42 @@ def test_report_drift_section_from_a_real_drift_eval(tmp_path, trained_run):
     best = result["best_score"]
     assert f"{result['kinds']['far']['auroc'][best]:.3f} / " in page
     assert '<img alt="drift histogram far"' in page and "The policy has no Drift flag" in page
+    # The chosen score per kind, in its own table; one kind leaves nothing out, and the page says so.
+    assert f"The chosen Drift score: {best}" in page.replace("&#x27;", "'")
+    assert "one kind only" in page
+
+
+def test_report_drift_small_calibration_and_chosen_score(tmp_path):
+    """A small calibration set: the page says the rate it guarantees and the images 1% needs; the chosen
+    (fused) score's AUROC per kind and its leave-one-kind-out check are shown."""
+    from defectscope.decision.drift_support import rate_support
+    from defectscope.decision.policy import Policy
+
+    probs, y, paths = synthetic(tmp_path, 2, 20)
+    classes = ["GOOD", "defect"]
+    run = tmp_path / "run"
+    run.mkdir()
+    fused = "max(knn,patch)"
+    ev = _drift_eval_json(("knn", "patch", fused), ("far", "heldout_class"))
+    ev |= {"members": ["knn", "patch"], "best_score": fused,
+           "chosen": {"score": fused, "members": ["knn", "patch"], "rule": "max",
+                      "per_kind": {"far": {"auroc": 0.987, "fpr95": 0.04}, "heldout_class": {"auroc": 0.612,
+                                                                                           "fpr95": 0.83}}},
+           "selection": {"chosen": fused, "worst_in_sample": 0.612, "loko_worst": 0.543,
+                         "loko": {"far": {"chosen": "knn", "auroc": 0.9}, "heldout_class": {"chosen": "patch",
+                                                                                            "auroc": 0.543}}}}
+    (run / "drift_eval.json").write_text(json.dumps(ev))
+    support = rate_support(49, 0.01)
+    policy = Policy(classes=classes, good_class="GOOD", drift_threshold=2.5,
+                    drift={"score": fused, "members": ["knn", "patch"], "target_false_flag_rate": 0.01,
+                           "n_calibration": 49, "calibration_flag_rate": 0.0, "rate_support": support,
+                           "threshold_fit": {"method": "false_flag_rate"}})
+    html = write_report(run, metrics=classification_metrics(y, probs.argmax(1), classes), probs=probs, y_true=y,
+                        paths=paths, classes=classes, out_dir=tmp_path / "out", policy=policy)
+    page = html.read_text()
+    assert "about 200 normal parts a day set aside per 10,000" in page  # 1/(49 + 1)
+    assert "needs at least 99 normal images" in page
+    assert "The largest of 2 scores, each standardised on the validation images" in page
+    assert "The chosen Drift score: max(knn,patch)" in page
+    assert "<td>0.987</td><td>4.00%</td>" in page and "<td>0.612</td><td>83.00%</td>" in page
+    assert "<b>0.543</b>, is the honest expectation" in page

@@ -105,8 +105,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="confidence measure for the review band")
     c.add_argument("--drift-rate", type=float, default=0.01,
                    help="share of normal images the Drift flag may catch (default 0.01)")
-    c.add_argument("--drift-score", choices=["msp", "energy", "mahalanobis", "knn"],
-                   help="Drift score (default: the best in RUN/drift_eval.json, else mahalanobis)")
+    c.add_argument("--drift-score",
+                   help="Drift score: msp, energy, mahalanobis, knn, vim (linear heads only), patch (feature-map "
+                        "Gaussians), or a max of standardised scores such as 'max(knn,patch)' (default: the "
+                        "score RUN/drift_eval.json chose, else mahalanobis)")
     c.add_argument("--drift-examples", help="folder of real Drift images (with a cost matrix that has Drift)")
     c.add_argument("--no-drift", action="store_true", help="no Drift flag in the policy")
 
@@ -206,6 +208,10 @@ def build_parser() -> argparse.ArgumentParser:
     de.add_argument("--train-value", help="with kind 'group': the value to train on, e.g. mono")
     de.add_argument("--heldout-epochs", type=int, default=3, help="epochs for the retrained held-out models")
     de.add_argument("--out", help="output JSON (default RUN/drift_eval.json)")
+    de.add_argument("--no-patch", action="store_true",
+                    help="leave out the patch score (per-position Gaussians of the feature maps)")
+    de.add_argument("--max-members", type=int, default=2,
+                    help="fused candidates: the max of up to this many standardised scores (1: none)")
 
     d = sub.add_parser("demo", help="the main job: train, evaluate on the real ELPV solar-cell images")
     d.add_argument("--out", default="defectscope_demo", help="folder for the demo's run (default: defectscope_demo)")
@@ -391,7 +397,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         kinds = tuple(k.strip() for k in args.kinds.split(",") if k.strip())
         drift_eval(args.run, kinds=kinds, extra_drift=args.extra_drift, out=args.out,
                    group_column=args.group_column, train_value=args.train_value,
-                   heldout_epochs=args.heldout_epochs)
+                   heldout_epochs=args.heldout_epochs, patch=not args.no_patch, max_members=args.max_members)
         return 0
     if args.command == "demo":
         from defectscope.demo import demo

@@ -9,6 +9,7 @@
     RUN/checkpoint.pt        last epoch's full state for --resume (tensors only, weights_only loadable)
     RUN/policy.json          the decision policy from `defectscope calibrate`
     RUN/drift.safetensors    statistics of the training features for the Drift scores (+ drift.json)
+    RUN/patch_drift.safetensors  per-position Gaussians of the training images' feature maps (+ patch_drift.json)
     RUN/drift_eval.json      Drift scores measured by `defectscope drift-eval` (+ drift_eval_scores.npz)
     RUN/cascade_policy.json  a two-stage cascade with this run as its classifier (`defectscope cascade`)
     RUN/evaluation/          metrics.json, predictions.csv, logits.npy, report.html from `defectscope evaluate`
@@ -39,6 +40,8 @@ CHECKPOINT = "checkpoint.pt"
 POLICY = "policy.json"
 DRIFT_WEIGHTS = "drift.safetensors"
 DRIFT_PARAMS = "drift.json"
+PATCH_DRIFT_WEIGHTS = "patch_drift.safetensors"
+PATCH_DRIFT_PARAMS = "patch_drift.json"
 DRIFT_EVAL = "drift_eval.json"
 DRIFT_EVAL_SCORES = "drift_eval_scores.npz"
 DRIFT_EVAL_RUNS = "drift_eval_runs"
@@ -179,3 +182,19 @@ class Run:
         save_file(arrays, str(self.path / DRIFT_WEIGHTS))
         (self.path / DRIFT_PARAMS).write_text(json.dumps(params, indent=2) + "\n")
         return self.path / DRIFT_WEIGHTS
+
+    def patch_drift_statistics(self) -> tuple[dict[str, np.ndarray], dict[str, Any]] | None:
+        """(arrays, parameters) of patch_drift.safetensors + patch_drift.json, or None when not fitted."""
+        weights, params = self.path / PATCH_DRIFT_WEIGHTS, self.path / PATCH_DRIFT_PARAMS
+        if not weights.is_file() or not params.is_file():
+            return None
+        from safetensors.numpy import load_file
+
+        return load_file(str(weights)), json.loads(params.read_text())
+
+    def save_patch_drift_statistics(self, arrays: dict[str, np.ndarray], params: dict[str, Any]) -> Path:
+        from safetensors.numpy import save_file
+
+        save_file(arrays, str(self.path / PATCH_DRIFT_WEIGHTS))
+        (self.path / PATCH_DRIFT_PARAMS).write_text(json.dumps(params, indent=2) + "\n")
+        return self.path / PATCH_DRIFT_WEIGHTS

@@ -15,8 +15,10 @@ import numpy as np
 import pandas as pd
 
 from defectscope.decision.costs import load_cost_matrix
-from defectscope.decision.drift import SCORES, DriftError, DriftScorer
+from defectscope.decision.drift import DriftError
 from defectscope.decision.drift_fit import cost_aware_drift_threshold, fit_drift
+from defectscope.decision.drift_fusion import Standardiser
+from defectscope.decision.drift_policy import PATCH, PolicyDrift, parse_score, policy_forward
 from defectscope.decision.drift_support import support_message, threshold_with_support
 from defectscope.decision.outcomes import apply_policy_metrics
 from defectscope.decision.policy import Policy, decide, review_scores, softmax
@@ -161,9 +163,14 @@ def calibrate(
     the calibration images are looked at. ``cost_matrix``: a YAML path, a preset name (``valeo_pwa``)
     or a dict. ``good_class`` defaults to the class named GOOD.
 
-    Drift: the statistics of the training features are fitted (RUN/drift.safetensors) and the threshold of
-    ``drift_score`` (default: the best score of RUN/drift_eval.json, else ``mahalanobis``) is set so that
-    about ``drift_rate`` of normal images are flagged. With a cost matrix that has a Drift row and a folder
+    Drift: the statistics of the training features are fitted (RUN/drift.safetensors; with a ``patch``
+    member also the per-position Gaussians of the feature maps, RUN/patch_drift.safetensors) and the
+    threshold of ``drift_score`` (default: the score RUN/drift_eval.json chose, else ``mahalanobis``) is set
+    so that about ``drift_rate`` of normal images are flagged. ``drift_score`` is one score (``mahalanobis``,
+    ``knn``, ``vim``, ``msp``, ``energy``, ``patch``) or a max of standardised ones (``max(knn,patch)``),
+    each standardised on the validation split's images. With fewer normal calibration images than the rate
+    needs, the threshold guarantees the rate they support, and the log and policy.json say what a rate of
+    ``drift_rate`` would need. With a cost matrix that has a Drift row and a folder
     of labelled ``drift_examples``, the threshold minimises expected cost instead. ``drift_rate=None``
     leaves Drift out of the policy.
     """
@@ -189,9 +196,10 @@ def calibrate(
         return images, run.labels(rows)
 
     calib_images, y = images_of(table[calib_mask])
-    features, logits = features_and_logits(model, calib_images)
+    _, logits = features_and_logits(model, calib_images)
     val = run.rows("val")
     temperature_data, temperature_on = None, "calibration"
+    val_images = None
     if len(val):
         val_images, val_y = images_of(val)
         temperature_data, temperature_on = (predict_logits(model, val_images).numpy(), val_y), "val"
@@ -202,10 +210,10 @@ def calibrate(
     )
     policy.calibration = split_info(table, seed)
     if drift_rate is not None:
-        _calibrate_drift(policy, run, model, features, logits, y, drift_rate, drift_score, drift_examples)
+        scores_in = _calibrate_drift(policy, run, model, calib_images, val_images, logits, y, drift_rate,
+                                     drift_score, drift_examples)
         extras["calibration_metrics"] = apply_policy_metrics(
-            y, logits, policy, classes, inputs="logits",
-            drift_score=drift_scores_for(run, policy, features, logits))
+            y, logits, policy, classes, inputs="logits", drift_score=scores_in if policy.drift else None)
     path = run.file(POLICY)
     policy.to_json(path)
     _log_summary(policy, extras["calibration_metrics"])
@@ -213,38 +221,74 @@ def calibrate(
     return {"policy": policy.to_dict(), "path": str(path), **extras}
 
 
-def drift_scores_for(run: Run, policy: Policy, features: np.ndarray, logits: np.ndarray) -> np.ndarray | None:
-    """The policy's drift score for features/logits, with the run's fitted statistics (None: no Drift rule)."""
+def drift_scores_for(run: Run, policy: Policy, features: np.ndarray, logits: np.ndarray,
+                     maps: list[np.ndarray] | None = None) -> np.ndarray | None:
+    """The policy's drift score for features/logits (and the stages' maps, for a ``patch`` member: see
+    :func:`drift_stages`), with the run's fitted statistics (None: no Drift rule)."""
     if not policy.drift:
         return None
-    name = policy.drift["score"]
-    return DriftScorer.load(run).score(features, logits, [name])[name]
+    return PolicyDrift.from_policy(run, policy.drift).score(features, logits, maps)
 
 
-def _calibrate_drift(policy: Policy, run: Run, model, features, logits, y, rate: float,
-                     score: str | None, examples: str | Path | None) -> None:
-    from defectscope.models.inference import features_and_logits
+def drift_stages(policy: Policy) -> tuple[int, ...] | None:
+    """The backbone stages whose maps the policy's Drift score needs (None: pooled features suffice)."""
+    drift = policy.drift or {}
+    if not drift or PATCH not in parse_score(drift["score"]):
+        return None
+    return tuple((drift.get("patch") or {}).get("stages") or ())
 
+
+def _calibrate_drift(policy: Policy, run: Run, model, calib_images: np.ndarray, val_images: np.ndarray | None,
+                     logits: np.ndarray, y: np.ndarray, rate: float, score: str | None,
+                     examples: str | Path | None) -> np.ndarray | None:
+    """Set the policy's Drift rule; returns the calibration images' Drift scores (None: no rule set)."""
     if score is None:
         evaluated = run.read_json(DRIFT_EVAL) or {}
         score = evaluated.get("best_score") or "mahalanobis"
-    if score not in SCORES:
-        raise CalibrationError(f"unknown drift score {score!r}; valid: {', '.join(SCORES)}")
+    try:
+        members = parse_score(score)
+    except DriftError as exc:
+        raise CalibrationError(str(exc)) from None
+    # The pooled statistics are fitted whatever the score (cheap; drift-eval and the cascade read them).
     scorer = fit_drift(run, model=model)
-    s_in = scorer.score(features, logits, [score])[score]
+    missing = [m for m in members if m != PATCH and m not in scorer.available]
+    if missing:
+        # ViM needs the classifier's linear head; the frozen recipe's kernel head has none.
+        raise CalibrationError(f"the drift score {', '.join(missing)} cannot be computed for this model (ViM "
+                               f"needs a linear head); available: {', '.join((*scorer.available, PATCH))}")
+    patch = None
+    if PATCH in members:
+        from defectscope.decision.patch_drift import fit_patch_drift
+
+        try:
+            patch = fit_patch_drift(run, model=model)
+        except DriftError as exc:
+            raise CalibrationError(str(exc)) from None
+    drift = PolicyDrift(members, scorer, patch)
+    s_in_raw = drift.raw(*policy_forward(model, calib_images, drift.stages))
+    std_info: dict[str, Any] = {}
+    if drift.fused:
+        if val_images is None or len(val_images) < 2:
+            raise CalibrationError(f"the fused drift score {drift.name} standardises each member on the validation "
+                                   f"split's images, and this run has fewer than 2")
+        # Held-out images: the training images' scores are optimistically low (the statistics saw them), and
+        # the calibration images must stay untouched for the threshold's guarantee.
+        drift.standardiser = Standardiser.fit(drift.raw(*policy_forward(model, val_images, drift.stages)))
+        std_info = {"standardised_on": "val", "n_standardise": int(len(val_images))}
+    s_in = drift.combine(s_in_raw)
     try:
         # With too few normal images for `rate`, the threshold that guarantees 1/(n + 1) instead, and
         # policy.json says so (rate_support), rather than no Drift flag at all.
         threshold, support = threshold_with_support(s_in, rate)
     except (DriftError, CalibrationError, ValueError) as exc:
         log.warning(f"Drift flag not set: {exc}")
-        return
+        return None
     (log.info if support["supported"] else log.warning)(support_message(support))
     evidence: dict[str, Any] = {"method": "false_flag_rate"}
     if examples is not None and policy.cost_matrix is not None and "Drift" in policy.cost_matrix["classes"]:
         drift_images = _folder_images(examples, run.spec)
-        f_d, l_d = features_and_logits(model, drift_images)
-        s_d = scorer.score(f_d, l_d, [score])[score]
+        f_d, l_d, m_d = policy_forward(model, drift_images, drift.stages)
+        s_d = drift.score(f_d, l_d, m_d)
         decided_in = decide(logits, policy, inputs="logits").labels
         decided_d = decide(l_d, policy, inputs="logits").labels
         classes = np.array(policy.classes, dtype=object)
@@ -252,15 +296,18 @@ def _calibrate_drift(policy: Policy, run: Run, model, features, logits, y, rate:
                                               target_false_flag_rate=rate)
         threshold = float(evidence["threshold"])
     policy.drift_threshold = float(threshold)
+    files = ["drift.safetensors + drift.json"] + ["patch_drift.safetensors + patch_drift.json"] * (patch is not None)
     policy.drift = {
-        "score": score, "target_false_flag_rate": rate, "n_calibration": int(len(s_in)),
+        **drift.policy_entries(), **std_info,
+        "target_false_flag_rate": rate, "n_calibration": int(len(s_in)),
         "rate_support": support,
         "calibration_flag_rate": float(np.mean(s_in > threshold)),
         "threshold_fit": {k: v for k, v in evidence.items() if k != "threshold"},
-        "statistics": "drift.safetensors + drift.json in the run directory",
+        "statistics": " and ".join(files) + " in the run directory",
     }
-    log.info(f"Drift: {score} score > {threshold:.6g} flags {policy.drift['calibration_flag_rate']:.4f} of "
+    log.info(f"Drift: {drift.name} score > {threshold:.6g} flags {policy.drift['calibration_flag_rate']:.4f} of "
              f"{len(s_in)} normal calibration images (target {rate:g})")
+    return s_in
 
 
 def _folder_images(folder: str | Path, spec: dict[str, Any]) -> np.ndarray:

@@ -39,6 +39,7 @@ from defectscope.decision.calibrate import (
     calibration_split,
     default_good_class,
     drift_scores_for,
+    drift_stages,
     paths_digest,
     split_info,
 )
@@ -245,8 +246,8 @@ def cascade(
     """
     import torch
 
+    from defectscope.decision.drift_policy import policy_forward
     from defectscope.models.cascade import ScreenScore, screen_scores
-    from defectscope.models.inference import features_and_logits
 
     screen = screen_run if isinstance(screen_run, Run) else Run(screen_run)
     clf = classifier_run if isinstance(classifier_run, Run) else Run(classifier_run)
@@ -283,7 +284,7 @@ def cascade(
     y = clf.labels(rows)
     g = classes.index(good_class)
     defective = y != g
-    features, logits = features_and_logits(clf.model(), images)
+    features, logits, maps = policy_forward(clf.model(), images, drift_stages(base))
     p_clf = softmax(logits, base.temperature)[:, g]
     module = ScreenScore(screen.model(), screen.image_size, screen.classes.index(screen_good_class))
     p_screen = screen_scores(module, images)
@@ -317,7 +318,7 @@ def cascade(
     policy_c.escape_guarantee = result.classifier_guarantee or {
         "cascade": "fixed beforehand", "threshold": result.classifier_threshold,
         "calibrated_on_same_images": same_images}
-    drift = drift_scores_for(clf, policy_c, features, logits) if policy_c.drift_threshold is not None else None
+    drift = drift_scores_for(clf, policy_c, features, logits, maps) if policy_c.drift_threshold is not None else None
     policy = {
         "kind": CASCADE_KIND, "version": CASCADE_VERSION,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),

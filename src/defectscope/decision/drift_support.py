@@ -82,3 +82,11 @@ def per_10000_words(rate: float) -> str:
     n = rate * 10_000
     shown = f"{n:.0f}" if n >= 10 else f"{n:.1f}".rstrip("0").rstrip(".")
     return f"about {shown} of every 10,000 normal parts set aside"
+
+
+def per_day_words(rate: float, per_day: int = 10_000) -> str:
+    """A false-flag rate as a quality engineer counts it: 'about N normal parts a day set aside per 10,000'
+    (a line making ``per_day`` normal parts a day)."""
+    n = rate * per_day
+    shown = f"{n:.0f}" if n >= 10 else f"{n:.1f}".rstrip("0").rstrip(".")
+    return f"about {shown} normal parts a day set aside per {per_day:,}"

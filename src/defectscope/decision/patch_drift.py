@@ -29,12 +29,11 @@ from typing import Any
 import numpy as np
 
 from defectscope.decision.drift import DriftError
+from defectscope.rundir import PATCH_DRIFT_PARAMS as PATCH_PARAMS
+from defectscope.rundir import PATCH_DRIFT_WEIGHTS as PATCH_WEIGHTS
 from defectscope.rundir import Run
 
 log = logging.getLogger(__name__)
-
-PATCH_WEIGHTS = "patch_drift.safetensors"
-PATCH_PARAMS = "patch_drift.json"
 PATCH_VERSION = 1
 DEFAULT_STAGES = (2, 3)  # timm feature indices: stride 8 and 16 on EfficientNet/ResNet-like backbones
 
@@ -164,10 +163,13 @@ class PatchGaussian:
                              f"precision {g.precision.shape}, {len(g.channels)} channels on a {g.grid} grid")
         return g
 
-    def save(self, run_dir: str | Path) -> tuple[Path, Path]:
+    def save(self, run_dir: str | Path | Run) -> tuple[Path, Path]:
+        """Write the statistics into a run (through :class:`Run`) or any folder; (weights, parameters) paths."""
         from safetensors.numpy import save_file
 
         arrays, params = self.to_arrays()
+        if isinstance(run_dir, Run):
+            return run_dir.save_patch_drift_statistics(arrays, params), run_dir.file(PATCH_PARAMS)
         run_dir = Path(run_dir)
         weights, meta = run_dir / PATCH_WEIGHTS, run_dir / PATCH_PARAMS
         save_file(arrays, str(weights))
@@ -175,9 +177,15 @@ class PatchGaussian:
         return weights, meta
 
     @classmethod
-    def load(cls, run_dir: str | Path) -> PatchGaussian:
+    def load(cls, run_dir: str | Path | Run) -> PatchGaussian:
         from safetensors.numpy import load_file
 
+        if isinstance(run_dir, Run):
+            stats = run_dir.patch_drift_statistics()
+            if stats is None:
+                raise DriftError(f"{run_dir.path}: no patch drift statistics ({PATCH_WEIGHTS} + {PATCH_PARAMS}); "
+                                 f"run calibrate with a patch Drift score first")
+            return cls.from_arrays(*stats)
         run_dir = Path(run_dir)
         weights, meta = run_dir / PATCH_WEIGHTS, run_dir / PATCH_PARAMS
         if not weights.is_file() or not meta.is_file():
@@ -187,17 +195,27 @@ class PatchGaussian:
 
 # ---------------------------------------------------------------- torch side (fitting only)
 
+def default_stages(model) -> tuple[int, ...]:
+    """The stages whose maps the patch score reads: stride 8 and 16 of a timm backbone; the last conv+pool
+    stage of a seed CNN (its stages do not divide each other's grids, and its last map is already coarse)."""
+    from torch import nn
+
+    from defectscope.models.seed_cnn import SeedCNN
+
+    if isinstance(model.backbone, SeedCNN):
+        return (sum(isinstance(m, nn.MaxPool2d) for m in model.backbone.features) - 1,)
+    return DEFAULT_STAGES
+
+
 def feature_maps(model, images: np.ndarray, stages: Sequence[int] = DEFAULT_STAGES, *,
                  batch_size: int = 32) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
     """(pooled features (N, D) float32, logits (N, K) float64, one (N, C, H, W) float32 map per stage) of
     uint8 images (N, H, W) in one pass of a :class:`~defectscope.models.factory.Classifier` whose backbone
-    is a timm model with ``forward_intermediates`` (the pooled features equal ``forward_features``)."""
+    is a timm model with ``forward_intermediates`` or a seed CNN (the pooled features equal
+    ``forward_features``)."""
     import torch
 
-    backbone = model.backbone
-    if not hasattr(backbone, "forward_intermediates"):
-        raise DriftError(f"the patch drift score needs a timm backbone with forward_intermediates; "
-                         f"{type(backbone).__name__} has none")
+    _check_backbone(model)
     device = next(model.parameters()).device
     model.eval()
     feats, logits, maps = [], [], [[] for _ in stages]
@@ -214,24 +232,73 @@ def feature_maps(model, images: np.ndarray, stages: Sequence[int] = DEFAULT_STAG
     return np.concatenate(feats), np.concatenate(logits), [np.concatenate(m) for m in maps]
 
 
-def multilayer_forward(model, x, stages: Sequence[int]):
-    """(pooled features, [maps of ``stages``]) of a Classifier on a normalised-inside input ``x`` in [0, 1];
-    one backbone pass. Torch-traceable (the exporter calls it inside the graph)."""
+def _check_backbone(model) -> None:
+    from defectscope.models.seed_cnn import SeedCNN
+
     backbone = model.backbone
-    final, maps = backbone.forward_intermediates((x - model.mean) / model.std, indices=list(stages))
-    return backbone.forward_head(final, pre_logits=True), maps
+    if not isinstance(backbone, SeedCNN) and not hasattr(backbone, "forward_intermediates"):
+        raise DriftError(f"the patch drift score needs a seed CNN or a timm backbone with forward_intermediates; "
+                         f"{type(backbone).__name__} has none")
 
 
-def fit_patch_drift(run: str | Path | Run, *, d: int = 100, stages: Sequence[int] = DEFAULT_STAGES,
-                    model=None) -> PatchGaussian:
-    """Fit the patch Gaussian on the maps of the run's training split and save it in the run
-    (``RUN/patch_drift.safetensors`` + ``RUN/patch_drift.json``), beside ``fit_drift``'s statistics."""
-    run = run if isinstance(run, Run) else Run(run)
-    model = model if model is not None else run.model()
+def _seed_cnn_forward(backbone, x, stages: Sequence[int]):
+    """(pooled features, maps after the conv+pool stages ``stages``) of a seed CNN, one pass."""
+    from torch import nn
+
+    maps, stage, h = {}, 0, x
+    for layer in backbone.features:
+        h = layer(h)
+        if isinstance(layer, nn.MaxPool2d):
+            maps[stage] = h
+            stage += 1
+    missing = [s for s in stages if s not in maps]
+    if missing:
+        raise DriftError(f"the seed CNN has stages 0..{stage - 1}, not {missing}")
+    return backbone.mlp(h), [maps[s] for s in stages]
+
+
+def multilayer_forward(model, x, stages: Sequence[int]):
+    """(pooled features, [maps of ``stages``]) of a Classifier on an input ``x`` in [0, 1] (normalised
+    here, as ``forward_features`` does); one backbone pass for the maps. The pooled features equal
+    ``model.forward_features(x)``: the frozen recipe's feature transform (``post``) is applied, and with
+    test-time views the other views' features are averaged in (one more pass per view). Torch-traceable
+    (the exporter calls it inside the graph)."""
+    import torch
+
+    from defectscope.models.heads import dihedral
+    from defectscope.models.seed_cnn import SeedCNN
+
+    backbone = model.backbone
+    xn = (x - model.mean) / model.std
+    if isinstance(backbone, SeedCNN):
+        pooled, maps = _seed_cnn_forward(backbone, xn, stages)
+    else:
+        final, maps = backbone.forward_intermediates(xn, indices=list(stages))
+        pooled = backbone.forward_head(final, pre_logits=True)
+    views = tuple(getattr(model, "views", (0,)))
+    if views != (0,):
+        pooled = torch.stack([pooled if k == 0 else backbone(dihedral(xn, k)) for k in views]).mean(0)
+    return model.post(pooled), list(maps)
+
+
+def fit_patch_gaussian(run: Run, model, *, d: int = 100, stages: Sequence[int] | None = None) -> PatchGaussian:
+    """The patch Gaussian fitted on the maps of the run's training split (not saved)."""
+    stages = tuple(stages) if stages is not None else default_stages(model)
+    _check_backbone(model)
     _, images = run.images(run.rows("train"))
     _, _, maps = feature_maps(model, images, stages)
-    g = PatchGaussian(d=d, seed=run.seed, stages=stages).fit(maps)
-    weights, _ = g.save(run.path)
+    return PatchGaussian(d=d, seed=run.seed, stages=stages).fit(maps)
+
+
+def fit_patch_drift(run: str | Path | Run, *, d: int = 100, stages: Sequence[int] | None = None,
+                    model=None) -> PatchGaussian:
+    """Fit the patch Gaussian on the maps of the run's training split and save it in the run
+    (``RUN/patch_drift.safetensors`` + ``RUN/patch_drift.json``), beside ``fit_drift``'s statistics.
+    ``stages``: default :func:`default_stages` of the model."""
+    run = run if isinstance(run, Run) else Run(run)
+    model = model if model is not None else run.model()
+    g = fit_patch_gaussian(run, model, d=d, stages=stages)
+    weights, _ = g.save(run)
     log.info(f"patch drift statistics of {g.n_train} training images ({len(g.channels)} channels on a "
              f"{g.grid[0]}x{g.grid[1]} grid, {g.precision.nbytes / 1e6:.1f} MB) written: {weights}")
     return g

@@ -28,7 +28,6 @@ import torch
 from torch import nn
 
 from defectscope.decision.cascade import load_cascade_policy
-from defectscope.decision.drift import DriftScorer
 from defectscope.deploy import metadata as md
 from defectscope.deploy.cascade_runtime import (
     DRIFT_FLOOR,
@@ -41,13 +40,13 @@ from defectscope.deploy.cascade_runtime import (
 )
 from defectscope.deploy.export import (
     PARITY_TOL,
-    DriftHead,
     ExportError,
     ExportHeads,
     _images,
     _session,
     _write_onnx_with_metadata,
     build_metadata,
+    export_heads,
 )
 from defectscope.models.cascade import ScreenScore
 from defectscope.rundir import Run
@@ -92,19 +91,11 @@ class ScreenGraph(nn.Module):
         return self.screen(image)
 
 
-def _drift_head(run: Run, policy: dict[str, Any]) -> DriftHead | None:
-    drift = policy.get("drift")
-    if not drift or policy.get("drift_threshold") is None:
-        return None
-    arrays, params = DriftScorer.load(run).to_arrays()
-    return DriftHead(drift["score"], arrays, params)
-
-
-def _stages(cp: dict[str, Any]) -> tuple[Run, Run, ScreenScore, ExportHeads]:
+def _stages(cp: dict[str, Any]) -> tuple[Run, Run, ScreenScore, nn.Module]:
     screen_run, clf_run = Run(cp["screen"]["run"]), Run(cp["classifier"]["run"])
     screen = ScreenScore(screen_run.model(), screen_run.image_size,
                          screen_run.classes.index(cp["screen"]["good_class"])).eval()
-    heads = ExportHeads(clf_run.model(), _drift_head(clf_run, cp["classifier"]["policy"])).eval()
+    heads = export_heads(clf_run.model(), clf_run, cp["classifier"]["policy"])
     return screen_run, clf_run, screen, heads
 
 

@@ -1,7 +1,9 @@
 """``defectscope export``: turn a run into one self-describing ONNX file (plus a JSON sidecar).
 
 The graph takes ``image`` float32 ``(N, 1, H, W)`` in [0, 1] and returns ``logits``, ``probabilities``
-(softmax) and ``features`` (pooled penultimate features, for drift scores). Normalisation is inside the
+(softmax), ``features`` (pooled penultimate features) and ``drift_score`` (the policy's Drift score: a
+pooled score, the patch score read from the backbone's intermediate maps in the same pass, or their
+standardised max; see :mod:`defectscope.deploy.drift_heads`). Normalisation is inside the
 graph; everything else a deployment needs (classes, input size, resize mode, policy, provenance) is in the
 file's metadata, so :class:`defectscope.deploy.predictor.Predictor` needs nothing but the .onnx file.
 
@@ -25,6 +27,7 @@ from torch import nn
 
 from defectscope._version import __version__
 from defectscope.decision.drift import DriftScorer
+from defectscope.decision.drift_policy import PATCH, parse_score
 from defectscope.deploy import metadata as md
 from defectscope.deploy import runtimes, selection
 from defectscope.deploy.quantize import QUANTIZE_MODES, quantize_model
@@ -34,6 +37,7 @@ log = logging.getLogger(__name__)
 
 PARITY_IMAGES = 64  # test images compared between torch and ONNX Runtime
 PARITY_TOL = 1e-4  # max abs difference of fp32 probabilities
+DRIFT_PARITY_TOL = 1e-3  # max abs difference of the Drift score, relative to its largest magnitude
 CALIBRATION_IMAGES = 128  # training images for static quantization
 
 
@@ -93,14 +97,46 @@ class ExportHeads(nn.Module):
         return logits, torch.softmax(logits, dim=1), features, drift
 
 
-def drift_head_for(run: Run) -> DriftHead | None:
-    """The Drift head of the run's policy, or None when the policy has no Drift rule."""
-    drift = (run.policy or {}).get("drift")
-    if not drift:
-        return None
-    scorer = DriftScorer.load(run)
-    arrays, params = scorer.to_arrays()
-    return DriftHead(drift["score"], arrays, params)
+def drift_head_for(run: Run, policy: dict[str, Any] | None = None) -> tuple[nn.Module | None, tuple[int, ...] | None]:
+    """(the Drift head of the policy (default: the run's), the backbone stages it reads or None): a
+    :class:`DriftHead` for one pooled score, a :class:`~defectscope.deploy.drift_heads.PatchDriftHead` for the
+    patch score, a :class:`~defectscope.deploy.drift_heads.FusedDriftHead` for a max of standardised scores;
+    (None, None) when the policy has no Drift rule. The head's ``score_name`` is the policy's score."""
+    from defectscope.decision.patch_drift import PatchGaussian
+    from defectscope.deploy.drift_heads import FusedDriftHead, PatchDriftHead
+
+    policy = run.policy if policy is None else policy
+    drift = (policy or {}).get("drift")
+    if not drift or policy.get("drift_threshold") is None:
+        return None, None
+    members = parse_score(drift["score"])
+    pooled = DriftScorer.load(run).to_arrays() if any(m != PATCH for m in members) else None
+    patch = PatchGaussian.load(run) if PATCH in members else None
+    stages = tuple(patch.stages) if patch is not None else None
+
+    def member(name: str) -> tuple[str, nn.Module]:
+        return ("patch", PatchDriftHead(patch)) if name == PATCH else ("pooled", DriftHead(name, *pooled))
+
+    if len(members) == 1:
+        head = member(members[0])[1]
+    else:
+        std = drift.get("standardiser") or {}
+        if not std:
+            raise ExportError(f"the policy's fused Drift score {drift['score']} has no standardiser; calibrate again")
+        head = FusedDriftHead([member(m) for m in members], [std["mu"][m] for m in members],
+                              [std["sigma"][m] for m in members])
+    head.score_name = drift["score"]
+    return head, stages
+
+
+def export_heads(model: nn.Module, run: Run, policy: dict[str, Any] | None = None) -> nn.Module:
+    """The graph to export: :class:`ExportHeads`, or MultiLayerExportHeads when the Drift score reads maps."""
+    from defectscope.deploy.drift_heads import MultiLayerExportHeads
+
+    head, stages = drift_head_for(run, policy)
+    if stages:
+        return MultiLayerExportHeads(model, head, stages).eval()
+    return ExportHeads(model, head).eval()
 
 
 def export(
@@ -136,7 +172,7 @@ def export(
         raise ExportError(f"{out}: its sidecar {sidecar.name} would overwrite the run's {SPEC}; "
                           "choose another name, e.g. RUN/export/model.onnx")
     model, spec = run.model(), run.spec
-    heads = ExportHeads(model, drift_head_for(run)).eval()
+    heads = export_heads(model, run)
     x_test, y_test, split = _split_inputs(run)
 
     report: dict[str, Any] = {"model": str(out), "sidecar": str(sidecar), "opset": opset,
@@ -249,7 +285,7 @@ def build_metadata(run: Run, spec: dict[str, Any], quantize: str | None) -> dict
     }
 
 
-def _torch_export(heads: ExportHeads, spec: dict[str, Any], path: Path, opset: int) -> None:
+def _torch_export(heads: nn.Module, spec: dict[str, Any], path: Path, opset: int) -> None:
     import onnx
 
     size = spec["image_size"]
@@ -299,7 +335,7 @@ def _run(session, x: np.ndarray, batch_size: int = 64, with_drift: bool = False)
     return tuple(np.concatenate([o[j] for o in outs]) for j in range(len(names)))
 
 
-def _check_parity(heads: ExportHeads, path: Path, x: np.ndarray, split: str) -> dict[str, Any]:
+def _check_parity(heads: nn.Module, path: Path, x: np.ndarray, split: str) -> dict[str, Any]:
     with torch.no_grad():
         t_logits, t_probs, _, t_drift = heads(torch.from_numpy(x))
     o_logits, o_probs, o_drift = _run(_session(path), x, with_drift=True)
@@ -314,8 +350,12 @@ def _check_parity(heads: ExportHeads, path: Path, x: np.ndarray, split: str) -> 
     }
     if heads.drift is not None and len(x):
         scale = float(np.abs(t_drift.numpy()).max()) or 1.0
-        result["drift_score"] = heads.drift.name
+        result["drift_score"] = getattr(heads.drift, "score_name", None)
         result["max_rel_diff_drift_score"] = float(np.abs(o_drift - t_drift.numpy()).max()) / scale
+        if result["max_rel_diff_drift_score"] > DRIFT_PARITY_TOL:
+            raise ExportError(f"ONNX Runtime's Drift score ({result['drift_score']}) differs from PyTorch's by "
+                              f"{result['max_rel_diff_drift_score']:.3g} of its scale (tolerance {DRIFT_PARITY_TOL}); "
+                              f"nothing written")
     if diff > PARITY_TOL or mismatches:
         raise ExportError(f"ONNX Runtime disagrees with PyTorch on {split} images: max |dp| = {diff:.3g} "
                           f"(tolerance {PARITY_TOL}), {mismatches} different decisions; nothing written")

@@ -76,8 +76,23 @@ def _name_nodes_and_find_head(src: str | Path, dst: Path) -> list[str]:
         if tensors.intersection(node.input):
             excluded.append(node.name)
             tensors.update(node.output)
+    # A patch Drift score reads the backbone's intermediate maps, not ``features``: the nodes only the
+    # Drift output needs (its Mahalanobis matmuls) stay in float too; the shared backbone is quantized.
+    needed_by_features = _ancestors(nodes, OUTPUTS[2])
+    excluded += [n.name for n in nodes if n.name in _ancestors(nodes, OUTPUTS[3]) - needed_by_features
+                 and n.name not in excluded]
     onnx.save(model, str(dst))
     return excluded
+
+
+def _ancestors(nodes, output: str) -> set[str]:
+    """Names of the nodes ``output`` is computed from (one reverse pass over the sorted graph)."""
+    wanted, names = {output}, set()
+    for node in reversed(list(nodes)):
+        if wanted.intersection(node.output):
+            names.add(node.name)
+            wanted.update(node.input)
+    return names
 
 
 class _Calibration(CalibrationDataReader):

@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 
 from defectscope.data.table import DataError, load_table
-from defectscope.decision.calibrate import calibration_split, drift_scores_for
+from defectscope.decision.calibrate import calibration_split, drift_scores_for, drift_stages
 from defectscope.decision.outcomes import apply_policy_metrics
 from defectscope.decision.policy import Policy, decide
 from defectscope.metrics import classification_metrics, format_metrics
@@ -71,7 +71,7 @@ def evaluate(
     """
     import torch
 
-    from defectscope.models.inference import features_and_logits, predict_logits
+    from defectscope.models.inference import predict_logits
 
     unknown = set(manifest_options) - {"image_root", "path_column", "label_column"}
     if unknown:
@@ -103,8 +103,10 @@ def evaluate(
     torch.set_num_threads(cfg.train.threads or torch.get_num_threads())
     drift_score = None
     if policy is not None and policy.drift:
-        features, logits_np = features_and_logits(model, images)
-        drift_score = drift_scores_for(run, policy, features, logits_np)
+        from defectscope.decision.drift_policy import policy_forward
+
+        features, logits_np, maps = policy_forward(model, images, drift_stages(policy))
+        drift_score = drift_scores_for(run, policy, features, logits_np, maps)
         logits = torch.from_numpy(logits_np).float()
     else:
         logits = predict_logits(model, images)

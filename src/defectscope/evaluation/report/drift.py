@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 
 from defectscope.decision.costs import DRIFT
+from defectscope.decision.drift_support import per_day_words
 from defectscope.decision.thresholds import cp_interval
 from defectscope.evaluation.drift_eval import load_scores
 from defectscope.evaluation.report.html import esc, img, num, pct
@@ -34,11 +35,39 @@ def _one_in(rate: float) -> str:
     return f"about 1 in {max(1, round(1 / rate)):,}" if rate > 0 else "no"
 
 
+def _score_text(drift: dict[str, Any]) -> str:
+    members = drift.get("members") or [drift.get("score")]
+    what = {"patch": "the most unusual patch of the image, against the same patch position on the training "
+                     "images (catches local defects and smudges)",
+            "mahalanobis": "the distance of the whole image's features from the training classes",
+            "knn": "the distance of the whole image's features to the nearest training images",
+            "vim": "the image's features outside the directions the training images use, minus the "
+                   "classifier's confidence"}
+    if len(members) > 1:
+        parts = "; ".join(f"{esc(m)}: {esc(what.get(m, m))}" for m in members)
+        return (f"The largest of {len(members)} scores, each standardised on the validation images so they "
+                f"compare ({parts}). Higher means less like the training images.")
+    return f"{esc(what.get(members[0], 'How unlike the training images an image is'))}; higher means less alike."
+
+
+def _line_rate_row(drift: dict[str, Any], rate: float | None) -> str:
+    """The false-flag rate a quality engineer reads, and what the calibration images can guarantee."""
+    support = drift.get("rate_support") or {}
+    achieved = support.get("guaranteed_rate", rate)
+    if achieved is None:
+        return ""
+    text = f"{per_day_words(achieved)} (a line making 10,000 normal parts a day)."
+    if support and not support.get("supported", True):
+        text += (f" Only {support['n_calibration']} normal calibration images: they guarantee "
+                 f"{100 * achieved:.2g}% at best, not the {100 * support['requested_rate']:g}% asked for, which "
+                 f"needs at least {support['images_needed']} normal images.")
+    return f"<tr><td>false flags on the line</td><td>{100 * achieved:.2g}%</td><td>{esc(text)}</td></tr>"
+
+
 def _drift_flag_html(drift: dict[str, Any], threshold: float | None, metrics: dict[str, Any]) -> str:
     score, rate = drift.get("score"), drift.get("target_false_flag_rate")
     fit = drift.get("threshold_fit") or {}
-    rows = [f"<tr><td>score</td><td>{esc(score)}</td><td>How unlike the training images an image is; higher means "
-            f"less alike.</td></tr>",
+    rows = [f"<tr><td>score</td><td>{esc(score)}</td><td>{_score_text(drift)}</td></tr>",
             f"<tr><td>threshold</td><td>{num(threshold, 6) if threshold is not None else 'none'}</td><td>An image "
             f"whose {esc(score)} score is above it is decided {DRIFT} (set aside), before any other rule.</td></tr>"]
     if rate is not None:
@@ -46,6 +75,7 @@ def _drift_flag_html(drift: dict[str, Any], threshold: float | None, metrics: di
                else "guaranteed on average for parts like the calibration images")
         rows.append(f"<tr><td>target false-flag rate</td><td>{100 * rate:g}%</td><td>{100 * rate:g}% false-flag "
                     f"rate: {_one_in(rate)} normal parts will be set aside as {DRIFT} ({esc(how)}).</td></tr>")
+    rows.append(_line_rate_row(drift, rate))
     if drift.get("calibration_flag_rate") is not None:
         n_cal = int(drift.get("n_calibration") or 0)
         k_cal = int(round(drift["calibration_flag_rate"] * n_cal))
@@ -72,9 +102,37 @@ def _drift_flag_html(drift: dict[str, Any], threshold: float | None, metrics: di
             '<th>what it means</th></tr>' + "".join(rows) + "</table>")
 
 
+def _chosen_html(ev: dict[str, Any], policy_score: str | None) -> str:
+    """The chosen score's AUROC and FPR@95 per kind, and how the choice holds on a kind it was not made on."""
+    chosen = ev.get("chosen") or {}
+    per_kind = chosen.get("per_kind") or {}
+    if not per_kind:
+        return ""
+    rows = "".join(f"<tr><td>{esc(k)}<br><small>{esc(KIND_TEXT.get(k, ''))}</small></td><td>{num(v.get('auroc'), 3)}"
+                   f"</td><td>{pct(v.get('fpr95'))}</td></tr>" for k, v in per_kind.items())
+    sel = ev.get("selection") or {}
+    loko = sel.get("loko") or {}
+    if loko:
+        held = "; ".join(f"without {esc(k)}: {esc(v['chosen'])}, AUROC {num(v['auroc'], 3)} on {esc(k)}"
+                         for k, v in loko.items())
+        honest = (f"<p>Chosen for the best <em>worst</em>-kind AUROC ({num(sel.get('worst_in_sample'), 3)}). That "
+                  f"choice saw every kind; to know how it does on a kind of Drift nobody measured, each kind was "
+                  f"left out in turn and the score chosen on the others alone: {held}. The lowest, "
+                  f"<b>{num(sel.get('loko_worst'), 3)}</b>, is the honest expectation.</p>")
+    else:
+        honest = f"<p>{esc(sel.get('note', ''))}</p>" if sel.get("note") else ""
+    used = "" if policy_score in (None, chosen.get("score")) else (
+        f" The policy uses {esc(policy_score)}, not this score: <code>defectscope calibrate RUN</code> adopts it.")
+    return (f"<h3>The chosen Drift score: {esc(chosen.get('score'))}</h3><p>How often it ranks a Drift image above "
+            f"a normal one (AUROC) and the share of normal parts set aside to catch 95% of each kind (FPR@95).{used}"
+            f"</p><table><tr><th>Drift kind</th><th>AUROC</th><th>FPR@95</th></tr>{rows}</table>{honest}")
+
+
 def _drift_auroc_table(ev: dict[str, Any], policy_score: str | None) -> str:
-    scores = list(ev.get("scores") or [])
     best = ev.get("best_score")
+    # The member scores and the chosen one; every fused candidate stays in drift_eval.json.
+    scores = list(ev.get("members") or ev.get("scores") or [])
+    scores += [s for s in (best, policy_score) if s and s not in scores and s in (ev.get("scores") or [])]
     kinds = ev.get("kinds") or {}
 
     def head(s: str) -> str:
@@ -97,7 +155,7 @@ def _drift_auroc_table(ev: dict[str, Any], policy_score: str | None) -> str:
             f"<p>Normal images: the run's test split{f' ({n_normal})' if n_normal else ''}. AUROC: the chance that a "
             f"Drift image scores higher than a normal one (1 is perfect, 0.5 is guessing). FPR@95: the share of "
             f"normal parts set aside if the threshold is placed to catch 95% of that kind (lower is better). The "
-            f"best score (highest mean AUROC) is in bold.</p><table><tr><th>Drift kind</th>"
+            f"chosen score (best worst-kind AUROC) is in bold.</p><table><tr><th>Drift kind</th>"
             + "".join(head(s) for s in scores) + "</tr>" + "".join(rows) + "</table>")
 
 
@@ -135,6 +193,7 @@ def drift_section(run: Path | None, metrics: dict[str, Any], policy: Any,
                      "<code>defectscope calibrate RUN</code> sets it.")
     if ev is not None:
         info["drift_eval"] = True
+        body.append(_chosen_html(ev, policy_score))
         body.append(_drift_auroc_table(ev, policy_score))
     elif not unreadable:
         notes.append("The scores were not measured on Drift images: <code>defectscope drift-eval RUN</code> "

@@ -1,0 +1,147 @@
+"""The policy's Drift score: one pooled score, the patch score, or the max of several standardised scores.
+
+A policy names its score in ``policy.drift["score"]``: a member (``mahalanobis``, ``knn``, ``vim``, ``msp``,
+``energy`` on the pooled features and logits; ``patch`` on the feature maps, see
+:mod:`defectscope.decision.patch_drift`) or a max fusion such as ``max(knn,patch)``: each member
+standardised with the mean and standard deviation of its scores on the validation split's images
+(``policy.drift["standardiser"]``), the largest z-score kept (:mod:`defectscope.decision.drift_fusion`).
+
+:class:`PolicyDrift` computes that score in numpy from features, logits and (for ``patch``) maps with the
+statistics saved in the run; the exported graph computes the same inside ONNX
+(:mod:`defectscope.deploy.drift_heads`), so the deployed predictor reads one number and stays torch-free.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from defectscope.decision.drift import SCORES, DriftError, DriftScorer
+from defectscope.decision.drift_fusion import Standardiser, fuse_max
+
+if TYPE_CHECKING:
+    from defectscope.decision.patch_drift import PatchGaussian
+    from defectscope.rundir import Run
+
+PATCH = "patch"
+MEMBERS = (*SCORES, PATCH)
+
+
+def parse_score(name: str) -> tuple[str, ...]:
+    """The member scores of a Drift score name: ``"knn"`` -> ``("knn",)``, ``"max(knn, patch)"`` ->
+    ``("knn", "patch")``. Raises DriftError for unknown members or a malformed fusion."""
+    text = str(name).replace(" ", "")
+    if text.startswith("max(") and text.endswith(")"):
+        members = tuple(m for m in text[4:-1].split(","))
+        if len(members) < 2 or len(set(members)) != len(members) or "" in members:
+            raise DriftError(f"a fused Drift score needs >= 2 different members, e.g. max(knn,patch); got {name!r}")
+    else:
+        members = (text,)
+    unknown = [m for m in members if m not in MEMBERS]
+    if unknown:
+        raise DriftError(f"unknown drift score {', '.join(map(repr, unknown))} in {name!r}; members: "
+                         f"{', '.join(MEMBERS)}, alone or fused as max(a,b[,c])")
+    return members
+
+
+def score_name(members: Sequence[str]) -> str:
+    """The canonical name of a single or max-fused score."""
+    members = tuple(members)
+    return members[0] if len(members) == 1 else "max(" + ",".join(members) + ")"
+
+
+def member_scores(members: Sequence[str], pooled: DriftScorer | None, patch: PatchGaussian | None,
+                  features: np.ndarray | None, logits: np.ndarray | None,
+                  maps: Sequence[np.ndarray] | None) -> dict[str, np.ndarray]:
+    """Raw scores of each member (all higher = more unlike training)."""
+    out: dict[str, np.ndarray] = {}
+    pooled_names = [m for m in members if m != PATCH]
+    if pooled_names:
+        if pooled is None:
+            raise DriftError(f"the {', '.join(pooled_names)} score needs the pooled drift statistics")
+        out.update(pooled.score(features, logits, pooled_names))
+    if PATCH in members:
+        if patch is None:
+            raise DriftError("the patch score needs the patch drift statistics")
+        if maps is None:
+            raise DriftError("the patch score needs the feature maps of the images")
+        out[PATCH] = patch.score(maps)
+    return out
+
+
+@dataclass
+class PolicyDrift:
+    """Everything that turns features, logits and maps into the policy's one Drift score."""
+
+    members: tuple[str, ...]
+    pooled: DriftScorer | None = None
+    patch: PatchGaussian | None = None
+    standardiser: Standardiser | None = None
+
+    @property
+    def name(self) -> str:
+        return score_name(self.members)
+
+    @property
+    def fused(self) -> bool:
+        return len(self.members) > 1
+
+    @property
+    def stages(self) -> tuple[int, ...] | None:
+        """The backbone stages whose maps the score needs (None: it reads pooled features only)."""
+        return tuple(self.patch.stages) if self.patch is not None and PATCH in self.members else None
+
+    def raw(self, features, logits, maps=None) -> dict[str, np.ndarray]:
+        return member_scores(self.members, self.pooled, self.patch, features, logits, maps)
+
+    def combine(self, raw: Mapping[str, np.ndarray]) -> np.ndarray:
+        """The policy's score from the members' raw scores."""
+        if not self.fused:
+            return np.asarray(raw[self.members[0]], dtype=np.float64)
+        if self.standardiser is None:
+            raise DriftError(f"the fused score {self.name} needs a standardiser")
+        return fuse_max(self.standardiser.transform({m: raw[m] for m in self.members}), self.members)
+
+    def score(self, features, logits, maps=None) -> np.ndarray:
+        return self.combine(self.raw(features, logits, maps))
+
+    def policy_entries(self) -> dict[str, Any]:
+        """What policy.json records beside the threshold to recompute (and export) this score."""
+        out: dict[str, Any] = {"score": self.name, "members": list(self.members),
+                               "rule": "max" if self.fused else "single"}
+        if self.standardiser is not None and self.fused:
+            out["standardiser"] = self.standardiser.to_dict()
+        if self.patch is not None and PATCH in self.members:
+            out["patch"] = {k: v for k, v in self.patch.params().items() if k != "version"}
+        return out
+
+    @classmethod
+    def from_policy(cls, run: Run, drift: Mapping[str, Any]) -> PolicyDrift:
+        """The score a policy's ``drift`` entry names, with the statistics saved in ``run``."""
+        from defectscope.decision.patch_drift import PatchGaussian
+
+        members = parse_score(drift["score"])
+        pooled = DriftScorer.load(run) if any(m != PATCH for m in members) else None
+        patch = PatchGaussian.load(run) if PATCH in members else None
+        std = None
+        if len(members) > 1:
+            s = drift.get("standardiser")
+            if not s:
+                raise DriftError(f"the policy's fused Drift score {drift['score']} has no standardiser")
+            std = Standardiser(dict(s["mu"]), dict(s["sigma"]))
+        return cls(members, pooled, patch, std)
+
+
+def policy_forward(model, images: np.ndarray, stages: Sequence[int] | None
+                   ) -> tuple[np.ndarray, np.ndarray, list[np.ndarray] | None]:
+    """(features, logits, maps or None) of uint8 images in one pass; maps only when ``stages`` is given."""
+    if stages:
+        from defectscope.decision.patch_drift import feature_maps
+
+        return feature_maps(model, images, stages)
+    from defectscope.models.inference import features_and_logits
+
+    return (*features_and_logits(model, images), None)
