@@ -181,8 +181,8 @@ def _fail_stale_trials(study) -> None:
     from optuna.trial import TrialState
 
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
         study._storage.set_trial_user_attr(t._trial_id, "failure", "interrupted (left RUNNING by a stopped run)")
+        study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
         if t.params:
             study.enqueue_trial(t.params, skip_if_exists=False)
         log.warning(f"trial {t.number} was interrupted; marked FAILED, its configuration queued again")
