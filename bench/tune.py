@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import shlex
 import sys
 import time
@@ -66,6 +67,7 @@ def main() -> None:
                         help="search space: default (tune's own), short (SHORT_SPACE); auto: short under 60 min")
     parser.add_argument("--no-default", action="store_true", help="skip training the default recipe")
     args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     out = Path(args.out)
     results: dict = {
         "benchmark": "defectscope tune on ELPV vs the default recipe, validation macro-F1 on one split "

@@ -95,7 +95,7 @@ def test_resume_after_kill(folder_dataset, tmp_path):
     out = tmp_path / "tune"
     space = tmp_path / "space.yaml"
     space.write_text(yaml.safe_dump({"train.lr": {"low": 1e-3, "high": 5e-3, "log": True}}))
-    fast = {**FAST, "train.epochs": 12}
+    fast = {**FAST, "train.epochs": 8}
     command = [sys.executable, "-m", "defectscope.cli", "tune", "--data", str(folder_dataset), "--out", str(out),
                "--budget", "10m", "--trials", "3", "--space", str(space), "--pruner", "none",
                *[f"--set={k}={v}" for k, v in fast.items()]]
@@ -106,8 +106,9 @@ def test_resume_after_kill(folder_dataset, tmp_path):
         while time.monotonic() < deadline and proc.poll() is None:
             if (out / "study.db").is_file():
                 trials = _study(out).trials if _has_study(out) else []
+                # a running trial with its parameters drawn: killed mid-training, not between ask and sample
                 if any(t.state == TrialState.COMPLETE for t in trials) and any(
-                        t.state == TrialState.RUNNING for t in trials):
+                        t.state == TrialState.RUNNING and t.params for t in trials):
                     break
             time.sleep(0.02)
         assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
@@ -136,3 +137,27 @@ def _has_study(out: Path) -> bool:
         return DEFAULT_STUDY in optuna.get_all_study_names(storage=f"sqlite:///{out / 'study.db'}")
     except Exception:  # the database is being created by the other process
         return False
+
+
+@pytest.mark.slow
+def test_readme_tuning_commands(folder_dataset, tmp_path):
+    """The README's Tuning block as written, on a small space and 2 trials so it takes seconds."""
+    import re
+    import shutil
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    body = readme.split("## Tuning", 1)[1].split("\n## ", 1)[0]
+    commands = [line for block in re.findall(r"```bash\n(.*?)```", body, flags=re.S)
+                for line in block.splitlines() if line.strip()]
+    assert len(commands) == 2 and commands[0].startswith("defectscope tune")
+    shutil.copytree(folder_dataset, tmp_path / "my_images")
+    (tmp_path / "space.yaml").write_text(yaml.safe_dump({"train.recipe": ["frozen", "finetune"]}))
+    small = " --trials 2 --space space.yaml --no-progress " + " ".join(f"--set {k}={v}" for k, v in FAST.items())
+    commands[0] += small
+    commands[1] += " --no-report"  # the metrics are the check; the HTML report's Grad-CAM takes the time
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+           "OMP_NUM_THREADS": "1"}
+    for command in commands:
+        done = subprocess.run(command, shell=True, cwd=tmp_path, env=env, capture_output=True, text=True)
+        assert done.returncode == 0, f"{command}\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}"
+    assert json.loads((tmp_path / "runs/tune/best/evaluation/metrics.json").read_text())["n"] > 0
