@@ -161,3 +161,13 @@ def test_readme_tuning_commands(folder_dataset, tmp_path):
         done = subprocess.run(command, shell=True, cwd=tmp_path, env=env, capture_output=True, text=True)
         assert done.returncode == 0, f"{command}\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}"
     assert json.loads((tmp_path / "runs/tune/best/evaluation/metrics.json").read_text())["n"] > 0
+
+
+def test_a_bad_space_fails_before_any_trial(folder_dataset, tmp_path):
+    from defectscope.config import ConfigError
+
+    with pytest.raises(ConfigError, match="train.nope"):
+        tune(folder_dataset, tmp_path / "t", budget_minutes=1, space={"train.nope": [1, 2]}, **FAST)
+    with pytest.raises(ConfigError, match="views"):
+        tune(folder_dataset, tmp_path / "t", budget_minutes=1, space={VIEWS: ["sideways"]}, **FAST)
+    assert not (tmp_path / "t").exists()  # refused before anything was written

@@ -117,10 +117,10 @@ def tune(
     if budget_minutes <= 0:
         raise ConfigError(f"budget_minutes must be positive, got {budget_minutes}")
     out = Path(out).resolve()
-    out.mkdir(parents=True, exist_ok=True)
     base = _config_for(data, config, config_file, {**overrides, "seed": seed}, preset)
     space = dict(space or default_space(base))
     _check_space(space)
+    out.mkdir(parents=True, exist_ok=True)
     storage = storage or f"sqlite:///{out / STUDY_DB}"
     study_name = study_name or DEFAULT_STUDY
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # our own log says what each trial did
