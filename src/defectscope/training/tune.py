@@ -356,7 +356,8 @@ class _lock:
             except ValueError:
                 pid = 0
             if pid and pid != os.getpid() and _alive(pid):
-                raise RuntimeError(f"{self.path.parent} is being tuned by process {pid}; wait or stop it first")
+                raise RuntimeError(f"{self.path.parent} is being tuned by process {pid}; wait or stop it first "
+                                   f"(if no such tune runs, delete {self.path})")
         self.path.write_text(str(os.getpid()))
 
     def __exit__(self, *exc: object) -> None:
