@@ -171,3 +171,12 @@ def test_a_bad_space_fails_before_any_trial(folder_dataset, tmp_path):
     with pytest.raises(ConfigError, match="views"):
         tune(folder_dataset, tmp_path / "t", budget_minutes=1, space={VIEWS: ["sideways"]}, **FAST)
     assert not (tmp_path / "t").exists()  # refused before anything was written
+
+
+def test_a_second_process_on_the_same_study_is_refused(folder_dataset, tmp_path):
+    out = tmp_path / "t"
+    out.mkdir()
+    (out / "tune.lock").write_text(str(os.getppid()))  # a live process that is not this one
+    with pytest.raises(RuntimeError, match="being tuned by process"):
+        tune(folder_dataset, out, budget_minutes=1, space=SPACE, **FAST)
+    assert (out / "tune.lock").read_text() == str(os.getppid())  # the other process's lock is left alone
