@@ -34,12 +34,14 @@ if TYPE_CHECKING:  # pragma: no cover
     from defectscope.evaluation.evaluate import evaluate
     from defectscope.rundir import Run
     from defectscope.training.train import train
+    from defectscope.training.tune import tune
 
 # Public name -> the module that defines it (the CLI verb of the same name calls it).
 _LAZY = {
     "load_table": "defectscope.data.table",
     "Run": "defectscope.rundir",
     "train": "defectscope.training.train",
+    "tune": "defectscope.training.tune",
     "calibrate": "defectscope.decision.calibrate",
     "cascade": "defectscope.decision.cascade",
     "evaluate": "defectscope.evaluation.evaluate",
@@ -54,7 +56,7 @@ _LAZY = {
 
 __all__ = [
     "Predictor", "Run", "__version__", "calibrate", "cascade", "drift_eval", "evaluate", "export", "export_cascade",
-    "export_log", "load_table", "predict", "sort", "train",
+    "export_log", "load_table", "predict", "sort", "train", "tune",
 ]
 
 

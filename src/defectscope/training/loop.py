@@ -10,6 +10,7 @@ import logging
 import math
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -121,8 +122,12 @@ def epoch_indices(labels: torch.Tensor, sampling: str, ratio: float, gen: torch.
 class Trainer:
     """Fits a Classifier on cached images and keeps its run directory's checkpoint current."""
 
-    def __init__(self, model: Classifier, cfg: RunConfig, run_dir: Path, classes: list[str]):
+    def __init__(self, model: Classifier, cfg: RunConfig, run_dir: Path, classes: list[str],
+                 on_epoch: Callable[[int, float], None] | None = None):
         self.model = model
+        # Called as on_epoch(epoch, val_macro_f1) after each epoch's checkpoint; an exception it raises (e.g. a
+        # tuner pruning the trial) ends the fit there, with the run directory holding that epoch's checkpoint.
+        self.on_epoch = on_epoch
         self.cfg = cfg
         self.run_dir = Path(run_dir)
         self.classes = classes
@@ -220,6 +225,8 @@ class Trainer:
                     + ("  (early stop)" if record.get("early_stop") else "")
                     + ("  (time limit)" if record.get("time_limit") else "")
                 )
+                if self.on_epoch is not None:
+                    self.on_epoch(state.epoch, val["val_macro_f1"])
         model.load_state_dict(best_weights)
         for p in model.parameters():
             p.requires_grad_(True)

@@ -8,6 +8,7 @@ import logging
 import os
 import platform
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +40,7 @@ def train(
     config_file: str | Path | None = None,
     preset: str | None = None,
     resume: bool = False,
+    on_epoch: Callable[[int, float], None] | None = None,
     **overrides: Any,
 ) -> Path:
     """Train a classifier on ``data`` and write the run directory ``out``; returns its path.
@@ -49,7 +51,8 @@ def train(
     ``data='elpv'`` applies the ELPV preset (flips and quarter turns on, stratified by cell type) and wafer-map
     data (``LSWMD.pkl``, folders or manifests of .npy/.npz/.xml/KLARF maps) the ``wafer`` preset, unless
     ``preset`` names another or a config says otherwise. ``resume=True`` continues ``out`` with its saved
-    config: nothing else may be given.
+    config: nothing else may be given. ``on_epoch(epoch, val_macro_f1)``, if given, is called after each
+    fine-tuning epoch (``defectscope tune`` reports it to its pruner); an exception it raises stops training.
 
     >>> run = train("path/to/class_folders", "runs/first", epochs=5)  # doctest: +SKIP
     """
@@ -112,7 +115,7 @@ def train(
     elif cfg.train.recipe == "auto":
         model, history, extra = _fit_auto(model, cfg, train_data, classes, source, out, started)
     else:
-        model, history, extra = _fine_tune(model, cfg, train_data, classes, out, resume)
+        model, history, extra = _fine_tune(model, cfg, train_data, classes, out, resume, on_epoch)
     seconds = time.perf_counter() - started
 
     pd.DataFrame(history).to_csv(out / rundir.HISTORY, index=False)
@@ -157,13 +160,14 @@ def _fit_frozen(model, cfg: RunConfig, data: tuple, classes: list[str], source: 
     return model, history, extra
 
 
-def _fine_tune(model, cfg: RunConfig, data: tuple, classes: list[str], out: Path, resume: bool):
+def _fine_tune(model, cfg: RunConfig, data: tuple, classes: list[str], out: Path, resume: bool,
+               on_epoch: Callable[[int, float], None] | None = None):
     import torch
 
     from defectscope.models.heads import symmetry_views
     from defectscope.training.loop import Trainer
 
-    trainer = Trainer(model, cfg, out, classes)
+    trainer = Trainer(model, cfg, out, classes, on_epoch)
     log.info(f"training on {trainer.device} with {torch.get_num_threads()} threads")
     state = trainer.fit(*data, resume=resume)
     model = trainer.model.cpu()
