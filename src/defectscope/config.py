@@ -103,6 +103,9 @@ class TrainConfig:
     patience: int = 5  # early stopping; 0 disables it
     time_limit_minutes: float | None = None  # stop before an epoch that would end past this budget
     label_smoothing: float = 0.0
+    # Fine-tuning: exponential moving average of the weights after every step (e.g. 0.999); validation, early
+    # stopping and the saved model use the averaged weights. 0: off.
+    ema_decay: float = 0.0
     device: str = "auto"  # auto | cpu | cuda | mps
     channels_last: bool = True
     threads: int | None = None  # default: all cores
@@ -273,6 +276,8 @@ def _validate(cfg: RunConfig) -> None:
     if not cfg.train.frozen_c or any(float(c) <= 0 for c in cfg.train.frozen_c):
         raise ConfigError(f"train.frozen_c must be a non-empty list of positive numbers, got {cfg.train.frozen_c}")
     cfg.train.frozen_c = [float(c) for c in cfg.train.frozen_c]
+    if not 0.0 <= cfg.train.ema_decay < 1.0:
+        raise ConfigError(f"train.ema_decay must lie in [0, 1) (0: off), got {cfg.train.ema_decay}")
     order = cfg.data.class_order
     if len(set(order)) != len(order):
         raise ConfigError(f"data.class_order lists a class twice: {order}")
