@@ -121,6 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--good-class", help="the class that means a part passes (default: a class named GOOD)")
     c.add_argument("--max-escape", type=float, help="cap on defective parts passed as good, e.g. 0.01")
     c.add_argument("--confidence", type=float, default=0.95, help="confidence of the escape guarantee (0.95)")
+    c.add_argument("--escape-score", default="auto", choices=["auto", "p_good", "severity"],
+                   help="what the escape cap thresholds: P(good), 1 - expected severity along data.class_order, "
+                        "or auto (the better by binary AUROC on the validation split)")
     c.add_argument("--cost-matrix", help="valeo_pwa or a YAML file {classes: [...], costs: [[...]]}")
     c.add_argument("--review-rate", type=float, help="send this share of least-confident images to REVIEW")
     c.add_argument("--target-purity", type=float, help="or: review until auto-decided accuracy reaches this")
@@ -373,7 +376,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         calibrate(args.run, good_class=args.good_class, max_escape=args.max_escape, confidence=args.confidence,
                   cost_matrix=args.cost_matrix, review_rate=args.review_rate, target_purity=args.target_purity,
                   review_score=args.review_score, drift_rate=None if args.no_drift else args.drift_rate,
-                  drift_score=args.drift_score, drift_examples=args.drift_examples)
+                  drift_score=args.drift_score, drift_examples=args.drift_examples, escape_score=args.escape_score)
         return 0
     if args.command == "export":
         from defectscope.deploy.export import export

@@ -20,6 +20,7 @@ from defectscope.decision.drift_fit import cost_aware_drift_threshold, fit_drift
 from defectscope.decision.drift_fusion import Standardiser
 from defectscope.decision.drift_policy import PATCH, PolicyDrift, parse_score, policy_forward
 from defectscope.decision.drift_support import support_message, threshold_with_support
+from defectscope.decision.escape_scores import choose_escape_score, class_ranks_from_order, goodness
 from defectscope.decision.outcomes import apply_policy_metrics
 from defectscope.decision.policy import Policy, decide, review_scores, softmax
 from defectscope.decision.thresholds import (
@@ -95,11 +96,15 @@ def calibrate_from_logits(
     review_score: str = "top",
     temperature_data: tuple[np.ndarray, np.ndarray] | None = None,
     temperature_on: str = "calibration",
+    escape_score: str = "p_good",
+    class_ranks: Sequence[float] | None = None,
 ) -> tuple[Policy, dict[str, Any]]:
     """The policy for calibration ``logits`` (N, K) with labels ``y`` (class indices); pure numpy.
 
     The temperature is fitted on ``temperature_data`` (logits, labels) when given, else on the
-    calibration data itself. Returns (policy, extras) where extras holds the review trade-off curve
+    calibration data itself. ``escape_score``: ``p_good``, ``severity`` (needs ``class_ranks``, each class's
+    severity in [0, 1]) or ``auto``: the one with the higher binary AUROC on ``temperature_data`` (the
+    validation split; ``p_good`` without it). Returns (policy, extras) where extras holds the review trade-off curve
     and the policy's metrics on the calibration images.
     """
     classes = list(classes)
@@ -121,9 +126,20 @@ def calibrate_from_logits(
         if good_class is None:
             raise CalibrationError(f"an escape cap needs a good class; the classes are {classes}")
         g = classes.index(good_class)
-        guarantee = escape_threshold(probs[:, g], y != g, max_escape=max_escape, confidence=confidence)
+        ranks = None if class_ranks is None else [float(r) for r in class_ranks]
+        choice = None
+        if escape_score == "auto":
+            escape_score = "p_good"
+            if temperature_data is not None:  # never chosen on the images that set or measure the threshold
+                escape_score, aurocs = choose_escape_score(softmax(t_logits, temperature), t_y, g, ranks)
+                choice = {"on": temperature_on, "binary_auroc": aurocs}
+        policy.escape_score, policy.class_ranks = escape_score, ranks
+        score = goodness(probs, escape_score, g, ranks)
+        guarantee = escape_threshold(score, y != g, max_escape=max_escape, confidence=confidence)
         policy.escape_threshold = guarantee.threshold
-        policy.escape_guarantee = guarantee.to_dict()
+        policy.escape_guarantee = {**guarantee.to_dict(), "score": escape_score,
+                                   **({"score_choice": choice} if choice else {})}
+        Policy.from_dict(policy.to_dict())  # checks escape_score against class_ranks
 
     # The review band ranks the decisions the rest of the policy would make.
     correct = decide(logits, policy, inputs="logits").labels == np.array(classes, dtype=object)[y]
@@ -153,6 +169,7 @@ def calibrate(
     drift_rate: float | None = 0.01,
     drift_score: str | None = None,
     drift_examples: str | Path | None = None,
+    escape_score: str = "auto",
 ) -> dict[str, Any]:
     """Fit the run's decision policy and write ``RUN/policy.json``; returns a dict with ``policy`` (as
     written), ``path``, ``review_curve`` (arrays for the report) and ``calibration_metrics``.
@@ -161,7 +178,9 @@ def calibrate(
     :func:`calibration_split`; evaluation should then score only the other half). The temperature is
     fitted on the validation split when it has images: the escape guarantee needs P(GOOD) fixed before
     the calibration images are looked at. ``cost_matrix``: a YAML path, a preset name (``valeo_pwa``)
-    or a dict. ``good_class`` defaults to the class named GOOD.
+    or a dict. ``good_class`` defaults to the class named GOOD. ``escape_score``: what the escape cap
+    thresholds, ``p_good``, ``severity`` (needs the config's ``data.class_order``) or ``auto`` (the better of
+    the two by binary AUROC on the validation split; ``p_good`` when the labels have no order).
 
     Drift: the statistics of the training features are fitted (RUN/drift.safetensors; with a ``patch``
     member also the per-position Gaussians of the feature maps, RUN/patch_drift.safetensors) and the
@@ -206,7 +225,8 @@ def calibrate(
     policy, extras = calibrate_from_logits(
         logits, y, classes, good_class=good_class, max_escape=max_escape, confidence=confidence,
         cost_matrix=cost_matrix, review_rate=review_rate, target_purity=target_purity, review_score=review_score,
-        temperature_data=temperature_data, temperature_on=temperature_on,
+        temperature_data=temperature_data, temperature_on=temperature_on, escape_score=escape_score,
+        class_ranks=class_ranks_from_order(classes, run.config.data.class_order),
     )
     policy.calibration = split_info(table, seed)
     if drift_rate is not None:
@@ -327,7 +347,8 @@ def _log_summary(policy: Policy, m: dict[str, Any]) -> None:
     g = policy.escape_guarantee
     if g:
         lo, hi = g["overkill_interval"]
-        log.info(f"escape cap {g['max_escape']:g} at {g['confidence']:g} confidence: P({policy.good_class}) >= "
+        what = f"P({policy.good_class})" if policy.escape_score == "p_good" else "1 - expected severity"
+        log.info(f"escape cap {g['max_escape']:g} at {g['confidence']:g} confidence: {what} >= "
                  f"{g['threshold']:.6f}; {g['escapes']}/{g['n_defective']} escapes (upper bound "
                  f"{g['escape_ucb']:.4f}); overkill {g['overkill']:.4f} [{lo:.4f}, {hi:.4f}] of {g['n_good']} good")
     if policy.review_threshold is not None:

@@ -17,6 +17,7 @@ from typing import Any, Literal
 import numpy as np
 
 from defectscope.decision.costs import DRIFT, expected_costs
+from defectscope.decision.escape_scores import ESCAPE_SCORES, goodness
 
 POLICY_VERSION = 1
 REVIEW = "REVIEW"
@@ -31,7 +32,9 @@ class PolicyError(ValueError):
 class Policy:
     """Everything :func:`decide` needs, plus the evidence behind each threshold (for reports).
 
-    ``escape_threshold``: pass as ``good_class`` iff calibrated P(good) >= it (None: no escape rule).
+    ``escape_threshold``: pass as ``good_class`` iff the escape score >= it (None: no escape rule). The score
+    (``escape_score``, see :mod:`defectscope.decision.escape_scores`) is calibrated P(good) (``p_good``) or
+    1 - expected severity over ``class_ranks`` (``severity``; each class's severity in [0, 1]).
     ``review_threshold``: images whose review score (``review_score``: "top" probability or "margin"
     between the top two) is below it are decided ``REVIEW`` (None: no review band).
     ``cost_matrix``: ``{"classes": [...], "costs": [[...]]}``, rows true class, columns decision; the
@@ -45,6 +48,8 @@ class Policy:
     temperature: float = 1.0
     escape_threshold: float | None = None
     escape_guarantee: dict[str, Any] | None = None
+    escape_score: str = "p_good"
+    class_ranks: list[float] | None = None
     cost_matrix: dict[str, Any] | None = None
     review_threshold: float | None = None
     review_score: str = "top"
@@ -62,6 +67,12 @@ class Policy:
             raise PolicyError(f"good class {self.good_class!r} is not one of the classes {self.classes}")
         if self.escape_threshold is not None and self.good_class is None:
             raise PolicyError("an escape threshold needs a good class")
+        if self.escape_score not in ESCAPE_SCORES:
+            raise PolicyError(f"escape_score must be one of {ESCAPE_SCORES}, got {self.escape_score!r}")
+        if self.class_ranks is not None and len(self.class_ranks) != len(self.classes):
+            raise PolicyError(f"class_ranks needs one value per class ({len(self.classes)}), got {self.class_ranks}")
+        if self.escape_score == "severity" and self.class_ranks is None:
+            raise PolicyError("the severity escape score needs class_ranks")
         if not self.temperature > 0:
             raise PolicyError(f"temperature must be > 0, got {self.temperature}")
         if self.review_score not in REVIEW_SCORES:
@@ -173,7 +184,8 @@ def decide(
     order of ``policy.classes``; the policy's temperature is applied here. ``inputs="auto"`` takes rows
     that are non-negative and sum to 1 as probabilities.
 
-    With the escape rule, an image is GOOD iff calibrated P(GOOD) >= ``escape_threshold``; otherwise it
+    With the escape rule, an image is GOOD iff its escape score (calibrated P(GOOD), or 1 - expected
+    severity: ``policy.escape_score``) >= ``escape_threshold``; otherwise it
     gets the best non-GOOD decision (lowest expected cost, or most probable). Without it, the lowest
     expected cost (cost matrix) or the most probable class wins. The cost matrix's ``Drift`` column is a
     decision option only when ``drift_score`` is given (the model gives no P(Drift), so its row is unused).
@@ -192,7 +204,8 @@ def decide(
     options_arr = np.array(options, dtype=object)
     if policy.escape_threshold is not None:
         good_option = options.index(policy.good_class)
-        passed = probs[:, classes.index(policy.good_class)] >= policy.escape_threshold
+        score = goodness(probs, policy.escape_score, classes.index(policy.good_class), policy.class_ranks)
+        passed = score >= policy.escape_threshold
         masked = badness.copy()
         masked[:, good_option] = np.inf
         labels = np.where(passed, policy.good_class, options_arr[masked.argmin(axis=1)])

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from defectscope.models.heads import IDENTITY_VIEW, FeatureNorm, KernelHead, dihedral
+from defectscope.models.heads import IDENTITY_VIEW, FeatureNorm, KernelHead, OrdinalHead, dihedral
 from defectscope.models.seed_cnn import SEED_CNNS, SeedCNN, create_seed_cnn
 
 # Grayscale statistics: the mean of ImageNet's RGB means and stds, which is what an RGB stem summed to
@@ -176,9 +176,12 @@ def model_from_spec(spec: dict[str, Any]) -> Classifier:
     model.views = tuple(spec.get("views", IDENTITY_VIEW))
     frozen = spec.get("frozen_head")
     if frozen:
+        outputs = 1 if frozen.get("ordinal") else spec["num_classes"]  # ordinal: one shared score
         if frozen["kind"] == "rbf":
-            head: nn.Module = KernelHead(model.num_features, int(frozen["landmarks"]), spec["num_classes"])
+            head: nn.Module = KernelHead(model.num_features, int(frozen["landmarks"]), outputs)
         else:
-            head = nn.Linear(model.num_features, spec["num_classes"])
+            head = nn.Linear(model.num_features, outputs)
+        if frozen.get("ordinal"):
+            head = OrdinalHead(head, frozen["ranks"])
         model.make_frozen(head)
     return model

@@ -79,3 +79,32 @@ class KernelHead(nn.Module):
         # |f - l|^2 expanded: one matrix product instead of an (N, M, D) difference tensor.
         d2 = (f * f).sum(1, keepdim=True) - 2.0 * f @ self.landmarks.T + (self.landmarks * self.landmarks).sum(1)
         return self.linear(torch.exp(-self.gamma * torch.clamp(d2, min=0.0)))
+
+
+class OrdinalHead(nn.Module):
+    """Cumulative-link head for ordered classes: one shared score ``f = score(x)`` (a Linear or KernelHead
+    with one output) and ordered cut points ``b``, ``P(rank > k) = sigmoid(f - b_k)``.
+
+    Returns log class probabilities in *class* order (``ranks[c]`` is class c's position along the order),
+    so softmax of the output gives the class probabilities and everything downstream treats it as logits.
+    """
+
+    PROB_FLOOR = 1e-12  # log of an empty class stays finite
+
+    def __init__(self, score: nn.Module, ranks: list[int]):
+        super().__init__()
+        self.score = score
+        self.in_features = score.in_features
+        self.out_features = len(ranks)
+        self.register_buffer("cuts", torch.zeros(len(ranks) - 1))
+        self.register_buffer("ranks", torch.tensor(list(ranks), dtype=torch.long))
+
+    def shared_score(self, f: torch.Tensor) -> torch.Tensor:
+        """``f(x)`` (N,): larger means further along the order (more severe)."""
+        return self.score(f)[:, 0]
+
+    def forward(self, f: torch.Tensor) -> torch.Tensor:
+        above = torch.sigmoid(self.shared_score(f)[:, None] - self.cuts[None])  # P(rank > k), (N, K-1)
+        ones, zeros = torch.ones_like(above[:, :1]), torch.zeros_like(above[:, :1])
+        p_rank = torch.cat([ones, above], 1) - torch.cat([above, zeros], 1)
+        return torch.log(torch.clamp(p_rank, min=self.PROB_FLOOR)).index_select(1, self.ranks)

@@ -23,7 +23,7 @@ from torch import nn
 from defectscope.config import RunConfig
 from defectscope.metrics import classification_metrics
 from defectscope.models.factory import Classifier
-from defectscope.models.heads import KernelHead, symmetry_views
+from defectscope.models.heads import KernelHead, OrdinalHead, symmetry_views
 from defectscope.models.inference import to_input
 
 log = logging.getLogger(__name__)
@@ -66,10 +66,11 @@ def _cv_folds(labels: np.ndarray, seed: int) -> list[tuple[np.ndarray, np.ndarra
 
 
 class _HeadFitter:
-    """One head kind on standardised features: features -> (kernel map) -> logistic regression."""
+    """One head kind on standardised features: features -> (kernel map) -> logistic regression, either
+    multinomial (softmax over classes) or, with ``num_ranks``, cumulative-link over ordered ranks."""
 
-    def __init__(self, kind: str, seed: int):
-        self.kind, self.seed = kind, seed
+    def __init__(self, kind: str, seed: int, num_ranks: int | None = None):
+        self.kind, self.seed, self.num_ranks = kind, seed, num_ranks
 
     def embed_fit(self, z: np.ndarray) -> Any:
         if self.kind == "linear":
@@ -85,6 +86,11 @@ class _HeadFitter:
 
     def fit(self, e: np.ndarray, y: np.ndarray, c: float, w: np.ndarray | None, start: Any = None) -> Any:
         """Logistic regression; ``start`` (the fit at the previous, smaller C) warm-starts the solver."""
+        if self.num_ranks is not None:
+            from defectscope.training.ordinal import CoralLogit
+
+            head = start.set_params(C=c, warm_start=True) if start is not None else CoralLogit(self.num_ranks, C=c)
+            return head.fit(e, y, sample_weight=w)
         from sklearn.linear_model import LogisticRegression
 
         if start is None:
@@ -92,38 +98,19 @@ class _HeadFitter:
         return start.set_params(C=c, warm_start=True).fit(e, y, sample_weight=w)
 
 
-def fit_frozen(model: Classifier, cfg: RunConfig, images: np.ndarray, labels: np.ndarray,
-               val_images: np.ndarray, val_labels: np.ndarray, classes: list[str]) -> dict[str, Any]:
-    """Fit the frozen-feature head in place on ``model`` (a pretrained Classifier); return what was chosen.
+def fit_head(z: np.ndarray, labels: np.ndarray, kind: str, grid: list[float], seed: int,
+             weights: np.ndarray | None = None, num_ranks: int | None = None) -> dict[str, Any]:
+    """Choose C by stratified CV (macro-F1) and fit one head on standardised features ``z``.
 
-    Returns ``{"views", "C", "cv_macro_f1" (per C), "val": metrics or None, "seconds": {...}}``.
+    ``labels`` are class indices, or ranks 0..num_ranks-1 for a cumulative-link head (``num_ranks``).
+    Returns ``{"fitter", "embedding" (Nystroem or None), "model" (the fitted regression), "C", "cv_macro_f1",
+    "seconds": {"cv", "fit"}}``; numpy only, so benchmarks can fit heads on cached features.
     """
-    if len(np.unique(labels)) < 2:
-        raise ValueError("the frozen-feature recipe needs training images of at least two classes")
-    k = len(classes)
-    for p in model.parameters():
-        p.requires_grad_(False)
-    model.views = symmetry_views(cfg.augment.hflip, cfg.augment.vflip, cfg.augment.rot90)
+    fitter = _HeadFitter(kind, seed, num_ranks)
     started = time.perf_counter()
-    feats = pooled_features(model, images, batch_size=cfg.train.batch_size)
-    val_feats = pooled_features(model, val_images, batch_size=cfg.train.batch_size) if len(val_images) else None
-    t_features = time.perf_counter() - started
-    log.info(f"frozen features: {len(images) + (len(val_images) if val_feats is not None else 0)} images x "
-             f"{len(model.views)} views, {feats.shape[1]} features ({t_features:.1f}s)")
-
-    def power(f: np.ndarray) -> np.ndarray:
-        return np.sign(f) * np.sqrt(np.abs(f))
-
-    shift = power(feats).mean(0)
-    scale = power(feats).std(0) + 1e-6  # constant features (dead channels) must not divide by zero
-    z = (power(feats) - shift) / scale
-    weights = _sample_weights(labels, k, cfg)
-    fitter = _HeadFitter(cfg.train.frozen_head, cfg.seed)
-
-    started = time.perf_counter()
-    grid = sorted(cfg.train.frozen_c)
+    grid = sorted(grid)
     scores: dict[float, float] = {}
-    folds = _cv_folds(labels, cfg.seed)
+    folds = _cv_folds(labels, seed)
     if folds and len(grid) > 1:
         from sklearn.metrics import f1_score
 
@@ -146,29 +133,56 @@ def fit_frozen(model: Classifier, cfg: RunConfig, images: np.ndarray, labels: np
 
     started = time.perf_counter()
     emb = fitter.embed_fit(z)
-    lr = fitter.fit(fitter.embed(emb, z), labels, best_c, weights)
-    t_fit = time.perf_counter() - started
-    coef = np.zeros((k, lr.coef_.shape[1]))
-    bias = np.full(k, MISSING_CLASS_BIAS)
-    present = lr.classes_.astype(int)
-    if lr.coef_.shape[0] == 1:  # sklearn's binary form: one logit for the second class
-        coef[present[0]], coef[present[1]] = -lr.coef_[0] / 2, lr.coef_[0] / 2
-        bias[present[0]], bias[present[1]] = -lr.intercept_[0] / 2, lr.intercept_[0] / 2
-    else:
-        coef[present], bias[present] = lr.coef_, lr.intercept_
+    model = fitter.fit(fitter.embed(emb, z), labels, best_c, weights)
+    return {"fitter": fitter, "embedding": emb, "model": model, "C": best_c, "cv_macro_f1": scores,
+            "seconds": {"cv": round(t_cv, 1), "fit": round(time.perf_counter() - started, 1)}}
 
-    head: nn.Module
-    if emb is None:
-        head = nn.Linear(feats.shape[1], k)
-        head.weight.data = torch.from_numpy(coef).float()
+
+def power_norm(feats: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(shift, scale) of :class:`~defectscope.models.heads.FeatureNorm` fitted on training features."""
+    p = np.sign(feats) * np.sqrt(np.abs(feats))
+    return p.mean(0), p.std(0) + 1e-6  # constant features (dead channels) must not divide by zero
+
+
+def class_ranks(classes: list[str], order: list[str]) -> np.ndarray:
+    """Rank of each class (in ``classes`` order) along ``order`` (least to most severe)."""
+    if sorted(order) != sorted(classes):
+        raise ValueError(f"the class order {order} must list exactly the classes {classes}")
+    return np.array([order.index(c) for c in classes])
+
+
+def fit_frozen(model: Classifier, cfg: RunConfig, images: np.ndarray, labels: np.ndarray,
+               val_images: np.ndarray, val_labels: np.ndarray, classes: list[str]) -> dict[str, Any]:
+    """Fit the frozen-feature head in place on ``model`` (a pretrained Classifier); return what was chosen.
+
+    Returns ``{"views", "C", "cv_macro_f1" (per C), "val": metrics or None, "seconds": {...}}``.
+    """
+    if len(np.unique(labels)) < 2:
+        raise ValueError("the frozen-feature recipe needs training images of at least two classes")
+    k = len(classes)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    model.views = symmetry_views(cfg.augment.hflip, cfg.augment.vflip, cfg.augment.rot90)
+    started = time.perf_counter()
+    feats = pooled_features(model, images, batch_size=cfg.train.batch_size)
+    val_feats = pooled_features(model, val_images, batch_size=cfg.train.batch_size) if len(val_images) else None
+    t_features = time.perf_counter() - started
+    log.info(f"frozen features: {len(images) + (len(val_images) if val_feats is not None else 0)} images x "
+             f"{len(model.views)} views, {feats.shape[1]} features ({t_features:.1f}s)")
+
+    shift, scale = power_norm(feats)
+    z = (np.sign(feats) * np.sqrt(np.abs(feats)) - shift) / scale
+    weights = _sample_weights(labels, k, cfg)
+    ranks = class_ranks(classes, cfg.data.class_order) if cfg.train.ordinal else None
+    fitted = fit_head(z, labels if ranks is None else ranks[labels], cfg.train.frozen_head, cfg.train.frozen_c,
+                      cfg.seed, weights, num_ranks=None if ranks is None else k)
+    emb, lr, best_c, scores = fitted["embedding"], fitted["model"], fitted["C"], fitted["cv_macro_f1"]
+    t_cv, t_fit = fitted["seconds"]["cv"], fitted["seconds"]["fit"]
+    if ranks is not None:
+        head = _ordinal_head(feats.shape[1], emb, lr, ranks)
+        model.make_frozen(head)
     else:
-        # Nystroem maps f to K(f, landmarks) @ N.T; folding N into the weights keeps one matrix product.
-        head = KernelHead(feats.shape[1], len(emb.components_), k, gamma=emb.gamma)
-        head.landmarks.copy_(torch.from_numpy(emb.components_).float())
-        head.linear.weight.data = torch.from_numpy(coef @ emb.normalization_).float()
-    linear = head if isinstance(head, nn.Linear) else head.linear
-    linear.bias.data = torch.from_numpy(bias).float()
-    model.make_frozen(head)
+        _install_softmax_head(model, feats.shape[1], emb, lr, k)
     model.post.shift.copy_(torch.from_numpy(shift).float())
     model.post.scale.copy_(torch.from_numpy(scale).float())
 
@@ -182,4 +196,39 @@ def fit_frozen(model: Classifier, cfg: RunConfig, images: np.ndarray, labels: np
              f"validation macro-F1 {val['macro_f1']:.4f}" if val else "no validation images")
     return {"views": list(model.views), "C": best_c, "cv_macro_f1": scores, "val": val,
             "landmarks": 0 if emb is None else len(emb.components_),
+            "ranks": None if ranks is None else [int(r) for r in ranks],
             "seconds": {"features": round(t_features, 1), "cv": round(t_cv, 1), "fit": round(t_fit, 1)}}
+
+
+def _score_layer(dim: int, emb: Any, coef: np.ndarray, bias: np.ndarray) -> nn.Module:
+    """``coef`` (outputs, embedded dims) on the embedded features as a layer: Linear, or the RBF kernel map
+    with the Nystroem whitening folded into the weights (one matrix product)."""
+    if emb is None:
+        layer = nn.Linear(dim, len(coef))
+        layer.weight.data = torch.from_numpy(coef).float()
+        linear = layer
+    else:
+        layer = KernelHead(dim, len(emb.components_), len(coef), gamma=emb.gamma)
+        layer.landmarks.copy_(torch.from_numpy(emb.components_).float())
+        layer.linear.weight.data = torch.from_numpy(coef @ emb.normalization_).float()
+        linear = layer.linear
+    linear.bias.data = torch.from_numpy(np.asarray(bias, dtype=np.float64)).float()
+    return layer
+
+
+def _install_softmax_head(model: Classifier, dim: int, emb: Any, lr: Any, k: int) -> None:
+    coef = np.zeros((k, lr.coef_.shape[1]))
+    bias = np.full(k, MISSING_CLASS_BIAS)
+    present = lr.classes_.astype(int)
+    if lr.coef_.shape[0] == 1:  # sklearn's binary form: one logit for the second class
+        coef[present[0]], coef[present[1]] = -lr.coef_[0] / 2, lr.coef_[0] / 2
+        bias[present[0]], bias[present[1]] = -lr.intercept_[0] / 2, lr.intercept_[0] / 2
+    else:
+        coef[present], bias[present] = lr.coef_, lr.intercept_
+    model.make_frozen(_score_layer(dim, emb, coef, bias))
+
+
+def _ordinal_head(dim: int, emb: Any, coral: Any, ranks: np.ndarray) -> OrdinalHead:
+    head = OrdinalHead(_score_layer(dim, emb, coral.coef_[None], np.zeros(1)), [int(r) for r in ranks])
+    head.cuts.copy_(torch.from_numpy(coral.cuts_).float())
+    return head

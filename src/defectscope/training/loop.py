@@ -27,6 +27,7 @@ from defectscope.models.factory import Classifier
 from defectscope.models.inference import predict_logits
 from defectscope.rundir import CHECKPOINT
 from defectscope.training.augment import augment_batch
+from defectscope.training.ema import WeightEMA
 from defectscope.training.losses import inverse_frequency_weights, make_loss
 
 log = logging.getLogger(__name__)
@@ -154,8 +155,12 @@ class Trainer:
         best_weights = {k_: v.detach().clone() for k_, v in model.state_dict().items()}
         phases = phases_of(cfg)
         saved: dict[str, Any] | None = None
+        # train.ema_decay: validate, early-stop on and keep the averaged weights (see training/ema.py)
+        ema = WeightEMA(model, tcfg.ema_decay) if tcfg.ema_decay else None
         if resume:
             saved, state, best_weights = self._load_checkpoint(gen)
+            if ema is not None:
+                ema.load_state_dict(saved["ema"])
             log.info(f"resuming after epoch {state.epoch} (phase {state.phase + 1}/{len(phases)})")
 
         fit_started = time.perf_counter()
@@ -167,6 +172,8 @@ class Trainer:
                 state.phase, state.phase_epoch, state.phase_done, state.bad_epochs = p_idx, 0, False, 0
                 # A new phase starts from the best weights so far, as a person would continue.
                 model.load_state_dict(best_weights)
+                if ema is not None:
+                    ema.reset(model)
             if state.phase_done or state.phase_epoch >= phase.epochs:
                 saved = None  # the saved optimizer belonged to this finished phase
                 continue
@@ -184,9 +191,13 @@ class Trainer:
                 started = time.perf_counter()
                 train_loss = self._train_epoch(
                     model, criterion, optimizer, scaler, x_train_t, y_train_t, gen, phase.lr,
-                    state.phase_epoch * steps_per_epoch, total, warmup, f"epoch {state.epoch + 1}",
+                    state.phase_epoch * steps_per_epoch, total, warmup, f"epoch {state.epoch + 1}", ema,
                 )
-                val = self._validate(model, x_val, y_val)
+                if ema is not None:
+                    with ema.applied(model):
+                        val = self._validate(model, x_val, y_val)
+                else:
+                    val = self._validate(model, x_val, y_val)
                 state.phase_epoch += 1
                 state.epoch += 1
                 record = {
@@ -197,7 +208,8 @@ class Trainer:
                 score = val["val_macro_f1"] if tcfg.monitor == "val_macro_f1" else -val["val_loss"]
                 if score > state.best_score:
                     state.best_score, state.best_epoch, state.bad_epochs = score, state.epoch, 0
-                    best_weights = {k_: v.detach().clone() for k_, v in model.state_dict().items()}
+                    best_weights = (ema.copy() if ema is not None else
+                                    {k_: v.detach().clone() for k_, v in model.state_dict().items()})
                 else:
                     state.bad_epochs += 1
                     if tcfg.patience and state.bad_epochs >= tcfg.patience:
@@ -217,7 +229,7 @@ class Trainer:
                     if state.phase_epoch >= planned and state.phase_epoch < phase.epochs:
                         state.phase_done = state.stopped = True
                         record["time_limit"] = True
-                self._save_checkpoint(model, optimizer, gen, state, best_weights)
+                self._save_checkpoint(model, optimizer, gen, state, best_weights, ema)
                 log.info(
                     f"epoch {state.epoch:>3}  phase {p_idx + 1} ({phase.unfreeze})  loss {train_loss:.4f}  "
                     f"val_loss {val['val_loss']:.4f}  val_macro_f1 {val['val_macro_f1']:.4f}  "
@@ -252,7 +264,8 @@ class Trainer:
             n = len(labels)
         return max(1, math.ceil(n / tcfg.batch_size))
 
-    def _train_epoch(self, model, criterion, optimizer, scaler, x, y, gen, base_lr, step, total, warmup, desc):
+    def _train_epoch(self, model, criterion, optimizer, scaler, x, y, gen, base_lr, step, total, warmup, desc,
+                     ema: WeightEMA | None = None):
         tcfg = self.cfg.train
         model.train()
         _freeze_norm_stats(model)
@@ -279,6 +292,8 @@ class Trainer:
             else:
                 loss.backward()
                 optimizer.step()
+            if ema is not None:
+                ema.update(model)
             step += 1
             losses.append(loss.item())
             bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}")
@@ -296,7 +311,8 @@ class Trainer:
             "val_accuracy": m["accuracy"],
         }
 
-    def _save_checkpoint(self, model, optimizer, gen, state: TrainState, best_weights) -> None:
+    def _save_checkpoint(self, model, optimizer, gen, state: TrainState, best_weights,
+                         ema: WeightEMA | None = None) -> None:
         payload = {
             "model": model.state_dict(),
             "optimizer": optimizer.state_dict(),
@@ -305,6 +321,7 @@ class Trainer:
             "torch_rng": torch.get_rng_state(),
             "state": {k: v for k, v in state.__dict__.items() if k != "history"},
             "history": state.history,
+            **({"ema": ema.state_dict()} if ema is not None else {}),
         }
         path = self.run_dir / CHECKPOINT
         tmp = path.with_suffix(f".tmp{os.getpid()}")

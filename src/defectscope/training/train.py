@@ -155,6 +155,7 @@ def _fit_frozen(model, cfg: RunConfig, data: tuple, classes: list[str], source: 
     extra = dict(best_epoch=0, epochs_run=0, monitor="val_macro_f1", best_score=val_f1, recipe="frozen",
                  views=fitted["views"],
                  frozen_head={"kind": cfg.train.frozen_head, "landmarks": fitted["landmarks"], "C": fitted["C"],
+                              **({"ordinal": True, "ranks": fitted["ranks"]} if fitted.get("ranks") else {}),
                               "cv_macro_f1": {f"{c:g}": round(v, 4) for c, v in fitted["cv_macro_f1"].items()},
                               "seconds": fitted["seconds"]})
     return model, history, extra
