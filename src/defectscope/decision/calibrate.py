@@ -184,17 +184,17 @@ def calibrate(
         raise CalibrationError(f"{run.path}: no calibration images (no 'calib' split and the test split is empty)")
     torch.set_num_threads(run.config.train.threads or torch.get_num_threads())
 
-    def images_of(rows: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+    def images_of(rows: pd.DataFrame) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         rows, images = run.images(rows)
-        return images, run.labels(rows)
+        return images, run.labels(rows), run.metadata(rows)
 
-    calib_images, y = images_of(table[calib_mask])
-    features, logits = features_and_logits(model, calib_images)
+    calib_images, y, calib_meta = images_of(table[calib_mask])
+    features, logits = features_and_logits(model, calib_images, metadata=calib_meta)
     val = run.rows("val")
     temperature_data, temperature_on = None, "calibration"
     if len(val):
-        val_images, val_y = images_of(val)
-        temperature_data, temperature_on = (predict_logits(model, val_images).numpy(), val_y), "val"
+        val_images, val_y, val_meta = images_of(val)
+        temperature_data, temperature_on = (predict_logits(model, val_images, metadata=val_meta).numpy(), val_y), "val"
     policy, extras = calibrate_from_logits(
         logits, y, classes, good_class=good_class, max_escape=max_escape, confidence=confidence,
         cost_matrix=cost_matrix, review_rate=review_rate, target_purity=target_purity, review_score=review_score,

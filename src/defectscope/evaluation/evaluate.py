@@ -103,11 +103,11 @@ def evaluate(
     torch.set_num_threads(cfg.train.threads or torch.get_num_threads())
     drift_score = None
     if policy is not None and policy.drift:
-        features, logits_np = features_and_logits(model, images)
+        features, logits_np = features_and_logits(model, images, metadata=run.metadata(table))
         drift_score = drift_scores_for(run, policy, features, logits_np)
         logits = torch.from_numpy(logits_np).float()
     else:
-        logits = predict_logits(model, images)
+        logits = predict_logits(model, images, metadata=run.metadata(table))
     probs = torch.softmax(logits, dim=1).numpy()
     index = {c: i for i, c in enumerate(classes)}
     y_true = table["label"].map(index).to_numpy()

@@ -80,8 +80,9 @@ class _HeadFitter:
         return Nystroem(gamma=1.0 / z.shape[1], n_components=m, random_state=self.seed).fit(z)
 
     @staticmethod
-    def embed(emb: Any, z: np.ndarray) -> np.ndarray:
-        return z if emb is None else emb.transform(z)
+    def embed(emb: Any, z: np.ndarray, metadata: np.ndarray | None = None) -> np.ndarray:
+        e = z if emb is None else emb.transform(z)
+        return e if metadata is None else np.hstack([e, metadata])
 
     def fit(self, e: np.ndarray, y: np.ndarray, c: float, w: np.ndarray | None, start: Any = None) -> Any:
         """Logistic regression; ``start`` (the fit at the previous, smaller C) warm-starts the solver."""
@@ -93,14 +94,24 @@ class _HeadFitter:
 
 
 def fit_frozen(model: Classifier, cfg: RunConfig, images: np.ndarray, labels: np.ndarray,
-               val_images: np.ndarray, val_labels: np.ndarray, classes: list[str]) -> dict[str, Any]:
+               val_images: np.ndarray, val_labels: np.ndarray, classes: list[str], *,
+               metadata: np.ndarray | None = None, val_metadata: np.ndarray | None = None) -> dict[str, Any]:
     """Fit the frozen-feature head in place on ``model`` (a pretrained Classifier); return what was chosen.
+
+    ``metadata``/``val_metadata``: encoded metadata inputs (N, M) for a model with ``metadata_dim`` M. They are
+    appended after the features' normalisation: beside the standardised features for a linear head, beside
+    the kernel values (entering the logistic regression linearly) for the RBF head.
 
     Returns ``{"views", "C", "cv_macro_f1" (per C), "val": metrics or None, "seconds": {...}}``.
     """
     if len(np.unique(labels)) < 2:
         raise ValueError("the frozen-feature recipe needs training images of at least two classes")
     k = len(classes)
+    m_dim = model.metadata_dim
+    if m_dim:
+        model.metadata_scale.fill_(1.0)  # beside standardised features; the fitted head sets their weight
+    if m_dim and (metadata is None or len(metadata) != len(images)):
+        raise ValueError(f"the model takes {m_dim} metadata values per image; give them for every training image")
     for p in model.parameters():
         p.requires_grad_(False)
     model.views = symmetry_views(cfg.augment.hflip, cfg.augment.vflip, cfg.augment.rot90)
@@ -130,7 +141,8 @@ def fit_frozen(model: Classifier, cfg: RunConfig, images: np.ndarray, labels: np
         predictions = {c: np.empty(len(labels), dtype=int) for c in grid}
         for fit_idx, held_idx in folds:
             emb = fitter.embed_fit(z[fit_idx])
-            e_fit, e_held = fitter.embed(emb, z[fit_idx]), fitter.embed(emb, z[held_idx])
+            e_fit = fitter.embed(emb, z[fit_idx], None if metadata is None else metadata[fit_idx])
+            e_held = fitter.embed(emb, z[held_idx], None if metadata is None else metadata[held_idx])
             w = weights[fit_idx] if weights is not None else None
             previous = None
             for c in grid:  # ascending C: each fit starts from the last, more regularised one
@@ -146,7 +158,7 @@ def fit_frozen(model: Classifier, cfg: RunConfig, images: np.ndarray, labels: np
 
     started = time.perf_counter()
     emb = fitter.embed_fit(z)
-    lr = fitter.fit(fitter.embed(emb, z), labels, best_c, weights)
+    lr = fitter.fit(fitter.embed(emb, z, metadata if m_dim else None), labels, best_c, weights)
     t_fit = time.perf_counter() - started
     coef = np.zeros((k, lr.coef_.shape[1]))
     bias = np.full(k, MISSING_CLASS_BIAS)
@@ -159,13 +171,16 @@ def fit_frozen(model: Classifier, cfg: RunConfig, images: np.ndarray, labels: np
 
     head: nn.Module
     if emb is None:
-        head = nn.Linear(feats.shape[1], k)
+        head = nn.Linear(feats.shape[1] + m_dim, k)
         head.weight.data = torch.from_numpy(coef).float()
     else:
         # Nystroem maps f to K(f, landmarks) @ N.T; folding N into the weights keeps one matrix product.
-        head = KernelHead(feats.shape[1], len(emb.components_), k, gamma=emb.gamma)
+        # Metadata columns (the last m_dim) bypass the kernel and keep their coefficients.
+        head = KernelHead(feats.shape[1], len(emb.components_), k, gamma=emb.gamma, passthrough=m_dim)
         head.landmarks.copy_(torch.from_numpy(emb.components_).float())
-        head.linear.weight.data = torch.from_numpy(coef @ emb.normalization_).float()
+        n_land = len(emb.components_)
+        folded = np.hstack([coef[:, :n_land] @ emb.normalization_, coef[:, n_land:]])
+        head.linear.weight.data = torch.from_numpy(folded).float()
     linear = head if isinstance(head, nn.Linear) else head.linear
     linear.bias.data = torch.from_numpy(bias).float()
     model.make_frozen(head)
@@ -175,7 +190,8 @@ def fit_frozen(model: Classifier, cfg: RunConfig, images: np.ndarray, labels: np
     val = None
     if val_feats is not None:
         with torch.no_grad():
-            val_logits = model.head(model.post(torch.from_numpy(val_feats).float())).numpy()
+            val_m = None if val_metadata is None else torch.from_numpy(np.asarray(val_metadata)).float()
+            val_logits = model.head(model.head_input(model.post(torch.from_numpy(val_feats).float()), val_m)).numpy()
         val = classification_metrics(val_labels, val_logits.argmax(1), classes)
     log.info(f"frozen {cfg.train.frozen_head} head: C={best_c:g} (CV macro-F1 "
              f"{', '.join(f'{c:g}: {s:.3f}' for c, s in scores.items()) or 'not run'}), "
