@@ -266,7 +266,7 @@ class Predictor:
             m = self.encode_metadata(values)
             x, error = self.preprocess(source), None
         except MetadataInputError as exc:
-            x, error = None, f"{_path_of(source) or 'image'}: {exc}"
+            x, error = None, f"{_path_of(source) or '<bytes>'}: {exc}"
         except ImageDecodeError as exc:
             x, error = None, str(exc)
         except (TypeError, ValueError) as exc:  # an unsupported source type must not sink the whole batch
