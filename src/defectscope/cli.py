@@ -167,7 +167,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     pr = sub.add_parser("predict", help="classify images with an exported model (no PyTorch needed)")
     pr.add_argument("model", help="exported .onnx file")
-    pr.add_argument("images", nargs="+", help="image files and/or folders")
+    pr.add_argument("images", nargs="+", help="image files and/or folders, or CSV manifests (a path column and, "
+                                                "for a model with metadata inputs, their columns)")
+    pr.add_argument("--metadata", action="append", default=[], metavar="NAME=VALUE",
+                    help="a metadata input's value for every image (repeatable), e.g. --metadata type=mono")
     pr.add_argument("--recursive", "-r", action="store_true", help="descend into sub-folders")
     pr.add_argument("--format", default="jsonl", choices=["csv", "json", "jsonl"])
     pr.add_argument("--out", help="write here instead of the terminal")
@@ -189,6 +192,9 @@ def build_parser() -> argparse.ArgumentParser:
     so.add_argument("--settle", type=float, default=1.0, help="seconds a file must stay unchanged before it is taken")
     so.add_argument("--poll", type=float, default=1.0, help="seconds between inbox scans in --watch mode")
     so.add_argument("--batch-size", type=int, default=32)
+    so.add_argument("--metadata-pattern", metavar="REGEX",
+                    help="for a model with metadata inputs: a regular expression with named groups, searched in "
+                         "each file's path under the inbox, e.g. '(?P<lib>Die\\d+)_(?P<window>\\d+)'")
     _add_runtime_options(so)
 
     lg = sub.add_parser("log", help="the results database of the sorter and the station")
@@ -407,7 +413,7 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         counts = predict(args.model, args.images, recursive=args.recursive, fmt=args.format, out=args.out,
                          batch_size=args.batch_size, threads=args.threads, runtime=args.runtime,
-                         precision=args.precision, device=args.device)
+                         precision=args.precision, device=args.device, metadata=_name_values(args.metadata))
         summary = ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))
         print(f"{sum(counts.values())} images: {summary}", file=sys.stderr)
         return 1 if counts.get(UNREADABLE) else 0
@@ -417,7 +423,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         summary = sort(args.model, args.inbox, args.out, mode=args.mode or "move", log_path=args.db,
                        watch=args.watch, settle_seconds=args.settle, poll_interval=args.poll,
                        batch_size=args.batch_size, runtime=args.runtime, precision=args.precision,
-                       device=args.device)
+                       device=args.device, metadata_pattern=args.metadata_pattern)
         return 1 if summary.get("errors") else 0
     if args.command == "log":
         from defectscope.deploy.store import export_log
@@ -475,6 +481,17 @@ def _minutes(text: str) -> float:
     if minutes <= 0:
         raise ValueError(f"--budget {text!r} must be positive")
     return minutes
+
+
+def _name_values(items: Sequence[str]) -> dict[str, str] | None:
+    """['type=mono', ...] -> {'type': 'mono'}; None when empty."""
+    out = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or not name.strip():
+            raise ValueError(f"--metadata {item!r}: give NAME=VALUE, e.g. --metadata type=mono")
+        out[name.strip()] = value.strip()
+    return out or None
 
 
 def _parse_value(text: str):

@@ -49,6 +49,10 @@ class ModelConfig:
     # Test-time augmentation: average the pooled features over the symmetries switched on in `augment`
     # (hflip, vflip, rot90); part of the model and of its ONNX export. Costs that many forward passes.
     tta: bool = False
+    # Metadata columns of the dataset table fed beside the image (``name`` or ``name:categorical|numeric``):
+    # categorical one-hot, numeric standardised, concatenated to the pooled features before the head; the
+    # exported model then requires them (see defectscope/data/metadata_inputs.py).
+    metadata_inputs: list[str] = field(default_factory=list)
 
 
 @dataclass

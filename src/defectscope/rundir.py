@@ -157,6 +157,19 @@ class Run:
                                   max_pixels=data.max_pixels, skip_bad=skip_bad, cache_dir=data.cache_dir)
         return drop_bad(rows, images, bad)
 
+    @cached_property
+    def metadata_encoder(self):
+        """The encoder of the model's metadata inputs (``metadata_inputs`` in model.json), or None."""
+        from defectscope.data.metadata_inputs import MetadataEncoder
+
+        return MetadataEncoder.from_spec(self.spec.get("metadata_inputs"))
+
+    def metadata(self, rows: pd.DataFrame) -> np.ndarray | None:
+        """The encoded metadata inputs (N, M) of ``rows`` (rows as :meth:`images` returns them), or None
+        for a model that takes the image alone."""
+        encoder = self.metadata_encoder
+        return None if encoder is None else encoder.encode_table(rows)
+
     def read_json(self, name: str) -> dict[str, Any] | None:
         """A JSON file of the run, or None when it does not exist."""
         path = self.path / name

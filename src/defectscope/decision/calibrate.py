@@ -210,18 +210,18 @@ def calibrate(
         raise CalibrationError(f"{run.path}: no calibration images (no 'calib' split and the test split is empty)")
     torch.set_num_threads(run.config.train.threads or torch.get_num_threads())
 
-    def images_of(rows: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+    def images_of(rows: pd.DataFrame) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         rows, images = run.images(rows)
-        return images, run.labels(rows)
+        return images, run.labels(rows), run.metadata(rows)
 
-    calib_images, y = images_of(table[calib_mask])
-    _, logits = features_and_logits(model, calib_images)
+    calib_images, y, calib_meta = images_of(table[calib_mask])
+    _, logits = features_and_logits(model, calib_images, metadata=calib_meta)
     val = run.rows("val")
     temperature_data, temperature_on = None, "calibration"
-    val_images = None
+    val_images = val_meta = None
     if len(val):
-        val_images, val_y = images_of(val)
-        temperature_data, temperature_on = (predict_logits(model, val_images).numpy(), val_y), "val"
+        val_images, val_y, val_meta = images_of(val)
+        temperature_data, temperature_on = (predict_logits(model, val_images, metadata=val_meta).numpy(), val_y), "val"
     policy, extras = calibrate_from_logits(
         logits, y, classes, good_class=good_class, max_escape=max_escape, confidence=confidence,
         cost_matrix=cost_matrix, review_rate=review_rate, target_purity=target_purity, review_score=review_score,
@@ -230,8 +230,8 @@ def calibrate(
     )
     policy.calibration = split_info(table, seed)
     if drift_rate is not None:
-        scores_in = _calibrate_drift(policy, run, model, calib_images, val_images, logits, y, drift_rate,
-                                     drift_score, drift_examples)
+        scores_in = _calibrate_drift(policy, run, model, (calib_images, calib_meta), (val_images, val_meta), logits, y,
+                                     drift_rate, drift_score, drift_examples)
         extras["calibration_metrics"] = apply_policy_metrics(
             y, logits, policy, classes, inputs="logits", drift_score=scores_in if policy.drift else None)
     path = run.file(POLICY)
@@ -258,10 +258,12 @@ def drift_stages(policy: Policy) -> tuple[int, ...] | None:
     return tuple((drift.get("patch") or {}).get("stages") or ())
 
 
-def _calibrate_drift(policy: Policy, run: Run, model, calib_images: np.ndarray, val_images: np.ndarray | None,
-                     logits: np.ndarray, y: np.ndarray, rate: float, score: str | None,
-                     examples: str | Path | None) -> np.ndarray | None:
-    """Set the policy's Drift rule; returns the calibration images' Drift scores (None: no rule set)."""
+def _calibrate_drift(policy: Policy, run: Run, model, calib: tuple[np.ndarray, np.ndarray | None],
+                     val: tuple[np.ndarray | None, np.ndarray | None], logits: np.ndarray, y: np.ndarray, rate: float,
+                     score: str | None, examples: str | Path | None) -> np.ndarray | None:
+    """Set the policy's Drift rule; returns the calibration images' Drift scores (None: no rule set).
+    ``calib``, ``val``: (images, encoded metadata inputs or None)."""
+    (calib_images, calib_meta), (val_images, val_meta) = calib, val
     if score is None:
         evaluated = run.read_json(DRIFT_EVAL) or {}
         score = evaluated.get("best_score") or "mahalanobis"
@@ -285,7 +287,7 @@ def _calibrate_drift(policy: Policy, run: Run, model, calib_images: np.ndarray, 
         except DriftError as exc:
             raise CalibrationError(str(exc)) from None
     drift = PolicyDrift(members, scorer, patch)
-    s_in_raw = drift.raw(*policy_forward(model, calib_images, drift.stages))
+    s_in_raw = drift.raw(*policy_forward(model, calib_images, drift.stages, metadata=calib_meta))
     std_info: dict[str, Any] = {}
     if drift.fused:
         if val_images is None or len(val_images) < 2:
@@ -293,7 +295,8 @@ def _calibrate_drift(policy: Policy, run: Run, model, calib_images: np.ndarray, 
                                    f"split's images, and this run has fewer than 2")
         # Held-out images: the training images' scores are optimistically low (the statistics saw them), and
         # the calibration images must stay untouched for the threshold's guarantee.
-        drift.standardiser = Standardiser.fit(drift.raw(*policy_forward(model, val_images, drift.stages)))
+        drift.standardiser = Standardiser.fit(drift.raw(*policy_forward(model, val_images, drift.stages,
+                                                                          metadata=val_meta)))
         std_info = {"standardised_on": "val", "n_standardise": int(len(val_images))}
     s_in = drift.combine(s_in_raw)
     try:

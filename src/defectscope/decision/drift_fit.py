@@ -132,12 +132,13 @@ def fit_scorer(run: Run, model=None, *, k: int = 10) -> DriftScorer:
 
     model = model if model is not None else run.model()
     rows, images = run.images(run.rows("train"))
-    feats, logits = features_and_logits(model, images)
+    feats, logits = features_and_logits(model, images, metadata=run.metadata(rows))
     # The linear head's weight and bias, for ViM's origin and virtual logit; a kernel head (the frozen
     # recipe's RBF head) has no such origin, so ViM is left out for it.
     weight, bias = getattr(model.head, "weight", None), getattr(model.head, "bias", None)
     head = None
-    if isinstance(weight, torch.Tensor) and isinstance(bias, torch.Tensor):
+    # A head that also reads metadata inputs has no origin in feature space either.
+    if isinstance(weight, torch.Tensor) and isinstance(bias, torch.Tensor) and not getattr(model, "metadata_dim", 0):
         head = (weight.detach().cpu().numpy(), bias.detach().cpu().numpy())
     return DriftScorer(k=k, seed=run.seed).fit(feats, logits, run.labels(rows), head=head)
 

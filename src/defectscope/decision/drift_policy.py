@@ -135,13 +135,17 @@ class PolicyDrift:
         return cls(members, pooled, patch, std)
 
 
-def policy_forward(model, images: np.ndarray, stages: Sequence[int] | None
+def policy_forward(model, images: np.ndarray, stages: Sequence[int] | None, *, metadata: np.ndarray | None = None
                    ) -> tuple[np.ndarray, np.ndarray, list[np.ndarray] | None]:
-    """(features, logits, maps or None) of uint8 images in one pass; maps only when ``stages`` is given."""
+    """(features, logits, maps or None) of uint8 images in one pass; maps only when ``stages`` is given.
+    ``metadata``: the encoded metadata inputs of a model that takes them (they change the logits only)."""
+    from defectscope.models.inference import features_and_logits
+
     if stages:
         from defectscope.decision.patch_drift import feature_maps
 
-        return feature_maps(model, images, stages)
-    from defectscope.models.inference import features_and_logits
-
-    return (*features_and_logits(model, images), None)
+        features, logits, maps = feature_maps(model, images, stages)
+        if metadata is not None:  # feature_maps' logits are the image's alone
+            logits = features_and_logits(model, images, metadata=metadata)[1]
+        return features, logits, maps
+    return (*features_and_logits(model, images, metadata=metadata), None)

@@ -1,4 +1,10 @@
-"""``defectscope predict``: classify files and folders with an exported model, one row per image."""
+"""``defectscope predict``: classify files and folders with an exported model, one row per image.
+
+A ``.csv`` input is a manifest: one image per row, its path in a column named like training's manifests
+(``filename``, ``file``, ``path``, ``image``...; relative to the CSV's folder) and, for a model trained with
+metadata inputs, those values in columns of the same names (e.g. ``lib``, ``window``). ``metadata`` values given
+to :func:`predict` apply to every image and fill what a manifest row lacks.
+"""
 
 from __future__ import annotations
 
@@ -6,14 +12,33 @@ import csv
 import io
 import json
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
 from defectscope.data.files import list_images
-from defectscope.deploy.predictor import UNREADABLE, Predictor
+from defectscope.deploy.predictor import UNREADABLE, Predictor, WithMetadata
 
 FORMATS = ("csv", "json", "jsonl")
+# The path columns training's manifest reader recognises (defectscope.data.table), in the same order.
+PATH_COLUMNS = ("filename", "file", "path", "image", "image_path", "filepath", "file_name", "img")
+
+
+def read_manifest(path: str | Path) -> list[tuple[Path, dict[str, str]]]:
+    """(image path, the row's other columns) of each row of a CSV manifest; paths relative to its folder."""
+    path = Path(path)
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        rows = list(csv.DictReader(f))
+    columns = {c.strip().lower(): c for c in (rows[0].keys() if rows else []) if c}
+    found = next((columns[c] for c in PATH_COLUMNS if c in columns), None)
+    if found is None:
+        raise ValueError(f"{path}: no image path column (one of {', '.join(PATH_COLUMNS)})")
+    out = []
+    for row in rows:
+        image = Path(row[found])
+        out.append((image if image.is_absolute() else path.parent / image,
+                    {k.strip(): v for k, v in row.items() if k and k != found}))
+    return out
 
 
 def expand_inputs(inputs: Sequence[str | Path], *, recursive: bool = False) -> list[Path]:
@@ -41,20 +66,31 @@ def predict(
     runtime: str = "auto",
     precision: str = "auto",
     device: str = "cpu",
+    metadata: Mapping[str, str] | None = None,
 ) -> dict[str, int]:
     """Write one row per image (csv, json or jsonl) to ``out`` or stdout; returns counts per decision.
 
     ``runtime``, ``precision``, ``device``: as :class:`Predictor`; ``auto`` by default (the fastest runtime
-    whose decisions match fp32 on this machine).
+    whose decisions match fp32 on this machine). ``inputs`` may include CSV manifests (see the module
+    docstring); ``metadata``: values for every image of a model trained with metadata inputs. An image whose
+    metadata is missing or unknown gets an ``_unreadable`` row naming the field.
     """
     if fmt not in FORMATS:
         raise ValueError(f"unknown format {fmt!r}; use one of {', '.join(FORMATS)}")
     predictor = Predictor(model, threads=threads, runtime=runtime, precision=precision, device=device)
-    files = expand_inputs(inputs, recursive=recursive)
+    items: list[tuple[Path, dict[str, str]]] = []
+    for item in inputs:
+        if str(item).lower().endswith(".csv") and Path(item).is_file():
+            items += read_manifest(item)
+        else:
+            items += [(f, {}) for f in expand_inputs([item], recursive=recursive)]
+    # A row's empty cell is a value it lacks: the one given for every image fills it.
+    sources = [WithMetadata(str(f), {**(metadata or {}), **{k: v for k, v in values.items() if v}})
+               for f, values in items]
     counts: dict[str, int] = {}
     stream: TextIO
     with (open(out, "w", newline="") if out else _stdout()) as stream:
-        rows = (p.to_dict() for p in predictor.iter_predict(map(str, files), batch_size))
+        rows = (p.to_dict() for p in predictor.iter_predict(sources, batch_size))
         for row in _write(rows, stream, fmt, predictor.classes):
             counts[row["decision"]] = counts.get(row["decision"], 0) + 1
     return counts
@@ -93,4 +129,4 @@ class _stdout(io.TextIOBase):
         sys.stdout.flush()
 
 
-__all__ = ["FORMATS", "UNREADABLE", "expand_inputs", "predict"]
+__all__ = ["FORMATS", "UNREADABLE", "expand_inputs", "predict", "read_manifest"]

@@ -97,9 +97,10 @@ class MultiLayerExportHeads(nn.Module):
         super().__init__()
         self.model, self.drift, self.stages = model, drift, [int(s) for s in stages]
 
-    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    def forward(self, image: torch.Tensor, metadata: torch.Tensor | None = None,
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         features, maps = multilayer_forward(self.model, image, self.stages)
-        logits = self.model.head(self.model.dropout(features))
+        logits = self.model.logits_from_features(features, metadata)
         drift = self.drift(maps) if isinstance(self.drift, PatchDriftHead) else self.drift(features, logits, maps)
         return logits, torch.softmax(logits, dim=1), features, drift
 

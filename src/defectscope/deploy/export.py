@@ -1,9 +1,10 @@
 """``defectscope export``: turn a run into one self-describing ONNX file (plus a JSON sidecar).
 
-The graph takes ``image`` float32 ``(N, 1, H, W)`` in [0, 1] and returns ``logits``, ``probabilities``
-(softmax), ``features`` (pooled penultimate features) and ``drift_score`` (the policy's Drift score: a
-pooled score, the patch score read from the backbone's intermediate maps in the same pass, or their
-standardised max; see :mod:`defectscope.deploy.drift_heads`). Normalisation is inside the
+The graph takes ``image`` float32 ``(N, 1, H, W)`` in [0, 1] (and, for a model trained with metadata inputs,
+``metadata`` float32 ``(N, M)``: the encoded values, see :mod:`defectscope.data.metadata_inputs`) and returns
+``logits``, ``probabilities`` (softmax), ``features`` (pooled penultimate features) and ``drift_score`` (the
+policy's Drift score: a pooled score, the patch score read from the backbone's intermediate maps in the same
+pass, or their standardised max; see :mod:`defectscope.deploy.drift_heads`). Normalisation is inside the
 graph; everything else a deployment needs (classes, input size, resize mode, policy, provenance) is in the
 file's metadata, so :class:`defectscope.deploy.predictor.Predictor` needs nothing but the .onnx file.
 
@@ -90,9 +91,10 @@ class ExportHeads(nn.Module):
         self.model = model
         self.drift = drift
 
-    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    def forward(self, image: torch.Tensor, metadata: torch.Tensor | None = None,
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         features = self.model.forward_features(image)
-        logits = self.model.head(self.model.dropout(features))
+        logits = self.model.logits_from_features(features, metadata)
         drift = self.drift(features, logits) if self.drift is not None else torch.zeros_like(logits[:, 0])
         return logits, torch.softmax(logits, dim=1), features, drift
 
@@ -173,7 +175,11 @@ def export(
                           "choose another name, e.g. RUN/export/model.onnx")
     model, spec = run.model(), run.spec
     heads = export_heads(model, run)
-    x_test, y_test, split = _split_inputs(run)
+    x_test, y_test, split, m_test = _split_inputs(run)
+    takes_metadata = bool(spec.get("metadata_inputs"))
+    if takes_metadata and quantize == "static":
+        raise ExportError("static quantization of a model with metadata inputs is not supported (its calibration "
+                          "feeds images only); export fp32 or quantize='dynamic'")
 
     report: dict[str, Any] = {"model": str(out), "sidecar": str(sidecar), "opset": opset,
                               "quantization": None, "torch": torch.__version__}
@@ -181,7 +187,8 @@ def export(
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=".export-") as tmp:
         fp32 = Path(tmp) / "fp32.onnx"
         _torch_export(heads, spec, fp32, opset)
-        report["parity"] = _check_parity(heads, fp32, x_test[:PARITY_IMAGES], split)
+        report["parity"] = _check_parity(heads, fp32, x_test[:PARITY_IMAGES], split,
+                                         None if m_test is None else m_test[:PARITY_IMAGES])
         log.info(f"fp32 parity on {report['parity']['images']} {split} images: max |dp| = "
             f"{report['parity']['max_abs_diff_probabilities']:.2e}, argmax mismatches = 0")
         final = fp32
@@ -190,7 +197,7 @@ def export(
             final = Path(tmp) / "quantized.onnx"
             calibration = _calibration_inputs(run) if quantize == "static" else None
             report["quantization"] = quantize_model(fp32, final, quantize, calibration)
-            report["quantized_vs_fp32"] = _compare(fp32, final, x_test, y_test, split)
+            report["quantized_vs_fp32"] = _compare(fp32, final, x_test, y_test, split, m_test)
             report["size_bytes"]["quantized"] = final.stat().st_size
             q = report["quantized_vs_fp32"]
             log.info(f"{quantize} quantization: size {report['size_bytes']['fp32']} -> {final.stat().st_size} bytes, "
@@ -199,7 +206,11 @@ def export(
         metadata = build_metadata(run, spec, quantize)
         _write_onnx_with_metadata(final, out, metadata)
         int8_path = runtimes.variant_path(out, "int8")
-        if quantize is None and int8:
+        if quantize is None and int8 and takes_metadata:
+            log.info("no int8 variant: static quantization feeds images only, and this model takes metadata too")
+            if int8_path.exists():
+                int8_path.unlink()
+        elif quantize is None and int8:
             q = Path(tmp) / "int8.onnx"
             report["int8"] = {"model": str(int8_path),
                               "quantization": quantize_model(fp32, q, "static", _calibration_inputs(run))}
@@ -210,7 +221,11 @@ def export(
     selection_record = None
     selection.cache_path(out).unlink(missing_ok=True)  # choices measured for an earlier model
     selection.reference_path(out).unlink(missing_ok=True)
-    if quantize is None:  # a quantized main model has no fp32 to check candidates against
+    if quantize is None and takes_metadata:
+        # The reference set and the runtime candidates feed images only; the predictor runs such a model
+        # with ONNX Runtime fp32 (runtime/precision auto resolve to that).
+        report["reference_set"] = None
+    elif quantize is None:  # a quantized main model has no fp32 to check candidates against
         drift_x = _drift_images(x_test, spec)
         to_u8 = lambda a: np.rint(a[:, 0] * 255).astype(np.uint8)  # noqa: E731 - exact: inputs are u8 / 255
         selection.write_reference(out, to_u8(x_test), y_test, drift_x)
@@ -274,7 +289,8 @@ def build_metadata(run: Run, spec: dict[str, Any], quantize: str | None) -> dict
             if spec.get("input_kind") == "wafer_map" else
             f"grayscale: decode to 1 channel, resize ({resize}) with PIL bilinear, ")
         + "scale to [0,1]; normalisation inside the graph",
-        "graph": {"input": md.INPUT, "outputs": list(md.OUTPUTS)},
+        "graph": {"input": md.INPUT, "outputs": list(md.OUTPUTS),
+                  **({"inputs": [md.INPUT, md.METADATA_INPUT]} if spec.get("metadata_inputs") else {})},
     }
     return {
         md.KEY_SPEC: full_spec,
@@ -291,13 +307,17 @@ def _torch_export(heads: nn.Module, spec: dict[str, Any], path: Path, opset: int
     size = spec["image_size"]
     dummy = torch.rand(2, spec.get("in_chans", 1), size, size)
     batch = {0: "batch"}
+    args: tuple[torch.Tensor, ...] = (dummy,)
+    inputs = [md.INPUT]
+    if heads.model.metadata_dim:
+        args, inputs = (dummy, torch.zeros(2, heads.model.metadata_dim)), [md.INPUT, md.METADATA_INPUT]
     with warnings.catch_warnings(), torch.no_grad():
         # The TorchScript exporter is deprecated in favour of dynamo=True, which needs onnxscript; it still
         # handles every Classifier we build and keeps the export dependency-free.
         warnings.simplefilter("ignore", DeprecationWarning)
         torch.onnx.export(
-            heads, (dummy,), str(path), input_names=[md.INPUT], output_names=list(md.OUTPUTS),
-            dynamic_axes={name: batch for name in (md.INPUT, *md.OUTPUTS)}, opset_version=opset,
+            heads, args, str(path), input_names=inputs, output_names=list(md.OUTPUTS),
+            dynamic_axes={name: batch for name in (*inputs, *md.OUTPUTS)}, opset_version=opset,
             dynamo=False,
         )
     onnx.checker.check_model(str(path), full_check=True)
@@ -328,17 +348,27 @@ def _session(path: Path):
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
-def _run(session, x: np.ndarray, batch_size: int = 64, with_drift: bool = False):
-    """(logits, probabilities[, drift_score]) of ONNX Runtime over x in batches."""
+def _feeds(x: np.ndarray, metadata: np.ndarray | None) -> dict[str, np.ndarray]:
+    """The graph inputs: the images, and the encoded metadata of a model that takes them."""
+    if metadata is None:
+        return {md.INPUT: x}
+    return {md.INPUT: x, md.METADATA_INPUT: np.ascontiguousarray(metadata, dtype=np.float32)}
+
+
+def _run(session, x: np.ndarray, batch_size: int = 64, with_drift: bool = False, metadata: np.ndarray | None = None):
+    """(logits, probabilities[, drift_score]) of ONNX Runtime over x (and its metadata) in batches."""
     names = [md.OUTPUTS[0], md.OUTPUTS[1], *([md.OUTPUTS[3]] if with_drift else [])]
-    outs = [session.run(names, {md.INPUT: x[i:i + batch_size]}) for i in range(0, len(x), batch_size)]
+    outs = [session.run(names, _feeds(x[i:i + batch_size], None if metadata is None else metadata[i:i + batch_size]))
+            for i in range(0, len(x), batch_size)]
     return tuple(np.concatenate([o[j] for o in outs]) for j in range(len(names)))
 
 
-def _check_parity(heads: nn.Module, path: Path, x: np.ndarray, split: str) -> dict[str, Any]:
+def _check_parity(heads: nn.Module, path: Path, x: np.ndarray, split: str,
+                  metadata: np.ndarray | None = None) -> dict[str, Any]:
     with torch.no_grad():
-        t_logits, t_probs, _, t_drift = heads(torch.from_numpy(x))
-    o_logits, o_probs, o_drift = _run(_session(path), x, with_drift=True)
+        extra = () if metadata is None else (torch.from_numpy(np.asarray(metadata, dtype=np.float32)),)
+        t_logits, t_probs, _, t_drift = heads(torch.from_numpy(x), *extra)
+    o_logits, o_probs, o_drift = _run(_session(path), x, with_drift=True, metadata=metadata)
     t_probs, t_logits = t_probs.numpy(), t_logits.numpy()
     diff = float(np.abs(o_probs - t_probs).max()) if len(x) else 0.0
     mismatches = int((o_probs.argmax(1) != t_probs.argmax(1)).sum())
@@ -362,9 +392,10 @@ def _check_parity(heads: nn.Module, path: Path, x: np.ndarray, split: str) -> di
     return result
 
 
-def _compare(fp32: Path, quantized: Path, x: np.ndarray, y: np.ndarray, split: str) -> dict[str, Any]:
-    _, p32 = _run(_session(fp32), x)
-    _, pq = _run(_session(quantized), x)
+def _compare(fp32: Path, quantized: Path, x: np.ndarray, y: np.ndarray, split: str,
+             metadata: np.ndarray | None = None) -> dict[str, Any]:
+    _, p32 = _run(_session(fp32), x, metadata=metadata)
+    _, pq = _run(_session(quantized), x, metadata=metadata)
     if not len(x):
         return {"images": 0, "split": split}
     acc32, accq = float((p32.argmax(1) == y).mean()), float((pq.argmax(1) == y).mean())
@@ -377,8 +408,10 @@ def _compare(fp32: Path, quantized: Path, x: np.ndarray, y: np.ndarray, split: s
     }
 
 
-def _images(run: Run, split: str, limit: int | None = None, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Graph inputs float32 (N, 1, H, W) and class indices of one split, decoded as training did."""
+def _images(run: Run, split: str, limit: int | None = None, seed: int = 0, *, with_metadata: bool = False,
+            ) -> tuple[np.ndarray, ...]:
+    """Graph inputs float32 (N, 1, H, W) and class indices of one split, decoded as training did; with
+    ``with_metadata`` also the encoded metadata inputs (N, M) (None for an image-only model)."""
     table = run.table
     table = table[(table["split"] == split) & table["label"].isin(run.classes)].reset_index(drop=True)
     if limit is not None and len(table) > limit:
@@ -388,15 +421,17 @@ def _images(run: Run, split: str, limit: int | None = None, seed: int = 0) -> tu
     table, images = run.images(table)
     # The same scaling as training's to_input: uint8 / 255 in float32.
     x = (images.astype(np.float32) / np.float32(255))[:, None]
+    if with_metadata:
+        return x, run.labels(table), run.metadata(table)
     return x, run.labels(table)
 
 
-def _split_inputs(run: Run) -> tuple[np.ndarray, np.ndarray, str]:
-    """The test split, or the first non-empty of val/train for runs without one."""
+def _split_inputs(run: Run) -> tuple[np.ndarray, np.ndarray, str, np.ndarray | None]:
+    """The test split (images, labels, name, encoded metadata or None), or the first non-empty of val/train."""
     for split in ("test", "val", "train"):
-        x, y = _images(run, split)
+        x, y, m = _images(run, split, with_metadata=True)
         if len(x):
-            return x, y, split
+            return x, y, split, m
     raise ExportError(f"{run.path}: no readable images in its dataset table to check the export against")
 
 

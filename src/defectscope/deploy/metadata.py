@@ -20,6 +20,9 @@ KEY_FORMAT = "defectscope.format_version"
 KEYS = (KEY_SPEC, KEY_POLICY, KEY_PROVENANCE, KEY_FORMAT)
 
 INPUT = "image"
+# The second input of a model trained with metadata inputs: float32 (N, M), the encoded values
+# (spec "metadata_inputs"; defectscope.data.metadata_inputs encodes them). Absent from image-only models.
+METADATA_INPUT = "metadata"
 # drift_score is the policy's Drift score computed inside the graph (zeros when the policy has no Drift rule).
 OUTPUTS = ("logits", "probabilities", "features", "drift_score")
 

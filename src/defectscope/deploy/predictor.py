@@ -6,6 +6,7 @@ pixels. Everything else (classes, input size, policy) is read from the ONNX file
 
 >>> p = Predictor("model.onnx")  # doctest: +SKIP
 >>> p.predict("wafer_017.png").to_dict()  # doctest: +SKIP
+>>> p.predict("cell_0042.png", metadata={"type": "mono"})  # a model trained with metadata inputs  # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from __future__ import annotations
 import os
 import time
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from itertools import islice
@@ -23,10 +24,22 @@ from typing import Any
 import numpy as np
 
 from defectscope.data.images import DEFAULT_MAX_PIXELS, ImageDecodeError, load_gray
+from defectscope.data.metadata_inputs import MetadataEncoder, MetadataInputError
 from defectscope.deploy import metadata as md
 from defectscope.deploy.cascade_runtime import CascadeRunner, is_manifest
 
 UNREADABLE = "_unreadable"
+
+__all__ = ["UNREADABLE", "MetadataInputError", "Prediction", "Predictor", "WithMetadata"]
+
+
+@dataclass(frozen=True)
+class WithMetadata:
+    """One input of :meth:`Predictor.iter_predict` with its metadata values (field name -> value), for a
+    model trained with metadata inputs (``Predictor.metadata_fields``)."""
+
+    source: Any
+    metadata: Mapping[str, Any] | None
 
 
 @dataclass
@@ -119,9 +132,15 @@ class Predictor:
             meta = md.read_metadata(self.model_path)
             classes = list(meta[md.KEY_SPEC]["classes"])
             policy = meta[md.KEY_POLICY]
-            runtime, precision, self.selection = selection.resolve(
-                self.model_path, runtime, precision, device=device, threads=threads,
-                decide=lambda p, d: _decide(p, policy, classes, d if policy and policy.get("drift") else None))
+            if meta[md.KEY_SPEC].get("metadata_inputs"):
+                # The runtime candidates are measured on images alone: a model that also takes metadata runs
+                # on ONNX Runtime fp32 (what its export was checked against).
+                runtime = "onnxruntime" if runtime == "auto" else runtime
+                precision = "fp32" if precision == "auto" else precision
+            else:
+                runtime, precision, self.selection = selection.resolve(
+                    self.model_path, runtime, precision, device=device, threads=threads,
+                    decide=lambda p, d: _decide(p, policy, classes, d if policy and policy.get("drift") else None))
         self.cascade = None
         if is_manifest(self.model_path):
             # A two-file cascade (screen.onnx + classifier.onnx): the classifier's file describes the model.
@@ -154,6 +173,11 @@ class Predictor:
         self.resize: str = self.spec.get("resize", "squash")
         # "wafer_map": die grids (files or arrays of 0/1/2) rendered and resized nearest, as in training.
         self.input_kind: str = self.spec.get("input_kind", "image")
+        # Metadata inputs (spec "metadata_inputs"): values every image must come with, encoded as in training.
+        self.metadata_encoder: MetadataEncoder | None = MetadataEncoder.from_spec(self.spec.get("metadata_inputs"))
+        if self.metadata_encoder is not None and self.cascade is not None:
+            raise md.MetadataError(f"{self.model_path}: a cascade whose classifier takes metadata inputs is not "
+                                   "supported")
         self.max_pixels = max_pixels
         if self.policy is not None:
             from defectscope.decision.policy import Policy
@@ -164,25 +188,50 @@ class Predictor:
         return (f"Predictor({str(self.model_path)!r}, classes={self.classes}, "
                 f"input={self.image_size}px {self.resize}, {self.runtime} {self.precision} {self.device})")
 
+    @property
+    def metadata_fields(self) -> list[str]:
+        """The metadata values each image must come with (empty for an image-only model)."""
+        return self.metadata_encoder.names if self.metadata_encoder is not None else []
+
+    def encode_metadata(self, values: Mapping[str, Any] | None) -> np.ndarray | None:
+        """The graph's ``metadata`` input (M,) for one image's values, or None for an image-only model (which
+        ignores any values). Raises :class:`MetadataInputError` naming a missing, empty or unknown field."""
+        if self.metadata_encoder is None:
+            return None
+        return self.metadata_encoder.encode(values)
+
     def preprocess(self, source: Any) -> np.ndarray:
         """The graph input for one image: float32 (1, H, W) in [0, 1]. Raises ImageDecodeError."""
         gray = load_gray(source, self.image_size, self.resize, max_pixels=self.max_pixels,
                          input_kind=self.input_kind)
         return (gray.astype(np.float32) / np.float32(255))[None]
 
-    def predict(self, source: Any, *, return_features: bool = False) -> Prediction:
-        """Classify one path, encoded bytes, PIL image or numpy array; unreadable input raises ImageDecodeError."""
+    def predict(self, source: Any, *, metadata: Mapping[str, Any] | None = None,
+                return_features: bool = False) -> Prediction:
+        """Classify one path, encoded bytes, PIL image or numpy array; unreadable input raises ImageDecodeError.
+
+        ``metadata``: the image's values of :attr:`metadata_fields` (e.g. ``{"type": "mono"}``), required by a
+        model trained with metadata inputs; a missing or unknown value raises :class:`MetadataInputError`.
+        """
+        m = self.encode_metadata(metadata)
         start = time.perf_counter()
         x = self.preprocess(source)
         decode_ms = (time.perf_counter() - start) * 1000
-        return self._infer([_path_of(source)], x[None], [decode_ms], return_features)[0]
+        return self._infer([_path_of(source)], x[None], [decode_ms], return_features,
+                           None if m is None else m[None])[0]
 
     def predict_batch(self, sources: Iterable[Any], batch_size: int = 32, *,
+                      metadata: Iterable[Mapping[str, Any] | None] | None = None,
                       return_features: bool = False) -> list[Prediction]:
-        """Classify many images, in input order; unreadable ones give ``"_unreadable"`` rows, not errors."""
-        return list(self.iter_predict(sources, batch_size, return_features=return_features))
+        """Classify many images, in input order; unreadable ones give ``"_unreadable"`` rows, not errors.
+
+        ``metadata``: one mapping per source, in the same order (or pass :class:`WithMetadata` items). An image
+        whose metadata is missing or unknown also gives an ``"_unreadable"`` row, its ``error`` naming the field.
+        """
+        return list(self.iter_predict(sources, batch_size, metadata=metadata, return_features=return_features))
 
     def iter_predict(self, sources: Iterable[Any], batch_size: int = 32, *,
+                     metadata: Iterable[Mapping[str, Any] | None] | None = None,
                      return_features: bool = False) -> Iterator[Prediction]:
         """:meth:`predict_batch` as a generator, for folders too large to hold all results.
 
@@ -190,6 +239,8 @@ class Predictor:
         """
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if metadata is not None:
+            sources = (WithMetadata(s, m) for s, m in zip(sources, metadata, strict=True))
         it = iter(sources)
         with ThreadPoolExecutor(max_workers=self.decode_threads, thread_name_prefix="decode") as pool:
             pending: deque[list[tuple[Any, Future]]] = deque()
@@ -205,23 +256,31 @@ class Predictor:
                 submit_next()  # queue the next batch's decoding before waiting on and running this one
                 yield from self._run_batch(batch, return_features)
 
-    def _timed_decode(self, source: Any) -> tuple[np.ndarray | None, str | None, float]:
+    def _timed_decode(self, source: Any) -> tuple[np.ndarray | None, np.ndarray | None, str | None, float]:
         start = time.perf_counter()
+        values = None
+        if isinstance(source, WithMetadata):
+            source, values = source.source, source.metadata
+        m = None
         try:
+            m = self.encode_metadata(values)
             x, error = self.preprocess(source), None
+        except MetadataInputError as exc:
+            x, error = None, f"{_path_of(source) or '<bytes>'}: {exc}"
         except ImageDecodeError as exc:
             x, error = None, str(exc)
         except (TypeError, ValueError) as exc:  # an unsupported source type must not sink the whole batch
             x, error = None, f"{_path_of(source) or type(source).__name__}: {exc}"
-        return x, error, (time.perf_counter() - start) * 1000
+        return x, m, error, (time.perf_counter() - start) * 1000
 
     def _run_batch(self, batch: list[tuple[Any, Future]], return_features: bool) -> list[Prediction]:
         decoded = [(source, *future.result()) for source, future in batch]
         good = [d for d in decoded if d[1] is not None]
+        meta = np.stack([d[2] for d in good]) if good and self.metadata_encoder is not None else None
         results = iter(self._infer([_path_of(s) for s, *_ in good], np.stack([d[1] for d in good]),
-                                   [d[3] for d in good], return_features) if good else [])
+                                   [d[4] for d in good], return_features, meta) if good else [])
         out = []
-        for source, x, error, decode_ms in decoded:
+        for source, x, _, error, decode_ms in decoded:
             if x is not None:
                 out.append(next(results))
             else:
@@ -231,18 +290,24 @@ class Predictor:
         return out
 
     def infer_arrays(self, x: np.ndarray, *, decode_ms: list[float] | None = None,
-                     return_features: bool = False) -> list[Prediction]:
+                     return_features: bool = False, metadata: np.ndarray | None = None) -> list[Prediction]:
         """Classify already-preprocessed graph inputs ``x`` float32 (N, 1, H, W) in [0, 1] (see :meth:`preprocess`);
-        for callers that decode themselves (the station's micro-batcher)."""
-        return self._infer([None] * len(x), x, decode_ms or [0.0] * len(x), return_features)
+        for callers that decode themselves (the station's micro-batcher). ``metadata``: the encoded values
+        (N, M) (rows of :meth:`encode_metadata`), required by a model trained with metadata inputs."""
+        return self._infer([None] * len(x), x, decode_ms or [0.0] * len(x), return_features, metadata)
 
     def _infer(self, paths: list[str | None], x: np.ndarray, decode_ms: list[float],
-               return_features: bool) -> list[Prediction]:
+               return_features: bool, metadata: np.ndarray | None = None) -> list[Prediction]:
+        if self.metadata_encoder is None:
+            metadata = None
+        elif metadata is None or np.shape(metadata) != (len(x), self.metadata_encoder.dim):
+            raise MetadataInputError(f"{self.model_path.name} needs metadata with every image: "
+                                     f"{self.metadata_encoder.describe()}")
         start = time.perf_counter()
         if self.cascade is not None:
             probs, features, drift = self.cascade.run(x)[1:]
         else:
-            probs, features, drift = self.engine.run(x)
+            probs, features, drift = self.engine.run(x, metadata)
         infer_ms = (time.perf_counter() - start) * 1000 / len(x)
         has_drift = bool(self.policy and self.policy.get("drift"))
         decisions = _decide(probs, self.policy, self.classes, drift if has_drift else None)
@@ -260,4 +325,6 @@ class Predictor:
 
 
 def _path_of(source: Any) -> str | None:
+    if isinstance(source, WithMetadata):
+        source = source.source
     return os.fsdecode(source) if isinstance(source, (str, os.PathLike)) else None

@@ -186,8 +186,8 @@ class OrtEngine:
         self.device = "gpu" if self.session.get_providers()[0] == "CUDAExecutionProvider" else "cpu"
         self.props: dict[str, str] = self.session.get_modelmeta().custom_metadata_map
 
-    def run(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        probs, features, drift = self.session.run(list(RUN_OUTPUTS), {md.INPUT: x})
+    def run(self, x: np.ndarray, metadata: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        probs, features, drift = self.session.run(list(RUN_OUTPUTS), _feeds(x, metadata))
         return probs, features, drift
 
 
@@ -258,10 +258,17 @@ class OpenVinoEngine:
             self._index[name] = found[0]
         self.props = onnx_props_from_openvino(model)
 
-    def run(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        result = self.request.infer({md.INPUT: x})
+    def run(self, x: np.ndarray, metadata: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        result = self.request.infer(_feeds(x, metadata))
         outs = [np.asarray(result[self.compiled.outputs[self._index[n]]], dtype=np.float32) for n in RUN_OUTPUTS]
         return outs[0], outs[1], outs[2]
+
+
+def _feeds(x: np.ndarray, metadata: np.ndarray | None) -> dict[str, np.ndarray]:
+    """Graph inputs: the images, plus the encoded metadata (N, M) of a model trained with metadata inputs."""
+    if metadata is None:
+        return {md.INPUT: x}
+    return {md.INPUT: x, md.METADATA_INPUT: np.ascontiguousarray(metadata, dtype=np.float32)}
 
 
 def onnx_props_from_openvino(model: Any) -> dict[str, str]:

@@ -13,6 +13,9 @@ Torch-free (onnxruntime through :class:`defectscope.deploy.predictor.Predictor`)
 * ``/healthz``, ``/readyz``, ``/metrics`` (Prometheus), ``/openapi.json`` and ``/docs``.
 * Hot reload: a new file at the model path is loaded and checked on a zero image before it replaces the
   running model; a file that fails keeps the old model. Every row names the model that decided it.
+* A model trained with metadata inputs (``lib``, ``type``...) needs their values with every request: as form
+  fields (or query parameters for a raw body) named after the inputs, or one ``metadata`` field holding a JSON
+  object; they apply to every image of the request. A missing or unknown value is a 422 naming the field.
 
 Security: API keys (``DEFECTSCOPE_API_KEYS``, comma-separated, or a key file) guard every write; binding
 beyond loopback without keys is refused; uploads are capped in bytes and pixels; a client's file name is
@@ -55,7 +58,7 @@ from starlette.concurrency import run_in_threadpool
 
 from defectscope.data.images import ImageDecodeError
 from defectscope.deploy import spc
-from defectscope.deploy.predictor import Prediction, Predictor
+from defectscope.deploy.predictor import MetadataInputError, Prediction, Predictor
 from defectscope.deploy.store import Store, sqlite_path, utc_now
 
 __all__ = ["ServeConfig", "create_app", "load_api_keys", "serve"]
@@ -152,7 +155,9 @@ class LoadedModel:
     def info(self) -> dict[str, Any]:
         return {"id": self.model_id, "version": self.model_version, "classes": self.predictor.classes,
                 "good_class": self.good_class, "drift_rate": self.drift_rate, "loaded_at": self.loaded_at,
-                "path": str(self.predictor.model_path)}
+                "path": str(self.predictor.model_path),
+                **({"metadata_inputs": self.predictor.metadata_encoder.to_spec()}
+                   if self.predictor.metadata_encoder else {})}
 
 
 def _signature(path: Path) -> tuple[int, int, int]:
@@ -174,7 +179,9 @@ def load_model(path: Path, threads: int | None = None, max_pixels: int = 50_000_
     if _signature(path) != sig or hashlib.sha256(path.read_bytes()).hexdigest() != digest:
         raise RuntimeError(f"{path} changed while it was loaded")
     blank = np.zeros((1, 1, predictor.image_size, predictor.image_size), np.float32)
-    pred = predictor.infer_arrays(blank)[0]
+    encoder = predictor.metadata_encoder
+    # A blank metadata vector beside the blank image: this only checks that the graph runs and normalises.
+    pred = predictor.infer_arrays(blank, metadata=np.zeros((1, encoder.dim), np.float32) if encoder else None)[0]
     total = sum(pred.probabilities.values())
     if not pred.probabilities or not all(np.isfinite(list(pred.probabilities.values()))) or abs(total - 1) > 1e-3:
         raise ValueError(f"{path}: the model's probabilities on a blank image are not a distribution ({total})")
@@ -247,6 +254,7 @@ class _Job:
     x: np.ndarray
     decode_ms: float
     future: Future
+    metadata: dict[str, str] | None = None  # the request's metadata input values (models that take them)
 
 
 class QueueFull(Exception):
@@ -290,8 +298,8 @@ class Batcher:
             self.depth -= n
             self.incoming -= unsubmitted
 
-    def submit(self, data: bytes, x: np.ndarray, decode_ms: float) -> Future:
-        job = _Job(data, x, decode_ms, Future())
+    def submit(self, data: bytes, x: np.ndarray, decode_ms: float, metadata: dict[str, str] | None = None) -> Future:
+        job = _Job(data, x, decode_ms, Future(), metadata)
         with self._lock:
             self.incoming -= 1
         self._q.put(job)
@@ -328,8 +336,10 @@ class Batcher:
                 if job.x.shape[-1] != p.image_size or job.x.shape[-2] != p.image_size:
                     job.x = p.preprocess(job.data)
                 xs.append(job.x)
+            # Encoded here, for the model that runs the batch (the handler checked them against the model then).
+            meta = np.stack([p.encode_metadata(j.metadata) for j in batch]) if p.metadata_encoder else None
             start = time.perf_counter()
-            preds = p.infer_arrays(np.stack(xs), decode_ms=[j.decode_ms for j in batch])
+            preds = p.infer_arrays(np.stack(xs), decode_ms=[j.decode_ms for j in batch], metadata=meta)
             self.on_batch(len(batch), time.perf_counter() - start)
         except Exception as exc:  # answer every waiting request; the thread must survive any one batch
             log.exception("inference failed for a batch of %d", len(batch))
@@ -642,12 +652,17 @@ def create_app(config: ServeConfig) -> FastAPI:
         meta = {"station": station, "lot": lot, "part_id": part_id}
         ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
         uploads: list[tuple[str, bytes]] = []
+        predictor = state["models"].current.predictor
+        fields = predictor.metadata_fields
+        given: dict[str, Any] = dict(request.query_params)
         if ctype == "multipart/form-data":
-            form = await request.form(max_files=config.max_files, max_fields=16, max_part_size=64 << 10)
+            form = await request.form(max_files=config.max_files, max_fields=16 + len(fields),
+                                      max_part_size=64 << 10)
             for k in _META_FIELDS:
                 value = form.get(k)
                 if isinstance(value, str) and value:
                     meta[k] = value
+            given.update({k: v for k, v in form.multi_items() if isinstance(v, str)})
             for item in form.getlist("file"):
                 if isinstance(item, str):
                     raise HTTPException(422, "field 'file' must be a file upload, not text")
@@ -663,6 +678,7 @@ def create_app(config: ServeConfig) -> FastAPI:
             raise HTTPException(415, f"unsupported content type {ctype or '(none)'!r}: send multipart/form-data "
                                      "with field 'file', or a raw image body (image/* or application/octet-stream)")
         meta = {k: _check_meta(k, v) for k, v in meta.items()}
+        model_metadata = _metadata_values(predictor, given) if fields else None
         for fname, data in uploads:
             if not data:
                 raise HTTPException(422, f"{fname}: empty file (0 bytes)")
@@ -681,7 +697,7 @@ def create_app(config: ServeConfig) -> FastAPI:
             predictor = state["models"].current.predictor
             decoded = await run_in_threadpool(_decode_all, predictor, uploads)
             for (_, data), (x, ms) in zip(uploads, decoded, strict=True):
-                futures.append(batcher.submit(data, x, ms))
+                futures.append(batcher.submit(data, x, ms, model_metadata))
             # Only decodable images are filed (junk never reaches the disk), and filing (an fsync) runs
             # while the batch is in inference.
             filing = asyncio.ensure_future(run_in_threadpool(_file_uploads, config.data / "images", uploads))
@@ -820,6 +836,32 @@ def create_app(config: ServeConfig) -> FastAPI:
         return out
 
     return app
+
+
+def _metadata_values(predictor: Predictor, given: dict[str, Any]) -> dict[str, str]:
+    """The model's metadata input values from a request's fields (a ``metadata`` JSON object, then fields
+    named after the inputs); checked against the model's encoding, else 422 naming the field."""
+    values: dict[str, Any] = {}
+    if given.get("metadata"):
+        try:
+            parsed = json.loads(given["metadata"])
+        except json.JSONDecodeError as exc:
+            raise HTTPException(422, f"metadata: not valid JSON ({exc.msg})") from None
+        if not isinstance(parsed, dict):
+            raise HTTPException(422, "metadata: expected a JSON object such as {\"type\": \"mono\"}")
+        values.update(parsed)
+    values.update({k: given[k] for k in predictor.metadata_fields if k in given})
+    values = {k: values.get(k) for k in predictor.metadata_fields}
+    for k, v in values.items():
+        if v is not None and not isinstance(v, (str, int, float)):
+            raise HTTPException(422, f"metadata field {k!r}: expected a string or a number")
+        if v is not None:
+            _check_meta(k, str(v))
+    try:
+        predictor.encode_metadata(values)
+    except MetadataInputError as exc:
+        raise HTTPException(422, str(exc)) from None
+    return {k: str(v) for k, v in values.items()}
 
 
 def _decode_all(predictor: Predictor, uploads: list[tuple[str, bytes]]) -> list[tuple[np.ndarray, float]]:

@@ -1,4 +1,4 @@
-"""``defectscope sort``: file every new image of an inbox into ``OUT/<decision>/`` and log it, crash-safely.
+r"""``defectscope sort``: file every new image of an inbox into ``OUT/<decision>/`` and log it, crash-safely.
 
 The offline sorter of an inspection line (ONNX Runtime or OpenVINO, numpy and Pillow, never torch). Each image goes to
 ``OUT/GOOD``, ``OUT/<defect class>``, ``OUT/REVIEW``, ``OUT/Drift`` or, when it cannot be decoded (empty,
@@ -30,6 +30,12 @@ Guarantees, in the order the code keeps them:
   row ``error`` with the message; the next pass (or run) retries it.
 
 One sorter per output folder at a time (``OUT/.defectscope-sort.lock``, POSIX only).
+
+A model trained with metadata inputs (``lib``, ``window``...) gets them from the file's path: ``metadata_pattern``
+is a regular expression with one named group per input, searched in the path relative to the inbox (so a folder
+name can carry a value too: ``(?P<lib>Die\d+)/.*_w(?P<window>\d+)``). A file whose path does not give every
+value is filed as ``_unreadable`` with the missing field in its error; nothing is guessed. (A sidecar file per
+image would itself land in the inbox and race the image it describes; the name is already atomic with it.)
 """
 
 from __future__ import annotations
@@ -39,6 +45,7 @@ import hashlib
 import logging
 import os
 import queue
+import re
 import shutil
 import signal
 import sqlite3
@@ -52,7 +59,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from defectscope.deploy.predictor import UNREADABLE, Prediction, Predictor
+from defectscope.deploy.predictor import UNREADABLE, Prediction, Predictor, WithMetadata
 from defectscope.deploy.store import Store, export_log, sqlite_path
 from defectscope.logs import progress as progress_bar
 
@@ -266,6 +273,18 @@ class _Sorter:
         self.reported: set[tuple[Path, str]] = set()
         self.known: dict[Path, tuple[int, int, int]] = {}  # copy mode: settled files already logged
         self.failed: dict[Path, tuple[tuple[int, int, int], float]] = {}
+        self.metadata_pattern: re.Pattern[str] | None = None  # set by sort() for a model with metadata inputs
+
+    def metadata_of(self, path: Path) -> dict[str, str]:
+        """The metadata inputs a file's path gives (named groups of the pattern that matched; {} when none)."""
+        if self.metadata_pattern is None:
+            return {}
+        try:
+            relative = path.relative_to(self.inbox).as_posix()
+        except ValueError:
+            relative = path.name
+        found = self.metadata_pattern.search(relative)
+        return {k: v for k, v in found.groupdict().items() if v is not None} if found else {}
 
     # ---- restart
     def recover(self) -> None:
@@ -358,7 +377,7 @@ class _Sorter:
                     continue
                 waiting.append(it)
                 if it.data is not None:
-                    yield it.data
+                    yield WithMetadata(it.data, self.metadata_of(path)) if self.metadata_pattern else it.data
 
         filer = _Filer(self, sigs, progress)
         try:
@@ -520,8 +539,12 @@ def sort(
     runtime: str = "auto",
     precision: str = "auto",
     device: str = "cpu",
+    metadata_pattern: str | None = None,
 ) -> dict[str, Any]:
     """Classify the images under ``inbox`` (recursively) and file them into ``out/<decision>/``.
+
+    ``metadata_pattern``: required for a model trained with metadata inputs, a regular expression with one named
+    group per input, searched in each file's path relative to the inbox (see the module docstring).
 
     ``model`` is an exported ``.onnx`` file or a loaded :class:`Predictor` (``runtime``, ``precision`` and
     ``device`` apply to a file: ``auto`` is the fastest runtime that keeps the decisions, see
@@ -554,11 +577,13 @@ def sort(
         log_path = Path(log_path).absolute() if log_path is not None else out / "results.db"
     predictor = model if isinstance(model, Predictor) else Predictor(model, runtime=runtime, precision=precision,
                                                                      device=device)
+    pattern = _metadata_pattern(predictor, metadata_pattern)
     stop = stop_event or threading.Event()
     started = time.perf_counter()
     log = _log.info
     with _exclusive(out), _signals_set(stop, log):
         sorter = _Sorter(predictor, inbox, out, mode, log_path, batch_size, stop, log)
+        sorter.metadata_pattern = pattern
         try:
             sorter.recover()
             if watch:
@@ -580,6 +605,26 @@ def sort(
     log(f"sorted {processed} image(s) in {seconds:.1f} s ({summary['images_per_second']}/s): {per}; "
         f"{len(sorter.errors)} error(s)")
     return summary
+
+
+def _metadata_pattern(predictor: Predictor, pattern: str | None) -> re.Pattern[str] | None:
+    """The compiled pattern; refused up front when it cannot give every metadata input the model needs."""
+    fields = predictor.metadata_fields
+    if not fields:
+        return None
+    if not pattern:
+        raise ValueError(f"the model needs metadata inputs ({', '.join(fields)}) with every image: give a "
+                         "metadata pattern, a regular expression with named groups matched against the file path, "
+                         f"e.g. --metadata-pattern '(?P<{fields[0]}>[^_/]+)_'")
+    try:
+        compiled = re.compile(pattern)
+    except re.error as exc:
+        raise ValueError(f"metadata pattern {pattern!r}: {exc}") from None
+    missing = [f for f in fields if f not in compiled.groupindex]
+    if missing:
+        raise ValueError(f"metadata pattern {pattern!r} has no named group for {', '.join(missing)} "
+                         f"(write (?P<{missing[0]}>...))")
+    return compiled
 
 
 def _one_shot(sorter: _Sorter, settle_seconds: float, progress: bool) -> None:

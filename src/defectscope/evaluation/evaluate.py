@@ -105,11 +105,11 @@ def evaluate(
     if policy is not None and policy.drift:
         from defectscope.decision.drift_policy import policy_forward
 
-        features, logits_np, maps = policy_forward(model, images, drift_stages(policy))
+        features, logits_np, maps = policy_forward(model, images, drift_stages(policy), metadata=run.metadata(table))
         drift_score = drift_scores_for(run, policy, features, logits_np, maps)
         logits = torch.from_numpy(logits_np).float()
     else:
-        logits = predict_logits(model, images)
+        logits = predict_logits(model, images, metadata=run.metadata(table))
     probs = torch.softmax(logits, dim=1).numpy()
     index = {c: i for i, c in enumerate(classes)}
     y_true = table["label"].map(index).to_numpy()

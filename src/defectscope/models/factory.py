@@ -34,6 +34,10 @@ class Classifier(nn.Module):
     the exported graph too. ``post`` transforms the pooled features before the head (the frozen-feature
     recipe's :class:`~defectscope.models.heads.FeatureNorm`); ``head`` may be a Linear layer or a
     :class:`~defectscope.models.heads.KernelHead`.
+
+    ``metadata_dim`` > 0 (see :meth:`set_metadata_dim`): the model also takes a metadata vector (B, M), the
+    encoded metadata inputs (:mod:`defectscope.data.metadata_inputs`), concatenated to the pooled features
+    (after ``post``) before the head. ``forward_features`` stays the image's features alone (Drift, banks).
     """
 
     def __init__(self, backbone: nn.Module, num_features: int, num_classes: int, drop_rate: float = 0.0,
@@ -47,6 +51,26 @@ class Classifier(nn.Module):
         self.num_features = num_features
         self.post: nn.Module = nn.Identity()
         self.views: tuple[int, ...] = IDENTITY_VIEW
+        self.metadata_dim = 0
+
+    def set_metadata_dim(self, dim: int, scale: float | None = None) -> None:
+        """Take ``dim`` metadata values beside the image: a fresh linear head over features + metadata.
+
+        ``scale`` multiplies the metadata vector before the head (a buffer, saved with the weights). Default
+        num_features: under Adam every weight moves about ``lr`` per step, so one metadata weight beside
+        hundreds of feature weights could otherwise shift a logit by only ~lr x steps (under 1 in a typical
+        fine-tune) and the model learns to ignore it (seen on the test fixture: scale 1 and sqrt(D) left the
+        metadata-defined classes half confused, D separated them). The metadata weights start at zero so the
+        large scale does not add random logits at the start. The frozen recipe sets 1: there the features
+        are standardised and the head is fitted in closed form.
+        """
+        self.metadata_dim = int(dim)
+        out = self.head.out_features
+        self.head = nn.Linear(self.num_features + self.metadata_dim, out)
+        with torch.no_grad():
+            self.head.weight[:, self.num_features:] = 0.0
+        value = float(self.num_features) if scale is None else float(scale)
+        self.register_buffer("metadata_scale", torch.tensor(value))
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Pooled penultimate features (B, num_features): what Drift scores and feature banks use."""
@@ -62,8 +86,23 @@ class Classifier(nn.Module):
         self.head = head
         self.dropout = nn.Dropout(0.0)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.dropout(self.forward_features(x)))
+    def head_input(self, features: torch.Tensor, metadata: torch.Tensor | None = None) -> torch.Tensor:
+        """What the head sees: the features, with the metadata vector beside them when the model takes one."""
+        if not self.metadata_dim:
+            return features
+        if metadata is None:
+            raise ValueError(f"this model takes {self.metadata_dim} metadata values beside the image; none given")
+        if not torch.jit.is_tracing() and metadata.shape != (features.shape[0], self.metadata_dim):
+            raise ValueError(f"metadata of shape {tuple(metadata.shape)}; expected ({features.shape[0]}, "
+                             f"{self.metadata_dim})")
+        return torch.cat([features, metadata.to(features.dtype) * self.metadata_scale], dim=1)
+
+    def logits_from_features(self, features: torch.Tensor, metadata: torch.Tensor | None = None) -> torch.Tensor:
+        # Dropout on the image features only: dropping a one-hot metadata value would just be noise.
+        return self.head(self.head_input(self.dropout(features), metadata))
+
+    def forward(self, x: torch.Tensor, metadata: torch.Tensor | None = None) -> torch.Tensor:
+        return self.logits_from_features(self.forward_features(x), metadata)
 
     def param_groups(self) -> list[list[str]]:
         """Backbone parameter names grouped from input to output (stem, blocks...), then the head."""
@@ -164,6 +203,11 @@ def model_spec(model: Classifier, model_name: str, classes: list[str], image_siz
     }
 
 
+def metadata_width(spec: dict[str, Any]) -> int:
+    """Length of the metadata vector a spec's model takes (0: image only); see ``metadata_inputs`` in the spec."""
+    return sum(len(f["categories"]) if f["kind"] == "categorical" else 1 for f in spec.get("metadata_inputs") or [])
+
+
 def model_from_spec(spec: dict[str, Any]) -> Classifier:
     """Rebuild the architecture from a saved spec (weights are loaded by the caller)."""
     model = create_model(
@@ -174,13 +218,16 @@ def model_from_spec(spec: dict[str, Any]) -> Classifier:
         pretrained=None,
     )
     model.views = tuple(spec.get("views", IDENTITY_VIEW))
+    m = metadata_width(spec)
+    if m:
+        model.set_metadata_dim(m)
     frozen = spec.get("frozen_head")
     if frozen:
         outputs = 1 if frozen.get("ordinal") else spec["num_classes"]  # ordinal: one shared score
         if frozen["kind"] == "rbf":
-            head: nn.Module = KernelHead(model.num_features, int(frozen["landmarks"]), outputs)
+            head: nn.Module = KernelHead(model.num_features, int(frozen["landmarks"]), outputs, passthrough=m)
         else:
-            head = nn.Linear(model.num_features, outputs)
+            head = nn.Linear(model.num_features + m, outputs)
         if frozen.get("ordinal"):
             head = OrdinalHead(head, frozen["ranks"])
         model.make_frozen(head)

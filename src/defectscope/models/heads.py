@@ -65,20 +65,30 @@ class FeatureNorm(nn.Module):
 
 
 class KernelHead(nn.Module):
-    """RBF-kernel logits against ``landmarks`` feature vectors: ``exp(-gamma * |f - l|^2) @ W.T + b``."""
+    """RBF-kernel logits against ``landmarks`` feature vectors: ``exp(-gamma * |f - l|^2) @ W.T + b``.
 
-    def __init__(self, in_features: int, num_landmarks: int, num_classes: int, gamma: float = 1.0):
+    ``passthrough``: the last that many input columns (a model's metadata inputs) skip the kernel and enter
+    the linear layer as they are, so they shift the logits linearly: ``[exp(...), m] @ W.T + b``.
+    """
+
+    def __init__(self, in_features: int, num_landmarks: int, num_classes: int, gamma: float = 1.0,
+                 passthrough: int = 0):
         super().__init__()
-        self.in_features = in_features
+        self.in_features = in_features + passthrough
         self.out_features = num_classes
+        self.passthrough = passthrough
         self.register_buffer("landmarks", torch.zeros(num_landmarks, in_features))
         self.register_buffer("gamma", torch.tensor(float(gamma)))
-        self.linear = nn.Linear(num_landmarks, num_classes)
+        self.linear = nn.Linear(num_landmarks + passthrough, num_classes)
 
     def forward(self, f: torch.Tensor) -> torch.Tensor:
+        extra = None
+        if self.passthrough:
+            f, extra = f[:, :-self.passthrough], f[:, -self.passthrough:]
         # |f - l|^2 expanded: one matrix product instead of an (N, M, D) difference tensor.
         d2 = (f * f).sum(1, keepdim=True) - 2.0 * f @ self.landmarks.T + (self.landmarks * self.landmarks).sum(1)
-        return self.linear(torch.exp(-self.gamma * torch.clamp(d2, min=0.0)))
+        k = torch.exp(-self.gamma * torch.clamp(d2, min=0.0))
+        return self.linear(k if extra is None else torch.cat([k, extra], dim=1))
 
 
 class OrdinalHead(nn.Module):

@@ -81,8 +81,9 @@ class _HeadFitter:
         return Nystroem(gamma=1.0 / z.shape[1], n_components=m, random_state=self.seed).fit(z)
 
     @staticmethod
-    def embed(emb: Any, z: np.ndarray) -> np.ndarray:
-        return z if emb is None else emb.transform(z)
+    def embed(emb: Any, z: np.ndarray, metadata: np.ndarray | None = None) -> np.ndarray:
+        e = z if emb is None else emb.transform(z)
+        return e if metadata is None else np.hstack([e, metadata])
 
     def fit(self, e: np.ndarray, y: np.ndarray, c: float, w: np.ndarray | None, start: Any = None) -> Any:
         """Logistic regression; ``start`` (the fit at the previous, smaller C) warm-starts the solver."""
@@ -99,10 +100,12 @@ class _HeadFitter:
 
 
 def fit_head(z: np.ndarray, labels: np.ndarray, kind: str, grid: list[float], seed: int,
-             weights: np.ndarray | None = None, num_ranks: int | None = None) -> dict[str, Any]:
+             weights: np.ndarray | None = None, num_ranks: int | None = None,
+             metadata: np.ndarray | None = None) -> dict[str, Any]:
     """Choose C by stratified CV (macro-F1) and fit one head on standardised features ``z``.
 
     ``labels`` are class indices, or ranks 0..num_ranks-1 for a cumulative-link head (``num_ranks``).
+    ``metadata`` (N, M): encoded metadata inputs, appended after the kernel map (they enter linearly).
     Returns ``{"fitter", "embedding" (Nystroem or None), "model" (the fitted regression), "C", "cv_macro_f1",
     "seconds": {"cv", "fit"}}``; numpy only, so benchmarks can fit heads on cached features.
     """
@@ -117,7 +120,8 @@ def fit_head(z: np.ndarray, labels: np.ndarray, kind: str, grid: list[float], se
         predictions = {c: np.empty(len(labels), dtype=int) for c in grid}
         for fit_idx, held_idx in folds:
             emb = fitter.embed_fit(z[fit_idx])
-            e_fit, e_held = fitter.embed(emb, z[fit_idx]), fitter.embed(emb, z[held_idx])
+            e_fit = fitter.embed(emb, z[fit_idx], None if metadata is None else metadata[fit_idx])
+            e_held = fitter.embed(emb, z[held_idx], None if metadata is None else metadata[held_idx])
             w = weights[fit_idx] if weights is not None else None
             previous = None
             for c in grid:  # ascending C: each fit starts from the last, more regularised one
@@ -133,7 +137,7 @@ def fit_head(z: np.ndarray, labels: np.ndarray, kind: str, grid: list[float], se
 
     started = time.perf_counter()
     emb = fitter.embed_fit(z)
-    model = fitter.fit(fitter.embed(emb, z), labels, best_c, weights)
+    model = fitter.fit(fitter.embed(emb, z, metadata), labels, best_c, weights)
     return {"fitter": fitter, "embedding": emb, "model": model, "C": best_c, "cv_macro_f1": scores,
             "seconds": {"cv": round(t_cv, 1), "fit": round(time.perf_counter() - started, 1)}}
 
@@ -152,14 +156,24 @@ def class_ranks(classes: list[str], order: list[str]) -> np.ndarray:
 
 
 def fit_frozen(model: Classifier, cfg: RunConfig, images: np.ndarray, labels: np.ndarray,
-               val_images: np.ndarray, val_labels: np.ndarray, classes: list[str]) -> dict[str, Any]:
+               val_images: np.ndarray, val_labels: np.ndarray, classes: list[str], *,
+               metadata: np.ndarray | None = None, val_metadata: np.ndarray | None = None) -> dict[str, Any]:
     """Fit the frozen-feature head in place on ``model`` (a pretrained Classifier); return what was chosen.
+
+    ``metadata``/``val_metadata``: encoded metadata inputs (N, M) for a model with ``metadata_dim`` M. They are
+    appended after the features' normalisation: beside the standardised features for a linear head, beside
+    the kernel values (entering the logistic regression linearly) for the RBF head.
 
     Returns ``{"views", "C", "cv_macro_f1" (per C), "val": metrics or None, "seconds": {...}}``.
     """
     if len(np.unique(labels)) < 2:
         raise ValueError("the frozen-feature recipe needs training images of at least two classes")
     k = len(classes)
+    m_dim = model.metadata_dim
+    if m_dim:
+        model.metadata_scale.fill_(1.0)  # beside standardised features; the fitted head sets their weight
+    if m_dim and (metadata is None or len(metadata) != len(images)):
+        raise ValueError(f"the model takes {m_dim} metadata values per image; give them for every training image")
     for p in model.parameters():
         p.requires_grad_(False)
     model.views = symmetry_views(cfg.augment.hflip, cfg.augment.vflip, cfg.augment.rot90)
@@ -175,21 +189,23 @@ def fit_frozen(model: Classifier, cfg: RunConfig, images: np.ndarray, labels: np
     weights = _sample_weights(labels, k, cfg)
     ranks = class_ranks(classes, cfg.data.class_order) if cfg.train.ordinal else None
     fitted = fit_head(z, labels if ranks is None else ranks[labels], cfg.train.frozen_head, cfg.train.frozen_c,
-                      cfg.seed, weights, num_ranks=None if ranks is None else k)
+                      cfg.seed, weights, num_ranks=None if ranks is None else k,
+                      metadata=metadata if m_dim else None)
     emb, lr, best_c, scores = fitted["embedding"], fitted["model"], fitted["C"], fitted["cv_macro_f1"]
     t_cv, t_fit = fitted["seconds"]["cv"], fitted["seconds"]["fit"]
     if ranks is not None:
-        head = _ordinal_head(feats.shape[1], emb, lr, ranks)
+        head = _ordinal_head(feats.shape[1], emb, lr, ranks, m_dim)
         model.make_frozen(head)
     else:
-        _install_softmax_head(model, feats.shape[1], emb, lr, k)
+        _install_softmax_head(model, feats.shape[1], emb, lr, k, m_dim)
     model.post.shift.copy_(torch.from_numpy(shift).float())
     model.post.scale.copy_(torch.from_numpy(scale).float())
 
     val = None
     if val_feats is not None:
         with torch.no_grad():
-            val_logits = model.head(model.post(torch.from_numpy(val_feats).float())).numpy()
+            val_m = None if val_metadata is None else torch.from_numpy(np.asarray(val_metadata)).float()
+            val_logits = model.head(model.head_input(model.post(torch.from_numpy(val_feats).float()), val_m)).numpy()
         val = classification_metrics(val_labels, val_logits.argmax(1), classes)
     log.info(f"frozen {cfg.train.frozen_head} head: C={best_c:g} (CV macro-F1 "
              f"{', '.join(f'{c:g}: {s:.3f}' for c, s in scores.items()) or 'not run'}), "
@@ -200,23 +216,26 @@ def fit_frozen(model: Classifier, cfg: RunConfig, images: np.ndarray, labels: np
             "seconds": {"features": round(t_features, 1), "cv": round(t_cv, 1), "fit": round(t_fit, 1)}}
 
 
-def _score_layer(dim: int, emb: Any, coef: np.ndarray, bias: np.ndarray) -> nn.Module:
+def _score_layer(dim: int, emb: Any, coef: np.ndarray, bias: np.ndarray, passthrough: int = 0) -> nn.Module:
     """``coef`` (outputs, embedded dims) on the embedded features as a layer: Linear, or the RBF kernel map
-    with the Nystroem whitening folded into the weights (one matrix product)."""
+    with the Nystroem whitening folded into the weights (one matrix product). The last ``passthrough``
+    columns (metadata inputs) bypass the kernel and keep their coefficients."""
     if emb is None:
-        layer = nn.Linear(dim, len(coef))
+        layer = nn.Linear(dim + passthrough, len(coef))
         layer.weight.data = torch.from_numpy(coef).float()
         linear = layer
     else:
-        layer = KernelHead(dim, len(emb.components_), len(coef), gamma=emb.gamma)
+        n_land = len(emb.components_)
+        layer = KernelHead(dim, n_land, len(coef), gamma=emb.gamma, passthrough=passthrough)
         layer.landmarks.copy_(torch.from_numpy(emb.components_).float())
-        layer.linear.weight.data = torch.from_numpy(coef @ emb.normalization_).float()
+        folded = np.hstack([coef[:, :n_land] @ emb.normalization_, coef[:, n_land:]])
+        layer.linear.weight.data = torch.from_numpy(folded).float()
         linear = layer.linear
     linear.bias.data = torch.from_numpy(np.asarray(bias, dtype=np.float64)).float()
     return layer
 
 
-def _install_softmax_head(model: Classifier, dim: int, emb: Any, lr: Any, k: int) -> None:
+def _install_softmax_head(model: Classifier, dim: int, emb: Any, lr: Any, k: int, passthrough: int = 0) -> None:
     coef = np.zeros((k, lr.coef_.shape[1]))
     bias = np.full(k, MISSING_CLASS_BIAS)
     present = lr.classes_.astype(int)
@@ -225,10 +244,10 @@ def _install_softmax_head(model: Classifier, dim: int, emb: Any, lr: Any, k: int
         bias[present[0]], bias[present[1]] = -lr.intercept_[0] / 2, lr.intercept_[0] / 2
     else:
         coef[present], bias[present] = lr.coef_, lr.intercept_
-    model.make_frozen(_score_layer(dim, emb, coef, bias))
+    model.make_frozen(_score_layer(dim, emb, coef, bias, passthrough))
 
 
-def _ordinal_head(dim: int, emb: Any, coral: Any, ranks: np.ndarray) -> OrdinalHead:
-    head = OrdinalHead(_score_layer(dim, emb, coral.coef_[None], np.zeros(1)), [int(r) for r in ranks])
+def _ordinal_head(dim: int, emb: Any, coral: Any, ranks: np.ndarray, passthrough: int = 0) -> OrdinalHead:
+    head = OrdinalHead(_score_layer(dim, emb, coral.coef_[None], np.zeros(1), passthrough), [int(r) for r in ranks])
     head.cuts.copy_(torch.from_numpy(coral.cuts_).float())
     return head

@@ -138,9 +138,12 @@ class Trainer:
 
     def fit(
         self, x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_val: np.ndarray,
-        *, resume: bool = False,
+        *, resume: bool = False, m_train: np.ndarray | None = None, m_val: np.ndarray | None = None,
     ) -> TrainState:
+        """``m_train``/``m_val``: encoded metadata inputs (N, M) for a model that takes them."""
         cfg, tcfg = self.cfg, self.cfg.train
+        self.m_train = None if m_train is None else torch.as_tensor(np.asarray(m_train), dtype=torch.float32)
+        self.m_val = m_val
         model = self.model.to(self.device)
         if self.channels_last:
             model.to(memory_format=torch.channels_last)
@@ -282,8 +285,9 @@ class Trainer:
             yb = y[idx].to(self.device)
             for group in optimizer.param_groups:
                 group["lr"] = base_lr * _lr_factor(step, total, warmup, tcfg.schedule)
+            mb = () if self.m_train is None else (self.m_train[idx].to(self.device),)
             with torch.autocast(self.device.type, enabled=self.amp):
-                loss = criterion(model(xb), yb)
+                loss = criterion(model(xb, *mb), yb)
             optimizer.zero_grad(set_to_none=True)
             if scaler is not None:
                 scaler.scale(loss).backward()
@@ -302,7 +306,8 @@ class Trainer:
     def _validate(self, model, x_val, y_val) -> dict[str, float]:
         if len(y_val) == 0:
             return {"val_loss": float("nan"), "val_macro_f1": float("nan"), "val_accuracy": float("nan")}
-        logits = predict_logits(model, x_val, device=self.device, channels_last=self.channels_last)
+        logits = predict_logits(model, x_val, device=self.device, channels_last=self.channels_last,
+                                metadata=self.m_val)
         y = torch.as_tensor(y_val)
         m = classification_metrics(y.numpy(), logits.argmax(1).numpy(), self.classes)
         return {

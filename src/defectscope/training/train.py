@@ -104,18 +104,24 @@ def train(
         cfg.model.name, len(classes), image_size=cfg.model.image_size,
         pretrained=cfg.model.pretrained, drop_rate=cfg.model.drop_rate,
     )
+    encoder, meta = _metadata_inputs(cfg, table, split)
+    if encoder is not None:
+        model.set_metadata_dim(encoder.dim)
     source = model.pretrained_report.get("source")
     log.info(f"model {cfg.model.name} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters), "
         f"pretrained: {source or 'no (from scratch)'}, {cfg.model.image_size} px")
     tr, va = split == "train", split == "val"
     started = time.perf_counter()
     train_data = (images[tr], labels[tr], images[va], labels[va])
+    metadata = (meta[tr], meta[va]) if meta is not None else (None, None)
     if cfg.train.recipe == "frozen":
-        model, history, extra = _fit_frozen(model, cfg, train_data, classes, source)
+        model, history, extra = _fit_frozen(model, cfg, train_data, classes, source, metadata)
     elif cfg.train.recipe == "auto":
-        model, history, extra = _fit_auto(model, cfg, train_data, classes, source, out, started)
+        model, history, extra = _fit_auto(model, cfg, train_data, classes, source, out, started, metadata)
     else:
-        model, history, extra = _fine_tune(model, cfg, train_data, classes, out, resume, on_epoch)
+        model, history, extra = _fine_tune(model, cfg, train_data, classes, out, resume, on_epoch, metadata)
+    if encoder is not None:
+        extra["metadata_inputs"] = encoder.to_spec()
     seconds = time.perf_counter() - started
 
     pd.DataFrame(history).to_csv(out / rundir.HISTORY, index=False)
@@ -138,7 +144,22 @@ def train(
     return out
 
 
-def _fit_frozen(model, cfg: RunConfig, data: tuple, classes: list[str], source: str | None):
+def _metadata_inputs(cfg: RunConfig, table: pd.DataFrame, split):
+    """(encoder, encoded metadata of every table row) for ``model.metadata_inputs``, or (None, None)."""
+    if not cfg.model.metadata_inputs:
+        return None, None
+    from defectscope.data.metadata_inputs import MetadataEncoder, MetadataInputError
+
+    try:
+        encoder = MetadataEncoder.fit(table, cfg.model.metadata_inputs, train_rows=split == "train")
+    except MetadataInputError as exc:
+        raise ConfigError(f"model.metadata_inputs: {exc}") from None
+    log.info(f"metadata inputs beside the image: {encoder.describe()} ({encoder.dim} values)")
+    return encoder, encoder.encode_table(table)
+
+
+def _fit_frozen(model, cfg: RunConfig, data: tuple, classes: list[str], source: str | None,
+                metadata: tuple = (None, None)):
     import torch
 
     from defectscope.training.frozen import fit_frozen
@@ -147,7 +168,7 @@ def _fit_frozen(model, cfg: RunConfig, data: tuple, classes: list[str], source: 
         log.warning("frozen-feature recipe without pretrained weights: the features are random projections")
     log.info(f"frozen-feature recipe on {torch.get_num_threads()} threads")
     started = time.perf_counter()
-    fitted = fit_frozen(model, cfg, *data, classes)
+    fitted = fit_frozen(model, cfg, *data, classes, metadata=metadata[0], val_metadata=metadata[1])
     val = fitted["val"] or {}
     val_f1 = val.get("macro_f1", float("nan"))
     history = [{"epoch": 0, "val_macro_f1": val_f1, "val_accuracy": val.get("accuracy", float("nan")),
@@ -162,7 +183,7 @@ def _fit_frozen(model, cfg: RunConfig, data: tuple, classes: list[str], source: 
 
 
 def _fine_tune(model, cfg: RunConfig, data: tuple, classes: list[str], out: Path, resume: bool,
-               on_epoch: Callable[[int, float], None] | None = None):
+               on_epoch: Callable[[int, float], None] | None = None, metadata: tuple = (None, None)):
     import torch
 
     from defectscope.models.heads import symmetry_views
@@ -170,7 +191,7 @@ def _fine_tune(model, cfg: RunConfig, data: tuple, classes: list[str], out: Path
 
     trainer = Trainer(model, cfg, out, classes, on_epoch)
     log.info(f"training on {trainer.device} with {torch.get_num_threads()} threads")
-    state = trainer.fit(*data, resume=resume)
+    state = trainer.fit(*data, resume=resume, m_train=metadata[0], m_val=metadata[1])
     model = trainer.model.cpu()
     if cfg.model.tta:  # averaging over the data's symmetries only at inference: training stays one view
         model.views = symmetry_views(cfg.augment.hflip, cfg.augment.vflip, cfg.augment.rot90)
@@ -185,7 +206,7 @@ AUTO_WIN_SHARE = 0.8  # share of bootstrap resamples of the validation split the
 
 
 def _fit_auto(model, cfg: RunConfig, data: tuple, classes: list[str], source: str | None, out: Path,
-              started: float):
+              started: float, metadata: tuple = (None, None)):
     """Frozen first (cheap), then a fine-tune in the rest of the budget; keep the fine-tune only if it wins.
 
     Tiny validation classes make one macro-F1 number noisy, so the fine-tune must beat the frozen model in
@@ -196,7 +217,7 @@ def _fit_auto(model, cfg: RunConfig, data: tuple, classes: list[str], source: st
     from defectscope.models.inference import predict_logits
 
     budget = cfg.train.time_limit_minutes
-    frozen, history, extra = _fit_frozen(model, cfg, data, classes, source)
+    frozen, history, extra = _fit_frozen(model, cfg, data, classes, source, metadata)
     left = (budget * 60 - (time.perf_counter() - started)) / 60 if budget else None
     val_images, val_labels = data[2], data[3]
     if (left is not None and left < AUTO_MIN_FINETUNE_MINUTES) or len(val_labels) == 0:
@@ -206,9 +227,13 @@ def _fit_auto(model, cfg: RunConfig, data: tuple, classes: list[str], source: st
                              {"train.recipe": "finetune", "train.time_limit_minutes": left})
     tuned = create_model(cfg.model.name, len(classes), image_size=cfg.model.image_size,
                          pretrained=cfg.model.pretrained, drop_rate=cfg.model.drop_rate)
-    tuned, ft_history, ft_extra = _fine_tune(tuned, ft_cfg, data, classes, out, False)
-    wins = _bootstrap_wins(predict_logits(tuned, val_images).argmax(1).numpy(),
-                           predict_logits(frozen, val_images).argmax(1).numpy(), val_labels, len(classes), cfg.seed)
+    if frozen.metadata_dim:
+        tuned.set_metadata_dim(frozen.metadata_dim)
+    tuned, ft_history, ft_extra = _fine_tune(tuned, ft_cfg, data, classes, out, False, metadata=metadata)
+    m_val = metadata[1]
+    wins = _bootstrap_wins(predict_logits(tuned, val_images, metadata=m_val).argmax(1).numpy(),
+                           predict_logits(frozen, val_images, metadata=m_val).argmax(1).numpy(), val_labels,
+                           len(classes), cfg.seed)
     chosen = "finetune" if wins >= AUTO_WIN_SHARE else "frozen"
     log.info(f"auto: the fine-tune beats the frozen model in {wins:.0%} of validation resamples; keeping {chosen}")
     report = {"chosen": chosen, "finetune_win_share": round(wins, 3),
