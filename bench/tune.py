@@ -78,6 +78,9 @@ def main() -> None:
         "command": "python " + " ".join(shlex.quote(a) for a in sys.argv),
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
     }
+    if args.budget < 60:
+        results["note"] = (f"a {args.budget:g}-minute study, not the 60 minutes of the target; its space is "
+                           "SHORT_SPACE unless --space default")
     results_path = Path(args.results)
     results_path.parent.mkdir(parents=True, exist_ok=True)
 
