@@ -7,6 +7,7 @@ Records the trials, pruned trials, the best configuration and both validation sc
 
     python bench/tune.py --budget 60                  # a 60-minute study -> bench/results/tune.json
     python bench/tune.py --budget 20 --trial-minutes 8
+    python bench/tune.py --budget 40 --no-default --out bench/runs/tune_X   # resume that study up to 40 min
 """
 
 from __future__ import annotations
@@ -78,9 +79,15 @@ def main() -> None:
         "command": "python " + " ".join(shlex.quote(a) for a in sys.argv),
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
     }
+    if args.budget < 60:
+        results["note"] = (f"a {args.budget:g}-minute study, not the 60 minutes of the target; its space is "
+                           "SHORT_SPACE unless --space default")
     results_path = Path(args.results)
     results_path.parent.mkdir(parents=True, exist_ok=True)
 
+    previous = json.loads(results_path.read_text()) if results_path.is_file() else {}
+    if args.no_default and "default_recipe" in previous:  # e.g. a resumed study: keep the earlier comparison
+        results["default_recipe"] = previous["default_recipe"]
     if not args.no_default:
         started = time.perf_counter()
         default_run = defectscope.train("elpv", out / "default", **{**FINETUNE, **SPLIT})
