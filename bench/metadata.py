@@ -122,8 +122,9 @@ def run_dataset(name: str, out_root: Path) -> dict:
     if name == "elpv":
         data, recipe, variants, stratify = "elpv", dict(DEMO_RECIPE), ELPV_VARIANTS, ["type"]
     else:
-        data = str(write_bridge_manifest(out_root / "diebridge_meta_data"))
-        recipe, variants, stratify = BRIDGE_RECIPE, BRIDGE_VARIANTS, ["lib"]
+        manifest = write_bridge_manifest(out_root / "diebridge_meta_data")
+        data, variants, stratify = str(manifest), BRIDGE_VARIANTS, ["lib"]
+        recipe = {**BRIDGE_RECIPE, "data.image_root": str(manifest.parent / "input_train")}
     results: dict = {"recipe": {**recipe, "data.fractions": FRACTIONS, "data.stratify": stratify, "seed": 0},
                      "variants": {}}
     dirs = {}

@@ -277,3 +277,30 @@ def test_service_requires_the_values(meta_models, tmp_path):
         assert r.status_code == 200 and r.json()["results"][0]["class"] == "spot_B"
         r = client.post("/v1/predict", content=png, headers={"Content-Type": "image/png"})
         assert r.status_code == 422 and "lib" in r.json()["detail"]
+
+
+def test_frozen_rbf_head_with_metadata_equals_the_sklearn_pipeline():
+    """The folded KernelHead (metadata passing beside the kernel values) gives sklearn's logits exactly."""
+    import torch
+    from sklearn.kernel_approximation import Nystroem
+    from sklearn.linear_model import LogisticRegression
+
+    from defectscope.config import build_config
+    from defectscope.models.factory import create_model
+    from defectscope.training.frozen import fit_frozen, pooled_features
+
+    rng = np.random.default_rng(0)
+    kinds = ["GOOD", "scratch", "spot"]
+    labels = np.repeat(np.arange(3), 12)
+    images = np.stack([make_image(kinds[y], rng, 32) for y in labels])
+    meta = np.eye(2, dtype=np.float32)[rng.integers(0, 2, len(labels))]
+    cfg = build_config(overrides={"train.class_weights": False, "train.frozen_c": [1.0]})
+    model = create_model("seed_cnn2", 3, image_size=32)
+    model.set_metadata_dim(2)
+    fit_frozen(model, cfg, images, labels, images[:0], labels[:0], kinds, metadata=meta)
+    with torch.no_grad():
+        got = model(torch.from_numpy(images).float().div(255).unsqueeze(1), torch.from_numpy(meta)).numpy()
+    z = pooled_features(model, images)  # the fitted model's features: FeatureNorm applied
+    emb = Nystroem(gamma=1.0 / z.shape[1], n_components=len(z), random_state=cfg.seed).fit(z)
+    lr = LogisticRegression(C=1.0, max_iter=3000).fit(np.hstack([emb.transform(z), meta]), labels)
+    np.testing.assert_allclose(got, lr.decision_function(np.hstack([emb.transform(z), meta])), atol=2e-3)
