@@ -32,6 +32,7 @@ from defectscope.decision.drift_policy import PATCH, parse_score
 from defectscope.deploy import metadata as md
 from defectscope.deploy import runtimes, selection
 from defectscope.deploy.quantize import QUANTIZE_MODES, quantize_model
+from defectscope.models.cam import CamHead, forward_with_map, supports_cam
 from defectscope.rundir import EVALUATION, METRICS, SPEC, Run
 
 log = logging.getLogger(__name__)
@@ -84,19 +85,25 @@ class DriftHead(nn.Module):
 
 
 class ExportHeads(nn.Module):
-    """The run's Classifier with the outputs a deployment needs, in one forward pass."""
+    """The run's Classifier with the outputs a deployment needs, in one forward pass; with ``heatmap`` a fifth
+    output, the decided class's Grad-CAM (:mod:`defectscope.models.cam`)."""
 
-    def __init__(self, model: nn.Module, drift: DriftHead | None = None):
+    def __init__(self, model: nn.Module, drift: DriftHead | None = None, heatmap: bool = False):
         super().__init__()
         self.model = model
         self.drift = drift
+        self.cam = CamHead(model) if heatmap else None
 
-    def forward(self, image: torch.Tensor, metadata: torch.Tensor | None = None,
-                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        features = self.model.forward_features(image)
+    def forward(self, image: torch.Tensor, metadata: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+        if self.cam is None:
+            features = self.model.forward_features(image)
+        else:
+            pooled, features, final = forward_with_map(self.model, image)
         logits = self.model.logits_from_features(features, metadata)
         drift = self.drift(features, logits) if self.drift is not None else torch.zeros_like(logits[:, 0])
-        return logits, torch.softmax(logits, dim=1), features, drift
+        if self.cam is None:
+            return logits, torch.softmax(logits, dim=1), features, drift
+        return logits, torch.softmax(logits, dim=1), features, drift, self.cam(pooled, features, final, logits)
 
 
 def drift_head_for(run: Run, policy: dict[str, Any] | None = None) -> tuple[nn.Module | None, tuple[int, ...] | None]:
@@ -131,14 +138,16 @@ def drift_head_for(run: Run, policy: dict[str, Any] | None = None) -> tuple[nn.M
     return head, stages
 
 
-def export_heads(model: nn.Module, run: Run, policy: dict[str, Any] | None = None) -> nn.Module:
-    """The graph to export: :class:`ExportHeads`, or MultiLayerExportHeads when the Drift score reads maps."""
+def export_heads(model: nn.Module, run: Run, policy: dict[str, Any] | None = None, *, heatmap: bool = False
+                 ) -> nn.Module:
+    """The graph to export: :class:`ExportHeads`, or MultiLayerExportHeads when the Drift score reads maps.
+    ``heatmap``: add the Grad-CAM output where the model supports it (global-average-pooled backbones)."""
     from defectscope.deploy.drift_heads import MultiLayerExportHeads
 
     head, stages = drift_head_for(run, policy)
     if stages:
-        return MultiLayerExportHeads(model, head, stages).eval()
-    return ExportHeads(model, head).eval()
+        return MultiLayerExportHeads(model, head, stages).eval()  # no heatmap beside the patch score's maps
+    return ExportHeads(model, head, heatmap=heatmap and supports_cam(model)).eval()
 
 
 def export(
@@ -174,7 +183,8 @@ def export(
         raise ExportError(f"{out}: its sidecar {sidecar.name} would overwrite the run's {SPEC}; "
                           "choose another name, e.g. RUN/export/model.onnx")
     model, spec = run.model(), run.spec
-    heads = export_heads(model, run)
+    heads = export_heads(model, run, heatmap=True)
+    heatmap = getattr(heads, "cam", None) is not None
     x_test, y_test, split, m_test = _split_inputs(run)
     takes_metadata = bool(spec.get("metadata_inputs"))
     if takes_metadata and quantize == "static":
@@ -203,7 +213,7 @@ def export(
             log.info(f"{quantize} quantization: size {report['size_bytes']['fp32']} -> {final.stat().st_size} bytes, "
                 f"{split} accuracy {q['accuracy_fp32']:.4f} -> {q['accuracy_quantized']:.4f}, "
                 f"max |dp| = {q['max_abs_diff_probabilities']:.3f}, decisions changed = {q['argmax_mismatches']}")
-        metadata = build_metadata(run, spec, quantize)
+        metadata = build_metadata(run, spec, quantize, heatmap=heatmap)
         _write_onnx_with_metadata(final, out, metadata)
         int8_path = runtimes.variant_path(out, "int8")
         if quantize is None and int8 and takes_metadata:
@@ -214,7 +224,7 @@ def export(
             q = Path(tmp) / "int8.onnx"
             report["int8"] = {"model": str(int8_path),
                               "quantization": quantize_model(fp32, q, "static", _calibration_inputs(run))}
-            _write_onnx_with_metadata(q, int8_path, build_metadata(run, spec, "static"))
+            _write_onnx_with_metadata(q, int8_path, build_metadata(run, spec, "static", heatmap=heatmap))
             report["size_bytes"]["int8"] = int8_path.stat().st_size
         elif int8_path.exists():
             int8_path.unlink()  # an int8 file of an earlier export would not match this model
@@ -268,7 +278,7 @@ def _drift_images(x_test: np.ndarray, spec: dict[str, Any]) -> np.ndarray:
     return np.concatenate(parts).astype(np.uint8)
 
 
-def build_metadata(run: Run, spec: dict[str, Any], quantize: str | None) -> dict[str, Any]:
+def build_metadata(run: Run, spec: dict[str, Any], quantize: str | None, *, heatmap: bool = False) -> dict[str, Any]:
     """The decoded metadata dictionary (keys in :mod:`defectscope.deploy.metadata`)."""
     resize = spec.get("resize", "squash")
     metrics_file = run.file(EVALUATION) / METRICS
@@ -289,7 +299,7 @@ def build_metadata(run: Run, spec: dict[str, Any], quantize: str | None) -> dict
             if spec.get("input_kind") == "wafer_map" else
             f"grayscale: decode to 1 channel, resize ({resize}) with PIL bilinear, ")
         + "scale to [0,1]; normalisation inside the graph",
-        "graph": {"input": md.INPUT, "outputs": list(md.OUTPUTS),
+        "graph": {"input": md.INPUT, "outputs": [*md.OUTPUTS, *([md.HEATMAP_OUTPUT] if heatmap else [])],
                   **({"inputs": [md.INPUT, md.METADATA_INPUT]} if spec.get("metadata_inputs") else {})},
     }
     return {
@@ -311,13 +321,14 @@ def _torch_export(heads: nn.Module, spec: dict[str, Any], path: Path, opset: int
     inputs = [md.INPUT]
     if heads.model.metadata_dim:
         args, inputs = (dummy, torch.zeros(2, heads.model.metadata_dim)), [md.INPUT, md.METADATA_INPUT]
+    outputs = [*md.OUTPUTS, *([md.HEATMAP_OUTPUT] if getattr(heads, "cam", None) is not None else [])]
     with warnings.catch_warnings(), torch.no_grad():
         # The TorchScript exporter is deprecated in favour of dynamo=True, which needs onnxscript; it still
         # handles every Classifier we build and keeps the export dependency-free.
         warnings.simplefilter("ignore", DeprecationWarning)
         torch.onnx.export(
-            heads, args, str(path), input_names=inputs, output_names=list(md.OUTPUTS),
-            dynamic_axes={name: batch for name in (*inputs, *md.OUTPUTS)}, opset_version=opset,
+            heads, args, str(path), input_names=inputs, output_names=outputs,
+            dynamic_axes={name: batch for name in (*inputs, *outputs)}, opset_version=opset,
             dynamo=False,
         )
     onnx.checker.check_model(str(path), full_check=True)
@@ -367,7 +378,8 @@ def _check_parity(heads: nn.Module, path: Path, x: np.ndarray, split: str,
                   metadata: np.ndarray | None = None) -> dict[str, Any]:
     with torch.no_grad():
         extra = () if metadata is None else (torch.from_numpy(np.asarray(metadata, dtype=np.float32)),)
-        t_logits, t_probs, _, t_drift = heads(torch.from_numpy(x), *extra)
+        t_out = heads(torch.from_numpy(x), *extra)
+        t_logits, t_probs, t_drift = t_out[0], t_out[1], t_out[3]
     o_logits, o_probs, o_drift = _run(_session(path), x, with_drift=True, metadata=metadata)
     t_probs, t_logits = t_probs.numpy(), t_logits.numpy()
     diff = float(np.abs(o_probs - t_probs).max()) if len(x) else 0.0
@@ -386,6 +398,9 @@ def _check_parity(heads: nn.Module, path: Path, x: np.ndarray, split: str,
             raise ExportError(f"ONNX Runtime's Drift score ({result['drift_score']}) differs from PyTorch's by "
                               f"{result['max_rel_diff_drift_score']:.3g} of its scale (tolerance {DRIFT_PARITY_TOL}); "
                               f"nothing written")
+    if len(t_out) > 4 and len(x):
+        o_heat = _session(path).run([md.HEATMAP_OUTPUT], _feeds(x, metadata))[0]
+        result["max_abs_diff_heatmap"] = float(np.abs(o_heat - t_out[4].numpy()).max())
     if diff > PARITY_TOL or mismatches:
         raise ExportError(f"ONNX Runtime disagrees with PyTorch on {split} images: max |dp| = {diff:.3g} "
                           f"(tolerance {PARITY_TOL}), {mismatches} different decisions; nothing written")

@@ -25,6 +25,7 @@ INPUT = "image"
 METADATA_INPUT = "metadata"
 # drift_score is the policy's Drift score computed inside the graph (zeros when the policy has no Drift rule).
 OUTPUTS = ("logits", "probabilities", "features", "drift_score")
+HEATMAP_OUTPUT = "heatmap"  # optional: (N, h, w) Grad-CAM of the decided class in [0, 1] (models.cam)
 
 
 class MetadataError(ValueError):

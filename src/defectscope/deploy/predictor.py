@@ -60,6 +60,7 @@ class Prediction:
     timing: dict[str, float] = field(default_factory=dict)
     error: str | None = None
     features: np.ndarray | None = field(default=None, repr=False, compare=False)
+    heatmap: np.ndarray | None = field(default=None, repr=False, compare=False)  # (h, w) in [0, 1]
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready, in the usual classification-API shape (predictions sorted by probability)."""
@@ -112,8 +113,10 @@ class Predictor:
     def __init__(self, model_path: str | Path, *, threads: int | None = None,
                  providers: list[str] | None = None, decode_threads: int | None = None,
                  max_pixels: int = DEFAULT_MAX_PIXELS, runtime: str = "onnxruntime", precision: str = "fp32",
-                 device: str = "cpu") -> None:
+                 device: str = "cpu", heatmaps: bool = False) -> None:
         from defectscope.deploy import runtimes
+
+        self.heatmaps = heatmaps  # fetch the graph's Grad-CAM output (when it has one) into Prediction.heatmap
 
         self.model_path = Path(model_path)
         if not self.model_path.is_file():
@@ -304,8 +307,11 @@ class Predictor:
             raise MetadataInputError(f"{self.model_path.name} needs metadata with every image: "
                                      f"{self.metadata_encoder.describe()}")
         start = time.perf_counter()
+        heat = None
         if self.cascade is not None:
             probs, features, drift = self.cascade.run(x)[1:]
+        elif self.heatmaps and getattr(self.engine, "has_heatmap", False):
+            probs, features, drift, heat = self.engine.run_with_heatmap(x, metadata)
         else:
             probs, features, drift = self.engine.run(x, metadata)
         infer_ms = (time.perf_counter() - start) * 1000 / len(x)
@@ -320,6 +326,7 @@ class Predictor:
                 drift_score=float(drift[i]) if has_drift else None,
                 timing={"decode_ms": round(decode_ms[i], 3), "infer_ms": round(infer_ms, 3)},
                 features=features[i].copy() if return_features else None,
+                heatmap=None if heat is None else heat[i].copy(),
             ))
         return out
 

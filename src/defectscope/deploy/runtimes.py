@@ -190,6 +190,14 @@ class OrtEngine:
         probs, features, drift = self.session.run(list(RUN_OUTPUTS), _feeds(x, metadata))
         return probs, features, drift
 
+    @property
+    def has_heatmap(self) -> bool:
+        return any(o.name == md.HEATMAP_OUTPUT for o in self.session.get_outputs())
+
+    def run_with_heatmap(self, x: np.ndarray, metadata: np.ndarray | None = None) -> tuple[np.ndarray, ...]:
+        """(probabilities, features, drift_score, heatmap) of a graph with the heatmap output."""
+        return tuple(self.session.run([*RUN_OUTPUTS, md.HEATMAP_OUTPUT], _feeds(x, metadata)))
+
 
 # ---------------------------------------------------------------------------------------------- openvino
 
@@ -256,12 +264,25 @@ class OpenVinoEngine:
             if not found:
                 raise md.MetadataError(f"{path}: no output {name!r} in the graph (not a defectscope export?)")
             self._index[name] = found[0]
+        heat = [i for i, n in enumerate(names) if md.HEATMAP_OUTPUT in n]
+        if heat:
+            self._index[md.HEATMAP_OUTPUT] = heat[0]
         self.props = onnx_props_from_openvino(model)
+
+    @property
+    def has_heatmap(self) -> bool:
+        return md.HEATMAP_OUTPUT in self._index
 
     def run(self, x: np.ndarray, metadata: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         result = self.request.infer(_feeds(x, metadata))
         outs = [np.asarray(result[self.compiled.outputs[self._index[n]]], dtype=np.float32) for n in RUN_OUTPUTS]
         return outs[0], outs[1], outs[2]
+
+    def run_with_heatmap(self, x: np.ndarray, metadata: np.ndarray | None = None) -> tuple[np.ndarray, ...]:
+        """(probabilities, features, drift_score, heatmap) of a graph with the heatmap output."""
+        result = self.request.infer(_feeds(x, metadata))
+        names = (*RUN_OUTPUTS, md.HEATMAP_OUTPUT)
+        return tuple(np.asarray(result[self.compiled.outputs[self._index[n]]], dtype=np.float32) for n in names)
 
 
 def _feeds(x: np.ndarray, metadata: np.ndarray | None) -> dict[str, np.ndarray]:

@@ -175,7 +175,7 @@ def load_model(path: Path, threads: int | None = None, max_pixels: int = 50_000_
     sig = _signature(path)
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
     # runtime: runtime=, precision=, device= as for the sorter (--runtime auto measures once per machine).
-    predictor = Predictor(path, threads=threads, decode_threads=1, max_pixels=max_pixels, **runtime)
+    predictor = Predictor(path, threads=threads, decode_threads=1, max_pixels=max_pixels, heatmaps=True, **runtime)
     if _signature(path) != sig or hashlib.sha256(path.read_bytes()).hexdigest() != digest:
         raise RuntimeError(f"{path} changed while it was loaded")
     blank = np.zeros((1, 1, predictor.image_size, predictor.image_size), np.float32)
@@ -908,14 +908,22 @@ def _records(config: ServeConfig, uploads: list[tuple[str, bytes]], paths: list[
     return records
 
 
+HEATMAP_PIXELS = 160
+
+
 def _save_heatmap(folder: Path, heatmap: Any, sha: str, model_id: str) -> str:
     from PIL import Image
 
     h = np.asarray(heatmap, dtype=np.float32)
     h = np.nan_to_num((h - h.min()) / (np.ptp(h) or 1.0))
+    # The graph's map is the last convolution's grid (5 x 5 at 160 px): smooth it to a viewable size and
+    # colour it (blue cold, red hot) so it reads beside the grey image.
+    size = HEATMAP_PIXELS
+    h = np.asarray(Image.fromarray(h).resize((size, size), Image.Resampling.BILINEAR), dtype=np.float32)
+    rgb = np.stack([h, 1.0 - np.abs(2.0 * h - 1.0), 1.0 - h], axis=-1)
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{sha}-{model_id}.png"
-    Image.fromarray((h * 255).astype(np.uint8)).save(path)
+    Image.fromarray((np.clip(rgb, 0, 1) * 255).astype(np.uint8), mode="RGB").save(path)
     return str(path)
 
 
