@@ -110,6 +110,13 @@ class TrainConfig:
     # Fine-tuning: exponential moving average of the weights after every step (e.g. 0.999); validation, early
     # stopping and the saved model use the averaged weights. 0: off.
     ema_decay: float = 0.0
+    # Layer-wise learning-rate decay: the head trains at lr, each parameter group nearer the input at
+    # layer_decay times the one above it (ImageNet features near the input need the least change). 1: off.
+    layer_decay: float = 1.0
+    # Progressive resizing: the first epoch of a phase trains at this fraction of model.image_size, growing
+    # linearly to the full size by the phase's half-way epoch (early epochs cost a fraction); validation and
+    # inference always run at the full size (train low, test high). 0: off. timm backbones only.
+    progressive_resize: float = 0.0
     device: str = "auto"  # auto | cpu | cuda | mps
     channels_last: bool = True
     threads: int | None = None  # default: all cores
@@ -280,6 +287,11 @@ def _validate(cfg: RunConfig) -> None:
     if not cfg.train.frozen_c or any(float(c) <= 0 for c in cfg.train.frozen_c):
         raise ConfigError(f"train.frozen_c must be a non-empty list of positive numbers, got {cfg.train.frozen_c}")
     cfg.train.frozen_c = [float(c) for c in cfg.train.frozen_c]
+    if not 0.0 < cfg.train.layer_decay <= 1.0:
+        raise ConfigError(f"train.layer_decay must lie in (0, 1] (1: off), got {cfg.train.layer_decay}")
+    if cfg.train.progressive_resize and not 0.25 <= cfg.train.progressive_resize < 1.0:
+        raise ConfigError(f"train.progressive_resize must be 0 (off) or in [0.25, 1), got "
+                          f"{cfg.train.progressive_resize}")
     if not 0.0 <= cfg.train.ema_decay < 1.0:
         raise ConfigError(f"train.ema_decay must lie in [0, 1) (0: off), got {cfg.train.ema_decay}")
     order = cfg.data.class_order

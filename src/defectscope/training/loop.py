@@ -20,11 +20,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from defectscope.config import PhaseConfig, RunConfig
+from defectscope.config import ConfigError, PhaseConfig, RunConfig
 from defectscope.logs import progress
 from defectscope.metrics import classification_metrics
 from defectscope.models.factory import Classifier
 from defectscope.models.inference import predict_logits
+from defectscope.models.seed_cnn import SeedCNN
 from defectscope.rundir import CHECKPOINT
 from defectscope.training.augment import augment_batch
 from defectscope.training.ema import WeightEMA
@@ -81,6 +82,36 @@ def set_trainable(model: Classifier, unfreeze: str) -> list[nn.Parameter]:
         if p.requires_grad:
             params.append(p)
     return params
+
+
+def layerwise_groups(model: Classifier, params: list[nn.Parameter], decay: float) -> list[dict[str, Any]]:
+    """Optimizer parameter groups of the trainable ``params``, each with its ``lr_scale``: 1 for the head,
+    ``decay ** k`` for the k-th group below it (the model's parameter groups, input to output)."""
+    trainable = {id(p) for p in params}
+    by_name = dict(model.named_parameters())
+    groups = model.param_groups()
+    out: list[dict[str, Any]] = []
+    covered: set[int] = set()
+    for depth, names in enumerate(reversed(groups)):
+        chosen = [by_name[n] for n in names if n in by_name and id(by_name[n]) in trainable]
+        covered.update(id(p) for p in chosen)
+        if chosen:
+            out.append({"params": chosen, "lr_scale": decay ** depth})
+    rest = [p for p in params if id(p) not in covered]  # in no named group (e.g. metadata scaling): full rate
+    if rest:
+        out.append({"params": rest, "lr_scale": 1.0})
+    return out
+
+
+def progressive_size(full: int, start_fraction: float, epoch: int, planned: int, multiple: int = 32) -> int:
+    """Training image size for ``epoch`` (0-based) of a phase of ``planned`` epochs: ``start_fraction * full``
+    at epoch 0, growing linearly to ``full`` by the half-way epoch; a multiple of ``multiple`` (the
+    backbone's stride), never above ``full``."""
+    if not start_fraction:
+        return full
+    ramp = max(1, planned // 2)
+    fraction = start_fraction + (1.0 - start_fraction) * min(1.0, epoch / ramp)
+    return int(min(full, max(multiple, round(full * fraction / multiple) * multiple)))
 
 
 def _freeze_norm_stats(model: nn.Module) -> None:
@@ -142,6 +173,9 @@ class Trainer:
     ) -> TrainState:
         """``m_train``/``m_val``: encoded metadata inputs (N, M) for a model that takes them."""
         cfg, tcfg = self.cfg, self.cfg.train
+        if tcfg.progressive_resize and isinstance(self.model.backbone, SeedCNN):
+            raise ConfigError("train.progressive_resize needs a backbone that takes any input size (a timm model); "
+                              "the seed CNNs' dense layers fix theirs")
         self.m_train = None if m_train is None else torch.as_tensor(np.asarray(m_train), dtype=torch.float32)
         self.m_val = m_val
         model = self.model.to(self.device)
@@ -181,7 +215,7 @@ class Trainer:
                 saved = None  # the saved optimizer belonged to this finished phase
                 continue
             params = set_trainable(model, phase.unfreeze)
-            optimizer = self._optimizer(params, phase.lr)
+            optimizer = self._optimizer(layerwise_groups(model, params, tcfg.layer_decay), phase.lr)
             if saved is not None:
                 optimizer.load_state_dict(saved["optimizer"])
                 saved = None
@@ -192,9 +226,10 @@ class Trainer:
             while state.phase_epoch < planned and not state.phase_done:
                 total = steps_per_epoch * planned
                 started = time.perf_counter()
+                size = progressive_size(cfg.model.image_size, tcfg.progressive_resize, state.phase_epoch, planned)
                 train_loss = self._train_epoch(
                     model, criterion, optimizer, scaler, x_train_t, y_train_t, gen, phase.lr,
-                    state.phase_epoch * steps_per_epoch, total, warmup, f"epoch {state.epoch + 1}", ema,
+                    state.phase_epoch * steps_per_epoch, total, warmup, f"epoch {state.epoch + 1}", ema, size,
                 )
                 if ema is not None:
                     with ema.applied(model):
@@ -205,7 +240,7 @@ class Trainer:
                 state.epoch += 1
                 record = {
                     "epoch": state.epoch, "phase": p_idx + 1, "unfreeze": phase.unfreeze,
-                    "train_loss": train_loss, **val,
+                    "train_loss": train_loss, "train_size": size, **val,
                     "lr": optimizer.param_groups[0]["lr"], "seconds": time.perf_counter() - started,
                 }
                 score = val["val_macro_f1"] if tcfg.monitor == "val_macro_f1" else -val["val_loss"]
@@ -248,7 +283,7 @@ class Trainer:
         model.eval()
         return state
 
-    def _optimizer(self, params: list[nn.Parameter], lr: float) -> torch.optim.Optimizer:
+    def _optimizer(self, params: list[dict[str, Any]], lr: float) -> torch.optim.Optimizer:
         wd = self.cfg.train.weight_decay
         name = self.cfg.train.optimizer
         if name == "adamw":
@@ -268,7 +303,7 @@ class Trainer:
         return max(1, math.ceil(n / tcfg.batch_size))
 
     def _train_epoch(self, model, criterion, optimizer, scaler, x, y, gen, base_lr, step, total, warmup, desc,
-                     ema: WeightEMA | None = None):
+                     ema: WeightEMA | None = None, size: int | None = None):
         tcfg = self.cfg.train
         model.train()
         _freeze_norm_stats(model)
@@ -279,12 +314,14 @@ class Trainer:
         for idx in bar:
             # Augment on the CPU with the run's generator so the stream is the same on every device.
             xb = augment_batch(x[idx].float().div_(255).unsqueeze(1), self.cfg.augment, gen)
+            if size is not None and size != xb.shape[-1]:
+                xb = F.interpolate(xb, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
             xb = xb.to(self.device)
             if self.channels_last:
                 xb = xb.contiguous(memory_format=torch.channels_last)
             yb = y[idx].to(self.device)
             for group in optimizer.param_groups:
-                group["lr"] = base_lr * _lr_factor(step, total, warmup, tcfg.schedule)
+                group["lr"] = base_lr * group.get("lr_scale", 1.0) * _lr_factor(step, total, warmup, tcfg.schedule)
             mb = () if self.m_train is None else (self.m_train[idx].to(self.device),)
             with torch.autocast(self.device.type, enabled=self.amp):
                 loss = criterion(model(xb, *mb), yb)
