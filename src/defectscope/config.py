@@ -42,7 +42,10 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    name: str = "efficientnet_lite0"
+    # The TF-padding variant is the architecture the offline ImageNet weights were trained in: with the
+    # symmetric-padding efficientnet_lite0 the same weights gave the frozen recipe 0.70 instead of 0.84 test
+    # macro-F1 on synthetic wafer maps (bench/results/generality.json, 2026-11-29).
+    name: str = "tf_efficientnet_lite0"
     pretrained: str | None = "auto"  # auto | none | package | hub[:name] | path/to/weights
     image_size: int = 160
     drop_rate: float = 0.2
