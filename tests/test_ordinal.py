@@ -140,3 +140,13 @@ def test_escape_score_is_chosen_on_validation_and_used_by_decide():
     with pytest.raises(PolicyError, match="class_ranks"):
         Policy(classes=classes, good_class="good", escape_threshold=0.5, escape_score="severity")
     assert choose_escape_score(np.full((4, 3), 1 / 3), np.array([1, 1, 1, 1]), 1, ranks)[0] == "p_good"
+
+
+def test_the_deployed_predictor_applies_the_severity_score():
+    from defectscope.deploy.predictor import _decide
+
+    classes, ranks = ["bad", "good", "mild"], [1.0, 0.0, 0.5]
+    policy = Policy(classes=classes, good_class="good", escape_threshold=0.6, escape_score="severity",
+                    class_ranks=ranks)
+    probs = np.array([[0.05, 0.5, 0.45], [0.45, 0.5, 0.05]])  # same P(good); severity passes only the first
+    assert _decide(probs, json.loads(policy.to_json()), classes) == ["good", "bad"]
