@@ -126,7 +126,7 @@ def tune(
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # our own log says what each trial did
     with _lock(out):
         study = optuna.create_study(
-            storage=optuna.storages.RDBStorage(storage), study_name=study_name, direction="maximize",
+            storage=_storage(storage), study_name=study_name, direction="maximize",
             sampler=optuna.samplers.TPESampler(seed=seed), pruner=_make_pruner(pruner, base, space),
             load_if_exists=True)
         _fail_stale_trials(study)
@@ -141,6 +141,15 @@ def tune(
     log.info(f"best trial {best['number']}: {OBJECTIVE} {best['value']:.4f} with {best['params']}; "
              f"copied to {out / BEST}")
     return rundir.Run(out / BEST)
+
+
+def _storage(url: str):
+    import optuna
+
+    # SQLite lets one writer in at a time; someone reading the study meanwhile (optuna-dashboard, a script)
+    # must make the tuner wait, not fail with "database is locked" after the default 5 seconds.
+    kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else None
+    return optuna.storages.RDBStorage(url, engine_kwargs=kwargs)
 
 
 def _check_space(space: dict[str, Any]) -> None:
