@@ -125,6 +125,9 @@ def test_resume_after_kill(folder_dataset, tmp_path):
     retried = [t for t in after.values() if t.number > stale[0].number and t.params == stale[0].params]
     assert retried and retried[0].state == TrialState.COMPLETE  # the interrupted configuration ran again
     assert sum(t.state == TrialState.COMPLETE for t in after.values()) == 3
+    # the resumed session draws new configurations, not the first session's random start again
+    new = [t for t in after.values() if t.number > stale[0].number and t is not retried[0]]
+    assert new and all(t.params != first.params for t in new)
     assert (out / "best" / "model.safetensors").is_file() and not (out / "tune.lock").exists()
 
 

@@ -127,8 +127,10 @@ def tune(
     with _lock(out):
         study = optuna.create_study(
             storage=_storage(storage), study_name=study_name, direction="maximize",
-            sampler=optuna.samplers.TPESampler(seed=seed), pruner=_make_pruner(pruner, base, space),
-            load_if_exists=True)
+            pruner=_make_pruner(pruner, base, space), load_if_exists=True)
+        # Seeded past the trials already in the study: a resumed study seeded as before would replay the
+        # first session's random start, trial by trial, instead of trying new configurations.
+        study.sampler = optuna.samplers.TPESampler(seed=seed + len(study.get_trials(deepcopy=False)))
         _fail_stale_trials(study)
         study.set_user_attr("space", space)
         study.set_user_attr("base_config", base.to_dict())
@@ -192,9 +194,11 @@ def _fail_stale_trials(study) -> None:
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         study._storage.set_trial_user_attr(t._trial_id, "failure", "interrupted (left RUNNING by a stopped run)")
         study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
-        if t.params:
+        done = any(f.params == t.params for f in _finished(study))
+        if t.params and not done:
             study.enqueue_trial(t.params, skip_if_exists=False)
-        log.warning(f"trial {t.number} was interrupted; marked FAILED, its configuration queued again")
+        log.warning(f"trial {t.number} was interrupted; marked FAILED"
+                    + ("" if done or not t.params else ", its configuration queued again"))
 
 
 def _finished(study) -> list:
