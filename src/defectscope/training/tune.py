@@ -126,9 +126,11 @@ def tune(
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # our own log says what each trial did
     with _lock(out):
         study = optuna.create_study(
-            storage=optuna.storages.RDBStorage(storage), study_name=study_name, direction="maximize",
-            sampler=optuna.samplers.TPESampler(seed=seed), pruner=_make_pruner(pruner, base, space),
-            load_if_exists=True)
+            storage=_storage(storage), study_name=study_name, direction="maximize",
+            pruner=_make_pruner(pruner, base, space), load_if_exists=True)
+        # Seeded past the trials already in the study: a resumed study seeded as before would replay the
+        # first session's random start, trial by trial, instead of trying new configurations.
+        study.sampler = optuna.samplers.TPESampler(seed=seed + len(study.get_trials(deepcopy=False)))
         _fail_stale_trials(study)
         study.set_user_attr("space", space)
         study.set_user_attr("base_config", base.to_dict())
@@ -141,6 +143,15 @@ def tune(
     log.info(f"best trial {best['number']}: {OBJECTIVE} {best['value']:.4f} with {best['params']}; "
              f"copied to {out / BEST}")
     return rundir.Run(out / BEST)
+
+
+def _storage(url: str):
+    import optuna
+
+    # SQLite lets one writer in at a time; someone reading the study meanwhile (optuna-dashboard, a script)
+    # must make the tuner wait, not fail with "database is locked" after the default 5 seconds.
+    kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else None
+    return optuna.storages.RDBStorage(url, engine_kwargs=kwargs)
 
 
 def _check_space(space: dict[str, Any]) -> None:
@@ -183,9 +194,11 @@ def _fail_stale_trials(study) -> None:
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         study._storage.set_trial_user_attr(t._trial_id, "failure", "interrupted (left RUNNING by a stopped run)")
         study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
-        if t.params:
+        done = any(f.params == t.params for f in _finished(study))
+        if t.params and not done:
             study.enqueue_trial(t.params, skip_if_exists=False)
-        log.warning(f"trial {t.number} was interrupted; marked FAILED, its configuration queued again")
+        log.warning(f"trial {t.number} was interrupted; marked FAILED"
+                    + ("" if done or not t.params else ", its configuration queued again"))
 
 
 def _finished(study) -> list:
