@@ -207,8 +207,10 @@ def bench_dataset(name: str, args, work: Path) -> dict:
                     p_val = softmax(logits_v, temperature)[:, g]
                     extra["classifier_threshold"] = escape_threshold(
                         p_val, clf.labels(rows_v) != g, max_escape=cap / 2, confidence=0.5).threshold
+                # The good class by name: ELPV's "functional" is not one cascade() recognises by default.
                 cp = cascade(screen, clf, out=work / f"{name}_cascade_{key}_{method}.json", max_escape=cap,
-                             confidence=confidence, method=method, **extra)
+                             confidence=confidence, method=method, good_class=good, screen_good_class=good,
+                             **extra)
             except CalibrationError as exc:
                 entry[f"cascade_{method}"] = {"refused": str(exc)}
                 continue
