@@ -366,9 +366,11 @@ def _feeds(x: np.ndarray, metadata: np.ndarray | None) -> dict[str, np.ndarray]:
     return {md.INPUT: x, md.METADATA_INPUT: np.ascontiguousarray(metadata, dtype=np.float32)}
 
 
-def _run(session, x: np.ndarray, batch_size: int = 64, with_drift: bool = False, metadata: np.ndarray | None = None):
-    """(logits, probabilities[, drift_score]) of ONNX Runtime over x (and its metadata) in batches."""
-    names = [md.OUTPUTS[0], md.OUTPUTS[1], *([md.OUTPUTS[3]] if with_drift else [])]
+def _run(session, x: np.ndarray, batch_size: int = 64, with_drift: bool = False, metadata: np.ndarray | None = None,
+         with_heatmap: bool = False):
+    """(logits, probabilities[, drift_score][, heatmap]) of ONNX Runtime over x (and its metadata) in batches."""
+    names = [md.OUTPUTS[0], md.OUTPUTS[1], *([md.OUTPUTS[3]] if with_drift else []),
+             *([md.HEATMAP_OUTPUT] if with_heatmap else [])]
     outs = [session.run(names, _feeds(x[i:i + batch_size], None if metadata is None else metadata[i:i + batch_size]))
             for i in range(0, len(x), batch_size)]
     return tuple(np.concatenate([o[j] for o in outs]) for j in range(len(names)))
@@ -380,7 +382,9 @@ def _check_parity(heads: nn.Module, path: Path, x: np.ndarray, split: str,
         extra = () if metadata is None else (torch.from_numpy(np.asarray(metadata, dtype=np.float32)),)
         t_out = heads(torch.from_numpy(x), *extra)
         t_logits, t_probs, t_drift = t_out[0], t_out[1], t_out[3]
-    o_logits, o_probs, o_drift = _run(_session(path), x, with_drift=True, metadata=metadata)
+    heatmap = len(t_out) > 4
+    o_logits, o_probs, o_drift, *o_heat = _run(_session(path), x, with_drift=True, metadata=metadata,
+                                               with_heatmap=heatmap)
     t_probs, t_logits = t_probs.numpy(), t_logits.numpy()
     diff = float(np.abs(o_probs - t_probs).max()) if len(x) else 0.0
     mismatches = int((o_probs.argmax(1) != t_probs.argmax(1)).sum())
@@ -398,9 +402,8 @@ def _check_parity(heads: nn.Module, path: Path, x: np.ndarray, split: str,
             raise ExportError(f"ONNX Runtime's Drift score ({result['drift_score']}) differs from PyTorch's by "
                               f"{result['max_rel_diff_drift_score']:.3g} of its scale (tolerance {DRIFT_PARITY_TOL}); "
                               f"nothing written")
-    if len(t_out) > 4 and len(x):
-        o_heat = _session(path).run([md.HEATMAP_OUTPUT], _feeds(x, metadata))[0]
-        result["max_abs_diff_heatmap"] = float(np.abs(o_heat - t_out[4].numpy()).max())
+    if heatmap and len(x):
+        result["max_abs_diff_heatmap"] = float(np.abs(o_heat[0] - t_out[4].numpy()).max())
     if diff > PARITY_TOL or mismatches:
         raise ExportError(f"ONNX Runtime disagrees with PyTorch on {split} images: max |dp| = {diff:.3g} "
                           f"(tolerance {PARITY_TOL}), {mismatches} different decisions; nothing written")

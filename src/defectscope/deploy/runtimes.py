@@ -185,14 +185,12 @@ class OrtEngine:
         self.session = ort.InferenceSession(str(path), options, providers=providers)
         self.device = "gpu" if self.session.get_providers()[0] == "CUDAExecutionProvider" else "cpu"
         self.props: dict[str, str] = self.session.get_modelmeta().custom_metadata_map
+        # Read once: the predictor asks on every batch.
+        self.has_heatmap = any(o.name == md.HEATMAP_OUTPUT for o in self.session.get_outputs())
 
     def run(self, x: np.ndarray, metadata: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         probs, features, drift = self.session.run(list(RUN_OUTPUTS), _feeds(x, metadata))
         return probs, features, drift
-
-    @property
-    def has_heatmap(self) -> bool:
-        return any(o.name == md.HEATMAP_OUTPUT for o in self.session.get_outputs())
 
     def run_with_heatmap(self, x: np.ndarray, metadata: np.ndarray | None = None) -> tuple[np.ndarray, ...]:
         """(probabilities, features, drift_score, heatmap) of a graph with the heatmap output."""
