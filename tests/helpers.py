@@ -41,3 +41,29 @@ FAST = {
     "train.progress": False,
     "train.patience": 0,
 }
+
+
+def train_interrupted_after(epoch: int, data: Path, out: Path, **options) -> None:
+    """Start ``train`` and stop it like Ctrl-C right after epoch ``epoch``'s checkpoint is written (the epoch's
+    log line follows the checkpoint), leaving ``out`` ready for ``train(out=out, resume=True)``."""
+    import logging
+
+    import pytest
+
+    from defectscope import train
+
+    class StopAfterEpoch(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if record.getMessage().startswith(f"epoch {epoch:>3}"):
+                raise KeyboardInterrupt
+
+    handler, logger = StopAfterEpoch(), logging.getLogger("defectscope.training")
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            train(data, out, **options)
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import logging
-
 import pytest
 import torch
-from helpers import FAST
+from helpers import FAST, train_interrupted_after
 from safetensors.torch import load_file
 from torch import nn
 
@@ -53,22 +51,7 @@ def test_ema_run_saves_the_averaged_weights(folder_dataset, tmp_path):
 @pytest.mark.slow
 def test_resume_with_ema_gives_identical_weights(folder_dataset, tmp_path):
     full = train(folder_dataset, tmp_path / "full", **EMA)
-
-    class StopAfterEpoch2(logging.Handler):
-        def emit(self, record: logging.LogRecord) -> None:
-            if record.getMessage().startswith("epoch   2"):  # logged right after epoch 2's checkpoint is written
-                raise KeyboardInterrupt
-
-    handler, logger = StopAfterEpoch2(), logging.getLogger("defectscope.training")
-    level = logger.level
-    logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            train(folder_dataset, tmp_path / "part", **EMA)
-    finally:
-        logger.removeHandler(handler)
-        logger.setLevel(level)
+    train_interrupted_after(2, folder_dataset, tmp_path / "part", **EMA)
     resumed = train(out=tmp_path / "part", resume=True)
     wf, wr = load_file(str(full / "model.safetensors")), load_file(str(resumed / "model.safetensors"))
     assert all(torch.equal(wf[k], wr[k]) for k in wf)

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import FAST
+from helpers import FAST, train_interrupted_after
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -66,22 +65,7 @@ def test_same_seed_same_weights(folder_dataset, tmp_path):
 def test_resume_continues_to_the_same_result(folder_dataset, tmp_path):
     recipe = {**FAST, "train.epochs": 4}
     full = train(folder_dataset, tmp_path / "full", **quiet, **recipe)
-
-    class StopAfterEpoch2(logging.Handler):
-        def emit(self, record: logging.LogRecord) -> None:
-            if record.getMessage().startswith("epoch   2"):  # logged right after epoch 2's checkpoint is written
-                raise KeyboardInterrupt
-
-    handler, logger = StopAfterEpoch2(), logging.getLogger("defectscope.training")
-    level = logger.level
-    logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            train(folder_dataset, tmp_path / "part", **recipe)
-    finally:
-        logger.removeHandler(handler)
-        logger.setLevel(level)
+    train_interrupted_after(2, folder_dataset, tmp_path / "part", **recipe)
     assert not (tmp_path / "part" / "model.json").exists()
     resumed = train(out=tmp_path / "part", resume=True, **quiet)
     wf, wr = _weights(full), _weights(resumed)
