@@ -12,7 +12,8 @@ standardised on the validation images of the same, and scored on its test images
   heldout_class  each class in turn: fit on the other three; normal = their test images; Drift = the class
 
 Scores: ``mahalanobis`` and ``knn`` on the pooled features, ``patch`` (per-position Gaussian on the stride
-8 and 16 maps, :mod:`defectscope.decision.patch_drift`), and z-scored fusions (max of 2-3 scores and a
+8 and 16 maps, :mod:`defectscope.decision.patch_drift`), ``photometric`` (grey-level statistics,
+:mod:`defectscope.decision.photometric_drift`), and z-scored fusions (max of 2-3 scores and a
 fitted weighted sum). The policy's score is chosen by its worst-kind AUROC; ``loko`` says how that choice
 does on a kind it was not chosen on (:func:`defectscope.decision.drift_fusion.select_score`).
 
@@ -37,6 +38,7 @@ import numpy as np
 from defectscope.decision.drift import DriftScorer
 from defectscope.decision.drift_fusion import Candidate, candidates, select_score
 from defectscope.decision.patch_drift import PatchGaussian, feature_maps
+from defectscope.decision.photometric_drift import PhotometricGaussian
 from defectscope.evaluation.corruptions import CORRUPTIONS, FAR_DRIFT, corrupt
 from defectscope.training.train import machine_info
 
@@ -75,7 +77,10 @@ def frozen(threads: int, log=print) -> dict:
     test = split == "test"
     extra = {f"far:{n}": fn(100, SIZE, seed=0) for n, fn in FAR_DRIFT.items()}
     extra |= {f"corruption:{n}": corrupt(images[test], n, seed=0) for n in CORRUPTIONS}
-    extra_feats = {k: feature_maps(model, v, STAGES) for k, v in extra.items()}
+    extra_feats = {k: (*feature_maps(model, v, STAGES), v) for k, v in extra.items()}
+
+    def pick(rows: np.ndarray) -> tuple:
+        return feats[rows], logits[rows], [m[rows] for m in maps], images[rows]
 
     def experiment(fit_rows: np.ndarray, drift_sets: dict[str, tuple]) -> dict[str, dict]:
         """Fit on train & fit_rows; score val & fit_rows, test & fit_rows, and each drift set."""
@@ -84,13 +89,14 @@ def frozen(threads: int, log=print) -> dict:
         y = np.array([classes.index(c) for c in label[tr]])
         scorer = DriftScorer().fit(feats[tr], logits[tr], y)
         patch = PatchGaussian(d=100, stages=STAGES).fit([m[tr] for m in maps])
+        photometric = PhotometricGaussian().fit(images[tr])
 
-        def score(f, lg, ms):
+        def score(f, lg, ms, im):
             out = scorer.score(f, lg, list(POOLED))
             out["patch"] = patch.score(ms)
+            out["photometric"] = photometric.score(im)
             return out
 
-        pick = lambda rows: (feats[rows], logits[rows], [m[rows] for m in maps])  # noqa: E731
         return {"val": score(*pick(va)), "normal": score(*pick(te)),
                 **{name: score(*s) for name, s in drift_sets.items()}}
 
@@ -104,23 +110,25 @@ def frozen(threads: int, log=print) -> dict:
     }
     corruption_parts = {k.split(":", 1)[1]: {"val": base["val"], "normal": base["normal"], "drift": base[k]}
                         for k in extra if k.startswith("corruption:")}
-    g = experiment(mono, {"drift": (feats[~mono], logits[~mono], [m[~mono] for m in maps])})
+    g = experiment(mono, {"drift": pick(~mono)})
     kinds_parts["group"] = {"type!=mono": {"val": g["val"], "normal": g["normal"], "drift": g["drift"]}}
     kinds_parts["heldout_class"] = {}
     for c in sorted(set(label)):
-        h = experiment(label != c, {"drift": (feats[label == c], logits[label == c], [m[label == c] for m in maps])})
+        h = experiment(label != c, {"drift": pick(label == c)})
         kinds_parts["heldout_class"][c] = {"val": h["val"], "normal": h["normal"], "drift": h["drift"]}
         log(f"held-out class {c}: done")
 
     kinds = {k: list(parts.values()) for k, parts in kinds_parts.items()}
-    scores = [*POOLED, "patch"]
+    scores = [*POOLED, "patch", "photometric"]
     selection = select_score(kinds, candidates(scores, max_members=3))
     chosen = next(c for c in candidates(scores, max_members=3) if c.name == selection["chosen"])
     if chosen.rule == "weighted":
         chosen = Candidate(chosen.name, chosen.members, "weighted", selection["weights"])
     report_cands = [Candidate(s, (s,), "single") for s in scores] + [chosen]
-    if chosen.name != "max(mahalanobis,knn,patch)":
-        report_cands.append(Candidate("max(mahalanobis,knn,patch)", tuple(scores), "max"))
+    for members in (("mahalanobis", "knn", "patch"), ("mahalanobis", "photometric"), ("knn", "photometric")):
+        name = "max(" + ",".join(members) + ")"
+        if name != chosen.name:
+            report_cands.append(Candidate(name, members, "max"))
     results: dict[str, dict] = {}
     for kind, parts in {**kinds_parts, "corruptions": {**kinds_parts["corruptions"], **corruption_parts}}.items():
         entry: dict[str, dict] = {"auroc": {}, "fpr95": {}, "parts": {}}

@@ -217,7 +217,7 @@ def test_fit_drift_and_drift_eval_on_a_run(trained_run, tmp_path):
 
     report = drift_eval(run, kinds=("corruptions", "far"), n_far=20)
     saved = json.loads((run / "drift_eval.json").read_text())
-    assert saved["members"] == [*SCORES, "patch"] and set(saved["kinds"]) == {"corruptions", "far"}
+    assert saved["members"] == [*SCORES, "patch", "photometric"] and set(saved["kinds"]) == {"corruptions", "far"}
     assert "max(knn,patch)" in saved["scores"] and saved["best_score"] in saved["scores"]
     assert set(saved["kinds"]["corruptions"]["parts"]) == set(CORRUPTIONS)
     for kind in saved["kinds"].values():

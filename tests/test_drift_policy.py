@@ -82,7 +82,7 @@ def test_patch_only_policy_through_evaluate(run_copy, tmp_path):
     assert "drift_rate" in metrics["policy"]
 
 
-@pytest.mark.parametrize("score", ["max(knn,patch)", "patch"])
+@pytest.mark.parametrize("score", ["max(knn,patch)", "patch", "max(mahalanobis,photometric)"])
 def test_exported_drift_score_matches_numpy(run_copy, tmp_path, score):
     """The ONNX graph's drift_score output, read by the torch-free Predictor, equals the numpy score
     (PolicyDrift on torch features and maps) to 1e-4 of its scale; its decisions are the policy's."""
@@ -104,9 +104,14 @@ def test_exported_drift_score_matches_numpy(run_copy, tmp_path, score):
     preds = Predictor(tmp_path / "m.onnx", threads=1).predict_batch(list(images))
     onnx_drift = np.array([p.drift_score for p in preds])
     f, lg, maps = policy_forward(run.model(), images, drift_stages(policy))
-    expected = drift_scores_for(run, policy, f, lg, maps)
+    expected = drift_scores_for(run, policy, f, lg, maps, images)
     assert np.abs(onnx_drift - expected).max() <= 1e-4 * np.abs(expected).max()
-    assert [p.decision for p in preds] == list(decide(lg, policy, inputs="logits", drift_score=expected).labels)
+    # A calibration image scores exactly the threshold (a conformal threshold is one of their scores), where
+    # float32 in the graph vs float64 in numpy may round either way: decisions are compared off that knife edge.
+    clear = np.abs(expected - policy.drift_threshold) > 1e-4 * np.abs(expected).max()
+    assert clear.sum() >= len(images) - 2
+    wanted = decide(lg, policy, inputs="logits", drift_score=expected).labels
+    assert [p.decision for p, c in zip(preds, clear, strict=True) if c] == list(wanted[clear])
     assert sum(p.decision == "Drift" for p in preds[-6:]) >= 5
     if score == "patch":
         # The int8 variant quantizes the shared backbone but keeps the patch score's own nodes in float.

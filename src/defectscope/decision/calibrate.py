@@ -18,7 +18,7 @@ from defectscope.decision.costs import load_cost_matrix
 from defectscope.decision.drift import DriftError
 from defectscope.decision.drift_fit import cost_aware_drift_threshold, fit_drift
 from defectscope.decision.drift_fusion import Standardiser
-from defectscope.decision.drift_policy import PATCH, PolicyDrift, parse_score, policy_forward
+from defectscope.decision.drift_policy import NOT_POOLED, PATCH, PHOTOMETRIC, PolicyDrift, parse_score, policy_forward
 from defectscope.decision.drift_support import support_message, threshold_with_support
 from defectscope.decision.escape_scores import choose_escape_score, class_ranks_from_order, goodness
 from defectscope.decision.outcomes import apply_policy_metrics
@@ -242,12 +242,13 @@ def calibrate(
 
 
 def drift_scores_for(run: Run, policy: Policy, features: np.ndarray, logits: np.ndarray,
-                     maps: list[np.ndarray] | None = None) -> np.ndarray | None:
+                     maps: list[np.ndarray] | None = None, images: np.ndarray | None = None) -> np.ndarray | None:
     """The policy's drift score for features/logits (and the stages' maps, for a ``patch`` member: see
-    :func:`drift_stages`), with the run's fitted statistics (None: no Drift rule)."""
+    :func:`drift_stages`; the images, for a ``photometric`` member), with the run's fitted statistics (None: no
+    Drift rule)."""
     if not policy.drift:
         return None
-    return PolicyDrift.from_policy(run, policy.drift).score(features, logits, maps)
+    return PolicyDrift.from_policy(run, policy.drift).score(features, logits, maps, images)
 
 
 def drift_stages(policy: Policy) -> tuple[int, ...] | None:
@@ -273,11 +274,11 @@ def _calibrate_drift(policy: Policy, run: Run, model, calib: tuple[np.ndarray, n
         raise CalibrationError(str(exc)) from None
     # The pooled statistics are fitted whatever the score (cheap; drift-eval and the cascade read them).
     scorer = fit_drift(run, model=model)
-    missing = [m for m in members if m != PATCH and m not in scorer.available]
+    missing = [m for m in members if m not in NOT_POOLED and m not in scorer.available]
     if missing:
         # ViM needs the classifier's linear head; the frozen recipe's kernel head has none.
         raise CalibrationError(f"the drift score {', '.join(missing)} cannot be computed for this model (ViM "
-                               f"needs a linear head); available: {', '.join((*scorer.available, PATCH))}")
+                               f"needs a linear head); available: {', '.join((*scorer.available, *NOT_POOLED))}")
     patch = None
     if PATCH in members:
         from defectscope.decision.patch_drift import fit_patch_drift
@@ -286,8 +287,13 @@ def _calibrate_drift(policy: Policy, run: Run, model, calib: tuple[np.ndarray, n
             patch = fit_patch_drift(run, model=model)
         except DriftError as exc:
             raise CalibrationError(str(exc)) from None
-    drift = PolicyDrift(members, scorer, patch)
-    s_in_raw = drift.raw(*policy_forward(model, calib_images, drift.stages, metadata=calib_meta))
+    photometric = None
+    if PHOTOMETRIC in members:
+        from defectscope.decision.photometric_drift import fit_photometric
+
+        photometric = fit_photometric(run)
+    drift = PolicyDrift(members, scorer, patch, photometric=photometric)
+    s_in_raw = drift.raw(*policy_forward(model, calib_images, drift.stages, metadata=calib_meta), images=calib_images)
     std_info: dict[str, Any] = {}
     if drift.fused:
         if val_images is None or len(val_images) < 2:
@@ -296,7 +302,7 @@ def _calibrate_drift(policy: Policy, run: Run, model, calib: tuple[np.ndarray, n
         # Held-out images: the training images' scores are optimistically low (the statistics saw them), and
         # the calibration images must stay untouched for the threshold's guarantee.
         drift.standardiser = Standardiser.fit(drift.raw(*policy_forward(model, val_images, drift.stages,
-                                                                          metadata=val_meta)))
+                                                                          metadata=val_meta), images=val_images))
         std_info = {"standardised_on": "val", "n_standardise": int(len(val_images))}
     s_in = drift.combine(s_in_raw)
     try:
@@ -311,7 +317,7 @@ def _calibrate_drift(policy: Policy, run: Run, model, calib: tuple[np.ndarray, n
     if examples is not None and policy.cost_matrix is not None and "Drift" in policy.cost_matrix["classes"]:
         drift_images = _folder_images(examples, run.spec)
         f_d, l_d, m_d = policy_forward(model, drift_images, drift.stages)
-        s_d = drift.score(f_d, l_d, m_d)
+        s_d = drift.score(f_d, l_d, m_d, drift_images)
         decided_in = decide(logits, policy, inputs="logits").labels
         decided_d = decide(l_d, policy, inputs="logits").labels
         classes = np.array(policy.classes, dtype=object)

@@ -318,7 +318,8 @@ def cascade(
     policy_c.escape_guarantee = result.classifier_guarantee or {
         "cascade": "fixed beforehand", "threshold": result.classifier_threshold,
         "calibrated_on_same_images": same_images}
-    drift = drift_scores_for(clf, policy_c, features, logits, maps) if policy_c.drift_threshold is not None else None
+    drift = (drift_scores_for(clf, policy_c, features, logits, maps, images)
+             if policy_c.drift_threshold is not None else None)
     policy = {
         "kind": CASCADE_KIND, "version": CASCADE_VERSION,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),

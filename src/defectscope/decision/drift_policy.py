@@ -2,14 +2,15 @@
 
 A policy names its score in ``policy.drift["score"]``: a member (``mahalanobis``, ``knn``, ``vim``, ``msp``,
 ``energy`` on the pooled features and logits; ``patch`` on the feature maps, see
-:mod:`defectscope.decision.patch_drift`) or a max fusion such as ``max(knn,patch)``: each member
+:mod:`defectscope.decision.patch_drift`; ``photometric`` on the image's grey levels, see
+:mod:`defectscope.decision.photometric_drift`) or a max fusion such as ``max(knn,patch)``: each member
 standardised with the mean and standard deviation of its scores on the validation split's images
 (``policy.drift["standardiser"]``), the largest z-score kept (:mod:`defectscope.decision.drift_fusion`).
 
-:class:`PolicyDrift` computes that score in numpy from features, logits and (for ``patch``) maps with the
-statistics saved in the run; the exported graph computes the same inside ONNX
-(:mod:`defectscope.deploy.drift_heads`), so the deployed predictor reads one number and stays torch-free.
-"""
+:class:`PolicyDrift` computes that score in numpy from features, logits, (for ``patch``) maps and (for
+``photometric``) the images, with the statistics saved in the run and the policy; the exported graph computes
+the same inside ONNX (:mod:`defectscope.deploy.drift_heads`), so the deployed predictor reads one number and
+stays torch-free."""
 
 from __future__ import annotations
 
@@ -21,13 +22,15 @@ import numpy as np
 
 from defectscope.decision.drift import SCORES, DriftError, DriftScorer
 from defectscope.decision.drift_fusion import Standardiser, fuse_max
+from defectscope.decision.photometric_drift import PHOTOMETRIC, PhotometricGaussian
 
 if TYPE_CHECKING:
     from defectscope.decision.patch_drift import PatchGaussian
     from defectscope.rundir import Run
 
 PATCH = "patch"
-MEMBERS = (*SCORES, PATCH)
+MEMBERS = (*SCORES, PATCH, PHOTOMETRIC)
+NOT_POOLED = (PATCH, PHOTOMETRIC)
 
 
 def parse_score(name: str) -> tuple[str, ...]:
@@ -55,10 +58,11 @@ def score_name(members: Sequence[str]) -> str:
 
 def member_scores(members: Sequence[str], pooled: DriftScorer | None, patch: PatchGaussian | None,
                   features: np.ndarray | None, logits: np.ndarray | None,
-                  maps: Sequence[np.ndarray] | None) -> dict[str, np.ndarray]:
+                  maps: Sequence[np.ndarray] | None, *, photometric: PhotometricGaussian | None = None,
+                  images: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """Raw scores of each member (all higher = more unlike training)."""
     out: dict[str, np.ndarray] = {}
-    pooled_names = [m for m in members if m != PATCH]
+    pooled_names = [m for m in members if m not in NOT_POOLED]
     if pooled_names:
         if pooled is None:
             raise DriftError(f"the {', '.join(pooled_names)} score needs the pooled drift statistics")
@@ -69,6 +73,12 @@ def member_scores(members: Sequence[str], pooled: DriftScorer | None, patch: Pat
         if maps is None:
             raise DriftError("the patch score needs the feature maps of the images")
         out[PATCH] = patch.score(maps)
+    if PHOTOMETRIC in members:
+        if photometric is None:
+            raise DriftError("the photometric score needs the photometric statistics")
+        if images is None:
+            raise DriftError("the photometric score needs the images")
+        out[PHOTOMETRIC] = photometric.score(images)
     return out
 
 
@@ -80,6 +90,7 @@ class PolicyDrift:
     pooled: DriftScorer | None = None
     patch: PatchGaussian | None = None
     standardiser: Standardiser | None = None
+    photometric: PhotometricGaussian | None = None
 
     @property
     def name(self) -> str:
@@ -94,8 +105,9 @@ class PolicyDrift:
         """The backbone stages whose maps the score needs (None: it reads pooled features only)."""
         return tuple(self.patch.stages) if self.patch is not None and PATCH in self.members else None
 
-    def raw(self, features, logits, maps=None) -> dict[str, np.ndarray]:
-        return member_scores(self.members, self.pooled, self.patch, features, logits, maps)
+    def raw(self, features, logits, maps=None, images=None) -> dict[str, np.ndarray]:
+        return member_scores(self.members, self.pooled, self.patch, features, logits, maps,
+                             photometric=self.photometric, images=images)
 
     def combine(self, raw: Mapping[str, np.ndarray]) -> np.ndarray:
         """The policy's score from the members' raw scores."""
@@ -105,8 +117,8 @@ class PolicyDrift:
             raise DriftError(f"the fused score {self.name} needs a standardiser")
         return fuse_max(self.standardiser.transform({m: raw[m] for m in self.members}), self.members)
 
-    def score(self, features, logits, maps=None) -> np.ndarray:
-        return self.combine(self.raw(features, logits, maps))
+    def score(self, features, logits, maps=None, images=None) -> np.ndarray:
+        return self.combine(self.raw(features, logits, maps, images))
 
     def policy_entries(self) -> dict[str, Any]:
         """What policy.json records beside the threshold to recompute (and export) this score."""
@@ -116,6 +128,8 @@ class PolicyDrift:
             out["standardiser"] = self.standardiser.to_dict()
         if self.patch is not None and PATCH in self.members:
             out["patch"] = {k: v for k, v in self.patch.params().items() if k != "version"}
+        if self.photometric is not None and PHOTOMETRIC in self.members:
+            out["photometric"] = self.photometric.to_dict()
         return out
 
     @classmethod
@@ -124,15 +138,20 @@ class PolicyDrift:
         from defectscope.decision.patch_drift import PatchGaussian
 
         members = parse_score(drift["score"])
-        pooled = DriftScorer.load(run) if any(m != PATCH for m in members) else None
+        pooled = DriftScorer.load(run) if any(m not in NOT_POOLED for m in members) else None
         patch = PatchGaussian.load(run) if PATCH in members else None
+        photometric = None
+        if PHOTOMETRIC in members:
+            if not drift.get("photometric"):
+                raise DriftError(f"the policy's Drift score {drift['score']} has no photometric statistics")
+            photometric = PhotometricGaussian.from_dict(drift["photometric"])
         std = None
         if len(members) > 1:
             s = drift.get("standardiser")
             if not s:
                 raise DriftError(f"the policy's fused Drift score {drift['score']} has no standardiser")
             std = Standardiser(dict(s["mu"]), dict(s["sigma"]))
-        return cls(members, pooled, patch, std)
+        return cls(members, pooled, patch, std, photometric)
 
 
 def policy_forward(model, images: np.ndarray, stages: Sequence[int] | None, *, metadata: np.ndarray | None = None

@@ -5,6 +5,8 @@ predictor reads one ``drift`` output and stays torch-free:
 
 - :class:`PatchDriftHead`: :class:`defectscope.decision.patch_drift.PatchGaussian` (per-position Mahalanobis,
   max over positions) from the backbone's intermediate maps;
+- :class:`PhotometricDriftHead`: :class:`defectscope.decision.photometric_drift.PhotometricGaussian` (the
+  Mahalanobis distance of four grey-level statistics) from the graph's ``image`` input;
 - :class:`VimHead`: ViM from the pooled features and logits (:func:`defectscope.decision.drift.vim_score`);
 - :class:`FusedDriftHead`: the largest standardised score, ``max_i (s_i - mu_i) / sigma_i``, with
   ``mu_i, sigma_i`` from held-out normal images (:mod:`defectscope.decision.drift_fusion`);
@@ -23,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from defectscope.decision.patch_drift import PatchGaussian, multilayer_forward
+from defectscope.decision.photometric_drift import EPS, PhotometricGaussian
 
 
 def _buffer(x: np.ndarray) -> torch.Tensor:
@@ -55,6 +58,25 @@ class PatchDriftHead(nn.Module):
         return self.maps(maps).flatten(1).max(dim=1).values
 
 
+class PhotometricDriftHead(nn.Module):
+    """Mahalanobis distance of the image's mean, log std and log mean |dx|, |dy| (image: (N, 1, H, W) in [0, 1])."""
+
+    def __init__(self, gaussian: PhotometricGaussian):
+        super().__init__()
+        self.register_buffer("mean", _buffer(gaussian.mean))
+        self.register_buffer("precision", _buffer(gaussian.precision))
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        x = image[:, 0]
+        mean = x.mean(dim=(1, 2))
+        std = torch.sqrt(((x - mean[:, None, None]) ** 2).mean(dim=(1, 2)))
+        grad_x = (x[:, :, 1:] - x[:, :, :-1]).abs().mean(dim=(1, 2))
+        grad_y = (x[:, 1:, :] - x[:, :-1, :]).abs().mean(dim=(1, 2))
+        stats = torch.stack([mean, torch.log(std + EPS), torch.log(grad_x + EPS), torch.log(grad_y + EPS)], dim=1)
+        d = stats - self.mean
+        return torch.sqrt(torch.clamp(((d @ self.precision) * d).sum(dim=1), min=0.0))
+
+
 class VimHead(nn.Module):
     """ViM: alpha * ||(f - u) @ NS|| - logsumexp(logits) (Wang et al. 2022; OpenOOD ``VIMPostprocessor``)."""
 
@@ -71,7 +93,8 @@ class VimHead(nn.Module):
 
 class FusedDriftHead(nn.Module):
     """max_i (s_i - mu_i) / sigma_i over the member scores. Members are ``("pooled", module)`` called with
-    (features, logits) or ``("patch", PatchDriftHead)`` called with the maps."""
+    (features, logits), ``("patch", PatchDriftHead)`` called with the maps or ``("image",
+    PhotometricDriftHead)`` called with the input image."""
 
     def __init__(self, members: Sequence[tuple[str, nn.Module]], mu: Sequence[float], sigma: Sequence[float]):
         super().__init__()
@@ -82,8 +105,9 @@ class FusedDriftHead(nn.Module):
         self.register_buffer("mu", torch.tensor(list(mu), dtype=torch.float32))
         self.register_buffer("sigma", torch.tensor(list(sigma), dtype=torch.float32))
 
-    def forward(self, features: torch.Tensor, logits: torch.Tensor, maps: Sequence[torch.Tensor]) -> torch.Tensor:
-        scores = [m(maps) if k == "patch" else m(features, logits)
+    def forward(self, features: torch.Tensor, logits: torch.Tensor, maps: Sequence[torch.Tensor] | None = None,
+                image: torch.Tensor | None = None) -> torch.Tensor:
+        scores = [m(maps) if k == "patch" else m(image) if k == "image" else m(features, logits)
                   for k, m in zip(self.kinds, self.members, strict=True)]
         z = (torch.stack(scores, dim=1) - self.mu) / self.sigma
         return z.max(dim=1).values
@@ -101,8 +125,20 @@ class MultiLayerExportHeads(nn.Module):
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         features, maps = multilayer_forward(self.model, image, self.stages)
         logits = self.model.logits_from_features(features, metadata)
-        drift = self.drift(maps) if isinstance(self.drift, PatchDriftHead) else self.drift(features, logits, maps)
+        drift = drift_output(self.drift, features, logits, maps, image)
         return logits, torch.softmax(logits, dim=1), features, drift
+
+
+def drift_output(head: nn.Module, features: torch.Tensor, logits: torch.Tensor,
+                 maps: Sequence[torch.Tensor] | None, image: torch.Tensor) -> torch.Tensor:
+    """The Drift head's score, given each kind of head what it reads."""
+    if isinstance(head, PatchDriftHead):
+        return head(maps)
+    if isinstance(head, PhotometricDriftHead):
+        return head(image)
+    if isinstance(head, FusedDriftHead):
+        return head(features, logits, maps, image)
+    return head(features, logits)
 
 
 def describe(head: nn.Module) -> dict[str, Any]:

@@ -28,9 +28,10 @@ from torch import nn
 
 from defectscope._version import __version__
 from defectscope.decision.drift import DriftScorer
-from defectscope.decision.drift_policy import PATCH, parse_score
+from defectscope.decision.drift_policy import NOT_POOLED, PATCH, PHOTOMETRIC, parse_score
 from defectscope.deploy import metadata as md
 from defectscope.deploy import runtimes, selection
+from defectscope.deploy.drift_heads import drift_output
 from defectscope.deploy.quantize import QUANTIZE_MODES, quantize_model
 from defectscope.models.cam import CamHead, forward_with_map, supports_cam
 from defectscope.rundir import EVALUATION, METRICS, SPEC, Run
@@ -100,7 +101,8 @@ class ExportHeads(nn.Module):
         else:
             pooled, features, final = forward_with_map(self.model, image)
         logits = self.model.logits_from_features(features, metadata)
-        drift = self.drift(features, logits) if self.drift is not None else torch.zeros_like(logits[:, 0])
+        drift = (drift_output(self.drift, features, logits, None, image) if self.drift is not None
+                 else torch.zeros_like(logits[:, 0]))
         if self.cam is None:
             return logits, torch.softmax(logits, dim=1), features, drift
         return logits, torch.softmax(logits, dim=1), features, drift, self.cam(pooled, features, final, logits)
@@ -112,19 +114,26 @@ def drift_head_for(run: Run, policy: dict[str, Any] | None = None) -> tuple[nn.M
     patch score, a :class:`~defectscope.deploy.drift_heads.FusedDriftHead` for a max of standardised scores;
     (None, None) when the policy has no Drift rule. The head's ``score_name`` is the policy's score."""
     from defectscope.decision.patch_drift import PatchGaussian
-    from defectscope.deploy.drift_heads import FusedDriftHead, PatchDriftHead
+    from defectscope.decision.photometric_drift import PhotometricGaussian
+    from defectscope.deploy.drift_heads import FusedDriftHead, PatchDriftHead, PhotometricDriftHead
 
     policy = run.policy if policy is None else policy
     drift = (policy or {}).get("drift")
     if not drift or policy.get("drift_threshold") is None:
         return None, None
     members = parse_score(drift["score"])
-    pooled = DriftScorer.load(run).to_arrays() if any(m != PATCH for m in members) else None
+    pooled = DriftScorer.load(run).to_arrays() if any(m not in NOT_POOLED for m in members) else None
     patch = PatchGaussian.load(run) if PATCH in members else None
     stages = tuple(patch.stages) if patch is not None else None
+    if PHOTOMETRIC in members and not drift.get("photometric"):
+        raise ExportError(f"the policy's Drift score {drift['score']} has no photometric statistics; calibrate again")
 
     def member(name: str) -> tuple[str, nn.Module]:
-        return ("patch", PatchDriftHead(patch)) if name == PATCH else ("pooled", DriftHead(name, *pooled))
+        if name == PATCH:
+            return "patch", PatchDriftHead(patch)
+        if name == PHOTOMETRIC:
+            return "image", PhotometricDriftHead(PhotometricGaussian.from_dict(drift["photometric"]))
+        return "pooled", DriftHead(name, *pooled)
 
     if len(members) == 1:
         head = member(members[0])[1]

@@ -1,13 +1,13 @@
 """Measure how well each Drift score separates normal images from unlike ones: ``defectscope drift-eval``.
 
-:func:`drift_eval` scores every candidate Drift score on corrupted, unrelated, held-out-class or held-out-group
-images: each pooled score (msp, energy, mahalanobis, knn, vim with a linear head), the ``patch`` score of
-the feature maps, and the max of every pair of them standardised on the validation split's images. It
-chooses the policy's score by its WORST-kind AUROC, and says how that choice does on a kind it was not
-chosen on (leave-one-kind-out; :func:`defectscope.decision.drift_fusion.select_score`). AUROC and FPR@95 of
-every candidate per kind and per part -> ``RUN/drift_eval.json``; the raw per-image scores of each member
-and of the chosen score -> ``RUN/drift_eval_scores.npz`` (plain float arrays, for the report's histograms).
-"""
+:func:`drift_eval` scores every candidate Drift score on corrupted, unrelated, held-out-class or
+held-out-group images: each pooled score (msp, energy, mahalanobis, knn, vim with a linear head), the
+``patch`` score of the feature maps, the ``photometric`` score of the grey levels, and the max of every pair of them
+standardised on the validation split's images. It chooses the policy's score by its WORST-kind AUROC, and says
+how that choice does on a kind it was not chosen on (leave-one-kind-out;
+:func:`defectscope.decision.drift_fusion.select_score`). AUROC and FPR@95 of every candidate per kind and per
+part -> ``RUN/drift_eval.json``; the raw per-image scores of each member and of the chosen score ->
+``RUN/drift_eval_scores.npz`` (plain float arrays, for the report's histograms)."""
 
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ from defectscope.decision.costs import DRIFT
 from defectscope.decision.drift import DriftError
 from defectscope.decision.drift_fit import fit_scorer
 from defectscope.decision.drift_fusion import Candidate, candidates, select_score
-from defectscope.decision.drift_policy import PATCH, member_scores
+from defectscope.decision.drift_policy import PATCH, PHOTOMETRIC, member_scores
 from defectscope.evaluation.corruptions import CORRUPTIONS, FAR_DRIFT, corrupt
 from defectscope.rundir import DRIFT_EVAL, DRIFT_EVAL_RUNS, SPEC, Run
 
@@ -91,6 +91,7 @@ class _Scoring:
         import torch
 
         from defectscope.decision.patch_drift import fit_patch_gaussian
+        from defectscope.decision.photometric_drift import fit_photometric
 
         self.run = run
         self.model = run.model()
@@ -102,13 +103,15 @@ class _Scoring:
                 self.patch = fit_patch_gaussian(run, self.model)
             except DriftError as exc:
                 log.warning(f"no patch score for {run.path.name}: {exc}")
-        self.members = (*self.scorer.available, *([PATCH] if self.patch is not None else []))
+        self.photometric = fit_photometric(run)
+        self.members = (*self.scorer.available, *([PATCH] if self.patch is not None else []), PHOTOMETRIC)
 
     def score(self, images: np.ndarray) -> Scores:
         from defectscope.decision.drift_policy import policy_forward
 
         stages = tuple(self.patch.stages) if self.patch is not None else None
-        return member_scores(self.members, self.scorer, self.patch, *policy_forward(self.model, images, stages))
+        return member_scores(self.members, self.scorer, self.patch, *policy_forward(self.model, images, stages),
+                             photometric=self.photometric, images=images)
 
     def split(self, split: str) -> Scores | None:
         rows = self.run.rows(split)

@@ -106,7 +106,7 @@ def evaluate(
         from defectscope.decision.drift_policy import policy_forward
 
         features, logits_np, maps = policy_forward(model, images, drift_stages(policy), metadata=run.metadata(table))
-        drift_score = drift_scores_for(run, policy, features, logits_np, maps)
+        drift_score = drift_scores_for(run, policy, features, logits_np, maps, images)
         logits = torch.from_numpy(logits_np).float()
     else:
         logits = predict_logits(model, images, metadata=run.metadata(table))

@@ -39,6 +39,8 @@ def _score_text(drift: dict[str, Any]) -> str:
     members = drift.get("members") or [drift.get("score")]
     what = {"patch": "the most unusual patch of the image, against the same patch position on the training "
                      "images (catches local defects and smudges)",
+            "photometric": "how unlike the training images the image's brightness, contrast and sharpness are "
+                           "(catches exposure and contrast faults that still look like a part)",
             "mahalanobis": "the distance of the whole image's features from the training classes",
             "knn": "the distance of the whole image's features to the nearest training images",
             "vim": "the image's features outside the directions the training images use, minus the "
