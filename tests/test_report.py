@@ -251,7 +251,8 @@ def test_report_drift_section_from_a_real_drift_eval(tmp_path, trained_run):
     run = Path(shutil.copytree(trained_run, tmp_path / "run"))
     result = drift_eval(run, kinds=("far",), n_far=10)
     with np.load(run / "drift_eval_scores.npz", allow_pickle=False) as z:
-        shown = [*SCORES, "patch", "photometric"] + ([result["best_score"]] if result["chosen"]["rule"] != "single" else [])
+        fused = [result["best_score"]] if result["chosen"]["rule"] != "single" else []
+        shown = [*SCORES, "patch", "photometric", *fused]
         assert set(z.files) == {f"{w}__{s}" for w in ("normal", "far") for s in shown}
         assert len(z["far__knn"]) == 20  # n_far images of each far kind
     probs, y, paths = synthetic(tmp_path, 3, 3)
