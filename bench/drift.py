@@ -125,10 +125,14 @@ def frozen(threads: int, log=print) -> dict:
     if chosen.rule == "weighted":
         chosen = Candidate(chosen.name, chosen.members, "weighted", selection["weights"])
     report_cands = [Candidate(s, (s,), "single") for s in scores] + [chosen]
-    for members in (("mahalanobis", "knn", "patch"), ("mahalanobis", "photometric"), ("knn", "photometric")):
-        name = "max(" + ",".join(members) + ")"
-        if name != chosen.name:
-            report_cands.append(Candidate(name, members, "max"))
+    # Beside the chosen score: what leave-one-kind-out chose with each kind left out (the score for a user to
+    # whom that kind is not Drift), and the cheap photometric fusions.
+    by_name = {c.name: c for c in candidates(scores, max_members=3, weighted=False)}
+    extra = [v["chosen"] for v in selection["loko"].values()]
+    extra += ["max(mahalanobis,knn,patch)", "max(mahalanobis,photometric)", "max(knn,photometric)"]
+    for name in dict.fromkeys(extra):
+        if name in by_name and name not in {c.name for c in report_cands}:
+            report_cands.append(by_name[name])
     results: dict[str, dict] = {}
     for kind, parts in {**kinds_parts, "corruptions": {**kinds_parts["corruptions"], **corruption_parts}}.items():
         entry: dict[str, dict] = {"auroc": {}, "fpr95": {}, "parts": {}}
