@@ -133,8 +133,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="share of normal images the Drift flag may catch (default 0.01)")
     c.add_argument("--drift-score",
                    help="Drift score: msp, energy, mahalanobis, knn, vim (linear heads only), patch (feature-map "
-                        "Gaussians), or a max of standardised scores such as 'max(knn,patch)' (default: the "
-                        "score RUN/drift_eval.json chose, else mahalanobis)")
+                        "Gaussians), photometric (grey-level statistics), or a max of standardised scores such as "
+                        "'max(knn,patch,photometric)' (default: the score RUN/drift_eval.json chose, else "
+                        "mahalanobis)")
     c.add_argument("--drift-examples", help="folder of real Drift images (with a cost matrix that has Drift)")
     c.add_argument("--no-drift", action="store_true", help="no Drift flag in the policy")
 
