@@ -58,6 +58,12 @@ RECIPES = {
     "frozen": {"model.name": "tf_efficientnet_lite0", "model.pretrained": "auto", "model.image_size": 224,
                "train.recipe": "frozen", "train.frozen_head": "rbf",
                "augment.hflip": False, "augment.vflip": False, "augment.rot90": True},
+    # Fine-tuning that spends an hour-class budget well: full-ish resolution, progressive resizing (early
+    # epochs at half size), layer-wise LR decay, EMA of the weights, quarter-turn augmentation and the same
+    # turns averaged at test time. Run with --time-limit 40.
+    "finetune224_long": {**FINETUNE, "model.image_size": 224, "train.epochs": 30, "train.lr": 1e-3,
+                         "train.patience": 10, "train.ema_decay": 0.995, "train.layer_decay": 0.75,
+                         "train.progressive_resize": 0.5, "augment.rot90": True, "model.tta": True},
     "frozen160": {"model.name": "tf_efficientnet_lite0", "model.pretrained": "auto", "model.image_size": 160,
                   "train.recipe": "frozen", "train.frozen_head": "rbf"},
 }
@@ -146,6 +152,8 @@ def run_recipe(name: str, out_root: Path, time_limit: float) -> dict:
         "pretrained": spec.get("pretrained"),
         "confusion_matrix": metrics["confusion_matrix"],
         "run_dir": str(out),
+        "command": "python " + " ".join(shlex.quote(a) for a in sys.argv),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
     }
 
 
