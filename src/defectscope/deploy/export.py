@@ -27,8 +27,8 @@ import torch
 from torch import nn
 
 from defectscope._version import __version__
-from defectscope.decision.drift import DriftScorer
-from defectscope.decision.drift_policy import NOT_POOLED, PATCH, PHOTOMETRIC, parse_score
+from defectscope.decision.drift import DriftError
+from defectscope.decision.drift_policy import PATCH, PHOTOMETRIC, PolicyDrift
 from defectscope.deploy import metadata as md
 from defectscope.deploy import runtimes, selection
 from defectscope.deploy.drift_heads import drift_output
@@ -113,36 +113,32 @@ def drift_head_for(run: Run, policy: dict[str, Any] | None = None) -> tuple[nn.M
     :class:`DriftHead` for one pooled score, a :class:`~defectscope.deploy.drift_heads.PatchDriftHead` for the
     patch score, a :class:`~defectscope.deploy.drift_heads.FusedDriftHead` for a max of standardised scores;
     (None, None) when the policy has no Drift rule. The head's ``score_name`` is the policy's score."""
-    from defectscope.decision.patch_drift import PatchGaussian
-    from defectscope.decision.photometric_drift import PhotometricGaussian
     from defectscope.deploy.drift_heads import FusedDriftHead, PatchDriftHead, PhotometricDriftHead
 
     policy = run.policy if policy is None else policy
     drift = (policy or {}).get("drift")
     if not drift or policy.get("drift_threshold") is None:
         return None, None
-    members = parse_score(drift["score"])
-    pooled = DriftScorer.load(run).to_arrays() if any(m not in NOT_POOLED for m in members) else None
-    patch = PatchGaussian.load(run) if PATCH in members else None
-    stages = tuple(patch.stages) if patch is not None else None
-    if PHOTOMETRIC in members and not drift.get("photometric"):
-        raise ExportError(f"the policy's Drift score {drift['score']} has no photometric statistics; calibrate again")
+    try:
+        score = PolicyDrift.from_policy(run, drift)  # the same statistics calibrate and evaluate use
+    except DriftError as exc:
+        raise ExportError(f"{exc}; calibrate again") from None
+    pooled = score.pooled.to_arrays() if score.pooled is not None else None
 
     def member(name: str) -> tuple[str, nn.Module]:
         if name == PATCH:
-            return "patch", PatchDriftHead(patch)
+            return "patch", PatchDriftHead(score.patch)
         if name == PHOTOMETRIC:
-            return "image", PhotometricDriftHead(PhotometricGaussian.from_dict(drift["photometric"]))
+            return "image", PhotometricDriftHead(score.photometric)
         return "pooled", DriftHead(name, *pooled)
 
-    if len(members) == 1:
-        head = member(members[0])[1]
+    if not score.fused:
+        head = member(score.members[0])[1]
     else:
-        std = drift.get("standardiser") or {}
-        if not std:
-            raise ExportError(f"the policy's fused Drift score {drift['score']} has no standardiser; calibrate again")
-        head = FusedDriftHead([member(m) for m in members], [std["mu"][m] for m in members],
-                              [std["sigma"][m] for m in members])
+        std = score.standardiser
+        head = FusedDriftHead([member(m) for m in score.members], [std.mu[m] for m in score.members],
+                              [std.sigma[m] for m in score.members])
+    stages = score.stages
     head.score_name = drift["score"]
     return head, stages
 
