@@ -67,18 +67,15 @@ def member_scores(members: Sequence[str], pooled: DriftScorer | None, patch: Pat
         if pooled is None:
             raise DriftError(f"the {', '.join(pooled_names)} score needs the pooled drift statistics")
         out.update(pooled.score(features, logits, pooled_names))
-    if PATCH in members:
-        if patch is None:
-            raise DriftError("the patch score needs the patch drift statistics")
-        if maps is None:
-            raise DriftError("the patch score needs the feature maps of the images")
-        out[PATCH] = patch.score(maps)
-    if PHOTOMETRIC in members:
-        if photometric is None:
-            raise DriftError("the photometric score needs the photometric statistics")
-        if images is None:
-            raise DriftError("the photometric score needs the images")
-        out[PHOTOMETRIC] = photometric.score(images)
+    # The scores that read something other than pooled features: (statistics, what they read).
+    for name, stats, inputs, what in ((PATCH, patch, maps, "the feature maps of the images"),
+                                      (PHOTOMETRIC, photometric, images, "the images")):
+        if name in members:
+            if stats is None:
+                raise DriftError(f"the {name} score needs the {name} drift statistics")
+            if inputs is None:
+                raise DriftError(f"the {name} score needs {what}")
+            out[name] = stats.score(inputs)
     return out
 
 
