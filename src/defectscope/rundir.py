@@ -182,32 +182,30 @@ class Run:
 
     def drift_statistics(self) -> tuple[dict[str, np.ndarray], dict[str, Any]] | None:
         """(arrays, parameters) of drift.safetensors + drift.json, or None when Drift was not fitted."""
-        weights, params = self.path / DRIFT_WEIGHTS, self.path / DRIFT_PARAMS
-        if not weights.is_file() or not params.is_file():
-            return None
-        from safetensors.numpy import load_file
-
-        return load_file(str(weights)), json.loads(params.read_text())
+        return self._statistics(DRIFT_WEIGHTS, DRIFT_PARAMS)
 
     def save_drift_statistics(self, arrays: dict[str, np.ndarray], params: dict[str, Any]) -> Path:
-        from safetensors.numpy import save_file
-
-        save_file(arrays, str(self.path / DRIFT_WEIGHTS))
-        (self.path / DRIFT_PARAMS).write_text(json.dumps(params, indent=2) + "\n")
-        return self.path / DRIFT_WEIGHTS
+        return self._save_statistics(DRIFT_WEIGHTS, DRIFT_PARAMS, arrays, params)
 
     def patch_drift_statistics(self) -> tuple[dict[str, np.ndarray], dict[str, Any]] | None:
         """(arrays, parameters) of patch_drift.safetensors + patch_drift.json, or None when not fitted."""
-        weights, params = self.path / PATCH_DRIFT_WEIGHTS, self.path / PATCH_DRIFT_PARAMS
+        return self._statistics(PATCH_DRIFT_WEIGHTS, PATCH_DRIFT_PARAMS)
+
+    def save_patch_drift_statistics(self, arrays: dict[str, np.ndarray], params: dict[str, Any]) -> Path:
+        return self._save_statistics(PATCH_DRIFT_WEIGHTS, PATCH_DRIFT_PARAMS, arrays, params)
+
+    def _statistics(self, weights_name: str, params_name: str) -> tuple[dict[str, np.ndarray], dict[str, Any]] | None:
+        weights, params = self.path / weights_name, self.path / params_name
         if not weights.is_file() or not params.is_file():
             return None
         from safetensors.numpy import load_file
 
         return load_file(str(weights)), json.loads(params.read_text())
 
-    def save_patch_drift_statistics(self, arrays: dict[str, np.ndarray], params: dict[str, Any]) -> Path:
+    def _save_statistics(self, weights_name: str, params_name: str, arrays: dict[str, np.ndarray],
+                         params: dict[str, Any]) -> Path:
         from safetensors.numpy import save_file
 
-        save_file(arrays, str(self.path / PATCH_DRIFT_WEIGHTS))
-        (self.path / PATCH_DRIFT_PARAMS).write_text(json.dumps(params, indent=2) + "\n")
-        return self.path / PATCH_DRIFT_WEIGHTS
+        save_file(arrays, str(self.path / weights_name))
+        (self.path / params_name).write_text(json.dumps(params, indent=2) + "\n")
+        return self.path / weights_name
