@@ -263,9 +263,6 @@ def multilayer_forward(model, x, stages: Sequence[int]):
     ``model.forward_features(x)``: the frozen recipe's feature transform (``post``) is applied, and with
     test-time views the other views' features are averaged in (one more pass per view). Torch-traceable
     (the exporter calls it inside the graph)."""
-    import torch
-
-    from defectscope.models.heads import dihedral
     from defectscope.models.seed_cnn import SeedCNN
 
     backbone = model.backbone
@@ -275,10 +272,7 @@ def multilayer_forward(model, x, stages: Sequence[int]):
     else:
         final, maps = backbone.forward_intermediates(xn, indices=list(stages))
         pooled = backbone.forward_head(final, pre_logits=True)
-    views = tuple(getattr(model, "views", (0,)))
-    if views != (0,):
-        pooled = torch.stack([pooled if k == 0 else backbone(dihedral(xn, k)) for k in views]).mean(0)
-    return model.post(pooled), list(maps)
+    return model.post(model.pooled_over_views(xn, pooled)), list(maps)
 
 
 def fit_patch_gaussian(run: Run, model, *, d: int = 100, stages: Sequence[int] | None = None) -> PatchGaussian:

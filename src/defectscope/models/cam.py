@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from defectscope.models.heads import FeatureNorm, KernelHead, OrdinalHead, dihedral
+from defectscope.models.heads import FeatureNorm, KernelHead, OrdinalHead
 
 SQRT_FLOOR = 1e-6  # |p| below this: the square root's slope is capped instead of infinite
 
@@ -60,9 +60,7 @@ def forward_with_map(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, t
     xn = (x - model.mean) / model.std
     final = backbone.forward_features(xn)
     pooled = backbone.forward_head(final, pre_logits=True)
-    views = tuple(getattr(model, "views", (0,)))
-    if views != (0,):
-        pooled = torch.stack([pooled if k == 0 else backbone(dihedral(xn, k)) for k in views]).mean(0)
+    pooled = model.pooled_over_views(xn, pooled)
     return pooled, model.post(pooled), final
 
 

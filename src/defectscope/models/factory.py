@@ -74,11 +74,16 @@ class Classifier(nn.Module):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Pooled penultimate features (B, num_features): what Drift scores and feature banks use."""
-        x = (x - self.mean) / self.std
-        if len(self.views) == 1 and self.views[0] == 0:
-            return self.post(self.backbone(x))
-        pooled = torch.stack([self.backbone(dihedral(x, k)) for k in self.views]).mean(0)
-        return self.post(pooled)
+        return self.post(self.pooled_over_views((x - self.mean) / self.std))
+
+    def pooled_over_views(self, xn: torch.Tensor, identity: torch.Tensor | None = None) -> torch.Tensor:
+        """The backbone's pooled features of the normalised input ``xn``, averaged over the model's views;
+        ``identity``: the identity view's pooled features when the caller already has them (one pass fewer)."""
+        views = tuple(self.views)
+        if views == (0,):
+            return identity if identity is not None else self.backbone(xn)
+        return torch.stack([identity if k == 0 and identity is not None else self.backbone(dihedral(xn, k))
+                            for k in views]).mean(0)
 
     def make_frozen(self, head: nn.Module) -> None:
         """Turn into the frozen-feature model: FeatureNorm after pooling, ``head`` (Linear or KernelHead)."""
