@@ -19,7 +19,7 @@ from optuna.trial import TrialState
 from defectscope import evaluate, tune
 from defectscope.config import build_config
 from defectscope.rundir import Run
-from defectscope.training.tune import DEFAULT_STUDY, VIEWS, _trial_config, default_space
+from defectscope.training.tune import DEFAULT_STUDY, VIEWS, _trial_config, base_params, default_space
 
 SPACE = {"train.recipe": ["frozen", "finetune"], "train.lr": {"low": 1e-3, "high": 1e-2, "log": True},
          "train.frozen_head": ["rbf", "linear"], "train.class_weight_power": {"low": 0.0, "high": 1.0}}
@@ -192,3 +192,14 @@ def test_a_second_process_on_the_same_study_is_refused(folder_dataset, tmp_path)
     with pytest.raises(RuntimeError, match="being tuned by process"):
         tune(folder_dataset, out, budget_minutes=1, space=SPACE, **FAST)
     assert (out / "tune.lock").read_text() == str(os.getppid())  # the other process's lock is left alone
+
+
+def test_a_new_study_starts_from_the_base_configuration(folder_dataset, tmp_path):
+    out = tmp_path / "tune"
+    tune(folder_dataset, out, budget_minutes=5, n_trials=2, space=SPACE, **{**FAST, "train.epochs": 1})
+    first = _study(out).trials[0]
+    assert first.params == {"train.recipe": "finetune", "train.lr": FAST["train.lr"],
+                            "train.class_weight_power": 1.0}
+    assert json.loads((out / "tune.json").read_text())["base_trial"] == 0
+    base = build_config(overrides={"train.recipe": "auto"})
+    assert base_params(base, SPACE) is None  # auto is not a choice of the space: nothing to reproduce

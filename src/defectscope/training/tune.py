@@ -6,7 +6,8 @@ every epoch to a Hyperband pruner, which stops the ones falling behind others at
 trials have no epochs and report once. The study lives in SQLite (``OUT/study.db``): running the same command
 again continues it, and a trial left RUNNING by a killed process is marked FAILED and its configuration tried
 again. The best trial is copied to ``OUT/best``, a run directory like any other (evaluate, calibrate, export),
-and ``OUT/tune.json`` lists every trial.
+and ``OUT/tune.json`` lists every trial. Trial 0 of a new study is the base configuration itself (when the
+space can express it), so a study never ends below the recipe ``train`` runs by default.
 
 Optuna is imported here only: the training loop knows nothing of it beyond an ``on_epoch`` callback.
 """
@@ -132,6 +133,8 @@ def tune(
         # first session's random start, trial by trial, instead of trying new configurations.
         study.sampler = optuna.samplers.TPESampler(seed=seed + len(study.get_trials(deepcopy=False)))
         _fail_stale_trials(study)
+        if not study.get_trials(deepcopy=False):
+            _enqueue_base(study, base, space)
         study.set_user_attr("space", space)
         study.set_user_attr("base_config", base.to_dict())
         _run_trials(study, base, space, out, budget_minutes, n_trials)
@@ -205,6 +208,42 @@ def _finished(study) -> list:
     from optuna.trial import TrialState
 
     return study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
+
+
+def base_params(base: RunConfig, space: dict[str, Any]) -> dict[str, Any] | None:
+    """The space's parameters that reproduce ``base`` (the recipe ``train`` would run), or None when the base
+    lies outside the space (e.g. ``train.recipe: auto``, or a learning rate outside the range)."""
+    recipe = base.train.recipe
+    values = base.to_dict()
+    params: dict[str, Any] = {}
+    for key, spec in space.items():
+        if (key in FROZEN_ONLY and recipe != "frozen") or (key in FINETUNE_ONLY and recipe == "frozen"):
+            continue
+        if key == VIEWS:
+            a = base.augment
+            flags = (a.hflip, a.vflip, a.rot90) if recipe == "frozen" or base.model.tta else (False, False, False)
+            value = next((name for name, f in VIEW_FLAGS.items() if f == flags), None)
+        else:
+            section, _, name = key.partition(".")
+            value = values.get(section, {}).get(name) if name else values.get(section)
+        inside = (value in spec) if isinstance(spec, list) else (
+            isinstance(value, int | float) and float(spec["low"]) <= value <= float(spec["high"]))
+        if not inside:
+            return None
+        params[key] = value
+    return params
+
+
+def _enqueue_base(study, base: RunConfig, space: dict[str, Any]) -> None:
+    """Trial 0 of a new study is the base configuration, so the best trial can only match or beat the
+    recipe ``train`` would have run (up to the noise of training it again)."""
+    params = base_params(base, space)
+    if params is None:
+        log.info("the base configuration lies outside the search space; the study starts from sampled trials")
+        return
+    study.enqueue_trial(params)
+    study.set_user_attr("base_trial", 0)
+    log.info(f"trial 0 is the base configuration: {params}")
 
 
 def _run_trials(study, base: RunConfig, space: dict[str, Any], out: Path, budget_minutes: float,
@@ -333,7 +372,8 @@ def _write_summary(study, out: Path, budget_minutes: float, storage: str | None)
     summary: dict[str, Any] = {
         "study": study.study_name, "objective": OBJECTIVE, "direction": "maximize",
         "budget_minutes": budget_minutes, "wall_seconds": study.user_attrs.get("wall_seconds"),
-        "counts": counts, "space": study.user_attrs.get("space"), "trials": rows, "best": None,
+        "counts": counts, "space": study.user_attrs.get("space"), "base_trial": study.user_attrs.get("base_trial"),
+        "trials": rows, "best": None,
     }
     if storage is not None:
         summary["storage"] = storage
