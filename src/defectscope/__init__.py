@@ -33,6 +33,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from defectscope.evaluation.drift_eval import drift_eval
     from defectscope.evaluation.evaluate import evaluate
     from defectscope.rundir import Run
+    from defectscope.training.ensemble import ensemble
     from defectscope.training.train import train
     from defectscope.training.tune import tune
 
@@ -42,6 +43,7 @@ _LAZY = {
     "Run": "defectscope.rundir",
     "train": "defectscope.training.train",
     "tune": "defectscope.training.tune",
+    "ensemble": "defectscope.training.ensemble",
     "calibrate": "defectscope.decision.calibrate",
     "cascade": "defectscope.decision.cascade",
     "evaluate": "defectscope.evaluation.evaluate",
@@ -55,8 +57,8 @@ _LAZY = {
 }
 
 __all__ = [
-    "Predictor", "Run", "__version__", "calibrate", "cascade", "drift_eval", "evaluate", "export", "export_cascade",
-    "export_log", "load_table", "predict", "sort", "train", "tune",
+    "Predictor", "Run", "__version__", "calibrate", "cascade", "drift_eval", "ensemble", "evaluate", "export",
+    "export_cascade", "export_log", "load_table", "predict", "sort", "train", "tune",
 ]
 
 

@@ -83,6 +83,13 @@ def build_parser() -> argparse.ArgumentParser:
     tu.add_argument("--no-progress", action="store_true", help="no progress bars (logs stay)")
     _add_manifest_options(tu)
 
+    en = sub.add_parser("ensemble", help="combine finished runs on one split into one run that averages their "
+                                         "class probabilities (exported as one ONNX graph)")
+    en.add_argument("runs", nargs="+", help="two or more run directories with the same classes, input and split "
+                                            "(e.g. frozen runs of different backbones, or fine-tunes with "
+                                            "--set train.init_seed=1, 2, ...)")
+    en.add_argument("--out", required=True, help="run directory to create")
+
     e = sub.add_parser("evaluate", help="score a run on its test split or on other labelled images")
     e.add_argument("run", help="run directory")
     e.add_argument("--data", help="evaluate on this dataset instead of the run's test split")
@@ -376,6 +383,12 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         manifest = generate_dataset(args.out, per_class=args.per_class, seed=args.seed)
         print(f"SYNTHETIC wafer maps written; manifest: {manifest}")
+        return 0
+    if args.command == "ensemble":
+        from defectscope.training.ensemble import ensemble
+
+        out = ensemble(args.runs, args.out)
+        print(f"ensemble of {len(args.runs)} runs written to {out}")
         return 0
     if args.command == "calibrate":
         from defectscope.decision.calibrate import calibrate

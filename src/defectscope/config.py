@@ -120,6 +120,10 @@ class TrainConfig:
     # linearly to the full size by the phase's half-way epoch (early epochs cost a fraction); validation and
     # inference always run at the full size (train low, test high). 0: off. timm backbones only.
     progressive_resize: float = 0.0
+    # Seed of initialisation, sampling and augmentation; None: the run's seed. The split always follows the
+    # run's seed, so runs differing only here share their split: members of a seed ensemble
+    # (`defectscope ensemble`).
+    init_seed: int | None = None
     device: str = "auto"  # auto | cpu | cuda | mps
     channels_last: bool = True
     threads: int | None = None  # default: all cores
@@ -133,6 +137,11 @@ class RunConfig:
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     seed: int = 0
+
+    @property
+    def training_seed(self) -> int:
+        """The seed of initialisation, sampling and augmentation (``train.init_seed``, default ``seed``)."""
+        return self.seed if self.train.init_seed is None else int(self.train.init_seed)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

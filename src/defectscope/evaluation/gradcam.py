@@ -24,8 +24,9 @@ def target_layer(model: nn.Module) -> tuple[nn.Module, str]:
     Rule: the last ``nn.Conv2d`` in ``model.backbone`` in registration order (``named_modules``).
     For a SeedCNN that is its last convolution; for timm EfficientNets ``conv_head``; for timm ResNets
     the last convolution of ``layer4[-1]`` (before the residual addition, which is close enough for a
-    heatmap). The rule assumes modules are registered in execution order, which holds for timm's CNNs;
-    transformers have no Conv2d after their patch embedding and get that, which makes a poor map.
+    heatmap); in an ensemble, the last member's (the map shows where that member looked). The rule
+    assumes modules are registered in execution order, which holds for timm's CNNs; transformers have no
+    Conv2d after their patch embedding and get that, which makes a poor map.
     """
     backbone = getattr(model, "backbone", model)
     found: tuple[nn.Module, str] | None = None
@@ -73,10 +74,10 @@ def gradcam_maps(
         layer, _ = target_layer(model)
     was_training = model.training
     # A model that averages over flipped/turned views (TTA) would fire the layer hook once per view and
-    # misalign the maps: explain the identity view alone.
-    views = getattr(model, "views", None)
-    if views is not None:
-        model.views = (0,)
+    # misalign the maps: explain the identity view alone (of every member, in an ensemble).
+    with_views = [(m, m.views) for m in model.modules() if isinstance(getattr(m, "views", None), tuple)]
+    for m, _ in with_views:
+        m.views = (0,)
     saved_grads = [(p, None if p.grad is None else p.grad.clone()) for p in model.parameters()]
     model.eval()
     out = []
@@ -94,8 +95,8 @@ def gradcam_maps(
         for p, g in saved_grads:
             p.grad = g
         model.train(was_training)
-        if views is not None:
-            model.views = views
+        for m, views in with_views:
+            m.views = views
     maps = np.concatenate(out) if out else np.zeros((0, *x.shape[2:]), dtype=np.float32)
     # grad-cam divides by (max + 1e-7); guard the NaN a degenerate layer output could still produce.
     return np.clip(np.nan_to_num(maps, nan=0.0, posinf=1.0, neginf=0.0), 0.0, 1.0)

@@ -13,6 +13,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from defectscope.models.ensemble import ARCHITECTURE as ENSEMBLE
+from defectscope.models.ensemble import AveragedHeads, MemberFeatures
 from defectscope.models.heads import IDENTITY_VIEW, FeatureNorm, KernelHead, OrdinalHead, dihedral
 from defectscope.models.seed_cnn import SEED_CNNS, SeedCNN, create_seed_cnn
 
@@ -193,6 +195,28 @@ def create_model(
     return model
 
 
+def ensemble_model(members: list[Classifier]) -> Classifier:
+    """One Classifier averaging ``members``' class probabilities (see :mod:`defectscope.models.ensemble`). The
+    members are taken over: their heads move into the ensemble's head, so every weight has one owner. Raises
+    :class:`ModelError` for fewer than two members, differing class counts or a member with metadata inputs."""
+    if len(members) < 2:
+        raise ModelError(f"an ensemble needs at least two members; got {len(members)}")
+    outputs = {m.head.out_features for m in members}
+    if len(outputs) != 1:
+        raise ModelError(f"ensemble members predict different numbers of classes: {sorted(outputs)}")
+    if any(m.metadata_dim for m in members):
+        raise ModelError("ensembles of models with metadata inputs are not supported; ensemble image-only runs")
+    heads = []
+    for m in members:
+        heads.append(m.head)
+        m.head, m.dropout = nn.Identity(), nn.Identity()
+    backbone = MemberFeatures(members)
+    # mean 0, std 1: each member normalises its own input (members may come from different pretrained sources).
+    model = Classifier(backbone, sum(backbone.widths), outputs.pop(), mean=0.0, std=1.0)
+    model.head = AveragedHeads(heads, backbone.widths)
+    return model
+
+
 def model_spec(model: Classifier, model_name: str, classes: list[str], image_size: int, **extra: Any) -> dict[str, Any]:
     """The JSON description saved beside the weights: everything needed to rebuild and feed the model."""
     return {
@@ -215,6 +239,8 @@ def metadata_width(spec: dict[str, Any]) -> int:
 
 def model_from_spec(spec: dict[str, Any]) -> Classifier:
     """Rebuild the architecture from a saved spec (weights are loaded by the caller)."""
+    if spec["architecture"] == ENSEMBLE:
+        return ensemble_model([model_from_spec(s) for s in spec["members"]])
     model = create_model(
         spec["architecture"],
         spec["num_classes"],

@@ -189,7 +189,7 @@ def fit_frozen(model: Classifier, cfg: RunConfig, images: np.ndarray, labels: np
     weights = _sample_weights(labels, k, cfg)
     ranks = class_ranks(classes, cfg.data.class_order) if cfg.train.ordinal else None
     fitted = fit_head(z, labels if ranks is None else ranks[labels], cfg.train.frozen_head, cfg.train.frozen_c,
-                      cfg.seed, weights, num_ranks=None if ranks is None else k,
+                      cfg.training_seed, weights, num_ranks=None if ranks is None else k,
                       metadata=metadata if m_dim else None)
     emb, lr, best_c, scores = fitted["embedding"], fitted["model"], fitted["C"], fitted["cv_macro_f1"]
     t_cv, t_fit = fitted["seconds"]["cv"], fitted["seconds"]["fit"]

@@ -187,7 +187,7 @@ class Trainer:
         if tcfg.class_weights and tcfg.sampling == "shuffle":
             weight = inverse_frequency_weights(y_train_t, k, tcfg.class_weight_power).to(self.device)
         criterion = make_loss(tcfg.loss, weight, tcfg.focal_gamma, tcfg.label_smoothing)
-        gen = torch.Generator().manual_seed(cfg.seed)
+        gen = torch.Generator().manual_seed(cfg.training_seed)
         state = TrainState()
         best_weights = {k_: v.detach().clone() for k_, v in model.state_dict().items()}
         phases = phases_of(cfg)

@@ -78,7 +78,7 @@ def train(
         out.mkdir(parents=True, exist_ok=True)
         table = _build_table(cfg, out)
 
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(cfg.training_seed)
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
 
