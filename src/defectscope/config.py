@@ -120,6 +120,11 @@ class TrainConfig:
     # linearly to the full size by the phase's half-way epoch (early epochs cost a fraction); validation and
     # inference always run at the full size (train low, test high). 0: off. timm backbones only.
     progressive_resize: float = 0.0
+    # Fine-tuning phases that freeze the stem and early blocks (unfreeze: head | last:N): compute those blocks'
+    # output once per training image and symmetry view at the phase's start, so an epoch runs only the later
+    # blocks. Photometric augmentation is off in such a phase (it would change the cached input).
+    # EfficientNet backbones (the offline Lite weights); not with progressive_resize.
+    cache_frozen: bool = False
     # Seed of initialisation, sampling and augmentation; None: the run's seed. The split always follows the
     # run's seed, so runs differing only here share their split: members of a seed ensemble
     # (`defectscope ensemble`).

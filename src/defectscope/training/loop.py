@@ -29,6 +29,7 @@ from defectscope.models.seed_cnn import SeedCNN
 from defectscope.rundir import CHECKPOINT
 from defectscope.training.augment import augment_batch
 from defectscope.training.ema import WeightEMA
+from defectscope.training.frozen_cache import FrozenPrefixCache
 from defectscope.training.losses import inverse_frequency_weights, make_loss
 
 log = logging.getLogger(__name__)
@@ -173,6 +174,9 @@ class Trainer:
     ) -> TrainState:
         """``m_train``/``m_val``: encoded metadata inputs (N, M) for a model that takes them."""
         cfg, tcfg = self.cfg, self.cfg.train
+        if tcfg.cache_frozen and tcfg.progressive_resize:
+            raise ConfigError("train.cache_frozen caches maps at the full image size; it cannot be combined with "
+                              "train.progressive_resize (switch one off)")
         if tcfg.progressive_resize and isinstance(self.model.backbone, SeedCNN):
             raise ConfigError("train.progressive_resize needs a backbone that takes any input size (a timm model); "
                               "the seed CNNs' dense layers fix theirs")
@@ -215,6 +219,7 @@ class Trainer:
                 saved = None  # the saved optimizer belonged to this finished phase
                 continue
             params = set_trainable(model, phase.unfreeze)
+            cache = self._frozen_cache(model, x_train_t) if tcfg.cache_frozen else None
             optimizer = self._optimizer(layerwise_groups(model, params, tcfg.layer_decay), phase.lr)
             if saved is not None:
                 optimizer.load_state_dict(saved["optimizer"])
@@ -230,6 +235,7 @@ class Trainer:
                 train_loss = self._train_epoch(
                     model, criterion, optimizer, scaler, x_train_t, y_train_t, gen, phase.lr,
                     state.phase_epoch * steps_per_epoch, total, warmup, f"epoch {state.epoch + 1}", ema, size,
+                    cache,
                 )
                 if ema is not None:
                     with ema.applied(model):
@@ -241,6 +247,7 @@ class Trainer:
                 record = {
                     "epoch": state.epoch, "phase": p_idx + 1, "unfreeze": phase.unfreeze,
                     "train_loss": train_loss, "train_size": size, **val,
+                    "cached_blocks": cache.n_blocks if cache is not None else 0,
                     "lr": optimizer.param_groups[0]["lr"], "seconds": time.perf_counter() - started,
                 }
                 score = val["val_macro_f1"] if tcfg.monitor == "val_macro_f1" else -val["val_loss"]
@@ -283,6 +290,15 @@ class Trainer:
         model.eval()
         return state
 
+    def _frozen_cache(self, model, x_train: torch.Tensor) -> FrozenPrefixCache | None:
+        started = time.perf_counter()
+        cache = FrozenPrefixCache.build(model, x_train, self.cfg.augment, device=self.device,
+                                        batch_size=self.cfg.train.batch_size, channels_last=self.channels_last)
+        if cache is not None:
+            log.info(f"frozen blocks cached in {time.perf_counter() - started:.1f}s"
+                     + ("; photometric augmentation is off in this phase" if self.cfg.augment.photometric else ""))
+        return cache
+
     def _optimizer(self, params: list[dict[str, Any]], lr: float) -> torch.optim.Optimizer:
         wd = self.cfg.train.weight_decay
         name = self.cfg.train.optimizer
@@ -303,7 +319,8 @@ class Trainer:
         return max(1, math.ceil(n / tcfg.batch_size))
 
     def _train_epoch(self, model, criterion, optimizer, scaler, x, y, gen, base_lr, step, total, warmup, desc,
-                     ema: WeightEMA | None = None, size: int | None = None):
+                     ema: WeightEMA | None = None, size: int | None = None,
+                     cache: FrozenPrefixCache | None = None):
         tcfg = self.cfg.train
         model.train()
         _freeze_norm_stats(model)
@@ -313,8 +330,9 @@ class Trainer:
         bar = progress(batches, desc=desc, unit="batch", enabled=tcfg.progress)
         for idx in bar:
             # Augment on the CPU with the run's generator so the stream is the same on every device.
-            xb = augment_batch(x[idx].float().div_(255).unsqueeze(1), self.cfg.augment, gen)
-            if size is not None and size != xb.shape[-1]:
+            xb = cache.take(idx, gen) if cache is not None else augment_batch(
+                x[idx].float().div_(255).unsqueeze(1), self.cfg.augment, gen)
+            if cache is None and size is not None and size != xb.shape[-1]:
                 xb = F.interpolate(xb, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
             xb = xb.to(self.device)
             if self.channels_last:
@@ -324,7 +342,8 @@ class Trainer:
                 group["lr"] = base_lr * group.get("lr_scale", 1.0) * _lr_factor(step, total, warmup, tcfg.schedule)
             mb = () if self.m_train is None else (self.m_train[idx].to(self.device),)
             with torch.autocast(self.device.type, enabled=self.amp):
-                loss = criterion(model(xb, *mb), yb)
+                out = model(xb, *mb) if cache is None else cache.forward(model, xb, *mb)
+                loss = criterion(out, yb)
             optimizer.zero_grad(set_to_none=True)
             if scaler is not None:
                 scaler.scale(loss).backward()
