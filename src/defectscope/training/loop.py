@@ -219,7 +219,9 @@ class Trainer:
                 saved = None  # the saved optimizer belonged to this finished phase
                 continue
             params = set_trainable(model, phase.unfreeze)
+            cache_started = time.perf_counter()
             cache = self._frozen_cache(model, x_train_t) if tcfg.cache_frozen else None
+            cache_seconds = time.perf_counter() - cache_started if cache is not None else 0.0
             optimizer = self._optimizer(layerwise_groups(model, params, tcfg.layer_decay), phase.lr)
             if saved is not None:
                 optimizer.load_state_dict(saved["optimizer"])
@@ -248,6 +250,7 @@ class Trainer:
                     "epoch": state.epoch, "phase": p_idx + 1, "unfreeze": phase.unfreeze,
                     "train_loss": train_loss, "train_size": size, **val,
                     "cached_blocks": cache.n_blocks if cache is not None else 0,
+                    "cache_seconds": round(cache_seconds, 2),  # building it, before the phase's first epoch
                     "lr": optimizer.param_groups[0]["lr"], "seconds": time.perf_counter() - started,
                 }
                 score = val["val_macro_f1"] if tcfg.monitor == "val_macro_f1" else -val["val_loss"]
@@ -274,6 +277,7 @@ class Trainer:
                     if state.phase_epoch >= planned and state.phase_epoch < phase.epochs:
                         state.phase_done = state.stopped = True
                         record["time_limit"] = True
+                cache_seconds = 0.0
                 self._save_checkpoint(model, optimizer, gen, state, best_weights, ema)
                 log.info(
                     f"epoch {state.epoch:>3}  phase {p_idx + 1} ({phase.unfreeze})  loss {train_loss:.4f}  "
