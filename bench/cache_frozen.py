@@ -15,24 +15,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
 import sys
-import time
 from pathlib import Path
 
 import pandas as pd
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from elpv import run_recipe  # noqa: E402  (bench/ is scripts, not a package)
+from elpv import run_recipe, save_results  # noqa: E402  (bench/ is scripts, not a package)
 
 VIEWS = {"rot90": {"augment.hflip": False, "augment.vflip": False, "augment.rot90": True},
          "dihedral": {"augment.hflip": True, "augment.vflip": True, "augment.rot90": True}}
 
 
 def main() -> None:
-    from defectscope.training.train import machine_info
-
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--epochs", default="3,4,2", help="epochs of the head, last:2 and all phases (3,4,2)")
     parser.add_argument("--views", default="rot90", choices=sorted(VIEWS), help="the symmetries trained with")
@@ -71,14 +67,8 @@ def main() -> None:
     results["summary"]["test"] = {n: {"accuracy": r["accuracy"], "macro_f1": r["macro_f1"]}
                                   for n, r in results["runs"].items()}
     results["summary"]["train_wall_seconds"] = {n: r["train_wall_seconds"] for n, r in results["runs"].items()}
-    results.update({
-        "benchmark": "ELPV, phased fine-tune of EfficientNet-Lite0 160 px with and without train.cache_frozen",
-        "machine": machine_info(), "command": "python " + " ".join(shlex.quote(a) for a in sys.argv),
-        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "note": args.note,
-    })
-    path = Path(args.results)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(results, indent=2) + "\n")
+    save_results(results, args.results, note=args.note,
+                 benchmark="ELPV, phased fine-tune of EfficientNet-Lite0 160 px with and without train.cache_frozen")
     print(json.dumps(results["summary"], indent=2))
 
 

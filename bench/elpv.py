@@ -71,6 +71,16 @@ BASELINES = ("raw_logreg", "raw_svm")
 RAW_SIZE = 32
 
 
+def save_results(results: dict, path: str | Path, **fields) -> None:
+    """Stamp ``results`` with ``fields``, the machine, the command and the date, and write it as JSON."""
+    results.update({**fields, "machine": machine_info(),
+                    "command": "python " + " ".join(shlex.quote(a) for a in sys.argv),
+                    "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")})
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(results, indent=2) + "\n")
+
+
 def run_baseline(name: str) -> dict:
     """LR / RBF-SVM on raw downscaled pixels, on the very split the recipes use."""
     from sklearn.linear_model import LogisticRegression

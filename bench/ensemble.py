@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import shlex
 import sys
 import time
 from pathlib import Path
@@ -29,7 +28,7 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from elpv import DEFECTIVE, evaluated, run_baseline, run_recipe  # noqa: E402  (bench/ is scripts, not a package)
+from elpv import DEFECTIVE, evaluated, run_baseline, run_recipe, save_results  # noqa: E402  (bench/ is scripts, not a package)
 
 
 def _frozen(arch: str, size: int) -> dict:
@@ -75,7 +74,6 @@ def sub_ensembles(runs: dict[str, Path]) -> dict:
 
 def main() -> None:
     import defectscope
-    from defectscope.training.train import machine_info
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--members", default=",".join(MEMBERS), help="comma-separated: " + ", ".join(MEMBERS))
@@ -125,15 +123,8 @@ def main() -> None:
         "evaluate_seconds": {"ensemble": ens["evaluate_wall_seconds"],
                              **{n: r["evaluate_wall_seconds"] for n, r in results["members"].items()}},
     }
-    results.update({
-        "benchmark": "ELPV 4-class on the published protocol's split: ensemble of frozen-feature members vs each",
-        "wall_seconds": round(time.perf_counter() - started, 1), "machine": machine_info(),
-        "command": "python " + " ".join(shlex.quote(a) for a in sys.argv),
-        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "note": args.note,
-    })
-    path = Path(args.results)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(results, indent=2) + "\n")
+    save_results(results, args.results, note=args.note, wall_seconds=round(time.perf_counter() - started, 1),
+                 benchmark="ELPV 4-class on the published protocol's split: ensemble of frozen-feature members vs each")
     print(json.dumps(results["summary"], indent=2))
 
 
