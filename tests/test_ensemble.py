@@ -10,6 +10,7 @@ import torch
 from helpers import FAST
 
 from defectscope import calibrate, ensemble, evaluate, export, train
+from defectscope.config import ConfigError, build_config
 from defectscope.deploy.predictor import Predictor
 from defectscope.models.ensemble import AveragedHeads, MemberFeatures
 from defectscope.models.inference import predict_logits
@@ -46,6 +47,13 @@ def test_init_seed_keeps_the_split_and_changes_the_weights(members):
     assert any(not torch.equal(wa[k], wb[k]) for k in wa if wa[k].is_floating_point())
 
 
+def test_init_seed_must_be_an_integer():
+    with pytest.raises(ConfigError, match="train.init_seed"):
+        build_config(overrides={"train.init_seed": "7"})
+    assert build_config(overrides={"train.init_seed": 7, "seed": 3}).training_seed == 7
+    assert build_config(overrides={"seed": 3}).training_seed == 3
+
+
 def test_ensemble_averages_the_members_probabilities(members, ensembled):
     run = Run(ensembled)
     _, images = run.images(run.rows("test"))
@@ -53,6 +61,12 @@ def test_ensemble_averages_the_members_probabilities(members, ensembled):
     assert isinstance(model.backbone, MemberFeatures) and isinstance(model.head, AveragedHeads)
     want = np.mean([_probabilities(Run(m).model(), images) for m in members], axis=0)
     np.testing.assert_allclose(_probabilities(model, images), want, atol=1e-5)
+    # the energy Drift score (-logsumexp of the logits) is the members' mean energy, not a constant
+    energy = -torch.logsumexp(predict_logits(model, images), 1).numpy()
+    members_energy = np.mean([-torch.logsumexp(predict_logits(Run(m).model(), images), 1).numpy()
+                              for m in members], axis=0)
+    np.testing.assert_allclose(energy, members_energy, atol=1e-4)
+    assert energy.std() > 1e-3
     # the frozen member keeps its own views and feature transform inside the ensemble
     assert model.backbone.members[2].views == tuple(range(8))
 
@@ -94,6 +108,9 @@ def test_members_on_another_split_are_refused(members, folder_dataset, tmp_path)
 def test_bad_ensembles_say_what_is_wrong(members, ensembled, folder_dataset, tmp_path):
     with pytest.raises(EnsembleError, match="at least two"):
         ensemble(members[:1], tmp_path / "one")
+    with pytest.raises(EnsembleError, match="given twice"):
+        ensemble([members[0], members[0]], tmp_path / "twice")
+    assert not (tmp_path / "twice").exists()
     with pytest.raises(EnsembleError, match="already holds a run"):
         ensemble(members, ensembled)
     with pytest.raises(EnsembleError, match="itself an ensemble"):

@@ -309,6 +309,9 @@ def _validate(cfg: RunConfig) -> None:
     if cfg.train.progressive_resize and not 0.25 <= cfg.train.progressive_resize < 1.0:
         raise ConfigError(f"train.progressive_resize must be 0 (off) or in [0.25, 1), got "
                           f"{cfg.train.progressive_resize}")
+    seed = cfg.train.init_seed
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
+        raise ConfigError(f"train.init_seed must be a non-negative integer (or absent: the run's seed), got {seed!r}")
     if not 0.0 <= cfg.train.ema_decay < 1.0:
         raise ConfigError(f"train.ema_decay must lie in [0, 1) (0: off), got {cfg.train.ema_decay}")
     order = cfg.data.class_order

@@ -7,8 +7,9 @@ with ``forward_features`` and a ``head``; an ensemble keeps that contract:
   test-time views and feature transform included) and concatenates the pooled features: these are the
   ensemble's features, which the Drift statistics are fitted on;
 * its head (:class:`AveragedHeads`) splits them back, applies each member's head and returns the log of the
-  mean of the members' softmax probabilities, so ``softmax(logits)`` is the averaged probability and every
-  consumer of logits (argmax, P(GOOD), the escape cap, temperature) reads the ensemble's vote.
+  mean of the members' softmax probabilities (shifted per image, see ``forward``), so ``softmax(logits)`` is
+  the averaged probability and every consumer of logits (argmax, P(GOOD), the escape cap, temperature) reads
+  the ensemble's vote.
 
 The members keep their weights and heads (fine-tuned Linear, frozen RBF or ordinal); the exported ONNX graph
 holds them all, so the line runs the ensemble in one session call. Members must share the input (size,
@@ -52,5 +53,10 @@ class AveragedHeads(nn.Module):
         return [h(part) for h, part in zip(self.heads, f.split(self.widths, dim=1), strict=True)]
 
     def forward(self, f: torch.Tensor) -> torch.Tensor:
-        logp = torch.stack([torch.log_softmax(z, dim=1) for z in self.member_logits(f)])
-        return torch.logsumexp(logp, dim=0) - math.log(len(self.heads))
+        logits = self.member_logits(f)
+        lse = torch.stack([torch.logsumexp(z, dim=1) for z in logits])  # (members, N)
+        logp = torch.stack([z - m[:, None] for z, m in zip(logits, lse, strict=True)])
+        # log of the mean probability, shifted per image by the members' mean log-sum-exp: softmax (at any
+        # temperature) and argmax ignore a per-image shift, and the energy Drift score -logsumexp(logits)
+        # becomes the members' mean energy instead of a constant 0.
+        return torch.logsumexp(logp, dim=0) - math.log(len(self.heads)) + lse.mean(0)[:, None]

@@ -1,7 +1,7 @@
 """``defectscope ensemble``: several finished runs on one split -> one run whose model averages their votes.
 
 The members can be anything trained on the same images, labels and split: frozen-feature runs of
-different backbones, fine-tunes with different seeds (``train.ensemble_seed``), a frozen and a fine-tuned
+different backbones, fine-tunes with different seeds (``train.init_seed``), a frozen and a fine-tuned
 model. The result is an ordinary run directory (config, dataset table, history, model.json +
 model.safetensors), so calibrate, evaluate, drift-eval and export treat it like any run, and the export is
 one ONNX graph holding every member.
@@ -36,10 +36,14 @@ class EnsembleError(ValueError):
 
 def _check_members(runs: list[Run]) -> None:
     first = runs[0]
+    paths = [r.path.resolve() for r in runs]
+    if len(set(paths)) != len(paths):
+        raise EnsembleError("a run is given twice; each member must be a different run")
+    defaults = {"resize": "squash", "in_chans": 1, "input_kind": "image"}  # older runs' specs lack these keys
     for r in runs[1:]:
         for key, what in (("classes", "classes (names and order)"), ("image_size", "input size"),
                           ("resize", "resize mode"), ("in_chans", "input channels"), ("input_kind", "input kind")):
-            a, b = first.spec.get(key), r.spec.get(key)
+            a, b = first.spec.get(key, defaults.get(key)), r.spec.get(key, defaults.get(key))
             if a != b:
                 raise EnsembleError(f"{r.path} has another {what} than {first.path} ({b!r} vs {a!r}); members of "
                                     "an ensemble take the same input and predict the same classes")
@@ -106,14 +110,15 @@ def ensemble(runs: Sequence[str | Path], out: str | Path) -> Path:
         model = ensemble_model([r.model() for r in members])
     except ModelError as exc:
         raise EnsembleError(str(exc)) from None
-
-    out.mkdir(parents=True, exist_ok=True)
     first = members[0]
+    val = _val_scores(model, first)  # same table and input as every member
+
+    # Only now is the folder made: a failure above leaves nothing that would block a retry.
+    out.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(first.file(rundir.TABLE), out / rundir.TABLE)
     shutil.copyfile(first.file(rundir.CONFIG), out / rundir.CONFIG)
     if first.file(rundir.SKIPPED).is_file():
         shutil.copyfile(first.file(rundir.SKIPPED), out / rundir.SKIPPED)
-    val = _val_scores(model, first)  # same table and input as every member
     val_f1 = val.get("ensemble", {}).get("macro_f1", float("nan"))
     pd.DataFrame([{"epoch": 0, "val_macro_f1": val_f1,
                    "val_accuracy": val.get("ensemble", {}).get("accuracy", float("nan"))}]).to_csv(

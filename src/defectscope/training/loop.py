@@ -219,6 +219,7 @@ class Trainer:
                 saved = None  # the saved optimizer belonged to this finished phase
                 continue
             params = set_trainable(model, phase.unfreeze)
+            cache = None  # the previous phase's maps go before this phase's are built: one cache in memory
             cache_started = time.perf_counter()
             cache = self._frozen_cache(model, x_train_t) if tcfg.cache_frozen else None
             cache_seconds = time.perf_counter() - cache_started if cache is not None else 0.0
