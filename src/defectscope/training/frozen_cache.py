@@ -21,6 +21,7 @@ their stem and ``blocks`` stages are a plain sequence. Other backbones train unc
 from __future__ import annotations
 
 import logging
+import time
 
 import numpy as np
 import torch
@@ -61,10 +62,11 @@ def frozen_blocks(model: nn.Module) -> int:
 class FrozenPrefixCache:
     """The frozen stem + ``n_blocks`` stages' output maps of the training images, one set per symmetry view."""
 
-    def __init__(self, maps: torch.Tensor, views: tuple[int, ...], n_blocks: int):
+    def __init__(self, maps: torch.Tensor, views: tuple[int, ...], n_blocks: int, seconds: float = 0.0):
         self.maps = maps  # (V, N, C, h, w) float32, CPU
         self.views = views
         self.n_blocks = n_blocks
+        self.seconds = seconds  # what building it took
 
     @classmethod
     @torch.no_grad()
@@ -72,6 +74,7 @@ class FrozenPrefixCache:
               batch_size: int = 64, channels_last: bool = False) -> FrozenPrefixCache | None:
         """The cache for ``model``'s current frozen prefix over uint8 ``images`` (N, H, W), or None when there
         is no frozen prefix to cache or it would not fit in ``MAX_CACHE_BYTES``."""
+        started = time.perf_counter()
         n_blocks = frozen_blocks(model)
         if n_blocks == 0:
             if not _efficientnet(model.backbone):
@@ -97,9 +100,11 @@ class FrozenPrefixCache:
                     maps[v, i:i + batch_size] = prefix(dihedral(xn, k)).float().cpu()
         finally:
             model.train(was_training)
+        seconds = time.perf_counter() - started
         log.info(f"train.cache_frozen: stem + {n_blocks} of {len(bb.blocks)} stages cached for {len(images)} "
-                 f"images x {len(views)} views ({nbytes / 2**20:.0f} MiB)")
-        return cls(maps, views, n_blocks)
+                 f"images x {len(views)} views ({nbytes / 2**20:.0f} MiB, {seconds:.1f}s)"
+                 + ("; photometric augmentation is off in this phase" if augment.photometric else ""))
+        return cls(maps, views, n_blocks, seconds)
 
     def take(self, idx: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         """The cached maps of training images ``idx``, each in one view drawn uniformly from the group."""

@@ -220,9 +220,10 @@ class Trainer:
                 continue
             params = set_trainable(model, phase.unfreeze)
             cache = None  # the previous phase's maps go before this phase's are built: one cache in memory
-            cache_started = time.perf_counter()
-            cache = self._frozen_cache(model, x_train_t) if tcfg.cache_frozen else None
-            cache_seconds = time.perf_counter() - cache_started if cache is not None else 0.0
+            if tcfg.cache_frozen:
+                cache = FrozenPrefixCache.build(model, x_train_t, cfg.augment, device=self.device,
+                                                batch_size=tcfg.batch_size, channels_last=self.channels_last)
+            cache_seconds = cache.seconds if cache is not None else 0.0
             optimizer = self._optimizer(layerwise_groups(model, params, tcfg.layer_decay), phase.lr)
             if saved is not None:
                 optimizer.load_state_dict(saved["optimizer"])
@@ -294,15 +295,6 @@ class Trainer:
             p.requires_grad_(True)
         model.eval()
         return state
-
-    def _frozen_cache(self, model, x_train: torch.Tensor) -> FrozenPrefixCache | None:
-        started = time.perf_counter()
-        cache = FrozenPrefixCache.build(model, x_train, self.cfg.augment, device=self.device,
-                                        batch_size=self.cfg.train.batch_size, channels_last=self.channels_last)
-        if cache is not None:
-            log.info(f"frozen blocks cached in {time.perf_counter() - started:.1f}s"
-                     + ("; photometric augmentation is off in this phase" if self.cfg.augment.photometric else ""))
-        return cache
 
     def _optimizer(self, params: list[dict[str, Any]], lr: float) -> torch.optim.Optimizer:
         wd = self.cfg.train.weight_decay
