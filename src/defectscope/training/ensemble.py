@@ -25,6 +25,7 @@ import pandas as pd
 
 from defectscope import rundir
 from defectscope._version import __version__
+from defectscope.models.ensemble import ARCHITECTURE
 from defectscope.rundir import Run
 
 log = logging.getLogger(__name__)
@@ -57,7 +58,7 @@ def _check_members(runs: list[Run]) -> None:
     for r in runs:
         if r.spec.get("metadata_inputs"):
             raise EnsembleError(f"{r.path} takes metadata inputs; ensembles of such models are not supported")
-        if r.spec.get("architecture") == "ensemble":
+        if r.spec.get("architecture") == ARCHITECTURE:
             raise EnsembleError(f"{r.path} is itself an ensemble; give its member runs instead")
 
 
@@ -91,21 +92,16 @@ def ensemble(runs: Sequence[str | Path], out: str | Path) -> Path:
 
     >>> defectscope.ensemble(["runs/lite0", "runs/lite1"], "runs/both")  # doctest: +SKIP
     """
-    from defectscope.models.ensemble import ARCHITECTURE
     from defectscope.models.factory import ModelError, ensemble_model, model_spec
     from defectscope.training.train import machine_info
 
     if len(runs) < 2:
         raise EnsembleError(f"an ensemble needs at least two runs; got {len(runs)}")
     members = [Run(p) for p in runs]
-    for r in members:
-        r.spec  # noqa: B018  (a run without a model fails here, naming it)
-    _check_members(members)
+    _check_members(members)  # reads every member's model.json: a run without a model fails here, naming it
     out = Path(out)
-    if (out / rundir.SPEC).exists() or (out / rundir.TABLE).exists():
+    if (out / rundir.SPEC).exists() or (out / rundir.TABLE).exists():  # every member holds both
         raise EnsembleError(f"{out} already holds a run; choose another output folder")
-    if any(out.resolve() == r.path.resolve() for r in members):
-        raise EnsembleError(f"{out} is one of the members; choose another output folder")
     try:
         model = ensemble_model([r.model() for r in members])
     except ModelError as exc:
