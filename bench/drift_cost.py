@@ -12,8 +12,6 @@ issue's budget is at most 20% fewer images/s than it.
 from __future__ import annotations
 
 import argparse
-import json
-import shlex
 import shutil
 import statistics
 import sys
@@ -25,6 +23,7 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
+from elpv import save_results  # noqa: E402
 from throughput import elpv_files, measure_batched  # noqa: E402  (bench/ is scripts, not a package)
 
 DEFAULT_SCORES = "mahalanobis;max(mahalanobis,photometric);max(knn,photometric);max(knn,patch,photometric)"
@@ -37,7 +36,6 @@ def main() -> None:
     from defectscope.deploy.export import export
     from defectscope.deploy.predictor import Predictor
     from defectscope.rundir import Run
-    from defectscope.training.train import machine_info
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", required=True, help="a trained (and calibrated) run directory; it is not changed")
@@ -79,11 +77,9 @@ def main() -> None:
         "image_size": run.image_size,
         "reference": scores[0], "budget": f"<= {BUDGET:.0%} fewer images/s than the reference", "scores": entries,
         "images": len(files), "repeats": args.repeats, "threads": args.threads,
-        "seconds": round(time.perf_counter() - started, 1), "machine": machine_info(),
-        "command": "python " + " ".join(shlex.quote(a) for a in sys.argv),
-        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "seconds": round(time.perf_counter() - started, 1),
     }
-    Path(args.results).write_text(json.dumps(result, indent=2) + "\n")
+    save_results(result, args.results)
     for score, e in entries.items():
         print(f"{score:40s} {e['images_per_second']:7.1f} images/s  x{e['vs_reference']:.3f}")
 

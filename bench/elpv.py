@@ -119,16 +119,24 @@ def run_baseline(name: str) -> dict:
     pred = make(best).fit(z[tr], y[tr]).predict(z[te])
     seconds = time.perf_counter() - started
     m = classification_metrics(y[te], pred, classes)
-    binary = float(np.mean(np.isin(np.array(classes)[y[te]], list(DEFECTIVE))
-                           == np.isin(np.array(classes)[pred], list(DEFECTIVE))))
     return {
         "recipe": {"features": f"raw pixels {RAW_SIZE}x{RAW_SIZE}", "C_grid": grid, "C": best,
                    "cv_macro_f1": {f"{c:g}": round(v, 4) for c, v in scores.items()}},
-        "test_images": m["n"], "accuracy": round(m["accuracy"], 4), "macro_f1": round(m["macro_f1"], 4),
-        "balanced_accuracy": round(m["balanced_accuracy"], 4),
-        "per_class_f1": {c: round(v["f1"], 4) for c, v in m["per_class"].items()},
-        "binary_accuracy_defect_prob_ge_0.5": round(binary, 4), "train_wall_seconds": round(seconds, 1),
+        "test_images": m["n"], "balanced_accuracy": round(m["balanced_accuracy"], 4),
+        **scores_of(y[te], pred, classes), "train_wall_seconds": round(seconds, 1),
     }
+
+
+def scores_of(y: np.ndarray, pred: np.ndarray, classes: list[str]) -> dict:
+    """Accuracy, macro-F1, per-class F1 and the binary accuracy (defect probability >= 0.5) of predictions."""
+    from defectscope.metrics import classification_metrics
+
+    m = classification_metrics(y, pred, classes)
+    names = np.array(classes)
+    binary = float(np.mean(np.isin(names[y], list(DEFECTIVE)) == np.isin(names[pred], list(DEFECTIVE))))
+    return {"accuracy": round(m["accuracy"], 4), "macro_f1": round(m["macro_f1"], 4),
+            "per_class_f1": {c: round(v["f1"], 4) for c, v in m["per_class"].items()},
+            "binary_accuracy_defect_prob_ge_0.5": round(binary, 4)}
 
 
 def run_recipe(name: str, out_root: Path, time_limit: float, recipe: dict | None = None) -> dict:

@@ -28,7 +28,7 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from elpv import DEFECTIVE, evaluated, run_baseline, run_recipe, save_results  # noqa: E402  (bench/ is scripts, not a package)
+from elpv import evaluated, run_baseline, run_recipe, save_results, scores_of  # noqa: E402  (bench/ is scripts, not a package)
 
 
 def _frozen(arch: str, size: int) -> dict:
@@ -41,18 +41,6 @@ MEMBERS = {
     "lite1_224": _frozen("tf_efficientnet_lite1", 224),
     "lite2_224": _frozen("tf_efficientnet_lite2", 224),
 }
-
-
-def _scores(logits: np.ndarray, y: np.ndarray, classes: list[str]) -> dict:
-    from defectscope.metrics import classification_metrics
-
-    pred = logits.argmax(1)
-    m = classification_metrics(y, pred, classes)
-    names = np.array(classes)
-    binary = float(np.mean(np.isin(names[y], list(DEFECTIVE)) == np.isin(names[pred], list(DEFECTIVE))))
-    return {"accuracy": round(m["accuracy"], 4), "macro_f1": round(m["macro_f1"], 4),
-            "per_class_f1": {c: round(v["f1"], 4) for c, v in m["per_class"].items()},
-            "binary_accuracy_defect_prob_ge_0.5": round(binary, 4)}
 
 
 def sub_ensembles(runs: dict[str, Path]) -> dict:
@@ -68,7 +56,7 @@ def sub_ensembles(runs: dict[str, Path]) -> dict:
     probs = {name: softmax(np.load(Path(run) / "evaluation" / "logits.npy"), axis=1) for name, run in runs.items()}
     out = {}
     for a, b in itertools.combinations(runs, 2):
-        out[f"{a}+{b}"] = _scores(np.log((probs[a] + probs[b]) / 2), y, first.classes)
+        out[f"{a}+{b}"] = scores_of(y, (probs[a] + probs[b]).argmax(1), first.classes)  # argmax of the mean probability
     return out
 
 

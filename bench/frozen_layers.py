@@ -14,8 +14,6 @@ balanced class weights, C in {1, 3, 10, 30} chosen on validation macro-F1; test 
 from __future__ import annotations
 
 import argparse
-import json
-import shlex
 import sys
 import time
 from pathlib import Path
@@ -24,7 +22,7 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from elpv import FRACTIONS  # noqa: E402  (bench/ is scripts, not a package)
+from elpv import FRACTIONS, save_results  # noqa: E402  (bench/ is scripts, not a package)
 
 STAGES = [1, 2, 3, 4]  # timm feature_info indices of EfficientNet-Lite: strides 4, 8, 16, 32
 
@@ -79,7 +77,6 @@ def svm_scores(x: np.ndarray, y: np.ndarray, split: np.ndarray) -> dict:
 def main() -> None:
     from defectscope.data.split import assign_splits
     from defectscope.data.table import read_elpv
-    from defectscope.training.train import machine_info
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", type=int, default=224)
@@ -108,15 +105,13 @@ def main() -> None:
     for name, r in results.items():
         print(f"{name:16s} dim {r['dim']:5d}  val {r['val_macro_f1']:.4f}  test acc {r['test_accuracy']:.4f}  "
               f"macro-F1 {r['test_macro_f1']:.4f}")
-    Path(args.results).write_text(json.dumps({
+    save_results({
         "benchmark": "frozen-feature recipe on ELPV: last layer pooled vs intermediate stages pooled too (RBF SVM)",
         "features": f"{args.arch}, ImageNet (PyPI package), frozen, {args.size} px, {args.views} dihedral views "
                     f"averaged; stage maps {STAGES} (strides 4-32) mean- and std-pooled",
         "split": {"fractions": FRACTIONS, "seed": 0, "stratify": ["label", "type"]}, "results": results,
-        "seconds": round(time.perf_counter() - started, 1), "machine": machine_info(),
-        "command": "python " + " ".join(shlex.quote(a) for a in sys.argv),
-        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-    }, indent=2) + "\n")
+        "seconds": round(time.perf_counter() - started, 1),
+    }, args.results)
 
 
 if __name__ == "__main__":
