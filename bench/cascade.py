@@ -38,13 +38,14 @@ from defectscope.decision.cascade import cascade, cascade_decide
 from defectscope.decision.policy import Policy, decide, softmax
 from defectscope.decision.thresholds import CalibrationError, escape_threshold
 from defectscope.demo import DEMO_RECIPE
-from defectscope.deploy.cascade_export import GRAPH, MANIFEST, export_cascade
-from defectscope.deploy.cascade_runtime import CascadeRunner
-from defectscope.deploy.export import _session, export
-from defectscope.deploy.metadata import INPUT
-from defectscope.models.cascade import ScreenScore, screen_scores
 from defectscope.models.inference import features_and_logits
+from defectscope.models.screen import ScreenScore, screen_scores
+from defectscope.onnx_export.cascade_graph import GRAPH, MANIFEST, export_cascade
+from defectscope.onnx_export.exporter import export
 from defectscope.rundir import Run
+from defectscope.runtime.card import INPUT
+from defectscope.runtime.cascade_runner import CascadeRunner
+from defectscope.runtime.engines import ort_session as _session
 from defectscope.training.train import machine_info
 
 HERE = Path(__file__).resolve().parent

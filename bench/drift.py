@@ -35,11 +35,11 @@ from pathlib import Path
 
 import numpy as np
 
+from defectscope.data.corruptions import CORRUPTIONS, FAR_DRIFT, corrupt
 from defectscope.decision.drift import DriftScorer
 from defectscope.decision.drift_fusion import Candidate, candidates, select_score
 from defectscope.decision.patch_drift import PatchGaussian, feature_maps
 from defectscope.decision.photometric_drift import PhotometricGaussian
-from defectscope.evaluation.corruptions import CORRUPTIONS, FAR_DRIFT, corrupt
 from defectscope.training.train import machine_info
 
 HERE = Path(__file__).resolve().parent

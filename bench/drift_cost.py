@@ -33,9 +33,9 @@ BUDGET = 0.20  # at most 20% fewer images/s than the reference score
 def main() -> None:
     from defectscope.data.images import load_gray
     from defectscope.decision.calibrate import calibrate
-    from defectscope.deploy.export import export
-    from defectscope.deploy.predictor import Predictor
+    from defectscope.onnx_export.exporter import export
     from defectscope.rundir import Run
+    from defectscope.runtime.predictor import Predictor
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", required=True, help="a trained (and calibrated) run directory; it is not changed")

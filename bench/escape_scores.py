@@ -45,7 +45,7 @@ from defectscope.decision.policy import softmax  # noqa: E402
 from defectscope.decision.thresholds import escape_threshold, fit_temperature, naive_escape_threshold  # noqa: E402
 from defectscope.demo import DEMO_RECIPE  # noqa: E402
 from defectscope.metrics import classification_metrics  # noqa: E402
-from defectscope.training.frozen import _sample_weights, class_ranks, fit_head, power_norm  # noqa: E402
+from defectscope.training.frozen_features import _sample_weights, class_ranks, fit_head, power_norm  # noqa: E402
 from defectscope.training.train import machine_info  # noqa: E402
 
 GOOD = "functional"
@@ -66,7 +66,7 @@ def compute_features(path: Path) -> None:
     from defectscope.data.table import class_names, load_table
     from defectscope.models.factory import create_model
     from defectscope.models.heads import symmetry_views
-    from defectscope.training.frozen import pooled_features
+    from defectscope.training.frozen_features import pooled_features
 
     cfg = elpv_config()
     table, _ = load_table("elpv")

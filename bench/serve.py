@@ -75,7 +75,7 @@ def tiny_model(workdir: Path, arch: str = "tiny") -> Path:
 
     from defectscope import train
     from defectscope.decision.calibrate import calibrate
-    from defectscope.deploy.export import export
+    from defectscope.onnx_export.exporter import export
 
     options = dict(FAST)
     if arch == "lite0":
@@ -94,7 +94,7 @@ def summary(latencies: list[float], n_images: int, seconds: float) -> dict:
 
 
 def bench_predictor(model: Path, data: list[bytes], seconds: float, threads: int) -> dict:
-    from defectscope.deploy.predictor import Predictor
+    from defectscope.runtime.predictor import Predictor
 
     p = Predictor(model, threads=threads)
     p.predict(data[0])

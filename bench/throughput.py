@@ -7,7 +7,7 @@ On ELPV images (300x300 8-bit PNG, from the elpv-dataset package) and one traine
               openvino_fp32, openvino_bf16, openvino_int8; unavailable ones are listed with the reason):
               images/s batched (batch 32 on preloaded arrays, candidates interleaved), images/s one at a
               time and p50/p99 latency of ``Predictor.predict(path)`` (decode + inference of one PNG), and,
-              from :func:`defectscope.deploy.selection.select` on the run's ELPV test split: accuracy,
+              from :func:`defectscope.runtime.choice.select` on the run's ELPV test split: accuracy,
               decision agreement with fp32 (the run's policy), Drift AUROC change, accepted or refused
   end_to_end  ``sort(mode='copy', settle_seconds=0)`` on a fresh inbox with the ``auto`` choice and
               with onnxruntime fp32 (the old default): images/s from the wall time of the call (hashing,
@@ -85,7 +85,7 @@ def fresh_inbox(files: list[Path], root: Path) -> Path:
 
 def measure_end_to_end(onnx: Path, files: list[Path], root: Path, runtime: str = "auto",
                        precision: str = "auto") -> dict[str, Any]:
-    from defectscope.deploy.sorter import sort
+    from defectscope.station.sorter import sort
 
     inbox = fresh_inbox(files, root)
     out = Path(tempfile.mkdtemp(prefix="sorted-", dir=root))
@@ -105,9 +105,9 @@ def measure_end_to_end(onnx: Path, files: list[Path], root: Path, runtime: str =
 def measure_components(onnx: Path, files: list[Path], root: Path) -> dict[str, float]:
     """Seconds per image of each stage, alone and one after the other, with the sorter's own pieces."""
     from defectscope.data.images import decode_gray, resize_gray
-    from defectscope.deploy.predictor import Predictor
-    from defectscope.deploy.sorter import place_file
-    from defectscope.deploy.store import Store
+    from defectscope.runtime.predictor import Predictor
+    from defectscope.station.sorter import place_file
+    from defectscope.station.store import Store
 
     # The sorter's configuration: the auto runtime, threads and decode threads by default.
     predictor = Predictor(onnx, runtime="auto", precision="auto")
@@ -244,7 +244,8 @@ def machine_details() -> dict[str, Any]:
     """CPU model and its vector/matrix flags, OpenVINO's view of the CPU, library versions."""
     import platform
 
-    from defectscope.deploy import runtimes, selection
+    from defectscope.runtime import choice as selection
+    from defectscope.runtime import engines as runtimes
 
     info = selection.machine()
     return {
@@ -277,10 +278,12 @@ def main() -> None:
     from PIL import Image
 
     from defectscope.data.images import load_gray
-    from defectscope.deploy import runtimes, selection
-    from defectscope.deploy.export import export
-    from defectscope.deploy.predictor import Predictor, _decide
+    from defectscope.decision.policy import decide_labels
+    from defectscope.onnx_export.exporter import export
     from defectscope.rundir import Run
+    from defectscope.runtime import choice as selection
+    from defectscope.runtime import engines as runtimes
+    from defectscope.runtime.predictor import Predictor
 
     run = Path(args.run) if args.run else default_run()
     spec = Run(run).spec
@@ -304,8 +307,8 @@ def main() -> None:
         # agreement and Drift AUROC columns come from this call, on the run's test split).
         auto = Predictor(onnx, runtime="auto", precision="auto", threads=args.threads)
         meta_policy, classes = auto.policy, auto.classes
-        record = selection.select(onnx, threads=args.threads, decide=lambda p, d: _decide(
-            p, meta_policy, classes, d if meta_policy and meta_policy.get("drift") else None))
+        record = selection.select(onnx, threads=args.threads, decide=lambda p, d: decide_labels(
+            p, meta_policy, classes, d))
         sorter_config = {"batch_size": SORTER_BATCH, "decode_threads": auto.decode_threads,
                          "runtime": auto.runtime, "precision": auto.precision, "threads": args.threads}
         del auto

@@ -56,7 +56,7 @@ def station_model(trained_run, tmp_path_factory) -> Path:
     import shutil
 
     from defectscope.decision.calibrate import calibrate
-    from defectscope.deploy.export import export
+    from defectscope.onnx_export.exporter import export
 
     root = tmp_path_factory.mktemp("station_model")
     run = shutil.copytree(trained_run, root / "run")

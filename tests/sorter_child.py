@@ -12,8 +12,8 @@ import logging
 import sys
 import time
 
-from defectscope.deploy import sorter
-from defectscope.deploy.predictor import Predictor
+from defectscope.runtime.predictor import Predictor
+from defectscope.station import sorter
 
 
 def main() -> None:

@@ -1,7 +1,10 @@
-"""The package's imports run one way: data, models -> training -> decision -> evaluation -> deploy -> cli.
+"""The package's imports run one way: data, models -> training -> decision -> evaluation -> runtime ->
+export / station -> cli.
 
 Every import in the source is checked, including those inside functions (an import placed in a function to
-dodge a cycle is still an arrow), so that the layering drawn in ARCHITECTURE.md cannot silently bend.
+dodge a cycle is still an arrow), at module granularity (``from defectscope.runtime import card`` is an
+import of the module ``card``, not of its package), so that the layering drawn in ARCHITECTURE.md cannot
+silently bend. The line's packages (runtime, station) are checked to reach no training-only package.
 """
 
 from __future__ import annotations
@@ -16,16 +19,23 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "defectscope"
 # Lowest first. A module may import from its own package and from lower layers only; packages sharing a
 # layer (data and models) are independent of each other.
 LAYERS: list[tuple[str, ...]] = [
-    ("defectscope._version", "defectscope.config", "defectscope.logs", "defectscope.metrics"),
+    ("defectscope._version", "defectscope.errors"),
+    ("defectscope.config", "defectscope.progress", "defectscope.metrics", "defectscope.labels"),
     ("defectscope.data", "defectscope.models"),
     ("defectscope.rundir",),
     ("defectscope.training",),
     ("defectscope.decision",),
     ("defectscope.evaluation", "defectscope.audit"),
-    ("defectscope.deploy",),
+    ("defectscope.runtime",),
+    ("defectscope.onnx_export", "defectscope.station"),
     ("defectscope.demo",),
     ("defectscope.cli",),
 ]
+# What a line PC has not got (`pip install defectscope` without the train extra): the line's packages and
+# everything they import, at any depth and inside functions too, must not need them.
+LINE_PACKAGES = ("defectscope.runtime", "defectscope.station")
+TRAIN_ONLY = ("torch", "torchvision", "timm", "pandas", "sklearn", "onnx", "matplotlib", "yaml", "safetensors",
+              "optuna", "pytorch_grad_cam", "imagehash", "elpv_dataset", "skimage")
 
 
 def module_name(path: Path) -> str:
@@ -45,23 +55,41 @@ def unit_of(module: str) -> tuple[int, str] | None:
     return best
 
 
-def imports_of(path: Path) -> list[tuple[int, str]]:
-    """(line, imported module) for every import statement in the file, wherever it stands."""
+def _is_module(dotted: str) -> bool:
+    sub = SRC.parent.joinpath(*dotted.split("."))
+    return sub.with_suffix(".py").is_file() or (sub / "__init__.py").is_file()
+
+
+def all_imports_of(path: Path) -> list[tuple[int, str]]:
+    """(line, imported module) for every import statement in the file, wherever it stands, third-party ones
+    included. ``from pkg import name`` counts as an import of ``pkg.name`` when that is a module of ours."""
     tree = ast.parse(path.read_text(), filename=str(path))
+    # Imports under `if TYPE_CHECKING:` never run (the package API's lazy names): not arrows.
+    typing_only = {id(n) for node in ast.walk(tree)
+                   if isinstance(node, ast.If) and isinstance(node.test, ast.Name) and node.test.id == "TYPE_CHECKING"
+                   for stmt in node.body for n in ast.walk(stmt)}
     found = []
     for node in ast.walk(tree):
+        if id(node) in typing_only:
+            continue
         if isinstance(node, ast.Import):
             found += [(node.lineno, alias.name) for alias in node.names]
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            if node.module == "defectscope":
-                # `from defectscope import rundir` names a submodule; `from defectscope import train` is the API.
-                for alias in node.names:
-                    sub = SRC / alias.name
-                    is_module = sub.with_suffix(".py").is_file() or (sub / "__init__.py").is_file()
-                    found.append((node.lineno, f"defectscope.{alias.name}" if is_module else "defectscope"))
-            else:
+            if not node.module.startswith("defectscope"):
                 found.append((node.lineno, node.module))
-    return [(line, name) for line, name in found if name == "defectscope" or name.startswith("defectscope.")]
+                continue
+            for alias in node.names:
+                dotted = f"{node.module}.{alias.name}"
+                # `from defectscope import train` is the API (the package); `from defectscope.runtime import
+                # card` is the module card.
+                found.append((node.lineno, dotted if _is_module(dotted) else node.module))
+    return found
+
+
+def imports_of(path: Path) -> list[tuple[int, str]]:
+    """The imports of our own modules (see :func:`all_imports_of`)."""
+    return [(line, name) for line, name in all_imports_of(path)
+            if name == "defectscope" or name.startswith("defectscope.")]
 
 
 SOURCES = sorted(p for p in SRC.rglob("*.py") if p.name != "__init__.py" or p.parent != SRC)
@@ -121,3 +149,61 @@ def test_the_checker_catches_a_backward_import(tmp_path):
     bad.write_text("def f():\n    from defectscope.evaluation.evaluate import evaluate\n")
     (line, target), = imports_of(bad)
     assert unit_of(target)[0] > unit_of("defectscope.training.loop")[0]
+
+
+def _closure(start: str, names: set[str], paths: dict[str, Path]) -> tuple[set[str], dict[str, str]]:
+    """Our modules ``start`` pulls in (parent packages' __init__ included) and, for each third-party top-level
+    module reached, one module of ours that imports it."""
+    seen: set[str] = set()
+    third: dict[str, str] = {}
+    todo = [start]
+    while todo:
+        mod = todo.pop()
+        parts = mod.split(".")
+        for k in range(1, len(parts) + 1):  # importing a.b.c runs a/__init__ and a/b/__init__ first
+            name = ".".join(parts[:k])
+            if name in names and name not in seen:
+                seen.add(name)
+                for _, target in all_imports_of(paths[name]):
+                    if target.startswith("defectscope"):
+                        while target not in names and "." in target:
+                            target = target.rsplit(".", 1)[0]
+                        todo.append(target)
+                    else:
+                        third.setdefault(target.split(".")[0], name)
+    return seen, third
+
+
+def test_the_line_never_needs_training_packages():
+    paths = {module_name(p): p for p in SRC.rglob("*.py")}
+    names = set(paths)
+    line = sorted(n for n in names if n.startswith(LINE_PACKAGES))
+    assert len(line) > 10
+    wrong = []
+    for mod in line:
+        _, third = _closure(mod, names, paths)
+        wrong += [f"{mod} reaches {pkg} (imported by {by})" for pkg, by in sorted(third.items()) if pkg in TRAIN_ONLY]
+    assert not wrong, "the line (runtime/, station/) must run without the train extra:\n" + "\n".join(wrong)
+
+
+def test_the_closure_sees_an_import_inside_a_function(tmp_path):
+    """Guard: a planted torch import inside a function of a line module is found."""
+    bad = tmp_path / "bad.py"
+    bad.write_text("def f():\n    from torch import nn\n    from defectscope.runtime import card\n")
+    assert [t for _, t in all_imports_of(bad)] == ["torch", "defectscope.runtime.card"]
+
+
+def test_no_subpackage_shadows_a_public_name():
+    """`defectscope.export` must stay the function once every module is imported (a subpackage of the same
+    name would replace the lazy API attribute the moment it is imported)."""
+    import importlib
+
+    import defectscope
+
+    for path in SOURCES:
+        name = module_name(path)
+        if not name.startswith("defectscope.station.store.migrations"):
+            importlib.import_module(name)
+    for name in defectscope.__all__:
+        value = getattr(defectscope, name)
+        assert not isinstance(value, type(defectscope)), f"defectscope.{name} is the module {value.__name__}"

@@ -82,8 +82,8 @@ def test_seed_cnn_has_no_heatmap():
 @pytest.mark.slow
 def test_exported_heatmap_reaches_the_predictor(folder_dataset, tmp_path):
     from defectscope import train
-    from defectscope.deploy.export import export
-    from defectscope.deploy.predictor import Predictor
+    from defectscope.onnx_export.exporter import export
+    from defectscope.runtime.predictor import Predictor
 
     run = train(folder_dataset, tmp_path / "run", **{**FAST, "model.name": "efficientnet_lite0",
                                                      "model.pretrained": "none", "model.image_size": 64,
@@ -105,7 +105,7 @@ def test_exported_heatmap_reaches_the_predictor(folder_dataset, tmp_path):
 def test_station_saves_a_viewable_heatmap(tmp_path):
     from PIL import Image
 
-    from defectscope.deploy.serve import HEATMAP_PIXELS, _save_heatmap
+    from defectscope.station.serve.app import HEATMAP_PIXELS, _save_heatmap
 
     path = _save_heatmap(tmp_path, np.array([[0.0, 1.0], [0.5, 0.25]]), "ab" * 32, "m1")
     with Image.open(path) as im:

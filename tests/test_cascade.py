@@ -174,7 +174,7 @@ def test_screen_that_saw_the_calibration_images_is_refused(classifier_run, tmp_p
 
 @pytest.fixture(scope="module")
 def exports(calibrated, tmp_path_factory):
-    from defectscope.deploy.cascade_export import export_cascade
+    from defectscope.onnx_export.cascade_graph import export_cascade
 
     root = tmp_path_factory.mktemp("cascade_export")
     graph = export_cascade(calibrated["path"], root / "one" / "cascade.onnx", form="graph")
@@ -191,7 +191,7 @@ def test_one_graph_matches_the_torch_composition(exports):
 
 def test_two_file_predictor_decides_as_the_one_graph(exports, calibrated, cascade_data):
     from defectscope.decision.cascade import cascade_decide
-    from defectscope.deploy.predictor import Predictor
+    from defectscope.runtime.predictor import Predictor
 
     root, _, _ = exports
     files = sorted(str(p) for p in cascade_data.rglob("*.png"))
@@ -246,7 +246,7 @@ def test_two_file_cascade_runs_without_torch(exports, cascade_data):
     root, _, _ = exports
     image = next((cascade_data / "spot").glob("*.png"))
     code = ("import sys; sys.modules['torch'] = None\n"
-            "from defectscope.deploy.predictor import Predictor\n"
+            "from defectscope.runtime.predictor import Predictor\n"
             f"print(Predictor({str(root / 'two' / 'cascade.json')!r}).predict({str(image)!r}).decision)\n")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]

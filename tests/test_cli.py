@@ -1,5 +1,5 @@
 """Smoke tests of the CLI verbs over one small run: each verb runs through `defectscope.cli.main` and leaves
-what it promises on disk; `predict` (deploy/batch.py) also in every output format."""
+what it promises on disk; `predict` (runtime/predict.py) also in every output format."""
 
 from __future__ import annotations
 

@@ -11,8 +11,8 @@ import httpx
 import pytest
 from test_serve import config_for, png, running
 
-from defectscope.deploy.review import export_corrections
-from defectscope.deploy.store import Store
+from defectscope.station.corrections import export_corrections
+from defectscope.station.store import Store
 
 CHROMIUM = os.environ.get("DEFECTSCOPE_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
 ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",

@@ -11,11 +11,11 @@ import pytest
 from scipy import stats
 
 from defectscope.decision.calibrate import calibrate_from_logits, calibration_split
+from defectscope.decision.cost_files import load_cost_matrix
 from defectscope.decision.costs import (
     DRIFT,
     CostMatrixError,
     cost_decisions,
-    load_cost_matrix,
     penalty_weighted_accuracy,
     valeo_pwa,
 )

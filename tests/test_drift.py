@@ -11,6 +11,7 @@ import textwrap
 import numpy as np
 import pytest
 
+from defectscope.data.corruptions import CORRUPTIONS, FAR_DRIFT, corrupt
 from defectscope.decision.costs import valeo_pwa
 from defectscope.decision.drift import (
     SCORES,
@@ -27,7 +28,6 @@ from defectscope.decision.drift_fit import (
     calibrate_drift_threshold,
     cost_aware_drift_threshold,
 )
-from defectscope.evaluation.corruptions import CORRUPTIONS, FAR_DRIFT, corrupt
 from defectscope.evaluation.drift_eval import auroc_fpr95
 from defectscope.rundir import Run
 

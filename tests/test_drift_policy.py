@@ -89,9 +89,9 @@ def test_exported_drift_score_matches_numpy(run_copy, tmp_path, score):
     from defectscope.decision.calibrate import calibrate, drift_scores_for, drift_stages
     from defectscope.decision.drift_policy import policy_forward
     from defectscope.decision.policy import Policy, decide
-    from defectscope.deploy.export import export
-    from defectscope.deploy.predictor import Predictor
+    from defectscope.onnx_export.exporter import export
     from defectscope.rundir import Run
+    from defectscope.runtime.predictor import Predictor
 
     policy = Policy.from_dict(calibrate(run_copy, drift_score=score, drift_rate=0.2)["policy"])
     report = export(run_copy, tmp_path / "m.onnx", int8=score == "patch", select=False)
@@ -115,7 +115,7 @@ def test_exported_drift_score_matches_numpy(run_copy, tmp_path, score):
     assert sum(p.decision == "Drift" for p in preds[-6:]) >= 5
     if score == "patch":
         # The int8 variant quantizes the shared backbone but keeps the patch score's own nodes in float.
-        from defectscope.deploy.export import _session
+        from defectscope.runtime.engines import ort_session as _session
 
         x = (images.astype(np.float32) / np.float32(255))[:, None]
         int8 = _session(tmp_path / "m.int8.onnx").run(["drift_score"], {"image": x})[0]

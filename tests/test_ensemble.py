@@ -11,10 +11,10 @@ from helpers import FAST
 
 from defectscope import calibrate, ensemble, evaluate, export, train
 from defectscope.config import ConfigError, build_config
-from defectscope.deploy.predictor import Predictor
 from defectscope.models.ensemble import AveragedHeads, MemberFeatures
 from defectscope.models.inference import predict_logits
 from defectscope.rundir import Run
+from defectscope.runtime.predictor import Predictor
 from defectscope.training.ensemble import EnsembleError
 
 SYMMETRIC = {"augment.hflip": True, "augment.vflip": True, "augment.rot90": True}

@@ -11,9 +11,10 @@ import onnxruntime as ort
 import pytest
 
 from defectscope import rundir
-from defectscope.deploy import export as export_mod
-from defectscope.deploy import metadata as md
-from defectscope.deploy.export import ExportError, export
+from defectscope.onnx_export import exporter as export_mod
+from defectscope.onnx_export.exporter import ExportError, export
+from defectscope.runtime import card as md
+from defectscope.runtime.engines import read_metadata
 
 ADDED_SPEC_KEYS = {"preprocessing", "graph"}
 
@@ -40,7 +41,7 @@ def test_metadata_in_onnx_and_sidecar_equals_run(exported, trained_run):
     out, report = exported
     model_json = json.loads((trained_run / rundir.SPEC).read_text())
     sidecar = json.loads(md.sidecar_path(out).read_text())
-    for meta in (onnx_metadata(out), md.read_metadata(out), sidecar):
+    for meta in (onnx_metadata(out), read_metadata(out), sidecar):
         spec = meta[md.KEY_SPEC]
         assert {k: v for k, v in spec.items() if k not in ADDED_SPEC_KEYS} == model_json
         assert "squash" in spec["preprocessing"] and spec["graph"]["input"] == "image"
@@ -68,7 +69,7 @@ def test_policy_json_is_embedded(trained_run, tmp_path):
 def test_dynamic_batch(exported, batch):
     out, _ = exported
     session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
-    size = md.read_metadata(out)[md.KEY_SPEC]["image_size"]
+    size = read_metadata(out)[md.KEY_SPEC]["image_size"]
     x = np.random.default_rng(0).random((batch, 1, size, size), dtype=np.float32)
     logits, probs, features, _ = session.run(list(md.OUTPUTS), {"image": x})
     assert logits.shape == probs.shape == (batch, 3)
@@ -85,7 +86,7 @@ def test_quantization_smaller_and_reported(exported, trained_run, tmp_path, mode
     q = report["quantized_vs_fp32"]
     assert {"accuracy_fp32", "accuracy_quantized", "accuracy_change", "max_abs_diff_probabilities"} <= set(q)
     assert q["images"] > 0 and report["quantization"]["mode"] == mode
-    assert md.read_metadata(out)[md.KEY_PROVENANCE]["quantization"] == mode
+    assert read_metadata(out)[md.KEY_PROVENANCE]["quantization"] == mode
     session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
     probs = session.run(["probabilities"], {"image": np.zeros((2, 1, 32, 32), np.float32)})[0]
     assert probs.shape == (2, 3)

@@ -12,9 +12,9 @@ from helpers import FAST
 
 from defectscope import evaluate, train
 from defectscope.config import ConfigError
-from defectscope.deploy.export import export
 from defectscope.models.factory import create_model
 from defectscope.models.heads import FeatureNorm, KernelHead, dihedral, symmetry_views
+from defectscope.onnx_export.exporter import export
 from defectscope.rundir import Run
 
 SYMMETRIC = {"augment.hflip": True, "augment.vflip": True, "augment.rot90": True}

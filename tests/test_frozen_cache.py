@@ -15,7 +15,7 @@ from defectscope import train
 from defectscope.config import ConfigError, PhaseConfig, build_config
 from defectscope.models.factory import create_model
 from defectscope.models.heads import dihedral
-from defectscope.training.frozen_cache import FrozenPrefixCache, frozen_blocks
+from defectscope.training.cached_blocks import FrozenPrefixCache, frozen_blocks
 from defectscope.training.loop import Trainer, set_trainable
 
 LITE = {"model.name": "tf_efficientnet_lite0", "model.pretrained": "none", "model.drop_rate": 0.0}

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from defectscope.deploy.export import export
+from defectscope.onnx_export.exporter import export
 
 REPO = Path(__file__).resolve().parents[1]
 # scipy is not here: the station's SPC statistics (binomial test, Clopper-Pearson) need it on the line too.

@@ -143,7 +143,7 @@ def test_run_without_metadata_values_is_refused(meta_runs):
 def meta_models(meta_runs, tmp_path_factory) -> dict[str, Path]:
     """The fine-tuned run calibrated (a policy) and exported, and the frozen RBF run exported."""
     from defectscope.decision.calibrate import calibrate
-    from defectscope.deploy.export import export
+    from defectscope.onnx_export.exporter import export
 
     root = tmp_path_factory.mktemp("meta_models")
     out = {}
@@ -162,8 +162,8 @@ def test_exported_graph_takes_metadata_and_matches_torch(meta_runs, meta_models)
     import onnxruntime as ort
     import torch
 
-    from defectscope.deploy.predictor import Predictor
     from defectscope.rundir import Run
+    from defectscope.runtime.predictor import Predictor
 
     for name, model_path in meta_models.items():
         session = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
@@ -186,7 +186,7 @@ def test_exported_graph_takes_metadata_and_matches_torch(meta_runs, meta_models)
 
 
 def test_predictor_requires_the_values(meta_models):
-    from defectscope.deploy.predictor import UNREADABLE, MetadataInputError, Predictor
+    from defectscope.runtime.predictor import UNREADABLE, MetadataInputError, Predictor
 
     predictor = Predictor(meta_models["with"])
     image = make_image("spot", np.random.default_rng(3))
@@ -205,7 +205,7 @@ def test_predictor_requires_the_values(meta_models):
 
 
 def test_batch_predict_reads_a_manifest(meta_models, meta_data, tmp_path):
-    from defectscope.deploy.batch import predict
+    from defectscope.runtime.predict import predict
 
     manifest = tmp_path / "line.csv"
     table = pd.read_csv(meta_data, dtype=str)
@@ -227,8 +227,8 @@ def test_batch_predict_reads_a_manifest(meta_models, meta_data, tmp_path):
 
 
 def test_sorter_takes_the_values_from_the_file_name(meta_models, tmp_path):
-    from defectscope.deploy.sorter import sort
-    from defectscope.deploy.store import Store
+    from defectscope.station.sorter import sort
+    from defectscope.station.store import Store
 
     inbox, out = tmp_path / "inbox", tmp_path / "out"
     (inbox / "B").mkdir(parents=True)
@@ -287,7 +287,7 @@ def test_frozen_rbf_head_with_metadata_equals_the_sklearn_pipeline():
 
     from defectscope.config import build_config
     from defectscope.models.factory import create_model
-    from defectscope.training.frozen import fit_frozen, pooled_features
+    from defectscope.training.frozen_features import fit_frozen, pooled_features
 
     rng = np.random.default_rng(0)
     kinds = ["GOOD", "scratch", "spot"]

@@ -14,10 +14,10 @@ from defectscope.config import ConfigError
 from defectscope.decision.calibrate import calibrate_from_logits
 from defectscope.decision.escape_scores import binary_auroc, choose_escape_score, class_ranks_from_order, goodness
 from defectscope.decision.policy import Policy, PolicyError, decide
-from defectscope.deploy.export import export
 from defectscope.models.heads import OrdinalHead
+from defectscope.onnx_export.exporter import export
 from defectscope.rundir import Run
-from defectscope.training.frozen import _ordinal_head, fit_head
+from defectscope.training.frozen_features import _ordinal_head, fit_head
 from defectscope.training.ordinal import CoralLogit, rank_probabilities
 
 ORDER = ["GOOD", "spot", "scratch"]  # an arbitrary severity order of the test classes, not their sorted order
@@ -143,7 +143,7 @@ def test_escape_score_is_chosen_on_validation_and_used_by_decide():
 
 
 def test_the_deployed_predictor_applies_the_severity_score():
-    from defectscope.deploy.predictor import _decide
+    from defectscope.decision.policy import decide_labels as _decide
 
     classes, ranks = ["bad", "good", "mild"], [1.0, 0.0, 0.5]
     policy = Policy(classes=classes, good_class="good", escape_threshold=0.6, escape_score="severity",

@@ -59,7 +59,7 @@ def test_patch_gaussian_round_trip_and_errors(tmp_path):
 def test_patch_head_matches_numpy_and_onnx(tmp_path):
     torch = pytest.importorskip("torch")
     ort = pytest.importorskip("onnxruntime")
-    from defectscope.deploy.drift_heads import FusedDriftHead, PatchDriftHead
+    from defectscope.onnx_export.drift_heads import FusedDriftHead, PatchDriftHead
 
     rng = np.random.default_rng(2)
     g = PatchGaussian(d=7, seed=0).fit(_maps(rng, 40))
@@ -102,7 +102,7 @@ class _MapsOnly:
 
 def test_vim_head_matches_numpy():
     torch = pytest.importorskip("torch")
-    from defectscope.deploy.drift_heads import VimHead
+    from defectscope.onnx_export.drift_heads import VimHead
 
     rng = np.random.default_rng(3)
     train = rng.normal(size=(100, 3)) @ rng.normal(size=(3, 10)) + 0.05 * rng.normal(size=(100, 10))
@@ -123,9 +123,9 @@ def test_multilayer_export_heads_on_a_timm_model(tmp_path):
     ort = pytest.importorskip("onnxruntime")
     from defectscope.decision.drift import DriftScorer
     from defectscope.decision.patch_drift import feature_maps
-    from defectscope.deploy.drift_heads import FusedDriftHead, MultiLayerExportHeads, PatchDriftHead
-    from defectscope.deploy.export import DriftHead
     from defectscope.models.factory import create_model
+    from defectscope.onnx_export.drift_heads import FusedDriftHead, MultiLayerExportHeads, PatchDriftHead
+    from defectscope.onnx_export.exporter import DriftHead
 
     torch.manual_seed(0)
     model = create_model("tf_efficientnet_lite0", 3, image_size=64).eval()

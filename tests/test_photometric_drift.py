@@ -46,7 +46,7 @@ def test_score_is_the_mahalanobis_distance_of_the_statistics():
 
 def test_exposure_and_contrast_faults_score_far_above_normal_images():
     """What the feature scores miss on ELPV: the same part, darker or flatter."""
-    from defectscope.evaluation.corruptions import corrupt
+    from defectscope.data.corruptions import corrupt
 
     rng = np.random.default_rng(1)
     g = PhotometricGaussian().fit(_normal_images(rng, 200))
@@ -59,7 +59,7 @@ def test_exposure_and_contrast_faults_score_far_above_normal_images():
 def test_graph_head_matches_numpy():
     import torch
 
-    from defectscope.deploy.drift_heads import PhotometricDriftHead
+    from defectscope.onnx_export.drift_heads import PhotometricDriftHead
 
     rng = np.random.default_rng(2)
     g = PhotometricGaussian().fit(_normal_images(rng, 60))

@@ -14,9 +14,9 @@ import pandas as pd
 import pytest
 
 from defectscope.decision.calibrate import calibrate
-from defectscope.deploy.export import export
-from defectscope.deploy.predictor import Predictor
 from defectscope.evaluation.evaluate import evaluate
+from defectscope.onnx_export.exporter import export
+from defectscope.runtime.predictor import Predictor
 
 quiet: dict = {}
 
@@ -64,7 +64,7 @@ def test_far_drift_image_is_flagged_by_the_predictor(calibrated_run, tmp_path):
 
 def test_an_image_that_fails_to_decode_is_an_error_not_drift(calibrated_run, tmp_path):
     from defectscope.data.images import ImageDecodeError
-    from defectscope.deploy.predictor import UNREADABLE
+    from defectscope.runtime.predictor import UNREADABLE
 
     onnx_path = tmp_path / "model.onnx"
     export(calibrated_run, onnx_path, **quiet)

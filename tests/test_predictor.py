@@ -11,9 +11,9 @@ import pytest
 from PIL import Image
 
 from defectscope.data.images import ImageDecodeError
-from defectscope.deploy.export import export
-from defectscope.deploy.predictor import UNREADABLE, Predictor
+from defectscope.onnx_export.exporter import export
 from defectscope.rundir import Run
+from defectscope.runtime.predictor import UNREADABLE, Predictor
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +32,7 @@ def test_works_without_torch(model_path, folder_dataset):
     png = next((folder_dataset / "scratch").glob("*.png"))
     code = (
         "import sys, json; sys.modules['torch'] = None\n"
-        "from defectscope.deploy.predictor import Predictor\n"
+        "from defectscope.runtime.predictor import Predictor\n"
         f"print(json.dumps(Predictor({str(model_path)!r}).predict({str(png)!r}).to_dict()))\n"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)

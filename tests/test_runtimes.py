@@ -12,10 +12,11 @@ import numpy as np
 import pytest
 
 from defectscope.decision.calibrate import calibrate
-from defectscope.deploy import runtimes, selection
-from defectscope.deploy.export import export
-from defectscope.deploy.predictor import Predictor
-from defectscope.deploy.runtimes import RuntimeUnavailable
+from defectscope.onnx_export.exporter import export
+from defectscope.runtime import choice as selection
+from defectscope.runtime import engines as runtimes
+from defectscope.runtime.engines import RuntimeUnavailable
+from defectscope.runtime.predictor import Predictor
 
 needs_openvino = pytest.mark.skipif(importlib.util.find_spec("openvino") is None, reason="openvino not installed")
 

@@ -22,8 +22,8 @@ import pytest
 from conftest import make_image
 from PIL import Image
 
-from defectscope.deploy.serve import ServeConfig, create_app, load_api_keys, safe_name, serve
-from defectscope.deploy.store import Store
+from defectscope.station.serve.app import ServeConfig, create_app, load_api_keys, safe_name, serve
+from defectscope.station.store import Store
 
 KEY = "k-0123456789abcdef0123"
 
@@ -395,7 +395,7 @@ def test_kill_9_mid_stream_keeps_every_acknowledged_row(station_model, tmp_path)
 
 def test_the_station_imports_without_torch():
     code = ("import sys; sys.modules['torch'] = None\n"
-            "import defectscope.deploy.serve, defectscope.deploy.review, defectscope.deploy.spc\n"
+            "import defectscope.station.serve, defectscope.station.corrections, defectscope.station.spc\n"
             "assert 'torch' not in {m.split('.')[0] for m, v in sys.modules.items() if v is not None}\n")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
                           env={**os.environ, "PYTHONPATH": _pythonpath()})
@@ -405,8 +405,8 @@ def test_the_station_imports_without_torch():
 def test_group_commit_isolates_a_bad_request(tmp_path):
     from concurrent.futures import Future
 
-    from defectscope.deploy.serve import GroupCommit
-    from defectscope.deploy.store import StoreError
+    from defectscope.station.serve.app import GroupCommit
+    from defectscope.station.store import StoreError
 
     def rec(i: int, request_id: str) -> dict:
         return {"request_id": request_id, "file_name": f"{i}.png", "source_path": "api", "content_sha256": f"{i:064x}",

@@ -21,11 +21,11 @@ import pytest
 from helpers import CLASSES, make_image
 from PIL import Image
 
-from defectscope.deploy import sorter
-from defectscope.deploy.export import export
-from defectscope.deploy.predictor import UNREADABLE, Predictor
-from defectscope.deploy.sorter import safe_folder_name, sort
-from defectscope.deploy.store import COLUMNS, Store, export_log
+from defectscope.onnx_export.exporter import export
+from defectscope.runtime.predictor import UNREADABLE, Predictor
+from defectscope.station import sorter
+from defectscope.station.sorter import safe_folder_name, sort
+from defectscope.station.store import COLUMNS, Store, export_log
 
 QUIET = {"settle_seconds": 0, "progress": False}
 CHILD = Path(__file__).with_name("sorter_child.py")
@@ -381,7 +381,7 @@ def test_export_log_writes_every_row(predictor, tmp_path):
 
 def test_sorter_imports_without_torch():
     code = ("import sys; sys.modules['torch'] = None\n"
-            "import defectscope.deploy.sorter, defectscope.deploy.store\n"
+            "import defectscope.station.sorter, defectscope.station.store\n"
             "assert 'torch' not in {m.split('.')[0] for m, v in sys.modules.items() if v is not None}\n")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr

@@ -8,7 +8,7 @@ from datetime import datetime, timedelta, timezone
 import numpy as np
 import pytest
 
-from defectscope.deploy import spc
+from defectscope.station import spc
 
 
 def test_p_chart_limits_follow_the_textbook_formula():

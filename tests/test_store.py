@@ -10,10 +10,10 @@ import uuid
 import pytest
 import sqlalchemy as sa
 
-from defectscope.deploy import spc
-from defectscope.deploy import store as store_mod
-from defectscope.deploy.review import export_corrections
-from defectscope.deploy.store import COLUMNS, Store, StoreError, database_url, export_log, sqlite_path
+from defectscope.station import spc
+from defectscope.station import store as store_mod
+from defectscope.station.corrections import export_corrections
+from defectscope.station.store import COLUMNS, Store, StoreError, database_url, export_log, sqlite_path
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -210,7 +210,7 @@ def test_the_sorter_writes_to_any_store_url_and_its_doubtful_images_wait_for_rev
     from PIL import Image
 
     from defectscope.cli import build_parser
-    from defectscope.deploy.sorter import sort
+    from defectscope.station.sorter import sort
 
     inbox, out = tmp_path / "inbox", tmp_path / "out"
     inbox.mkdir()

@@ -240,7 +240,7 @@ def test_generator_noise_and_seed(tmp_path):
 @pytest.mark.slow
 def test_wafer_train_export_predict(tmp_path):
     from defectscope.cli import main
-    from defectscope.deploy.predictor import Predictor
+    from defectscope.runtime.predictor import Predictor
 
     manifest = generate_dataset(tmp_path / "syn", per_class=10, seed=0, patterns=("Center", "Edge-Ring", "none"))
     run = tmp_path / "run"

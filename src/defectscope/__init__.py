@@ -24,15 +24,15 @@ if TYPE_CHECKING:  # pragma: no cover
     from defectscope.data.table import load_table
     from defectscope.decision.calibrate import calibrate
     from defectscope.decision.cascade import cascade
-    from defectscope.deploy.batch import predict
-    from defectscope.deploy.cascade_export import export_cascade
-    from defectscope.deploy.export import export
-    from defectscope.deploy.predictor import Predictor
-    from defectscope.deploy.sorter import sort
-    from defectscope.deploy.store import export_log
     from defectscope.evaluation.drift_eval import drift_eval
     from defectscope.evaluation.evaluate import evaluate
+    from defectscope.onnx_export.cascade_graph import export_cascade
+    from defectscope.onnx_export.exporter import export
     from defectscope.rundir import Run
+    from defectscope.runtime.predict import predict
+    from defectscope.runtime.predictor import Predictor
+    from defectscope.station.sorter import sort
+    from defectscope.station.store import export_log
     from defectscope.training.ensemble import ensemble
     from defectscope.training.train import train
     from defectscope.training.tune import tune
@@ -48,12 +48,12 @@ _LAZY = {
     "cascade": "defectscope.decision.cascade",
     "evaluate": "defectscope.evaluation.evaluate",
     "drift_eval": "defectscope.evaluation.drift_eval",
-    "export": "defectscope.deploy.export",
-    "export_cascade": "defectscope.deploy.cascade_export",
-    "Predictor": "defectscope.deploy.predictor",
-    "predict": "defectscope.deploy.batch",
-    "sort": "defectscope.deploy.sorter",
-    "export_log": "defectscope.deploy.store",
+    "export": "defectscope.onnx_export.exporter",
+    "export_cascade": "defectscope.onnx_export.cascade_graph",
+    "Predictor": "defectscope.runtime.predictor",
+    "predict": "defectscope.runtime.predict",
+    "sort": "defectscope.station.sorter",
+    "export_log": "defectscope.station.store",
 }
 
 __all__ = [

@@ -270,11 +270,11 @@ _TRAIN_MODULES = {"torch", "torchvision", "timm", "pandas", "yaml", "safetensors
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from defectscope import logs  # a submodule, not the package API
+    from defectscope import progress  # a submodule, not the package API
 
-    logs.configure_cli_logging()
+    progress.configure_cli_logging()
     # Bars only on a terminal: a CI log or a redirected run gets the logged lines, not bar redraws.
-    logs.use_bars(sys.stderr.isatty() and not getattr(args, "no_progress", False))
+    progress.use_bars(sys.stderr.isatty() and not getattr(args, "no_progress", False))
     try:
         return _dispatch(args)
     except KeyboardInterrupt:
@@ -399,7 +399,7 @@ def _dispatch(args: argparse.Namespace) -> int:
                   drift_score=args.drift_score, drift_examples=args.drift_examples, escape_score=args.escape_score)
         return 0
     if args.command == "export":
-        from defectscope.deploy.export import export
+        from defectscope.onnx_export.exporter import export
 
         export(args.run, args.out, quantize=args.quantize, opset=args.opset, int8=not args.no_int8,
                select=not args.no_select)
@@ -414,7 +414,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         if args.export:
             from pathlib import Path
 
-            from defectscope.deploy.cascade_export import GRAPH, export_cascade
+            from defectscope.onnx_export.cascade_graph import GRAPH, export_cascade
 
             if args.form in ("both", "files"):
                 export_cascade(written["path"], args.export, form="files")
@@ -422,8 +422,8 @@ def _dispatch(args: argparse.Namespace) -> int:
                 export_cascade(written["path"], Path(args.export) / GRAPH, form="graph")
         return 0
     if args.command == "predict":
-        from defectscope.deploy.batch import predict
-        from defectscope.deploy.predictor import UNREADABLE
+        from defectscope.runtime.predict import predict
+        from defectscope.runtime.predictor import UNREADABLE
 
         counts = predict(args.model, args.images, recursive=args.recursive, fmt=args.format, out=args.out,
                          batch_size=args.batch_size, threads=args.threads, runtime=args.runtime,
@@ -432,7 +432,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         print(f"{sum(counts.values())} images: {summary}", file=sys.stderr)
         return 1 if counts.get(UNREADABLE) else 0
     if args.command == "sort":
-        from defectscope.deploy.sorter import sort
+        from defectscope.station.sorter import sort
 
         summary = sort(args.model, args.inbox, args.out, mode=args.mode or "move", log_path=args.db,
                        watch=args.watch, settle_seconds=args.settle, poll_interval=args.poll,
@@ -440,13 +440,13 @@ def _dispatch(args: argparse.Namespace) -> int:
                        device=args.device, metadata_pattern=args.metadata_pattern)
         return 1 if summary.get("errors") else 0
     if args.command == "log":
-        from defectscope.deploy.store import export_log
+        from defectscope.station.store import export_log
 
         n = export_log(args.db, args.out)
         print(f"{n} rows written to {args.out}")
         return 0
     if args.command == "serve":
-        from defectscope.deploy.serve import ServeConfig, load_api_keys, serve
+        from defectscope.station.serve import ServeConfig, load_api_keys, serve
 
         config = ServeConfig(
             model=args.model, db=args.db, data=args.data, host=args.host, port=args.port,
@@ -457,7 +457,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         serve(config)
         return 0
     if args.command == "review":
-        from defectscope.deploy.review import export_corrections
+        from defectscope.station.corrections import export_corrections
 
         n = export_corrections(args.db, args.out, include_drift=args.include_drift)
         print(f"{n} reviewed images written to {args.out}")

@@ -12,8 +12,10 @@ from typing import Any
 
 import yaml
 
+from defectscope.errors import DefectscopeError
 
-class ConfigError(ValueError):
+
+class ConfigError(DefectscopeError, ValueError):
     """A config file or override that cannot be used; the message says which key and why."""
 
 

@@ -8,8 +8,8 @@ from pathlib import Path
 from typing import Any
 
 from defectscope.decision.calibrate import calibrate
-from defectscope.deploy.export import export
 from defectscope.evaluation.evaluate import evaluate
+from defectscope.onnx_export.exporter import export
 from defectscope.training.train import train
 
 log = logging.getLogger(__name__)
@@ -55,7 +55,8 @@ def demo(out: str | Path = "defectscope_demo", *, epochs: int | None = None) -> 
         recipe["train.epochs"] = epochs
     started = time.perf_counter()
     train("elpv", run, **recipe)
-    with _quiet("defectscope.evaluation", "defectscope.deploy"):  # the headline below says it all
+    # The headline below says it all.
+    with _quiet("defectscope.evaluation", "defectscope.onnx_export", "defectscope.runtime"):
         metrics = evaluate(run, out=run / "evaluation_before_policy", report=False)
     policy_metrics = None
     try:
@@ -67,7 +68,7 @@ def demo(out: str | Path = "defectscope_demo", *, epochs: int | None = None) -> 
         with _quiet("defectscope.evaluation"):
             evaluate(run)
     onnx_path = run / "export" / "model.onnx"
-    with _quiet("defectscope.deploy"):
+    with _quiet("defectscope.onnx_export", "defectscope.runtime"):
         # The runtime choice (--runtime auto) is measured where the model runs: on the line PC's first start,
         # not in the demo's time budget.
         export(run, onnx_path, select=False)

@@ -29,6 +29,7 @@ import numpy as np
 import pandas as pd
 
 from defectscope.config import RunConfig, config_from_dict, load_yaml
+from defectscope.errors import DefectscopeError
 
 CONFIG = "config.yaml"
 TABLE = "dataset.csv"
@@ -52,7 +53,7 @@ LOGITS = "logits.npy"
 CASCADE_POLICY = "cascade_policy.json"
 
 
-class RunError(FileNotFoundError):
+class RunError(DefectscopeError, FileNotFoundError):
     """A folder that is not a (finished) run directory."""
 
 

@@ -22,6 +22,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from defectscope.data.wafer import WAFER_EXTENSIONS, WaferMapError, is_wafer_file, read_die_grid, render_die_states
+from defectscope.errors import DefectscopeError
 
 __all__ = [
     "DEFAULT_MAX_PIXELS",
@@ -51,7 +52,7 @@ _PIL_FORMATS = ("PNG", "JPEG", "TIFF", "BMP", "DIB", "GIF", "WEBP", "PPM")
 RESIZE_MODES = ("squash", "pad", "nearest")
 
 
-class ImageDecodeError(ValueError):
+class ImageDecodeError(DefectscopeError, ValueError):
     """A file that cannot be used as an image.
 
     ``path`` is the file name, or ``"<bytes>"``, ``"<array>"``, ``"<PIL image>"`` for in-memory sources;

@@ -25,11 +25,13 @@ from typing import Any
 
 import numpy as np
 
+from defectscope.errors import DefectscopeError
+
 MAX_AUTO_CATEGORIES = 20
 KINDS = ("categorical", "numeric")
 
 
-class MetadataInputError(ValueError):
+class MetadataInputError(DefectscopeError, ValueError):
     """A metadata value the model cannot use (missing, empty, not a number, unknown category)."""
 
 

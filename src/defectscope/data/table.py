@@ -18,6 +18,7 @@ from defectscope.data import wm811k
 from defectscope.data.files import list_images
 from defectscope.data.images import IMAGE_EXTENSIONS
 from defectscope.data.wafer import WAFER_EXTENSIONS, WaferMapError
+from defectscope.errors import DefectscopeError
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +36,7 @@ _LABEL_CANDIDATES = ("label", "class", "target", "category", "defect", "type_lab
 ELPV_CLASSES = ["functional", "possibly_defective", "likely_defective", "defective"]
 
 
-class DataError(ValueError):
+class DataError(DefectscopeError, ValueError):
     """A dataset that cannot be read as given; the message names the file and row."""
 
 

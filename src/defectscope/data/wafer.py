@@ -25,6 +25,8 @@ from typing import Any
 
 import numpy as np
 
+from defectscope.errors import DefectscopeError
+
 __all__ = [
     "FAIL",
     "NO_DIE",
@@ -50,7 +52,7 @@ NPZ_KEY = "die_states"  # the array name written by `defectscope wafer convert` 
 MAX_XML_BYTES = 64 * 1024 * 1024  # a G85 map of 1000 x 1000 dies is a few MB
 
 
-class WaferMapError(ValueError):
+class WaferMapError(DefectscopeError, ValueError):
     """A wafer-map file or array that cannot be used; the message says why (callers add the file name)."""
 
 

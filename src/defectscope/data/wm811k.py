@@ -28,6 +28,7 @@ import numpy as np
 import pandas as pd
 
 from defectscope.data.wafer import NPZ_KEY, WaferMapError, die_states
+from defectscope.errors import DefectscopeError
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +39,7 @@ _PER_FOLDER = 1000  # maps per sub-folder, so no directory holds 800k entries
 CONVERT_VERSION = 1
 
 
-class PickleTrustError(ValueError):
+class PickleTrustError(DefectscopeError, ValueError):
     """Reading a pickle was not explicitly allowed."""
 
 

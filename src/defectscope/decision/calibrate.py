@@ -14,7 +14,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from defectscope.decision.costs import load_cost_matrix
+from defectscope import labels
+from defectscope.decision.cost_files import load_cost_matrix
 from defectscope.decision.drift import DriftError
 from defectscope.decision.drift_fit import cost_aware_drift_threshold, fit_drift
 from defectscope.decision.drift_fusion import Standardiser
@@ -77,9 +78,8 @@ def split_info(table: pd.DataFrame, seed: int) -> dict[str, Any]:
 
 
 def default_good_class(classes: Sequence[str]) -> str | None:
-    """The class named GOOD (any case), if there is one."""
-    hits = [c for c in classes if c.lower() == "good"]
-    return hits[0] if len(hits) == 1 else None
+    """The class named like GOOD (:func:`defectscope.labels.good_class_of`), if there is exactly one."""
+    return labels.good_class_of(classes)
 
 
 def calibrate_from_logits(

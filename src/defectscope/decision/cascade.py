@@ -247,7 +247,7 @@ def cascade(
     import torch
 
     from defectscope.decision.drift_policy import policy_forward
-    from defectscope.models.cascade import ScreenScore, screen_scores
+    from defectscope.models.screen import ScreenScore, screen_scores
 
     screen = screen_run if isinstance(screen_run, Run) else Run(screen_run)
     clf = classifier_run if isinstance(classifier_run, Run) else Run(classifier_run)

@@ -8,16 +8,18 @@ decided class), as read from YAML and stored in policy.json. It may carry a ``Dr
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-DRIFT = "Drift"
+from defectscope import labels
+from defectscope.errors import DefectscopeError
+
+DRIFT = labels.DRIFT
 PRESETS = ("valeo_pwa",)
 
 
-class CostMatrixError(ValueError):
+class CostMatrixError(DefectscopeError, ValueError):
     """A cost matrix that does not fit the model's classes."""
 
 
@@ -60,31 +62,6 @@ def check_cost_matrix(cm: dict[str, Any], classes: Sequence[str]) -> None:
             f"cost matrix classes {names} must be the model's classes {list(classes)} (plus optional {DRIFT!r})"
             + (f"; missing {missing}" if missing else "") + (f"; unknown {extra}" if extra else "")
         )
-
-
-def load_cost_matrix(
-    spec: str | Path | dict[str, Any], classes: Sequence[str], good_class: str | None = None
-) -> dict[str, Any]:
-    """A checked cost matrix from a dict, a preset name (``valeo_pwa``) or a YAML file."""
-    if isinstance(spec, dict):
-        cm = dict(spec)
-    elif str(spec) in PRESETS:
-        if good_class is None:
-            raise CostMatrixError(f"the {spec} preset needs a good class")
-        cm = valeo_pwa(classes, good_class)
-    else:
-        import yaml
-
-        path = Path(spec)
-        if not path.is_file():
-            raise CostMatrixError(f"{spec}: no such cost-matrix file (presets: {', '.join(PRESETS)})")
-        cm = yaml.safe_load(path.read_text())
-        if not isinstance(cm, dict):
-            raise CostMatrixError(f"{spec}: expected a mapping with 'classes' and 'costs'")
-    cm["classes"] = [str(c) for c in cm.get("classes", [])]
-    cm["costs"] = np.asarray(cm.get("costs", []), dtype=np.float64).tolist()
-    check_cost_matrix(cm, classes)
-    return cm
 
 
 def _index(cm: dict[str, Any]) -> tuple[dict[str, int], np.ndarray]:

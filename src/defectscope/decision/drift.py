@@ -29,6 +29,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from defectscope.errors import DefectscopeError
+
 if TYPE_CHECKING:  # only for the annotations: the predictor imports this module without pandas or yaml
     from defectscope.rundir import Run
 
@@ -36,7 +38,7 @@ DRIFT_VERSION = 1
 SCORES = ("msp", "energy", "mahalanobis", "knn", "vim")
 
 
-class DriftError(ValueError):
+class DriftError(DefectscopeError, ValueError):
     """Drift statistics that are missing, malformed, or do not fit the features given."""
 
 

@@ -9,7 +9,7 @@ standardised with the mean and standard deviation of its scores on the validatio
 
 :class:`PolicyDrift` computes that score in numpy from features, logits, (for ``patch``) maps and (for
 ``photometric``) the images, with the statistics saved in the run and the policy; the exported graph computes
-the same inside ONNX (:mod:`defectscope.deploy.drift_heads`), so the deployed predictor reads one number and
+the same inside ONNX (:mod:`defectscope.onnx_export.drift_heads`), so the deployed predictor reads one number and
 stays torch-free."""
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ Split in two so the deployed side never needs torch:
 - :class:`PatchGaussian` fits and scores in numpy from feature maps (lists of ``(N, C_l, H_l, W_l)``
   arrays), and saves/loads its statistics as ``RUN/patch_drift.safetensors`` + ``RUN/patch_drift.json``.
 - :func:`feature_maps` (torch, imported inside the function) runs a timm backbone once and returns the
-  pooled features, logits and the chosen stages' maps; :class:`defectscope.deploy.drift_heads.PatchDriftHead`
+  pooled features, logits and the chosen stages' maps; :class:`defectscope.onnx_export.drift_heads.PatchDriftHead`
   is the same score as a torch module inside the exported ONNX graph.
 """
 

@@ -10,7 +10,7 @@ images at AUROC ~0.76-0.80 only. Four grey-level statistics of the model's input
 with noise), scored by their Mahalanobis distance to the training images' statistics (one Gaussian,
 Ledoit-Wolf shrinkage). Four numbers per image: free to compute, so it is meant as a member of a max fusion
 (``max(mahalanobis,photometric)``) beside a score of the content. The statistics are small enough to live in
-``policy.json`` itself; :class:`defectscope.deploy.drift_heads.PhotometricDriftHead` computes the same in
+``policy.json`` itself; :class:`defectscope.onnx_export.drift_heads.PhotometricDriftHead` computes the same in
 the exported graph from its ``image`` input.
 """
 

@@ -16,15 +16,17 @@ from typing import Any, Literal
 
 import numpy as np
 
+from defectscope import labels
 from defectscope.decision.costs import DRIFT, expected_costs
 from defectscope.decision.escape_scores import ESCAPE_SCORES, goodness
+from defectscope.errors import DefectscopeError
 
 POLICY_VERSION = 1
-REVIEW = "REVIEW"
+REVIEW = labels.REVIEW
 REVIEW_SCORES = ("top", "margin")
 
 
-class PolicyError(ValueError):
+class PolicyError(DefectscopeError, ValueError):
     """A policy file that is malformed, from a newer version, or inconsistent with the model."""
 
 
@@ -222,3 +224,14 @@ def decide(
             raise ValueError(f"drift_score has {drift.shape[0]} values for {n} images")
         labels[drift > policy.drift_threshold] = DRIFT
     return Decisions(labels=labels, probs=probs, review_scores=rscores)
+
+
+def decide_labels(probs: np.ndarray, policy: dict[str, Any] | None, classes: list[str],
+                  drift_score: np.ndarray | None = None) -> list[str]:
+    """Decisions for a model's uncalibrated probabilities (N, C) and the policy as exported (a dict): the one
+    :func:`decide`, or plain argmax when the model carries no policy. ``drift_score`` is used only when the
+    policy has a Drift rule."""
+    if not policy:
+        return [classes[i] for i in np.asarray(probs).argmax(1)]
+    drift = drift_score if policy.get("drift") else None
+    return [str(label) for label in decide(probs, Policy.from_dict(policy), inputs="probs", drift_score=drift).labels]

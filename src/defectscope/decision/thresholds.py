@@ -12,8 +12,10 @@ from typing import Any
 import numpy as np
 from scipy import optimize, stats
 
+from defectscope.errors import DefectscopeError
 
-class CalibrationError(ValueError):
+
+class CalibrationError(DefectscopeError, ValueError):
     """The calibration data cannot support the requested guarantee or target."""
 
 

@@ -21,12 +21,12 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from defectscope.data.corruptions import CORRUPTIONS, FAR_DRIFT, corrupt
 from defectscope.decision.costs import DRIFT
 from defectscope.decision.drift import DriftError
 from defectscope.decision.drift_fit import fit_scorer
 from defectscope.decision.drift_fusion import Candidate, candidates, select_score
 from defectscope.decision.drift_policy import PATCH, PHOTOMETRIC, member_scores
-from defectscope.evaluation.corruptions import CORRUPTIONS, FAR_DRIFT, corrupt
 from defectscope.rundir import DRIFT_EVAL, DRIFT_EVAL_RUNS, SPEC, Run
 
 log = logging.getLogger(__name__)

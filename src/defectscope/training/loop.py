@@ -21,15 +21,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from defectscope.config import ConfigError, PhaseConfig, RunConfig
-from defectscope.logs import progress
 from defectscope.metrics import classification_metrics
 from defectscope.models.factory import Classifier
 from defectscope.models.inference import predict_logits
 from defectscope.models.seed_cnn import SeedCNN
+from defectscope.progress import progress
 from defectscope.rundir import CHECKPOINT
 from defectscope.training.augment import augment_batch
+from defectscope.training.cached_blocks import FrozenPrefixCache
 from defectscope.training.ema import WeightEMA
-from defectscope.training.frozen_cache import FrozenPrefixCache
 from defectscope.training.losses import inverse_frequency_weights, make_loss
 
 log = logging.getLogger(__name__)

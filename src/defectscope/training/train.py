@@ -22,7 +22,7 @@ from defectscope.data.checks import cheap_checks
 from defectscope.data.split import assign_splits, split_summary
 from defectscope.data.table import DataError, class_names, is_wafer_source, load_table
 from defectscope.data.wafer import is_wafer_file
-from defectscope.logs import progress
+from defectscope.progress import progress
 
 log = logging.getLogger(__name__)
 
@@ -162,7 +162,7 @@ def _fit_frozen(model, cfg: RunConfig, data: tuple, classes: list[str], source: 
                 metadata: tuple = (None, None)):
     import torch
 
-    from defectscope.training.frozen import fit_frozen
+    from defectscope.training.frozen_features import fit_frozen
 
     if source is None:
         log.warning("frozen-feature recipe without pretrained weights: the features are random projections")

@@ -23,12 +23,15 @@ from typing import Any
 
 import numpy as np
 
+from defectscope import labels
 from defectscope.data.images import DEFAULT_MAX_PIXELS, ImageDecodeError, load_gray
 from defectscope.data.metadata_inputs import MetadataEncoder, MetadataInputError
-from defectscope.deploy import metadata as md
-from defectscope.deploy.cascade_runtime import CascadeRunner, is_manifest
+from defectscope.decision.policy import Policy, decide_labels
+from defectscope.runtime import card as md
+from defectscope.runtime import engines
+from defectscope.runtime.cascade_runner import CascadeRunner, is_manifest
 
-UNREADABLE = "_unreadable"
+UNREADABLE = labels.UNREADABLE
 
 __all__ = ["UNREADABLE", "MetadataInputError", "Prediction", "Predictor", "WithMetadata"]
 
@@ -79,34 +82,22 @@ class Prediction:
         return out
 
 
-def _decide(probs: np.ndarray, policy_dict: dict[str, Any] | None, classes: list[str],
-            drift: np.ndarray | None = None) -> list[str]:
-    """Decisions for uncalibrated probabilities (N, C): the run's policy through the one decision
-    function every consumer shares, or plain argmax when the model carries no policy."""
-    if not policy_dict:
-        return [classes[i] for i in probs.argmax(1)]
-    from defectscope.decision.policy import Policy, decide
-
-    labels = decide(probs, Policy.from_dict(policy_dict), inputs="probs", drift_score=drift).labels
-    return [str(label) for label in labels]
-
-
 class Predictor:
     """An exported defectscope model ready to classify images.
 
     ``runtime``: ``onnxruntime`` (default), ``openvino`` or ``auto``; ``precision``: ``fp32`` (default),
     ``int8``, ``bf16``, ``fp16`` or ``auto``. ``auto`` takes the fastest candidate whose decisions match fp32
-    on the run's reference images, measured once per machine (:mod:`defectscope.deploy.selection`).
+    on the run's reference images, measured once per machine (:mod:`defectscope.runtime.choice`).
     ``device``: ``cpu`` or ``gpu`` (CUDA for onnxruntime, OpenVINO's GPU), falling back to the CPU.
     ``threads``: inference threads (default: every core). ``decode_threads``: image decoders running beside
     inference in :meth:`predict_batch` (default: the cores ``threads`` leaves free, else a quarter of the
     cores, at least one; raise it for large images and small models). ``providers``: ONNX Runtime
     execution providers (overrides ``device``).
     ``model_path`` may also be the ``cascade.json`` of a two-file cascade export: the screen runs on every
-    image, the classifier only on those the screen did not pass (see ``deploy/cascade_runtime.py``; ONNX
+    image, the classifier only on those the screen did not pass (see ``runtime/cascade_runner.py``; ONNX
     Runtime fp32 on the CPU only).
-    Raises :class:`defectscope.deploy.metadata.MetadataError` for an ONNX file not made by
-    ``defectscope export``, :class:`defectscope.deploy.runtimes.RuntimeUnavailable` for a runtime,
+    Raises :class:`defectscope.runtime.card.MetadataError` for an ONNX file not made by
+    ``defectscope export``, :class:`defectscope.runtime.engines.RuntimeUnavailable` for a runtime,
     precision or device this machine cannot provide.
     """
 
@@ -114,8 +105,6 @@ class Predictor:
                  providers: list[str] | None = None, decode_threads: int | None = None,
                  max_pixels: int = DEFAULT_MAX_PIXELS, runtime: str = "onnxruntime", precision: str = "fp32",
                  device: str = "cpu", heatmaps: bool = False) -> None:
-        from defectscope.deploy import runtimes
-
         self.heatmaps = heatmaps  # fetch the graph's Grad-CAM output (when it has one) into Prediction.heatmap
 
         self.model_path = Path(model_path)
@@ -130,52 +119,44 @@ class Predictor:
         threads = threads or cores
         self.selection: dict[str, Any] | None = None
         if (runtime == "auto" or precision == "auto") and not is_manifest(self.model_path):
-            from defectscope.deploy import selection
+            from defectscope.runtime import choice
 
-            meta = md.read_metadata(self.model_path)
-            classes = list(meta[md.KEY_SPEC]["classes"])
-            policy = meta[md.KEY_POLICY]
-            if meta[md.KEY_SPEC].get("metadata_inputs"):
+            card = engines.read_card(self.model_path)
+            if card.takes_metadata:
                 # The runtime candidates are measured on images alone: a model that also takes metadata runs
                 # on ONNX Runtime fp32 (what its export was checked against).
                 runtime = "onnxruntime" if runtime == "auto" else runtime
                 precision = "fp32" if precision == "auto" else precision
             else:
-                runtime, precision, self.selection = selection.resolve(
+                runtime, precision, self.selection = choice.resolve(
                     self.model_path, runtime, precision, device=device, threads=threads,
-                    decide=lambda p, d: _decide(p, policy, classes, d if policy and policy.get("drift") else None))
+                    decide=lambda p, d: decide_labels(p, card.policy, card.classes, d))
         self.cascade = None
         if is_manifest(self.model_path):
             # A two-file cascade (screen.onnx + classifier.onnx): the classifier's file describes the model.
-            import onnxruntime as ort
-
-            options = ort.SessionOptions()
-            options.intra_op_num_threads = threads
-            options.inter_op_num_threads = 1
-            options.log_severity_level = 3
-            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-            self.cascade = CascadeRunner(self.model_path, lambda path: ort.InferenceSession(
-                str(path), options, providers=providers or ["CPUExecutionProvider"]))
+            self.cascade = CascadeRunner(self.model_path, lambda path: engines.ort_session(
+                path, threads=threads, providers=providers))
             self.engine, self.session = None, self.cascade.classifier
             self.runtime, self.precision, self.device = "onnxruntime", "fp32", "cpu"
             meta = md.decode(self.session.get_modelmeta().custom_metadata_map, str(self.model_path))
         else:
-            self.engine = runtimes.create_engine(self.model_path, runtime, precision, device=device,
-                                                 threads=threads, providers=providers)
+            self.engine = engines.create_engine(self.model_path, runtime, precision, device=device,
+                                                threads=threads, providers=providers)
             self.runtime, self.precision, self.device = runtime, precision, self.engine.device
             # ONNX Runtime's session, for callers that used it directly (None with OpenVINO).
             self.session = getattr(self.engine, "session", None)
             props = self.engine.props if self.engine.model_file == self.model_path else None
-            meta = md.decode(props, str(self.model_path)) if props else md.read_metadata(self.model_path)
+            meta = md.decode(props, str(self.model_path)) if props else engines.read_metadata(self.model_path)
         self.metadata = meta
-        self.spec: dict[str, Any] = meta[md.KEY_SPEC]
-        self.policy: dict[str, Any] | None = meta[md.KEY_POLICY]
-        self.provenance: dict[str, Any] | None = meta[md.KEY_PROVENANCE]
-        self.classes: list[str] = list(self.spec["classes"])
-        self.image_size: int = int(self.spec["image_size"])
-        self.resize: str = self.spec.get("resize", "squash")
+        self.card = md.ModelCard.from_metadata(meta)
+        self.spec: dict[str, Any] = self.card.spec
+        self.policy: dict[str, Any] | None = self.card.policy
+        self.provenance: dict[str, Any] | None = self.card.provenance
+        self.classes: list[str] = self.card.classes
+        self.image_size: int = self.card.image_size
+        self.resize: str = self.card.resize
         # "wafer_map": die grids (files or arrays of 0/1/2) rendered and resized nearest, as in training.
-        self.input_kind: str = self.spec.get("input_kind", "image")
+        self.input_kind: str = self.card.input_kind
         # Metadata inputs (spec "metadata_inputs"): values every image must come with, encoded as in training.
         self.metadata_encoder: MetadataEncoder | None = MetadataEncoder.from_spec(self.spec.get("metadata_inputs"))
         if self.metadata_encoder is not None and self.cascade is not None:
@@ -183,8 +164,6 @@ class Predictor:
                                    "supported")
         self.max_pixels = max_pixels
         if self.policy is not None:
-            from defectscope.decision.policy import Policy
-
             Policy.from_dict(self.policy)  # a malformed policy fails at load, not on the first image
 
     def __repr__(self) -> str:
@@ -315,8 +294,8 @@ class Predictor:
         else:
             probs, features, drift = self.engine.run(x, metadata)
         infer_ms = (time.perf_counter() - start) * 1000 / len(x)
-        has_drift = bool(self.policy and self.policy.get("drift"))
-        decisions = _decide(probs, self.policy, self.classes, drift if has_drift else None)
+        has_drift = self.card.has_drift
+        decisions = decide_labels(probs, self.policy, self.classes, drift)
         out = []
         for i, path in enumerate(paths):
             top = int(probs[i].argmax())

@@ -114,7 +114,7 @@ class FusedDriftHead(nn.Module):
 
 
 class MultiLayerExportHeads(nn.Module):
-    """Like :class:`defectscope.deploy.export.ExportHeads` (same four outputs: logits, probabilities,
+    """Like :class:`defectscope.onnx_export.exporter.ExportHeads` (same four outputs: logits, probabilities,
     features, drift) for a Drift head that needs the backbone's intermediate maps."""
 
     def __init__(self, model: nn.Module, drift: nn.Module, stages: Sequence[int]):

@@ -12,7 +12,8 @@ import csv
 import logging
 from pathlib import Path
 
-from defectscope.deploy.store import Store
+from defectscope import labels
+from defectscope.station.store import Store
 
 __all__ = ["MANIFEST_COLUMNS", "export_corrections"]
 
@@ -34,7 +35,7 @@ def export_corrections(db: str | Path, out: str | Path, *, include_drift: bool =
         writer = csv.writer(f)
         writer.writerow(MANIFEST_COLUMNS)
         for r in reviewed:
-            if r["label"] == "Drift" and not include_drift:
+            if r["label"] == labels.DRIFT and not include_drift:
                 drift += 1
                 continue
             image = r.get("image_path") or r.get("destination")

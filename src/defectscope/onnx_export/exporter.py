@@ -4,9 +4,9 @@ The graph takes ``image`` float32 ``(N, 1, H, W)`` in [0, 1] (and, for a model t
 ``metadata`` float32 ``(N, M)``: the encoded values, see :mod:`defectscope.data.metadata_inputs`) and returns
 ``logits``, ``probabilities`` (softmax), ``features`` (pooled penultimate features) and ``drift_score`` (the
 policy's Drift score: a pooled score, the patch score read from the backbone's intermediate maps in the same
-pass, or their standardised max; see :mod:`defectscope.deploy.drift_heads`). Normalisation is inside the
+pass, or their standardised max; see :mod:`defectscope.onnx_export.drift_heads`). Normalisation is inside the
 graph; everything else a deployment needs (classes, input size, resize mode, policy, provenance) is in the
-file's metadata, so :class:`defectscope.deploy.predictor.Predictor` needs nothing but the .onnx file.
+file's metadata, so :class:`defectscope.runtime.predictor.Predictor` needs nothing but the .onnx file.
 
 Every export is checked before it is written: the ONNX checker, then ONNX Runtime against PyTorch on real
 images of the run's test split.
@@ -29,12 +29,14 @@ from torch import nn
 from defectscope._version import __version__
 from defectscope.decision.drift import DriftError
 from defectscope.decision.drift_policy import PATCH, PHOTOMETRIC, PolicyDrift
-from defectscope.deploy import metadata as md
-from defectscope.deploy import runtimes, selection
-from defectscope.deploy.drift_heads import drift_output
-from defectscope.deploy.quantize import QUANTIZE_MODES, quantize_model
+from defectscope.decision.policy import decide_labels
+from defectscope.errors import DefectscopeError
 from defectscope.models.cam import CamHead, forward_with_map, supports_cam
+from defectscope.onnx_export.drift_heads import drift_output
+from defectscope.onnx_export.quantize import QUANTIZE_MODES, quantize_model
 from defectscope.rundir import EVALUATION, METRICS, SPEC, Run
+from defectscope.runtime import card as md
+from defectscope.runtime import choice, engines
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +46,7 @@ DRIFT_PARITY_TOL = 1e-3  # max abs difference of the Drift score, relative to it
 CALIBRATION_IMAGES = 128  # training images for static quantization
 
 
-class ExportError(RuntimeError):
+class ExportError(DefectscopeError, RuntimeError):
     """The export failed its self-check, or would overwrite a file of the run."""
 
 
@@ -66,7 +68,7 @@ class DriftHead(nn.Module):
             self.register_buffer("bank", torch.from_numpy(np.ascontiguousarray(arrays["knn.bank"])).float())
             self.k = min(max(self.k, 1), len(arrays["knn.bank"]))
         elif name == "vim":
-            from defectscope.deploy.drift_heads import VimHead
+            from defectscope.onnx_export.drift_heads import VimHead
 
             self.vim = VimHead(arrays)
 
@@ -110,10 +112,10 @@ class ExportHeads(nn.Module):
 
 def drift_head_for(run: Run, policy: dict[str, Any] | None = None) -> tuple[nn.Module | None, tuple[int, ...] | None]:
     """(the Drift head of the policy (default: the run's), the backbone stages it reads or None): a
-    :class:`DriftHead` for one pooled score, a :class:`~defectscope.deploy.drift_heads.PatchDriftHead` for the
-    patch score, a :class:`~defectscope.deploy.drift_heads.FusedDriftHead` for a max of standardised scores;
+    :class:`DriftHead` for one pooled score, a :class:`~defectscope.onnx_export.drift_heads.PatchDriftHead` for the
+    patch score, a :class:`~defectscope.onnx_export.drift_heads.FusedDriftHead` for a max of standardised scores;
     (None, None) when the policy has no Drift rule. The head's ``score_name`` is the policy's score."""
-    from defectscope.deploy.drift_heads import FusedDriftHead, PatchDriftHead, PhotometricDriftHead
+    from defectscope.onnx_export.drift_heads import FusedDriftHead, PatchDriftHead, PhotometricDriftHead
 
     policy = run.policy if policy is None else policy
     drift = (policy or {}).get("drift")
@@ -147,7 +149,7 @@ def export_heads(model: nn.Module, run: Run, policy: dict[str, Any] | None = Non
                  ) -> nn.Module:
     """The graph to export: :class:`ExportHeads`, or MultiLayerExportHeads when the Drift score reads maps.
     ``heatmap``: add the Grad-CAM output where the model supports it (global-average-pooled backbones)."""
-    from defectscope.deploy.drift_heads import MultiLayerExportHeads
+    from defectscope.onnx_export.drift_heads import MultiLayerExportHeads
 
     head, stages = drift_head_for(run, policy)
     if stages:
@@ -171,7 +173,7 @@ def export(
     test images) or :class:`ExportError` is raised and nothing is written. A quantized model is compared
     to the fp32 one on the whole test split and the differences are reported, not enforced.
 
-    Beside an fp32 ``out`` it also writes (see :mod:`defectscope.deploy.selection`):
+    Beside an fp32 ``out`` it also writes (see :mod:`defectscope.runtime.choice`):
     ``<stem>.check.npz``, the reference set that ``--runtime auto`` checks candidates on; with ``int8``,
     ``<stem>.int8.onnx``, statically quantized on the run's calibration images; with ``select``, the
     measured runtime choice for this machine, in the sidecar under ``runtime_selection``.
@@ -220,7 +222,7 @@ def export(
                 f"max |dp| = {q['max_abs_diff_probabilities']:.3f}, decisions changed = {q['argmax_mismatches']}")
         metadata = build_metadata(run, spec, quantize, heatmap=heatmap)
         _write_onnx_with_metadata(final, out, metadata)
-        int8_path = runtimes.variant_path(out, "int8")
+        int8_path = engines.variant_path(out, "int8")
         if quantize is None and int8 and takes_metadata:
             log.info("no int8 variant: static quantization feeds images only, and this model takes metadata too")
             if int8_path.exists():
@@ -234,8 +236,8 @@ def export(
         elif int8_path.exists():
             int8_path.unlink()  # an int8 file of an earlier export would not match this model
     selection_record = None
-    selection.cache_path(out).unlink(missing_ok=True)  # choices measured for an earlier model
-    selection.reference_path(out).unlink(missing_ok=True)
+    choice.cache_path(out).unlink(missing_ok=True)  # choices measured for an earlier model
+    choice.reference_path(out).unlink(missing_ok=True)
     if quantize is None and takes_metadata:
         # The reference set and the runtime candidates feed images only; the predictor runs such a model
         # with ONNX Runtime fp32 (runtime/precision auto resolve to that).
@@ -243,18 +245,15 @@ def export(
     elif quantize is None:  # a quantized main model has no fp32 to check candidates against
         drift_x = _drift_images(x_test, spec)
         to_u8 = lambda a: np.rint(a[:, 0] * 255).astype(np.uint8)  # noqa: E731 - exact: inputs are u8 / 255
-        selection.write_reference(out, to_u8(x_test), y_test, drift_x)
-        report["reference_set"] = {"file": str(selection.reference_path(out)), "split": split,
+        choice.write_reference(out, to_u8(x_test), y_test, drift_x)
+        report["reference_set"] = {"file": str(choice.reference_path(out)), "split": split,
                                    "images": len(x_test), "drift_images": len(drift_x)}
         if select:
-            from defectscope.deploy.predictor import _decide
-
             policy, classes = metadata[md.KEY_POLICY], list(spec["classes"])
-            selection_record = selection.select(
-                out, decide=lambda p, d: _decide(p, policy, classes, d if policy and policy.get("drift") else None))
-            log.info(f"runtime choice on this machine: {selection.summary(selection_record)}")
+            selection_record = choice.select(out, decide=lambda p, d: decide_labels(p, policy, classes, d))
+            log.info(f"runtime choice on this machine: {choice.summary(selection_record)}")
     sidecar.write_text(json.dumps({**metadata, "export_check": report,
-                                   **({selection.SELECTION_KEY: selection_record} if selection_record else {})},
+                                   **({choice.SELECTION_KEY: selection_record} if selection_record else {})},
                                   indent=2))
     log.info(f"exported {out} and {sidecar.name}")
     return report
@@ -266,7 +265,7 @@ DRIFT_FAR = 32  # far-off images (wafer maps, digits)
 
 def _drift_images(x_test: np.ndarray, spec: dict[str, Any]) -> np.ndarray:
     """Drift images for the reference set: test images under each line corruption, plus far-off images."""
-    from defectscope.evaluation import corruptions
+    from defectscope.data import corruptions
 
     size = int(spec["image_size"])
     base = np.rint(x_test[:, 0] * 255).astype(np.uint8)
@@ -284,7 +283,7 @@ def _drift_images(x_test: np.ndarray, spec: dict[str, Any]) -> np.ndarray:
 
 
 def build_metadata(run: Run, spec: dict[str, Any], quantize: str | None, *, heatmap: bool = False) -> dict[str, Any]:
-    """The decoded metadata dictionary (keys in :mod:`defectscope.deploy.metadata`)."""
+    """The decoded metadata dictionary (keys in :mod:`defectscope.runtime.card`)."""
     resize = spec.get("resize", "squash")
     metrics_file = run.file(EVALUATION) / METRICS
     provenance = {
@@ -356,14 +355,6 @@ def _write_onnx_with_metadata(src: Path, dst: Path, metadata: dict[str, Any]) ->
     tmp.replace(dst)  # never a half-written model under the final name
 
 
-def _session(path: Path):
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-
-
 def _feeds(x: np.ndarray, metadata: np.ndarray | None) -> dict[str, np.ndarray]:
     """The graph inputs: the images, and the encoded metadata of a model that takes them."""
     if metadata is None:
@@ -388,7 +379,7 @@ def _check_parity(heads: nn.Module, path: Path, x: np.ndarray, split: str,
         t_out = heads(torch.from_numpy(x), *extra)
         t_logits, t_probs, t_drift = t_out[0], t_out[1], t_out[3]
     heatmap = len(t_out) > 4
-    o_logits, o_probs, o_drift, *o_heat = _run(_session(path), x, with_drift=True, metadata=metadata,
+    o_logits, o_probs, o_drift, *o_heat = _run(engines.ort_session(path), x, with_drift=True, metadata=metadata,
                                                with_heatmap=heatmap)
     t_probs, t_logits = t_probs.numpy(), t_logits.numpy()
     diff = float(np.abs(o_probs - t_probs).max()) if len(x) else 0.0
@@ -417,8 +408,8 @@ def _check_parity(heads: nn.Module, path: Path, x: np.ndarray, split: str,
 
 def _compare(fp32: Path, quantized: Path, x: np.ndarray, y: np.ndarray, split: str,
              metadata: np.ndarray | None = None) -> dict[str, Any]:
-    _, p32 = _run(_session(fp32), x, metadata=metadata)
-    _, pq = _run(_session(quantized), x, metadata=metadata)
+    _, p32 = _run(engines.ort_session(fp32), x, metadata=metadata)
+    _, pq = _run(engines.ort_session(quantized), x, metadata=metadata)
     if not len(x):
         return {"images": 0, "split": split}
     acc32, accq = float((p32.argmax(1) == y).mean()), float((pq.argmax(1) == y).mean())

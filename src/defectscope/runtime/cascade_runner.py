@@ -1,7 +1,7 @@
 """Run a two-file cascade export (screen.onnx + classifier.onnx + cascade.json) with ONNX Runtime only.
 
 The classifier runs only on the images the screen did not pass - the compute the cascade saves. Its outputs
-follow the one-graph export's contract exactly (``defectscope.deploy.cascade_export``), so the predictor
+follow the one-graph export's contract exactly (``defectscope.onnx_export.cascade_graph``), so the predictor
 decides both forms with the same policy code: a screen-passed image gets the one-hot probability of the good
 class, logits 0 / ``PASSED_LOGIT``, zero features and the lowest float32 as its drift score (never Drift).
 This module must never import torch.
@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from defectscope.deploy import metadata as md
+from defectscope.runtime import card as md
 
 MANIFEST_KIND = "defectscope.cascade_manifest"
 MANIFEST_VERSION = 1

@@ -3,7 +3,7 @@ r"""``defectscope sort``: file every new image of an inbox into ``OUT/<decision>
 The offline sorter of an inspection line (ONNX Runtime or OpenVINO, numpy and Pillow, never torch). Each image goes to
 ``OUT/GOOD``, ``OUT/<defect class>``, ``OUT/REVIEW``, ``OUT/Drift`` or, when it cannot be decoded (empty,
 truncated, not an image), ``OUT/_unreadable``; one row per image goes to the results store
-(:mod:`defectscope.deploy.store`: SQLite by default, ``OUT/results.db``, or any store URL).
+(:mod:`defectscope.station.store`: SQLite by default, ``OUT/results.db``, or any store URL).
 
 Guarantees, in the order the code keeps them:
 
@@ -59,9 +59,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from defectscope.deploy.predictor import UNREADABLE, Prediction, Predictor, WithMetadata
-from defectscope.deploy.store import Store, export_log, sqlite_path
-from defectscope.logs import progress as progress_bar
+from defectscope.errors import DefectscopeError
+from defectscope.progress import progress as progress_bar
+from defectscope.runtime.predictor import UNREADABLE, Prediction, Predictor, WithMetadata
+from defectscope.station.store import Store, export_log, sqlite_path
 
 __all__ = ["MODES", "SortError", "export_log", "place_file", "safe_folder_name", "sort"]
 
@@ -76,7 +77,7 @@ _NO_HARDLINK = {errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOSYS, errno.ENOT
 _BAD_NAME_CHARS = set('/\\:*?"<>|\0') | {chr(c) for c in range(32)}
 
 
-class SortError(Exception):
+class SortError(DefectscopeError):
     """A file the sorter refuses to place (a destination outside OUT, a source that changed)."""
 
 
@@ -548,7 +549,7 @@ def sort(
 
     ``model`` is an exported ``.onnx`` file or a loaded :class:`Predictor` (``runtime``, ``precision`` and
     ``device`` apply to a file: ``auto`` is the fastest runtime that keeps the decisions, see
-    :mod:`defectscope.deploy.selection`). ``mode="move"`` empties the
+    :mod:`defectscope.runtime.choice`). ``mode="move"`` empties the
     inbox; ``"copy"`` leaves it as is (the log then keeps re-runs from filing a file twice). ``log_path``
     defaults to ``out/results.db``.
 

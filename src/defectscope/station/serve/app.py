@@ -1,6 +1,6 @@
 """``defectscope serve``: the inspection station - an HTTP API, the results store and a dashboard, one process.
 
-Torch-free (onnxruntime through :class:`defectscope.deploy.predictor.Predictor`). The pieces:
+Torch-free (onnxruntime through :class:`defectscope.runtime.predictor.Predictor`). The pieces:
 
 * ``POST /v1/predict``: one or several images (multipart field ``file``, repeatable, or a raw image body),
   optional ``station``/``lot``/``part_id``. Each image is decoded in a worker thread, then waits in a bounded
@@ -9,7 +9,7 @@ Torch-free (onnxruntime through :class:`defectscope.deploy.predictor.Predictor`)
   ``DATA/images`` and its row committed to the store *before* the answer leaves: an acknowledged request
   is never lost, even to ``kill -9``. A full queue answers 503 with ``Retry-After``.
 * ``GET /v1/results``, ``/v1/decisions/{id}``, the review queue and ``POST /v1/reviews``: the review loop.
-* ``GET /v1/dashboard``: every statistic the page at ``/`` draws (:mod:`defectscope.deploy.spc`).
+* ``GET /v1/dashboard``: every statistic the page at ``/`` draws (:mod:`defectscope.station.spc`).
 * ``/healthz``, ``/readyz``, ``/metrics`` (Prometheus), ``/openapi.json`` and ``/docs``.
 * Hot reload: a new file at the model path is loaded and checked on a zero image before it replaces the
   running model; a file that fails keeps the old model. Every row names the model that decided it.
@@ -56,17 +56,18 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
+from defectscope import labels
 from defectscope.data.images import ImageDecodeError
-from defectscope.deploy import spc
-from defectscope.deploy.predictor import MetadataInputError, Prediction, Predictor
-from defectscope.deploy.store import Store, sqlite_path, utc_now
+from defectscope.runtime.predictor import MetadataInputError, Prediction, Predictor
+from defectscope.station import spc
+from defectscope.station.store import Store, sqlite_path, utc_now
 
 __all__ = ["ServeConfig", "create_app", "load_api_keys", "serve"]
 
 log = logging.getLogger(__name__)
 
-STATIC = Path(__file__).with_name("static")
-REVIEW, DRIFT = "REVIEW", "Drift"
+STATIC = Path(__file__).resolve().parents[1] / "static"
+REVIEW, DRIFT = labels.REVIEW, labels.DRIFT
 _META_FIELDS = ("station", "lot", "part_id")
 _META_RE = re.compile(r"^[^\x00-\x1f\x7f]{0,128}$")
 _IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".webp"}
@@ -98,7 +99,7 @@ class ServeConfig:
     escape_cap: float = 0.01
     reload_poll_seconds: float = 2.0
     threads: int | None = None
-    runtime: str = "onnxruntime"  # onnxruntime | openvino | auto (see defectscope.deploy.runtimes)
+    runtime: str = "onnxruntime"  # onnxruntime | openvino | auto (see defectscope.runtime.engines)
     precision: str = "fp32"  # fp32 | int8 | bf16 | fp16 | auto
     device: str = "cpu"  # cpu | gpu (falls back to the CPU)
     extra: dict[str, Any] = field(default_factory=dict)
@@ -188,7 +189,11 @@ def load_model(path: Path, threads: int | None = None, max_pixels: int = 50_000_
     spec, prov, policy = predictor.spec, predictor.provenance or {}, predictor.policy or {}
     version = prov.get("defectscope_version") or spec.get("defectscope_version")
     classes = predictor.classes
-    good = policy.get("good_class") or next((c for c in classes if c.upper() in ("GOOD", "OK", "PASS")), classes[0])
+    good = labels.good_class_of(classes, policy)
+    if good is None:
+        good = classes[0]
+        log.warning("%s: no calibrated good class and no class named like GOOD (%s): the station counts %r as "
+                    "passing; calibrate the model with --good-class", path, "/".join(labels.GOOD_NAMES), good)
     drift = policy.get("drift") or {}
     rate = drift.get("target_false_flag_rate") if policy.get("drift_threshold") is not None else None
     return LoadedModel(predictor, digest[:16], f"defectscope {version}, model created {spec.get('created')}", sig,

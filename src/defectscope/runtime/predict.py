@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from defectscope.data.files import list_images
-from defectscope.deploy.predictor import UNREADABLE, Predictor, WithMetadata
+from defectscope.runtime.predictor import UNREADABLE, Predictor, WithMetadata
 
 FORMATS = ("csv", "json", "jsonl")
 # The path columns training's manifest reader recognises (defectscope.data.table), in the same order.

@@ -34,7 +34,9 @@ from alembic import command
 from alembic.config import Config
 from sqlalchemy import event
 
-from defectscope.deploy.store.schema import decisions, metadata, reviews
+from defectscope import labels
+from defectscope.errors import DefectscopeError
+from defectscope.station.store.schema import decisions, metadata, reviews
 
 __all__ = ["COLUMNS", "REVIEW_COLUMNS", "SOURCES", "STATUSES", "Store", "StoreError", "database_url",
            "export_log", "metadata", "sqlite_path", "utc_now"]
@@ -52,7 +54,7 @@ _MIGRATIONS = Path(__file__).with_name("migrations")
 _migrate_lock = threading.Lock()
 
 
-class StoreError(sqlite3.Error):
+class StoreError(DefectscopeError, sqlite3.Error):
     """The database refused a write or a read (disk full, connection lost, constraint).
 
     A subclass of ``sqlite3.Error`` so code written for the stdlib result log (``except sqlite3.Error``)
@@ -367,7 +369,7 @@ def _values(record: dict[str, Any], status: str) -> dict[str, Any]:
     values.setdefault("request_id", "")
     values.setdefault("source", "sort")
     # REVIEW and Drift decisions wait for a person whoever made them (the sorter does not say so itself).
-    values.setdefault("needs_review", values.get("decision") in ("REVIEW", "Drift"))
+    values.setdefault("needs_review", values.get("decision") in (labels.REVIEW, labels.DRIFT))
     values.update(time=utc_now(), status=status)
     return values
 

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_dynamic, quantize_static
 
-from defectscope.deploy.metadata import INPUT, OUTPUTS
+from defectscope.runtime.card import INPUT, OUTPUTS
 
 QUANTIZE_MODES = ("dynamic", "static")
 

@@ -33,7 +33,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from defectscope.deploy import metadata as md
+from defectscope.errors import DefectscopeError
+from defectscope.runtime import card as md
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +44,7 @@ DEVICES = ("cpu", "gpu")
 RUN_OUTPUTS = md.OUTPUTS[1:]  # probabilities, features, drift_score: what a prediction needs
 
 
-class RuntimeUnavailable(RuntimeError):
+class RuntimeUnavailable(DefectscopeError, RuntimeError):
     """A runtime, precision or device this machine (or this model's files) cannot provide."""
 
 
@@ -154,6 +155,36 @@ def create_engine(model_path: str | Path, runtime: str = "onnxruntime", precisio
 
 # ------------------------------------------------------------------------------------------- onnxruntime
 
+def ort_session(path: str | Path, *, threads: int | None = None, providers: list[str] | None = None) -> Any:
+    """The one way an ONNX Runtime session is made here (engines, cascades, the model card, export checks):
+    ``threads`` intra-op threads (None: ONNX Runtime's default), one inter-op thread, no spinning, quiet."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        # Spinning ORT workers would steal the cores the decode threads need.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options.log_severity_level = 3
+    return ort.InferenceSession(str(path), options, providers=providers or ["CPUExecutionProvider"])
+
+
+def read_metadata(model_path: str | Path) -> dict[str, Any]:
+    """The decoded defectscope metadata of an ONNX file, read with whichever runtime is installed
+    (onnxruntime, else OpenVINO; the onnx package is never needed)."""
+    if not Path(model_path).is_file():
+        raise FileNotFoundError(f"{model_path}: no such model file")
+    if importlib.util.find_spec("onnxruntime") is not None:
+        return md.decode(ort_session(model_path).get_modelmeta().custom_metadata_map, str(model_path))
+    return md.decode(onnx_props_from_openvino(_ov_core().read_model(str(model_path))), str(model_path))
+
+
+def read_card(model_path: str | Path) -> md.ModelCard:
+    """:func:`read_metadata` as a :class:`~defectscope.runtime.card.ModelCard`."""
+    return md.ModelCard.from_metadata(read_metadata(model_path))
+
+
 class OrtEngine:
     """ONNX Runtime. fp32 and int8 (a QDQ graph) on the CPU; fp32 on CUDA when onnxruntime-gpu is installed."""
 
@@ -176,13 +207,7 @@ class OrtEngine:
                 else:
                     log.warning("no CUDAExecutionProvider in this onnxruntime (%s): running on the CPU",
                                 ", ".join(available))
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-        options.log_severity_level = 3
-        # Spinning ORT workers would steal the cores the decode threads need.
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        self.session = ort.InferenceSession(str(path), options, providers=providers)
+        self.session = ort_session(path, threads=threads, providers=providers)
         self.device = "gpu" if self.session.get_providers()[0] == "CUDAExecutionProvider" else "cpu"
         self.props: dict[str, str] = self.session.get_modelmeta().custom_metadata_map
         # Read once: the predictor asks on every batch.

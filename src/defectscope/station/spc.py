@@ -17,10 +17,12 @@ import numpy as np
 # scipy.special, not scipy.stats: stats pulls in the array-API layer, which probes for torch.
 from scipy.special import bdtrc, betaincinv
 
+from defectscope import labels
+
 __all__ = ["aggregate", "binomial_alarm", "clopper_pearson", "dashboard", "p_chart", "pilot_stats", "western_electric"]
 
-REVIEW, DRIFT = "REVIEW", "Drift"
-NOT_AUTO = {REVIEW, DRIFT, "_unreadable"}
+REVIEW, DRIFT = labels.REVIEW, labels.DRIFT
+NOT_AUTO = labels.NOT_AUTOMATIC
 WE_RULES = {
     1: "one point beyond 3 sigma",
     2: "2 of 3 consecutive points beyond 2 sigma, same side",

@@ -31,8 +31,8 @@ from typing import Any
 
 import numpy as np
 
-from defectscope.deploy import metadata as md
-from defectscope.deploy import runtimes as rt
+from defectscope.runtime import card as md
+from defectscope.runtime import engines as rt
 
 log = logging.getLogger(__name__)
 
@@ -209,7 +209,7 @@ def select(model_path: str | Path, *, device: str = "cpu", threads: int | None =
     if ref is not None and len(ref["images"]):
         x = _inputs(ref["images"])
     else:
-        size = int(md.read_metadata(model_path)[md.KEY_SPEC]["image_size"])
+        size = int(rt.read_metadata(model_path)[md.KEY_SPEC]["image_size"])
         x = np.random.default_rng(0).random((2 * BATCH, 1, size, size), dtype=np.float32)
     speeds: dict[str, list[float]] = {k: [] for k in engines}
     outputs: dict[str, tuple[np.ndarray, np.ndarray]] = {}

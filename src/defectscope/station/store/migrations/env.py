@@ -1,4 +1,4 @@
-"""Alembic environment: run on the connection :class:`defectscope.deploy.store.Store` hands over.
+"""Alembic environment: run on the connection :class:`defectscope.station.store.Store` hands over.
 
 There is no alembic.ini and no URL here: the store opens the database (SQLite or PostgreSQL) and passes its
 connection in ``config.attributes["connection"]``, so the migrations run inside the store's own process.

@@ -2,7 +2,7 @@
 
 ``form="graph"``: ONE ONNX file with the predictor's usual contract (``image`` -> logits, probabilities,
 features, drift_score). Where the screen passes an image, the outputs are the screen-passed values of
-:mod:`defectscope.deploy.cascade_runtime` (one-hot good class: the classifier's policy decides it good);
+:mod:`defectscope.runtime.cascade_runner` (one-hot good class: the classifier's policy decides it good);
 elsewhere they are the classifier's. An ONNX graph runs every node for every image, so this form costs the
 screen PLUS the classifier: simple to deploy, no compute saved.
 
@@ -10,7 +10,7 @@ screen PLUS the classifier: simple to deploy, no compute saved.
 export carrying the cascade's classifier policy) and the manifest ``cascade.json``. ``Predictor("DIR/cascade.json")``
 runs the classifier only on the images the screen did not pass: this is where the cascade saves compute.
 
-Both take the classifier's input size; the screen resizes inside (``defectscope.models.cascade``). Every
+Both take the classifier's input size; the screen resizes inside (``defectscope.models.screen``). Every
 export is checked against the torch composition on the classifier run's test images before it is written.
 """
 
@@ -28,8 +28,20 @@ import torch
 from torch import nn
 
 from defectscope.decision.cascade import load_cascade_policy
-from defectscope.deploy import metadata as md
-from defectscope.deploy.cascade_runtime import (
+from defectscope.models.screen import ScreenScore
+from defectscope.onnx_export.exporter import (
+    PARITY_TOL,
+    ExportError,
+    ExportHeads,
+    _images,
+    _write_onnx_with_metadata,
+    build_metadata,
+    export_heads,
+)
+from defectscope.rundir import Run
+from defectscope.runtime import card as md
+from defectscope.runtime import engines
+from defectscope.runtime.cascade_runner import (
     DRIFT_FLOOR,
     MANIFEST_KIND,
     MANIFEST_VERSION,
@@ -38,18 +50,6 @@ from defectscope.deploy.cascade_runtime import (
     CascadeRunner,
     float32_ceil,
 )
-from defectscope.deploy.export import (
-    PARITY_TOL,
-    ExportError,
-    ExportHeads,
-    _images,
-    _session,
-    _write_onnx_with_metadata,
-    build_metadata,
-    export_heads,
-)
-from defectscope.models.cascade import ScreenScore
-from defectscope.rundir import Run
 
 log = logging.getLogger(__name__)
 
@@ -155,7 +155,7 @@ def export_cascade(
         with tempfile.TemporaryDirectory(dir=out.parent, prefix=".export-") as tmp:
             path = Path(tmp) / "cascade.onnx"
             _onnx_export(composed, path, size, list(md.OUTPUTS), opset)
-            report["parity"] = _parity(composed, lambda batch: _session(path).run(list(md.OUTPUTS),
+            report["parity"] = _parity(composed, lambda batch: engines.ort_session(path).run(list(md.OUTPUTS),
                                                                                   {md.INPUT: batch}), x)
             metadata = _metadata(clf_run, cp, form)
             _write_onnx_with_metadata(path, out, metadata)
@@ -181,7 +181,7 @@ def export_cascade(
             (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, allow_nan=False) + "\n")
             (tmp / "screen.final.onnx").replace(tmp / "screen.onnx")
             (tmp / "classifier.final.onnx").replace(tmp / "classifier.onnx")
-            runner = CascadeRunner(tmp / MANIFEST, _session)
+            runner = CascadeRunner(tmp / MANIFEST, engines.ort_session)
             report["parity"] = _parity(composed, runner.run, x)
             for name in ("screen.onnx", "classifier.onnx", MANIFEST):
                 (tmp / name).replace(out / name)  # the manifest last: never one that names missing files
