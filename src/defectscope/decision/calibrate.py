@@ -24,6 +24,7 @@ from defectscope.decision.drift_support import support_message, threshold_with_s
 from defectscope.decision.escape_scores import choose_escape_score, class_ranks_from_order, goodness
 from defectscope.decision.outcomes import apply_policy_metrics
 from defectscope.decision.policy import Policy, decide, review_scores, softmax
+from defectscope.decision.three_way import ThreeWay, fit_three_way, verdict_lines
 from defectscope.decision.thresholds import (
     CalibrationError,
     escape_threshold,
@@ -98,14 +99,20 @@ def calibrate_from_logits(
     temperature_on: str = "calibration",
     escape_score: str = "p_good",
     class_ranks: Sequence[float] | None = None,
+    max_overkill: float | None = None,
+    critical_classes: Sequence[str] | None = None,
+    escape_share: float = 0.5,
 ) -> tuple[Policy, dict[str, Any]]:
     """The policy for calibration ``logits`` (N, K) with labels ``y`` (class indices); pure numpy.
 
     The temperature is fitted on ``temperature_data`` (logits, labels) when given, else on the
     calibration data itself. ``escape_score``: ``p_good``, ``severity`` (needs ``class_ranks``, each class's
     severity in [0, 1]) or ``auto``: the one with the higher binary AUROC on ``temperature_data`` (the
-    validation split; ``p_good`` without it). Returns (policy, extras) where extras holds the review trade-off curve
-    and the policy's metrics on the calibration images.
+    validation split; ``p_good`` without it). With ``max_overkill`` beside ``max_escape`` the policy is three-way
+    (PASS / REJECT / REVIEW, both caps held together at ``confidence``, :mod:`defectscope.decision.three_way`);
+    ``critical_classes`` are the defect classes the escape cap covers (default: all). Returns (policy, extras)
+    where extras holds the review trade-off curve, the policy's metrics on the calibration images and, for a
+    three-way policy, ``verdict`` (what the data supports, in plain lines).
     """
     classes = list(classes)
     logits = np.asarray(logits, dtype=np.float64)
@@ -135,11 +142,19 @@ def calibrate_from_logits(
                 choice = {"on": temperature_on, "binary_auroc": aurocs}
         policy.escape_score, policy.class_ranks = escape_score, ranks
         score = goodness(probs, escape_score, g, ranks)
-        guarantee = escape_threshold(score, y != g, max_escape=max_escape, confidence=confidence)
-        policy.escape_threshold = guarantee.threshold
-        policy.escape_guarantee = {**guarantee.to_dict(), "score": escape_score,
-                                   **({"score_choice": choice} if choice else {})}
+        if max_overkill is not None:
+            names = np.array(classes, dtype=object)[y]
+            tw = fit_three_way(score, names, classes, good_class, max_escape=max_escape, max_overkill=max_overkill,
+                               confidence=confidence, escape_share=escape_share, critical=critical_classes)
+            policy.three_way = {**tw.to_dict(), "score": escape_score, **({"score_choice": choice} if choice else {})}
+        else:
+            guarantee = escape_threshold(score, y != g, max_escape=max_escape, confidence=confidence)
+            policy.escape_threshold = guarantee.threshold
+            policy.escape_guarantee = {**guarantee.to_dict(), "score": escape_score,
+                                       **({"score_choice": choice} if choice else {})}
         Policy.from_dict(policy.to_dict())  # checks escape_score against class_ranks
+    elif max_overkill is not None:
+        raise CalibrationError("an overkill cap (--max-overkill) is set together with an escape cap (--max-escape)")
 
     # The review band ranks the decisions the rest of the policy would make.
     correct = decide(logits, policy, inputs="logits").labels == np.array(classes, dtype=object)[y]
@@ -153,6 +168,9 @@ def calibrate_from_logits(
         "review_curve": {k: v.tolist() for k, v in curve.items()},
         "calibration_metrics": apply_policy_metrics(y, logits, policy, classes, inputs="logits"),
     }
+    if policy.three_way is not None:
+        extras["verdict"] = verdict_lines(ThreeWay.from_dict(policy.three_way), extras["calibration_metrics"])
+        policy.three_way["verdict"] = extras["verdict"]
     return policy, extras
 
 
@@ -170,6 +188,9 @@ def calibrate(
     drift_score: str | None = None,
     drift_examples: str | Path | None = None,
     escape_score: str = "auto",
+    max_overkill: float | None = None,
+    critical_classes: Sequence[str] | None = None,
+    escape_share: float = 0.5,
 ) -> dict[str, Any]:
     """Fit the run's decision policy and write ``RUN/policy.json``; returns a dict with ``policy`` (as
     written), ``path``, ``review_curve`` (arrays for the report) and ``calibration_metrics``.
@@ -181,6 +202,11 @@ def calibrate(
     or a dict. ``good_class`` defaults to the class named GOOD. ``escape_score``: what the escape cap
     thresholds, ``p_good``, ``severity`` (needs the config's ``data.class_order``) or ``auto`` (the better of
     the two by binary AUROC on the validation split; ``p_good`` when the labels have no order).
+
+    Three-way decisions: with ``max_overkill`` beside ``max_escape``, images are PASSed, REJECTed or sent to
+    REVIEW, and both caps hold together with probability ``confidence`` (``escape_share`` of the error budget
+    to the escape cap); ``critical_classes``: the defect classes the escape cap covers (default: all of them;
+    the others are nuisance classes whose escapes are reported, not capped).
 
     Drift: the statistics of the training features are fitted (RUN/drift.safetensors; with a ``patch``
     member also the per-position Gaussians of the feature maps, RUN/patch_drift.safetensors) and the
@@ -227,6 +253,7 @@ def calibrate(
         cost_matrix=cost_matrix, review_rate=review_rate, target_purity=target_purity, review_score=review_score,
         temperature_data=temperature_data, temperature_on=temperature_on, escape_score=escape_score,
         class_ranks=class_ranks_from_order(classes, run.config.data.class_order),
+        max_overkill=max_overkill, critical_classes=critical_classes, escape_share=escape_share,
     )
     policy.calibration = split_info(table, seed)
     if drift_rate is not None:
@@ -360,9 +387,27 @@ def _log_summary(policy: Policy, m: dict[str, Any]) -> None:
         log.info(f"escape cap {g['max_escape']:g} at {g['confidence']:g} confidence: {what} >= "
                  f"{g['threshold']:.6f}; {g['escapes']}/{g['n_defective']} escapes (upper bound "
                  f"{g['escape_ucb']:.4f}); overkill {g['overkill']:.4f} [{lo:.4f}, {hi:.4f}] of {g['n_good']} good")
+    tw = policy.three_way
+    if tw:
+        what = f"P({policy.good_class})" if policy.escape_score == "p_good" else "1 - expected severity"
+        t_pass, t_reject = tw["pass_threshold"], tw["reject_threshold"]
+        log.info(f"three-way policy: PASS if {what} >= {_threshold_text(t_pass)}, REJECT if < "
+                 f"{_threshold_text(t_reject)}, REVIEW between; escape <= {tw['escape']['cap']:g} (classes "
+                 f"{', '.join(tw['critical_classes'])}) and overkill <= {tw['overkill']['cap']:g}, together at "
+                 f"{tw['confidence']:g} confidence")
+        a = m["automation"]
+        log.info(f"automation {a['rate']:.4f} [{a['interval'][0]:.4f}, {a['interval'][1]:.4f}] of {a['of']} "
+                 f"calibration images; escape {m['escape']['count']}/{m['escape']['of']}, overkill "
+                 f"{m['overkill']['count']}/{m['overkill']['of']}, review {m['review_rate']:.4f}")
+        for line in tw.get("verdict", []):
+            (log.warning if line.startswith(("the ", "verdict: the policy decides only")) else log.info)(line)
     if policy.review_threshold is not None:
         r = policy.review_target
         log.info(f"review band: {policy.review_score} < {policy.review_threshold:.6f}; review rate "
                  f"{r['achieved_review_rate']:.4f}, auto accuracy {r['auto_accuracy']:.4f}")
     if "pwa" in m:
         log.info(f"expected cost per image {m['expected_cost_per_image']:.3f}; PWA {m['pwa']:.6f} (auto decisions)")
+
+
+def _threshold_text(t: float | None) -> str:
+    return "never (this side is off)" if t is None else f"{t:.6f}"

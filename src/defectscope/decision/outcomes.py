@@ -37,15 +37,17 @@ def apply_policy_metrics(
     there). Rates carry two-sided Clopper-Pearson intervals at ``confidence`` (default: the escape
     guarantee's, else 0.95).
 
-    Escape = defective decided GOOD / all defective; overkill = GOOD decided as a defect / all GOOD.
-    REVIEW and Drift images are neither: they count in ``review_rate`` / ``drift_rate``, and accuracy,
+    Automation = images decided without a person (neither REVIEW nor Drift) / all images. Escape = defective
+    decided GOOD / all defective (with a three-way policy: its critical classes; ``nuisance_escape`` the
+    others); overkill = GOOD decided as a defect automatically / all GOOD. REVIEW and Drift images are
+    neither: they count in ``review_rate`` / ``drift_rate``, and accuracy,
     macro-F1, cost and PWA cover the auto-decided images only (``n_auto``).
     """
     classes = list(classes)
     if classes != policy.classes:
         raise PolicyError(f"classes {classes} differ from the policy's {policy.classes}")
     if confidence is None:
-        confidence = float((policy.escape_guarantee or {}).get("confidence", 0.95))
+        confidence = float((policy.escape_guarantee or policy.three_way or {}).get("confidence", 0.95))
     y = np.asarray(y_true)
     names = np.array(classes, dtype=object)[y.astype(int)] if y.dtype.kind in "iu" else y.astype(object)
     dec = decide(probs, policy, drift_score=drift_score, inputs=inputs)
@@ -59,10 +61,17 @@ def apply_policy_metrics(
         "decisions": {str(k): int(v) for k, v in zip(*np.unique(labels.astype(str), return_counts=True), strict=True)},
         "temperature": policy.temperature,
     }
+    out["automation"] = _rate(int(auto.sum()), n, confidence)
     if policy.good_class is not None:
         good = names == policy.good_class
-        out["escape"] = _rate(int((~good & (labels == policy.good_class)).sum()), int((~good).sum()), confidence)
-        out["overkill"] = _rate(int((good & auto & (labels != policy.good_class)).sum()), int(good.sum()), confidence)
+        passed = labels == policy.good_class
+        critical = (policy.three_way or {}).get("critical_classes")
+        at_risk = np.isin(names, critical) if critical else ~good
+        out["escape"] = _rate(int((at_risk & passed).sum()), int(at_risk.sum()), confidence)
+        if critical and (~good & ~at_risk).any():
+            nuisance = ~good & ~at_risk
+            out["nuisance_escape"] = _rate(int((nuisance & passed).sum()), int(nuisance.sum()), confidence)
+        out["overkill"] = _rate(int((good & auto & ~passed).sum()), int(good.sum()), confidence)
     if auto.any():
         index = {c: i for i, c in enumerate(classes)}
         m = classification_metrics(

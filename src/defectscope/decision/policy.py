@@ -19,9 +19,11 @@ import numpy as np
 from defectscope import labels
 from defectscope.decision.costs import DRIFT, expected_costs
 from defectscope.decision.escape_scores import ESCAPE_SCORES, goodness
+from defectscope.decision.three_way import verdicts
 from defectscope.errors import DefectscopeError
 
-POLICY_VERSION = 1
+# 2: the three-way PASS / REJECT / REVIEW rule (``three_way``); version-1 files load unchanged.
+POLICY_VERSION = 2
 REVIEW = labels.REVIEW
 REVIEW_SCORES = ("top", "margin")
 
@@ -41,6 +43,9 @@ class Policy:
     between the top two) is below it are decided ``REVIEW`` (None: no review band).
     ``cost_matrix``: ``{"classes": [...], "costs": [[...]]}``, rows true class, columns decision; the
     decision minimises expected cost (None: most probable class).
+    ``three_way``: PASS as ``good_class`` iff the escape score >= ``three_way["pass_threshold"]``, REJECT as the
+    best defect decision iff it is < ``three_way["reject_threshold"]``, REVIEW otherwise (a None threshold: that
+    side decides nothing); it replaces ``escape_threshold`` (see :mod:`defectscope.decision.three_way`).
     ``drift_threshold``: an image whose drift score (``drift["score"]``, computed from the model's features
     with the statistics in RUN/drift.safetensors) exceeds it is ``Drift``, before any other rule.
     """
@@ -56,6 +61,7 @@ class Policy:
     review_threshold: float | None = None
     review_score: str = "top"
     review_target: dict[str, Any] | None = None
+    three_way: dict[str, Any] | None = None  # decision.three_way.ThreeWay.to_dict(): thresholds and evidence
     drift_threshold: float | None = None
     drift: dict[str, Any] | None = None  # {"score": name, "target_false_flag_rate", "n_calibration", ...}
     temperature_fit: dict[str, Any] | None = None
@@ -69,6 +75,15 @@ class Policy:
             raise PolicyError(f"good class {self.good_class!r} is not one of the classes {self.classes}")
         if self.escape_threshold is not None and self.good_class is None:
             raise PolicyError("an escape threshold needs a good class")
+        if self.three_way is not None:
+            if self.good_class is None:
+                raise PolicyError("a three-way policy needs a good class")
+            if self.escape_threshold is not None:
+                raise PolicyError("a policy has either an escape threshold or a three-way rule, not both")
+            for key in ("pass_threshold", "reject_threshold"):
+                value = self.three_way.get(key, "missing")
+                if value is not None and not isinstance(value, (int, float)):
+                    raise PolicyError(f"three_way.{key} must be a number or null, got {value!r}")
         if self.escape_score not in ESCAPE_SCORES:
             raise PolicyError(f"escape_score must be one of {ESCAPE_SCORES}, got {self.escape_score!r}")
         if self.class_ranks is not None and len(self.class_ranks) != len(self.classes):
@@ -180,7 +195,8 @@ def decide(
     drift_score: np.ndarray | None = None,
     inputs: Literal["auto", "logits", "probs"] = "auto",
 ) -> Decisions:
-    """Decide every image: ``Drift`` check -> review band -> escape cap on GOOD -> cost argmin / argmax.
+    """Decide every image: ``Drift`` check -> review band -> three-way rule or escape cap on GOOD -> cost
+    argmin / argmax.
 
     ``scores`` are the model's raw logits or its *uncalibrated* softmax probabilities (N, K) in the
     order of ``policy.classes``; the policy's temperature is applied here. ``inputs="auto"`` takes rows
@@ -204,13 +220,17 @@ def decide(
     else:
         options, badness = list(classes), -probs
     options_arr = np.array(options, dtype=object)
-    if policy.escape_threshold is not None:
+    if policy.escape_threshold is not None or policy.three_way is not None:
         good_option = options.index(policy.good_class)
         score = goodness(probs, policy.escape_score, classes.index(policy.good_class), policy.class_ranks)
-        passed = score >= policy.escape_threshold
         masked = badness.copy()
         masked[:, good_option] = np.inf
-        labels = np.where(passed, policy.good_class, options_arr[masked.argmin(axis=1)])
+        defect = options_arr[masked.argmin(axis=1)]
+        if policy.three_way is not None:
+            verdict = verdicts(score, policy.three_way["pass_threshold"], policy.three_way["reject_threshold"])
+            labels = np.where(verdict == "PASS", policy.good_class, np.where(verdict == "REJECT", defect, REVIEW))
+        else:
+            labels = np.where(score >= policy.escape_threshold, policy.good_class, defect)
     else:
         labels = options_arr[badness.argmin(axis=1)]
     labels = labels.astype(object)
