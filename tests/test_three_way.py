@@ -213,3 +213,42 @@ def test_malformed_three_way_is_refused():
         Policy(classes=CLASSES, three_way={"pass_threshold": 0.9, "reject_threshold": 0.1})
     with pytest.raises(CalibrationError, match="together with an escape cap"):
         calibrate_from_logits(*_logits(np.random.default_rng(0), 50), CLASSES, good_class="good", max_overkill=0.05)
+
+
+def test_the_line_follows_a_three_way_policy(trained_run, tmp_path):
+    """calibrate -> evaluate -> export -> Predictor -> sort: the same PASS / REJECT / REVIEW everywhere, and
+    every REVIEW image is filed in OUT/REVIEW where a person finds it."""
+    import shutil
+
+    import pandas as pd
+
+    from defectscope.decision.calibrate import calibrate
+    from defectscope.evaluation.evaluate import evaluate
+    from defectscope.onnx_export.exporter import export
+    from defectscope.runtime.predictor import Predictor
+    from defectscope.station.sorter import sort
+
+    run = shutil.copytree(trained_run, tmp_path / "run")
+    # Two good calibration images: only loose caps at a low confidence can be certified on the tiny set.
+    out = calibrate(run, good_class="GOOD", max_escape=0.7, max_overkill=0.7, confidence=0.6, drift_rate=None)
+    tw = out["policy"]["three_way"]
+    assert tw["escape"]["supported"] and tw["overkill"]["supported"]
+    # Widen the band by hand so the tiny, well-separated data set sends some images to a person.
+    policy = json.loads((run / "policy.json").read_text())
+    policy["three_way"]["pass_threshold"], policy["three_way"]["reject_threshold"] = 0.9, 0.6
+    (run / "policy.json").write_text(json.dumps(policy))
+    metrics = evaluate(run, report=False)
+    assert metrics["policy"]["automation"]["rate"] == pytest.approx(1 - metrics["policy"]["review_rate"])
+    onnx_path = tmp_path / "model.onnx"
+    export(run, onnx_path)
+    predictions = pd.read_csv(run / "evaluation" / "predictions.csv")
+    results = Predictor(onnx_path).predict_batch(list(predictions["path"]))
+    decisions = [r.decision for r in results]
+    assert decisions == list(predictions["decision"]) and REVIEW in decisions
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    for i, path in enumerate(predictions["path"]):
+        shutil.copy(path, inbox / f"{i:03d}.png")
+    sort(onnx_path, inbox, tmp_path / "sorted", mode="copy", progress=False, settle_seconds=0)
+    filed = sorted(p.name for p in (tmp_path / "sorted" / REVIEW).iterdir())
+    assert filed == [f"{i:03d}.png" for i, d in enumerate(decisions) if d == REVIEW]

@@ -29,8 +29,10 @@ def load_policy(run: Run) -> Policy | None:
 def format_policy_metrics(m: dict[str, Any]) -> str:
     """After the decision policy: what passes, what is rejected, what a person must look at."""
     lines = ["after the decision policy (RUN/policy.json):"]
-    for key, what in (("escape", "escape rate (defective passed as good)"),
-                      ("overkill", "overkill rate (good rejected)")):
+    for key, what in (("automation", "automation rate (decided without a person)"),
+                      ("escape", "escape rate (defective passed as good)"),
+                      ("nuisance_escape", "nuisance escape rate (reported, not capped)"),
+                      ("overkill", "overkill rate (good rejected automatically)")):
         r = m.get(key)
         if r and r.get("rate") is not None:
             lo, hi = r["interval"]

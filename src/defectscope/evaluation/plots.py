@@ -153,7 +153,7 @@ def review_tradeoff(curve: dict[str, np.ndarray], point: tuple[float, float] | N
         ax.legend(fontsize=8, loc="lower right")
     ax.set_xlim(0, 1)
     ax.set_xlabel("review rate (share of images sent to a person)")
-    ax.set_ylabel("accuracy of automatic decisions")
+    ax.set_ylabel("most-probable-class accuracy, not reviewed")
     ax.set_title("review band trade-off")
     ax.grid(alpha=0.3)
     return fig

@@ -83,8 +83,9 @@ def review(probs: np.ndarray, y_true: np.ndarray, policy: Any, plots_dir: Path) 
         png = plots.save(plots.review_tradeoff(curve, point, label), plots_dir / "review_tradeoff.png")
         note = (f"Probabilities calibrated with the policy's temperature {temperature:.3f}. " if policy is not None
                 else "No decision policy: raw probabilities. ")
-        body = (f"<p>{esc(note)}Operating point: review rate {pct(point[0])}, accuracy of automatic decisions "
-                f"{pct(point[1])} (most probable class; the escape rule of a policy is not applied here).</p>"
+        body = (f"<p>{esc(note)}Operating point: review rate {pct(point[0])}, most-probable-class accuracy of the "
+                f"images not reviewed {pct(point[1])} (the escape and three-way rules of a policy are not applied "
+                f"here: the headline's figures are).</p>"
                 + img(png, "review trade-off"))
     return section(
         "9. Review band trade-off", "sending the least confident images to a person raises the accuracy of what "

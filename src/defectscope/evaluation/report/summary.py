@@ -32,12 +32,23 @@ def headline(metrics: dict[str, Any], raw: dict[str, Any] | None) -> str:
     pol = metrics.get("policy")
     if pol:
         escape, overkill = pol.get("escape"), pol.get("overkill")
+        automation = pol.get("automation")
+        if automation:
+            rows.insert(0, rate_row("automation rate, with policy", automation,
+                                    f"{automation['count']} of {automation['of']} images are decided without a "
+                                    f"person (passed or rejected); the other {automation['of'] - automation['count']} "
+                                    f"go to review or are flagged as Drift."))
         if escape:
             rows.append(rate_row("escape rate, with policy", escape, f"{escape['count']} of {escape['of']} defective "
-                                 "parts would have been passed as GOOD at the chosen operating point."))
+                                 "parts (of the capped classes) were passed as GOOD by the policy."))
+        nuisance = pol.get("nuisance_escape")
+        if nuisance:
+            rows.append(rate_row("nuisance escape rate, with policy", nuisance, f"{nuisance['count']} of "
+                                 f"{nuisance['of']} parts of the nuisance classes were passed (reported, not capped)."))
         if overkill:
             rows.append(rate_row("overkill rate, with policy", overkill, f"{overkill['count']} of {overkill['of']} "
-                                 "good parts would have been rejected as defective at the chosen operating point."))
+                                 "good parts were rejected automatically by the policy (good parts sent to review "
+                                 "are not counted: a person passes them)."))
         n_pol = int(pol.get("n", 0))
         n_review = int(round(pol.get("review_rate", 0.0) * n_pol))
         rows.append(f"<tr><td>review rate</td><td>{pct(pol.get('review_rate'))}</td><td>{n_review} of {n_pol} "
@@ -47,8 +58,9 @@ def headline(metrics: dict[str, Any], raw: dict[str, Any] | None) -> str:
                         f"unlike anything seen in training.</td></tr>")
         auto = pol.get("auto") or {}
         if auto:
-            rows.append(f"<tr><td>accuracy of automatic decisions</td><td>{pct(auto.get('accuracy'))}</td><td>Of the "
-                        f"{pol.get('n_auto')} images the machine decides itself, this share is right.</td></tr>")
+            rows.append(f"<tr><td>class accuracy of automatic decisions</td><td>{pct(auto.get('accuracy'))}</td><td>Of "
+                        f"the {pol.get('n_auto')} images the policy decides itself, this share gets the right class "
+                        f"(a defect rejected under the wrong defect class counts as wrong).</td></tr>")
         if pol.get("pwa") is not None:
             rows.append(f"<tr><td>PWA / expected cost</td><td>{num(pol['pwa'])} / "
                         f"{num(pol.get('expected_cost_per_image'), 2)}</td><td>Penalty-weighted accuracy (1 is "
