@@ -519,6 +519,3 @@ def _version() -> str:
 
     return __version__
 
-
-if __name__ == "__main__":
-    sys.exit(main())
