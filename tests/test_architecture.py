@@ -30,6 +30,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("defectscope.onnx_export", "defectscope.station"),
     ("defectscope.demo",),
     ("defectscope.cli",),
+    ("defectscope.__main__",),  # `python -m defectscope`: the cli's main, so above it
 ]
 # What a line PC has not got (`pip install defectscope` without the train extra): the line's packages and
 # everything they import, at any depth and inside functions too, must not need them.

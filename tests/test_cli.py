@@ -57,6 +57,29 @@ def test_predict_missing_input_is_a_one_line_error(exported, tmp_path, capsys):
     assert "no such file" in capsys.readouterr().err
 
 
+def test_predict_on_training_weights_says_what_to_pass(cli_run, folder_dataset, capsys):
+    weights = cli_run / "model.safetensors"
+    assert main(["predict", str(weights), str(folder_dataset / "GOOD")]) == 2
+    err = capsys.readouterr().err
+    assert err.strip().splitlines() == [
+        f"defectscope: error: {weights} is training weights, not an exported model (.onnx); run "
+        f"`defectscope export {cli_run} --out {cli_run / 'export' / 'model.onnx'}` and pass the .onnx file"]
+
+
+def test_predict_on_a_run_not_yet_exported_says_export_it_first(trained_run, folder_dataset, tmp_path, capsys):
+    run = shutil.copytree(trained_run, tmp_path / "run", ignore=shutil.ignore_patterns("export"))
+    assert main(["predict", str(run), str(folder_dataset / "GOOD")]) == 2
+    line, = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith(f"defectscope: error: {run} is a training run, not an exported model; export it first")
+    assert f"`defectscope export {run} --out {run / 'export' / 'model.onnx'}`" in line
+
+
+def test_predict_on_an_exported_run_points_at_its_model(cli_run, exported, folder_dataset, capsys):
+    assert main(["predict", str(cli_run), str(folder_dataset / "GOOD")]) == 2
+    line, = capsys.readouterr().err.strip().splitlines()
+    assert line.endswith(f"is a training run, not an exported model; pass the .onnx file, e.g. {exported}")
+
+
 def test_sort_then_log_export(exported, folder_dataset, tmp_path):
     inbox = tmp_path / "inbox"
     shutil.copytree(folder_dataset / "spot", inbox)

@@ -48,6 +48,48 @@ class RuntimeUnavailable(DefectscopeError, RuntimeError):
     """A runtime, precision or device this machine (or this model's files) cannot provide."""
 
 
+class NotAnExport(DefectscopeError, ValueError):
+    """A model path that is no exported model: a training run, its weights, or another kind of file."""
+
+
+# What makes a folder a training run (defectscope.rundir's file names: rundir itself needs pandas, which a line
+# PC has not got). Not model.json: an export folder has one too, the model card's sidecar.
+_RUN_FILES = ("config.yaml", "dataset.csv", "model.safetensors", "checkpoint.pt")
+_WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".ckpt", ".bin")
+
+
+def check_model_path(model_path: str | Path) -> Path:
+    """``model_path`` when it can be an exported model: an ``.onnx`` file or a cascade's ``.json`` manifest.
+
+    Raises :class:`NotAnExport` saying what the path is and what to pass instead (a run's export, or the
+    command that writes it). A path that does not exist passes: the caller reports it as missing.
+    """
+    path = Path(model_path)
+    if path.is_dir():
+        in_run = _is_run(path)
+        what = "a training run" if in_run else "a folder"
+        exported = sorted(p for p in (path / "export" if in_run else path).glob("*.onnx")
+                          if not p.name.endswith(".int8.onnx"))
+        if exported:
+            raise NotAnExport(f"{path} is {what}, not an exported model; pass the .onnx file, e.g. {exported[0]}")
+        if in_run:
+            raise NotAnExport(f"{path} is a training run, not an exported model; export it first: `defectscope "
+                              f"export {path} --out {path / 'export' / 'model.onnx'}`, then pass that .onnx file")
+        raise NotAnExport(f"{path} is a folder, not an exported model; pass the .onnx file "
+                          "`defectscope export RUN --out model.onnx` writes")
+    if not path.exists() or path.suffix.lower() in (".onnx", ".json"):
+        return path
+    kind = "training weights, not" if path.suffix.lower() in _WEIGHT_SUFFIXES else "not"
+    run = path.parent if _is_run(path.parent) else None
+    export = (f"defectscope export {run} --out {run / 'export' / 'model.onnx'}" if run
+              else "defectscope export RUN --out model.onnx")
+    raise NotAnExport(f"{path} is {kind} an exported model (.onnx); run `{export}` and pass the .onnx file")
+
+
+def _is_run(folder: Path) -> bool:
+    return any((folder / name).is_file() for name in _RUN_FILES)
+
+
 class Engine(Protocol):
     runtime: str
     precision: str
@@ -143,6 +185,7 @@ def create_engine(model_path: str | Path, runtime: str = "onnxruntime", precisio
     if importlib.util.find_spec(runtime) is None:
         extra = "pip install onnxruntime" if runtime == "onnxruntime" else "pip install openvino"
         raise RuntimeUnavailable(f"runtime {runtime} is not installed ({extra})")
+    check_model_path(model_path)
     path = variant_path(model_path, precision)
     if not path.is_file():
         raise RuntimeUnavailable(f"{path}: no {precision} model beside {Path(model_path).name} "
@@ -173,6 +216,7 @@ def ort_session(path: str | Path, *, threads: int | None = None, providers: list
 def read_metadata(model_path: str | Path) -> dict[str, Any]:
     """The decoded defectscope metadata of an ONNX file, read with whichever runtime is installed
     (onnxruntime, else OpenVINO; the onnx package is never needed)."""
+    check_model_path(model_path)
     if not Path(model_path).is_file():
         raise FileNotFoundError(f"{model_path}: no such model file")
     if importlib.util.find_spec("onnxruntime") is not None:

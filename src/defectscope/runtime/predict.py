@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from defectscope.data.files import list_images
+from defectscope.runtime.engines import check_model_path
 from defectscope.runtime.predictor import UNREADABLE, Predictor, WithMetadata
 
 FORMATS = ("csv", "json", "jsonl")
@@ -73,10 +74,13 @@ def predict(
     ``runtime``, ``precision``, ``device``: as :class:`Predictor`; ``auto`` by default (the fastest runtime
     whose decisions match fp32 on this machine). ``inputs`` may include CSV manifests (see the module
     docstring); ``metadata``: values for every image of a model trained with metadata inputs. An image whose
-    metadata is missing or unknown gets an ``_unreadable`` row naming the field.
+    metadata is missing or unknown gets an ``_unreadable`` row naming the field. A ``model`` that is no
+    exported model (a training run, its weights) raises :class:`~defectscope.runtime.engines.NotAnExport`.
     """
     if fmt not in FORMATS:
         raise ValueError(f"unknown format {fmt!r}; use one of {', '.join(FORMATS)}")
+    # Before the Predictor, which would call a training run "no such model file" and choke on weights.
+    check_model_path(model)
     predictor = Predictor(model, threads=threads, runtime=runtime, precision=precision, device=device)
     items: list[tuple[Path, dict[str, str]]] = []
     for item in inputs:

@@ -1,0 +1,81 @@
+"""Flags several verbs share, and the parsers of their values (``--set``, ``--budget``, ``--metadata``)."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+from typing import Any
+
+from defectscope.errors import UsageError
+
+
+def add_manifest_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--image-root", help="folder a CSV manifest's file names are relative to (default: the CSV's)")
+    p.add_argument("--path-column", help="manifest column with the image file name (auto-detected)")
+    p.add_argument("--label-column", help="manifest column with the class label (auto-detected)")
+
+
+def add_split_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--split-column", help="manifest column holding a predefined train/val/test split")
+    p.add_argument("--group-column", help="keep rows sharing this column's value in one split")
+    p.add_argument("--stratify", help="extra metadata columns to stratify the split by, comma-separated")
+
+
+def add_set_option(p: argparse.ArgumentParser, help: str) -> None:
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=help)
+
+
+def add_runtime_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--runtime", default="auto", choices=["auto", "onnxruntime", "openvino"],
+                   help="inference runtime; auto: the fastest whose decisions match fp32, measured once per machine")
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "int8", "bf16", "fp16"],
+                   help="auto: the fastest precision that keeps the decisions (default); fp32 to force full precision")
+    p.add_argument("--device", default="cpu", choices=["cpu", "gpu"],
+                   help="gpu: CUDA (onnxruntime-gpu) or OpenVINO's GPU; falls back to the CPU when absent")
+
+
+def data_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """The config keys of the manifest and split flags (None where a flag was not given)."""
+    return {
+        "data.image_root": args.image_root, "data.path_column": args.path_column,
+        "data.label_column": args.label_column, "data.split_column": args.split_column,
+        "data.group_column": args.group_column, "data.stratify": args.stratify,
+    }
+
+
+def set_overrides(items: Sequence[str]) -> dict[str, Any]:
+    """``--set`` items (``KEY=VALUE``) -> {key: value}, each value read as YAML (``true``, ``[0.6,0.2,0.2]``...)."""
+    import yaml
+
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise UsageError(f"--set expects KEY=VALUE, got {item!r}")
+        out[key.strip()] = yaml.safe_load(value)
+    return out
+
+
+def minutes(text: str) -> float:
+    """'15m', '900s', '1h' or a bare number of minutes -> minutes."""
+    value = text.strip().lower()
+    scale = {"s": 1 / 60, "m": 1.0, "h": 60.0}.get(value[-1:])
+    number = value[:-1] if scale is not None else value
+    try:
+        result = float(number) * (scale or 1.0)
+    except ValueError:
+        raise UsageError(f"--budget {text!r}: give minutes like 15m, 900s or 1h") from None
+    if result <= 0:
+        raise UsageError(f"--budget {text!r} must be positive")
+    return result
+
+
+def name_values(items: Sequence[str]) -> dict[str, str] | None:
+    """['type=mono', ...] -> {'type': 'mono'}; None when empty."""
+    out = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or not name.strip():
+            raise UsageError(f"--metadata {item!r}: give NAME=VALUE, e.g. --metadata type=mono")
+        out[name.strip()] = value.strip()
+    return out or None
