@@ -22,6 +22,7 @@ def test_demo_on_real_elpv(tmp_path, monkeypatch, caplog):
     assert metrics["classes"] == ["defective", "functional", "likely_defective", "possibly_defective"]
     text = "\n".join(lines)
     assert "accuracy" in text and "macro-F1" in text and str(tmp_path / "run") in text
+    assert "automation rate" in text and "verdict" in text
     assert (tmp_path / "run" / "evaluation" / "report.html").is_file()
     assert (tmp_path / "run" / "export" / "model.onnx").is_file()
     assert (tmp_path / "run" / "policy.json").is_file()

@@ -7,11 +7,21 @@ import argparse
 
 
 def add_calibrate(sub: argparse._SubParsersAction) -> None:
-    c = sub.add_parser("calibrate", help="set the decision policy (escape cap, costs, review band) -> RUN/policy.json")
+    c = sub.add_parser("calibrate", help="set the decision policy (PASS / REJECT / REVIEW under escape and overkill "
+                                         "caps, costs, Drift) -> RUN/policy.json")
     c.add_argument("run", help="run directory")
     c.add_argument("--good-class", help="the class that means a part passes (default: a class named GOOD)")
     c.add_argument("--max-escape", type=float, help="cap on defective parts passed as good, e.g. 0.01")
-    c.add_argument("--confidence", type=float, default=0.95, help="confidence of the escape guarantee (0.95)")
+    c.add_argument("--max-overkill", type=float,
+                   help="with --max-escape: cap on good parts rejected automatically, e.g. 0.05; images between the "
+                        "PASS and REJECT thresholds go to REVIEW (a person)")
+    c.add_argument("--critical", type=lambda v: [x.strip() for x in v.split(",") if x.strip()],
+                   help="comma-separated defect classes the escape cap covers (default: all); the others are "
+                        "nuisance classes whose escapes are reported, not capped")
+    c.add_argument("--escape-share", type=float, default=0.5,
+                   help="with two caps: the share of 1 - confidence spent on the escape cap (0.5)")
+    c.add_argument("--confidence", type=float, default=0.95,
+                   help="confidence of the guarantee; with two caps, both hold together at it (0.95)")
     c.add_argument("--escape-score", default="auto", choices=["auto", "p_good", "severity"],
                    help="what the escape cap thresholds: P(good), 1 - expected severity along data.class_order, "
                         "or auto (the better by binary AUROC on the validation split)")
@@ -38,7 +48,8 @@ def run_calibrate(args: argparse.Namespace) -> int:
     calibrate(args.run, good_class=args.good_class, max_escape=args.max_escape, confidence=args.confidence,
               cost_matrix=args.cost_matrix, review_rate=args.review_rate, target_purity=args.target_purity,
               review_score=args.review_score, drift_rate=None if args.no_drift else args.drift_rate,
-              drift_score=args.drift_score, drift_examples=args.drift_examples, escape_score=args.escape_score)
+              drift_score=args.drift_score, drift_examples=args.drift_examples, escape_score=args.escape_score,
+              max_overkill=args.max_overkill, critical_classes=args.critical, escape_share=args.escape_share)
     return 0
 
 
