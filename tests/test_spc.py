@@ -110,6 +110,24 @@ def test_pilot_stats_says_when_good_decisions_may_stop_going_to_review():
     assert not spc.pilot_stats(rows(300, 5, 0, 0), "GOOD", escape_cap=0.01)["can_stop_reviewing_good"]
 
 
+def test_pilot_measures_both_caps_against_people():
+    """In a pilot people review everything: escape over parts they call defective, overkill over parts they
+    call good (a REVIEW decision is neither)."""
+    def r(decision, label):
+        return {"decision": decision, "label": label}
+
+    reviewed = ([r("GOOD", "GOOD")] * 180 + [r("scratch", "GOOD")] * 2 + [r("REVIEW", "GOOD")] * 18
+                + [r("scratch", "scratch")] * 90 + [r("GOOD", "scratch")] * 1 + [r("REVIEW", "scratch")] * 9)
+    p = spc.pilot_stats(reviewed, "GOOD", escape_cap=0.05, overkill_cap=0.05)["caps_against_people"]
+    assert (p["escape_of_defective"]["k"], p["escape_of_defective"]["n"]) == (1, 100)
+    assert (p["overkill_of_good"]["k"], p["overkill_of_good"]["n"]) == (2, 200)
+    assert p["escape_of_defective"]["within_cap"] and p["overkill_of_good"]["within_cap"]
+    worse = spc.pilot_stats(reviewed + [r("scratch", "GOOD")] * 15, "GOOD", escape_cap=0.05, overkill_cap=0.05)
+    assert worse["caps_against_people"]["overkill_of_good"]["within_cap"] is False
+    assert spc.pilot_stats(reviewed, "GOOD", escape_cap=0.05)["caps_against_people"]["overkill_of_good"][
+        "within_cap"] is None
+
+
 def test_dashboard_buckets_and_series():
     t0 = datetime(2026, 1, 1, 8, 0, tzinfo=timezone.utc)
 
@@ -128,4 +146,6 @@ def test_dashboard_buckets_and_series():
     assert d["drift"]["per_bucket"] == [0, 1, 0] and d["drift"]["alarm"]["k"] == 1
     assert d["confidence"]["q50"][0] == pytest.approx(0.9) and d["confidence"]["q50"][2] is None
     assert d["throughput_per_minute"][0] == pytest.approx(3 / 60)
+    assert d["automation"]["rate"] == [pytest.approx(2 / 3), pytest.approx(1 / 3), None]
+    assert d["automation"]["review"] == [1, 0, 0] and d["automation"]["total_rate"] == pytest.approx(3 / 6)
     spc.dumps(d)  # strict JSON: no NaN

@@ -99,13 +99,17 @@ def _rate(k: int, n: int, confidence: float = 0.95) -> dict[str, Any]:
 
 
 def pilot_stats(reviewed: list[dict[str, Any]], good_class: str, escape_cap: float,
-                confidence: float = 0.95) -> dict[str, Any]:
+                confidence: float = 0.95, overkill_cap: float | None = None) -> dict[str, Any]:
     """The model against people, over reviewed automatic decisions (REVIEW/Drift ones excluded).
 
     agreement: decision == human label. escape: human says defective among decisions GOOD (a defect the
     model would pass). overkill: human says GOOD among decisions defective. GOOD decisions may stop going
     to review once the one-sided upper bound on escape (the upper end of the 1 - 2a two-sided interval at
     ``confidence``) is below ``escape_cap``.
+
+    The policy's caps against people (meaningful in a pilot, where people review every decision, REVIEW ones
+    included): ``escape_of_defective`` = PASSed among parts people call defective, ``overkill_of_good`` =
+    rejected automatically among parts people call good, each with ``within_cap`` when the cap is known.
     """
     auto = [r for r in reviewed if r["decision"] not in NOT_AUTO]
     agree = sum(r["decision"] == r["label"] for r in auto)
@@ -122,7 +126,17 @@ def pilot_stats(reviewed: list[dict[str, Any]], good_class: str, escape_cap: flo
         while clopper_pearson(escapes, n, one_sided)[1] >= escape_cap and n < len(good) + 1_000_000:
             n = max(n + 1, int(n * 1.05))
         more = n - len(good)
+    human_bad = [r for r in reviewed if r["label"] != good_class]
+    human_good = [r for r in reviewed if r["label"] == good_class]
+    passed_bad = sum(r["decision"] == good_class for r in human_bad)
+    rejected_good = sum(r["decision"] not in NOT_AUTO and r["decision"] != good_class for r in human_good)
+    caps = {"escape_of_defective": (_rate(passed_bad, len(human_bad), confidence), escape_cap),
+            "overkill_of_good": (_rate(rejected_good, len(human_good), confidence), overkill_cap)}
+    against_people = {k: {**r, "cap": cap, "within_cap": None if cap is None or r["rate"] is None
+                          else bool(clopper_pearson(r["k"], r["n"], one_sided)[1] <= cap)}
+                      for k, (r, cap) in caps.items()}
     return {
+        "caps_against_people": against_people,
         "reviewed": len(reviewed), "reviewed_auto": len(auto), "confidence": confidence,
         "agreement": _rate(agree, len(auto), confidence), "escape": _rate(escapes, len(good), confidence),
         "overkill": _rate(overkill, len(bad), confidence), "escape_cap": escape_cap,
@@ -205,6 +219,10 @@ def dashboard(counts: list[tuple[str, str, int]], samples: list[tuple[str, float
         "buckets": [t.isoformat() for t in starts], "classes": classes, "good_class": good_class,
         "total": int(total_n.sum()), "decisions_by_kind": by_kind, "other_decisions": dict(other),
         "p_chart": p_chart(defects, auto_n),
+        # Share of images decided without a person per bucket, and the review load people carry.
+        "automation": {"rate": [_num(a / t) if t else None for a, t in zip(auto_n, total_n, strict=True)],
+                       "review": by_kind[REVIEW], "total_rate": _num(auto_n.sum() / total_n.sum())
+                       if total_n.sum() else None},
         "drift": {"per_bucket": drift_n.tolist(), "n": total_n.tolist(), "calibrated_rate": drift_rate,
                   "alarm": binomial_alarm(k_drift, len(recent), drift_rate, alpha) if drift_rate else None,
                   "window": len(recent)},
