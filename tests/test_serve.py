@@ -405,7 +405,7 @@ def test_the_station_imports_without_torch():
 def test_group_commit_isolates_a_bad_request(tmp_path):
     from concurrent.futures import Future
 
-    from defectscope.station.serve.app import GroupCommit
+    from defectscope.station.serve.batching import GroupCommit
     from defectscope.station.store import StoreError
 
     def rec(i: int, request_id: str) -> dict:

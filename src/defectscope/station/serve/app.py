@@ -30,18 +30,14 @@ import hmac
 import json
 import logging
 import os
-import queue
 import re
-import sys
 import tempfile
-import threading
 import time
 import uuid
 from collections import deque
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Future
 from contextlib import asynccontextmanager, suppress
-from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Annotated, Any
@@ -59,8 +55,10 @@ from defectscope import labels
 from defectscope.data.images import ImageDecodeError
 from defectscope.runtime.predictor import MetadataInputError, Prediction, Predictor
 from defectscope.station import spc
+from defectscope.station.serve.batching import Batcher, GroupCommit, QueueFull
 from defectscope.station.serve.config import ServeConfig, is_loopback, load_api_keys
-from defectscope.station.store import Store, utc_now
+from defectscope.station.serve.model_holder import LoadedModel, ModelHolder
+from defectscope.station.store import Store
 
 __all__ = ["ServeConfig", "create_app", "load_api_keys", "serve"]
 
@@ -76,275 +74,6 @@ _MIME = {"PNG": "image/png", "JPEG": "image/jpeg", "BMP": "image/bmp", "GIF": "i
 _RAW_TYPES = ("image/", "application/octet-stream")
 MAX_ID = 2**31 - 1  # ids are 32-bit INTEGER in PostgreSQL: a larger one is a 404, never a database error
 DecisionId = Annotated[int, FastPath(ge=1, le=MAX_ID)]
-
-
-# ---------------------------------------------------------------------------------------------- model
-
-@dataclass
-class LoadedModel:
-    predictor: Predictor
-    model_id: str  # first 16 hex of the file's SHA-256, as the sorter records it
-    model_version: str
-    signature: tuple[int, int, int]
-    good_class: str
-    drift_rate: float | None
-    loaded_at: str = field(default_factory=utc_now)
-
-    def info(self) -> dict[str, Any]:
-        return {"id": self.model_id, "version": self.model_version, "classes": self.predictor.classes,
-                "good_class": self.good_class, "drift_rate": self.drift_rate, "loaded_at": self.loaded_at,
-                "path": str(self.predictor.model_path),
-                **({"metadata_inputs": self.predictor.metadata_encoder.to_spec()}
-                   if self.predictor.metadata_encoder else {})}
-
-
-def _signature(path: Path) -> tuple[int, int, int]:
-    st = path.stat()
-    return st.st_size, st.st_mtime_ns, st.st_ino
-
-
-def load_model(path: Path, threads: int | None = None, max_pixels: int = 50_000_000,
-               **runtime: str) -> LoadedModel:
-    """Load and check a model: it must run on a blank image and give finite probabilities summing to 1.
-
-    Raises ``ValueError`` (or the loader's error) for a file that is not a usable defectscope model, and
-    ``RuntimeError`` when the file changed while it was read (a copy still in progress).
-    """
-    sig = _signature(path)
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()
-    # runtime: runtime=, precision=, device= as for the sorter (--runtime auto measures once per machine).
-    predictor = Predictor(path, threads=threads, decode_threads=1, max_pixels=max_pixels, heatmaps=True, **runtime)
-    if _signature(path) != sig or hashlib.sha256(path.read_bytes()).hexdigest() != digest:
-        raise RuntimeError(f"{path} changed while it was loaded")
-    blank = np.zeros((1, 1, predictor.image_size, predictor.image_size), np.float32)
-    encoder = predictor.metadata_encoder
-    # A blank metadata vector beside the blank image: this only checks that the graph runs and normalises.
-    pred = predictor.infer_arrays(blank, metadata=np.zeros((1, encoder.dim), np.float32) if encoder else None)[0]
-    total = sum(pred.probabilities.values())
-    if not pred.probabilities or not all(np.isfinite(list(pred.probabilities.values()))) or abs(total - 1) > 1e-3:
-        raise ValueError(f"{path}: the model's probabilities on a blank image are not a distribution ({total})")
-    spec, prov, policy = predictor.spec, predictor.provenance or {}, predictor.policy or {}
-    version = prov.get("defectscope_version") or spec.get("defectscope_version")
-    classes = predictor.classes
-    good = labels.good_class_of(classes, policy)
-    if good is None:
-        good = classes[0]
-        log.warning("%s: no calibrated good class and no class named like GOOD (%s): the station counts %r as "
-                    "passing; calibrate the model with --good-class", path, "/".join(labels.GOOD_NAMES), good)
-    drift = policy.get("drift") or {}
-    rate = drift.get("target_false_flag_rate") if policy.get("drift_threshold") is not None else None
-    return LoadedModel(predictor, digest[:16], f"defectscope {version}, model created {spec.get('created')}", sig,
-                       good, float(rate) if rate is not None else None)
-
-
-class ModelHolder:
-    """The running model, swapped atomically when a new file at the model path passes :func:`load_model`."""
-
-    def __init__(self, path: Path, threads: int | None, max_pixels: int, poll: float,
-                 on_reload: Callable[[str], None], runtime: dict[str, str] | None = None) -> None:
-        self.path, self.threads, self.max_pixels, self.poll = path, threads, max_pixels, poll
-        self.runtime = dict(runtime or {})
-        self.current = load_model(path, threads, max_pixels, **self.runtime)
-        self.on_reload = on_reload
-        self.last_error: str | None = None
-        self._rejected: tuple[int, int, int] | None = None
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._watch, name="model-reload", daemon=True)
-
-    def start(self) -> None:
-        if self.poll > 0:
-            self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-
-    def check(self) -> bool:
-        """Load the file at the model path if it changed and settled; True when the model was replaced."""
-        try:
-            sig = _signature(self.path)
-        except OSError:
-            return False  # moved away mid-replace: keep serving the loaded model
-        if sig == self.current.signature or sig == self._rejected:
-            return False
-        time.sleep(min(self.poll, 0.5))  # a copy in progress keeps changing: wait for it to settle
-        with suppress(OSError):
-            if _signature(self.path) != sig:
-                return False
-        try:
-            new = load_model(self.path, self.threads, self.max_pixels, **self.runtime)
-        except Exception as exc:  # any failure keeps the old model serving; the error is shown in /readyz
-            self._rejected = sig
-            self.last_error = f"{type(exc).__name__}: {exc}"
-            log.error("model reload rejected, still serving %s: %s", self.current.model_id, self.last_error)
-            self.on_reload("rejected")
-            return False
-        old, self.current, self.last_error = self.current, new, None
-        log.info("model reloaded: %s -> %s", old.model_id, new.model_id)
-        self.on_reload("loaded")
-        return True
-
-    def _watch(self) -> None:
-        while not self._stop.wait(self.poll):
-            self.check()
-
-
-# -------------------------------------------------------------------------------------------- batcher
-
-@dataclass
-class _Job:
-    data: bytes
-    x: np.ndarray
-    decode_ms: float
-    future: Future
-    metadata: dict[str, str] | None = None  # the request's metadata input values (models that take them)
-
-
-class QueueFull(Exception):
-    pass
-
-
-class Batcher:
-    """Micro-batching: request handlers submit decoded images; one thread runs them in batches.
-
-    ``depth`` counts images accepted and not yet answered (queued or in inference); ``reserve`` refuses
-    new ones beyond ``max_queue`` so a burst gets a fast 503 rather than an ever longer wait.
-    """
-
-    def __init__(self, models: ModelHolder, max_batch: int, wait_ms: float, max_queue: int,
-                 on_batch: Callable[[int, float], None]) -> None:
-        self.models, self.max_batch, self.wait, self.max_queue = models, max_batch, wait_ms / 1000, max_queue
-        self.on_batch = on_batch
-        self.depth = 0
-        self.incoming = 0  # reserved, not yet submitted (being decoded)
-        self._lock = threading.Lock()
-        self._q: queue.Queue[_Job | None] = queue.Queue()
-        self._thread = threading.Thread(target=self._run, name="inference", daemon=True)
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._q.put(None)
-        self._thread.join(timeout=10)
-
-    def reserve(self, n: int) -> None:
-        with self._lock:
-            if self.depth + n > self.max_queue:
-                raise QueueFull
-            self.depth += n
-            self.incoming += n
-
-    def release(self, n: int, unsubmitted: int = 0) -> None:
-        """Give back ``n`` reserved places, ``unsubmitted`` of which never reached :meth:`submit`."""
-        with self._lock:
-            self.depth -= n
-            self.incoming -= unsubmitted
-
-    def submit(self, data: bytes, x: np.ndarray, decode_ms: float, metadata: dict[str, str] | None = None) -> Future:
-        job = _Job(data, x, decode_ms, Future(), metadata)
-        with self._lock:
-            self.incoming -= 1
-        self._q.put(job)
-        return job.future
-
-    def _run(self) -> None:
-        while True:
-            job = self._q.get()
-            if job is None:
-                return
-            batch = [job]
-            deadline = time.monotonic() + self.wait
-            # Wait for companions only while more images are accepted than gathered (other requests are
-            # still decoding theirs): a lone request goes straight to inference, a burst shares one call.
-            while len(batch) < self.max_batch and (self.incoming > 0 or not self._q.empty()):
-                remaining = deadline - time.monotonic()
-                try:
-                    nxt = self._q.get(timeout=remaining) if remaining > 0 else self._q.get_nowait()
-                except queue.Empty:
-                    break
-                if nxt is None:
-                    self._q.put(None)  # finish this batch, then stop
-                    break
-                batch.append(nxt)
-            self._infer(batch)
-
-    def _infer(self, batch: list[_Job]) -> None:
-        model = self.models.current  # one model for the whole batch: each row names it
-        p = model.predictor
-        try:
-            xs = []
-            for job in batch:
-                # Decoded for the previous model before a reload with another input size: decode again.
-                if job.x.shape[-1] != p.image_size or job.x.shape[-2] != p.image_size:
-                    job.x = p.preprocess(job.data)
-                xs.append(job.x)
-            # Encoded here, for the model that runs the batch (the handler checked them against the model then).
-            meta = np.stack([p.encode_metadata(j.metadata) for j in batch]) if p.metadata_encoder else None
-            start = time.perf_counter()
-            preds = p.infer_arrays(np.stack(xs), decode_ms=[j.decode_ms for j in batch], metadata=meta)
-            self.on_batch(len(batch), time.perf_counter() - start)
-        except Exception as exc:  # answer every waiting request; the thread must survive any one batch
-            log.exception("inference failed for a batch of %d", len(batch))
-            for job in batch:
-                job.future.set_exception(exc)
-            return
-        for job, pred in zip(batch, preds, strict=True):
-            job.future.set_result((pred, model))
-
-
-class GroupCommit:
-    """One thread writes every request's rows: what gathered while the previous commit ran goes in one
-    transaction, so concurrent requests share one fsync instead of queueing for one each. A failed group is
-    retried request by request, so one bad request cannot fail the others."""
-
-    def __init__(self, store: Store, max_requests: int = 64) -> None:
-        self.store, self.max_requests = store, max_requests
-        self._q: queue.Queue[tuple[list[dict[str, Any]], Future] | None] = queue.Queue()
-        self._thread = threading.Thread(target=self._run, name="store-writer", daemon=True)
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._q.put(None)
-        self._thread.join(timeout=30)
-
-    def submit(self, records: list[dict[str, Any]]) -> Future:
-        future: Future = Future()
-        self._q.put((records, future))
-        return future
-
-    def _run(self) -> None:
-        while True:
-            item = self._q.get()
-            if item is None:
-                return
-            group = [item]
-            while len(group) < self.max_requests:
-                try:
-                    nxt = self._q.get_nowait()
-                except queue.Empty:
-                    break
-                if nxt is None:
-                    self._q.put(None)
-                    break
-                group.append(nxt)
-            self._write(group)
-
-    def _write(self, group: list[tuple[list[dict[str, Any]], Future]]) -> None:
-        try:
-            ids = self.store.add_decisions([r for records, _ in group for r in records])
-        except Exception:
-            if len(group) > 1:
-                for one in group:
-                    self._write([one])
-                return
-            group[0][1].set_exception(sys.exc_info()[1] or RuntimeError("store write failed"))
-            return
-        start = 0
-        for records, future in group:
-            future.set_result(ids[start:start + len(records)])
-            start += len(records)
 
 
 # -------------------------------------------------------------------------------------------- metrics
