@@ -22,7 +22,8 @@ import pytest
 from conftest import make_image
 from PIL import Image
 
-from defectscope.station.serve.app import ServeConfig, create_app, load_api_keys, safe_name, serve
+from defectscope.station.serve import ServeConfig, create_app, load_api_keys, serve
+from defectscope.station.serve.uploads import safe_name
 from defectscope.station.store import Store
 
 KEY = "k-0123456789abcdef0123"

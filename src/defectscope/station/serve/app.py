@@ -27,37 +27,41 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
-import json
 import logging
-import os
-import re
-import tempfile
 import time
 import uuid
-from collections import deque
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Future
-from contextlib import asynccontextmanager, suppress
+from contextlib import asynccontextmanager
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Any
 
-import numpy as np
 from fastapi import FastAPI, HTTPException, Query, Request
-from fastapi import Path as FastPath
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
 from defectscope import labels
-from defectscope.data.images import ImageDecodeError
-from defectscope.runtime.predictor import MetadataInputError, Prediction, Predictor
 from defectscope.station import spc
 from defectscope.station.serve.batching import Batcher, GroupCommit, QueueFull
 from defectscope.station.serve.config import ServeConfig, is_loopback, load_api_keys
+from defectscope.station.serve.limits import BodyLimit, BodyTooLarge
+from defectscope.station.serve.metrics import Metrics
 from defectscope.station.serve.model_holder import LoadedModel, ModelHolder
+from defectscope.station.serve.records import build_records
+from defectscope.station.serve.rows import MAX_ID, DecisionId, image_response, public_row, utc_iso
+from defectscope.station.serve.uploads import (
+    META_FIELDS,
+    META_RE,
+    check_meta,
+    decode_all,
+    file_uploads,
+    metadata_values,
+    safe_name,
+)
 from defectscope.station.store import Store
 
 __all__ = ["ServeConfig", "create_app", "load_api_keys", "serve"]
@@ -66,133 +70,16 @@ log = logging.getLogger(__name__)
 
 STATIC = Path(__file__).resolve().parents[1] / "static"
 REVIEW, DRIFT = labels.REVIEW, labels.DRIFT
-_META_FIELDS = ("station", "lot", "part_id")
-_META_RE = re.compile(r"^[^\x00-\x1f\x7f]{0,128}$")
-_IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".webp"}
-_MIME = {"PNG": "image/png", "JPEG": "image/jpeg", "BMP": "image/bmp", "GIF": "image/gif", "WEBP": "image/webp",
-         "TIFF": "image/tiff"}
 _RAW_TYPES = ("image/", "application/octet-stream")
-MAX_ID = 2**31 - 1  # ids are 32-bit INTEGER in PostgreSQL: a larger one is a 404, never a database error
-DecisionId = Annotated[int, FastPath(ge=1, le=MAX_ID)]
-
-
-# -------------------------------------------------------------------------------------------- metrics
-
-class Metrics:
-    def __init__(self, batcher_depth: Callable[[], int], review_depth: Callable[[], int]) -> None:
-        self.registry = r = CollectorRegistry()
-        self.requests = Counter("defectscope_requests", "HTTP requests", ["route", "method", "status"], registry=r)
-        self.latency = Histogram("defectscope_request_seconds", "HTTP request latency", ["route"], registry=r,
-                                 buckets=(.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10))
-        self.decisions = Counter("defectscope_decisions", "Decisions by kind (class, REVIEW, Drift)",
-                                 ["decision"], registry=r)
-        self.images = Counter("defectscope_images", "Images classified", registry=r)
-        self.rejected = Counter("defectscope_rejected", "Requests refused", ["reason"], registry=r)
-        self.batch = Histogram("defectscope_batch_size", "Images per inference call", registry=r,
-                               buckets=(1, 2, 4, 8, 16, 32, 64))
-        self.infer = Histogram("defectscope_inference_seconds", "Inference time per batch", registry=r)
-        self.reloads = Counter("defectscope_model_reloads", "Model reload attempts", ["result"], registry=r)
-        self.recent: deque[bool] = deque(maxlen=500)
-        Gauge("defectscope_queue_depth", "Images accepted and not yet answered", registry=r).set_function(
-            batcher_depth)
-        Gauge("defectscope_review_queue_depth", "Decisions waiting for a person", registry=r).set_function(
-            review_depth)
-        Gauge("defectscope_drift_rate", "Share of Drift decisions among the last 500", registry=r).set_function(
-            lambda: (sum(self.recent) / len(self.recent)) if self.recent else 0.0)
 
 
 # ------------------------------------------------------------------------------------------------ app
-
-class BodyTooLarge(Exception):
-    pass
-
-
-class BodyLimit:
-    """Pure ASGI middleware: refuse a request body over ``limit`` bytes, announced or streamed."""
-
-    def __init__(self, app: Any, limit: int) -> None:
-        self.app, self.limit = app, limit
-
-    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        length = dict(scope["headers"]).get(b"content-length")
-        if length is not None and (not length.isdigit() or int(length) > self.limit):
-            response = JSONResponse({"detail": f"request body too large (over {self.limit} bytes)"},
-                                    status_code=413)
-            return await response(scope, receive, send)
-        seen = 0
-
-        async def limited() -> dict:
-            nonlocal seen
-            message = await receive()
-            seen += len(message.get("body", b""))
-            if seen > self.limit:
-                raise BodyTooLarge
-            return message
-
-        await self.app(scope, limited, send)
-
 
 class ReviewIn(BaseModel):
     decision_id: int = Field(ge=1, le=MAX_ID)
     label: str = Field(min_length=1, max_length=64)
     reviewer: str | None = Field(default=None, max_length=64)
     comment: str | None = Field(default=None, max_length=1000)
-
-
-def safe_name(name: str | None) -> str:
-    """A client's file name reduced to a printable label: never a path, never used as one."""
-    name = (name or "").replace("\\", "/").rsplit("/", 1)[-1]
-    name = "".join(ch for ch in name if ch.isprintable()).strip().lstrip(".")
-    return name[:128] or "upload"
-
-
-def _check_meta(name: str, value: str | None) -> str | None:
-    if value is None or value == "":
-        return None
-    if not _META_RE.match(value):
-        raise HTTPException(422, f"{name}: at most 128 printable characters")
-    return value
-
-
-def _utc_iso(t: datetime | None) -> str | None:
-    if t is None:
-        return None
-    if t.tzinfo is None:
-        t = t.replace(tzinfo=timezone.utc)
-    return t.astimezone(timezone.utc).isoformat(timespec="milliseconds")
-
-
-def _public(row: dict[str, Any]) -> dict[str, Any]:
-    out = dict(row)
-    if isinstance(out.get("probabilities"), str):
-        out["probabilities"] = json.loads(out["probabilities"])
-    out["needs_review"] = bool(out.get("needs_review"))
-    out["image_url"] = f"/v1/decisions/{row['id']}/image" if (row.get("image_path") or row.get("destination")) else None
-    out["heatmap_url"] = f"/v1/decisions/{row['id']}/heatmap" if row.get("heatmap_path") else None
-    for private in ("image_path", "heatmap_path", "source_path", "destination"):
-        out.pop(private, None)  # server paths stay on the server
-    return out
-
-
-def store_bytes(folder: Path, data: bytes, sha: str, suffix: str) -> Path:
-    """File ``data`` under ``folder/ab/<sha><suffix>``, durably; an existing file is never overwritten."""
-    dest = folder / sha[:2] / f"{sha}{suffix}"
-    if dest.exists():
-        return dest
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=".upload-")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        with suppress(FileExistsError):  # a concurrent twin won: same bytes anyway
-            os.link(tmp, dest)  # atomic, and never replaces an existing file
-    finally:
-        os.unlink(tmp)
-    return dest
 
 
 def create_app(config: ServeConfig) -> FastAPI:
@@ -329,7 +216,7 @@ def create_app(config: ServeConfig) -> FastAPI:
         if ctype == "multipart/form-data":
             form = await request.form(max_files=config.max_files, max_fields=16 + len(fields),
                                       max_part_size=64 << 10)
-            for k in _META_FIELDS:
+            for k in META_FIELDS:
                 value = form.get(k)
                 if isinstance(value, str) and value:
                     meta[k] = value
@@ -348,8 +235,8 @@ def create_app(config: ServeConfig) -> FastAPI:
             metrics.rejected.labels("content_type").inc()
             raise HTTPException(415, f"unsupported content type {ctype or '(none)'!r}: send multipart/form-data "
                                      "with field 'file', or a raw image body (image/* or application/octet-stream)")
-        meta = {k: _check_meta(k, v) for k, v in meta.items()}
-        model_metadata = _metadata_values(predictor, given) if fields else None
+        meta = {k: check_meta(k, v) for k, v in meta.items()}
+        model_metadata = metadata_values(predictor, given) if fields else None
         for fname, data in uploads:
             if not data:
                 raise HTTPException(422, f"{fname}: empty file (0 bytes)")
@@ -366,12 +253,12 @@ def create_app(config: ServeConfig) -> FastAPI:
         futures: list[Future] = []
         try:
             predictor = state["models"].current.predictor
-            decoded = await run_in_threadpool(_decode_all, predictor, uploads)
+            decoded = await run_in_threadpool(decode_all, predictor, uploads)
             for (_, data), (x, ms) in zip(uploads, decoded, strict=True):
                 futures.append(batcher.submit(data, x, ms, model_metadata))
             # Only decodable images are filed (junk never reaches the disk), and filing (an fsync) runs
             # while the batch is in inference.
-            filing = asyncio.ensure_future(run_in_threadpool(_file_uploads, config.data / "images", uploads))
+            filing = asyncio.ensure_future(run_in_threadpool(file_uploads, config.data / "images", uploads))
             try:
                 results = await asyncio.gather(*(asyncio.wrap_future(f) for f in futures))
             finally:
@@ -380,7 +267,7 @@ def create_app(config: ServeConfig) -> FastAPI:
             args = (config, uploads, paths, results, request_id, meta, started)
             # Building rows is cheap unless a heatmap has to be written: only then a worker thread.
             heatmaps = any(getattr(pred, "heatmap", None) is not None for pred, _ in results)
-            records = await run_in_threadpool(_records, *args) if heatmaps else _records(*args)
+            records = await run_in_threadpool(build_records, *args) if heatmaps else build_records(*args)
             ids = await asyncio.wrap_future(state["writer"].submit(records))
         finally:
             batcher.release(len(uploads), len(uploads) - len(futures))
@@ -395,7 +282,7 @@ def create_app(config: ServeConfig) -> FastAPI:
                         "decision": pred.decision, "drift_score": pred.drift_score,
                         "model": {"id": model.model_id, "version": model.model_version},
                         "timing": {**pred.timing, "total_ms": rec["total_ms"]},
-                        "needs_review": rec["needs_review"], **{k: rec[k] for k in _META_FIELDS}})
+                        "needs_review": rec["needs_review"], **{k: rec[k] for k in META_FIELDS}})
         return {"request_id": request_id, "results": out, **({"key": key_id} if key_id else {})}
 
     # ---- results and review
@@ -410,9 +297,9 @@ def create_app(config: ServeConfig) -> FastAPI:
             if value is not None and "\x00" in value:
                 raise HTTPException(422, f"{name}: NUL characters are not allowed")
         rows, total = await run_in_threadpool(lambda: state["store"].query(
-            since=_utc_iso(since), until=_utc_iso(until), decision=decision, model=model, station=station,
+            since=utc_iso(since), until=utc_iso(until), decision=decision, model=model, station=station,
             source=source, limit=limit, offset=offset))
-        return {"total": total, "limit": limit, "offset": offset, "items": [_public(r) for r in rows]}
+        return {"total": total, "limit": limit, "offset": offset, "items": [public_row(r) for r in rows]}
 
     def _row(decision_id: DecisionId) -> dict[str, Any]:
         row = state["store"].get(decision_id)
@@ -424,18 +311,18 @@ def create_app(config: ServeConfig) -> FastAPI:
     async def decision(decision_id: DecisionId) -> dict[str, Any]:
         """One decision with every review of it."""
         row = await run_in_threadpool(_row, decision_id)
-        return {**_public(row), "reviews": await run_in_threadpool(state["store"].reviews, decision_id)}
+        return {**public_row(row), "reviews": await run_in_threadpool(state["store"].reviews, decision_id)}
 
     @app.get("/v1/decisions/{decision_id}/image", tags=["results"], response_class=FileResponse)
     async def decision_image(decision_id: DecisionId) -> FileResponse:
         """The image the decision was made on (the service's copy, or the sorter's filed file)."""
         row = await run_in_threadpool(_row, decision_id)
-        return _image_response(row.get("image_path") or row.get("destination"))
+        return image_response(row.get("image_path") or row.get("destination"))
 
     @app.get("/v1/decisions/{decision_id}/heatmap", tags=["results"], response_class=FileResponse)
     async def decision_heatmap(decision_id: DecisionId) -> FileResponse:
         row = await run_in_threadpool(_row, decision_id)
-        return _image_response(row.get("heatmap_path"))
+        return image_response(row.get("heatmap_path"))
 
     @app.post("/v1/decisions/{decision_id}/review-request", tags=["review"])
     async def request_review(decision_id: DecisionId, request: Request) -> dict[str, Any]:
@@ -451,7 +338,7 @@ def create_app(config: ServeConfig) -> FastAPI:
         """Decisions waiting for a person, oldest first, and the labels a person may give."""
         rows, total = await run_in_threadpool(state["store"].review_queue, limit)
         state["review_depth"] = total
-        return {"total": total, "labels": _labels(), "items": [_public(r) for r in rows]}
+        return {"total": total, "labels": _labels(), "items": [public_row(r) for r in rows]}
 
     def _labels() -> list[str]:
         return [*state["models"].current.predictor.classes, DRIFT]
@@ -463,7 +350,7 @@ def create_app(config: ServeConfig) -> FastAPI:
         if body.label not in _labels():
             raise HTTPException(422, f"label {body.label!r} is not one of {_labels()}")
         reviewer = (body.reviewer or "").strip() or key_id or "anonymous"
-        if not _META_RE.match(reviewer):
+        if not META_RE.match(reviewer):
             raise HTTPException(422, "reviewer: printable characters only")
         if body.comment and "\x00" in body.comment:
             raise HTTPException(422, "comment: NUL characters are not allowed")
@@ -491,13 +378,13 @@ def create_app(config: ServeConfig) -> FastAPI:
         end = midnight + step * (int((until - midnight) / step) + 1)
         since = end - step * max(1, round(timedelta(hours=hours) / step))
         store: Store = state["store"]
-        start = _utc_iso(since)
+        start = utc_iso(since)
         # Counted in the database; only a bounded sample comes back for the quantiles.
         out = spc.dashboard(store.minute_counts(start, station), store.sample(start, station=station),
                             store.recent_decisions(500, station), classes=model.predictor.classes,
                             good_class=model.good_class, since=since, until=end, bucket_minutes=bucket_minutes,
                             drift_rate=model.drift_rate)
-        reviewed = state["store"].reviewed(_utc_iso(since))
+        reviewed = state["store"].reviewed(utc_iso(since))
         out["pilot"] = spc.pilot_stats(reviewed, model.good_class, config.escape_cap)
         out["pilot"]["enabled"] = config.pilot
         _, out["review_queue"] = state["store"].review_queue(0)
@@ -507,108 +394,6 @@ def create_app(config: ServeConfig) -> FastAPI:
         return out
 
     return app
-
-
-def _metadata_values(predictor: Predictor, given: dict[str, Any]) -> dict[str, str]:
-    """The model's metadata input values from a request's fields (a ``metadata`` JSON object, then fields
-    named after the inputs); checked against the model's encoding, else 422 naming the field."""
-    values: dict[str, Any] = {}
-    if given.get("metadata"):
-        try:
-            parsed = json.loads(given["metadata"])
-        except json.JSONDecodeError as exc:
-            raise HTTPException(422, f"metadata: not valid JSON ({exc.msg})") from None
-        if not isinstance(parsed, dict):
-            raise HTTPException(422, "metadata: expected a JSON object such as {\"type\": \"mono\"}")
-        values.update(parsed)
-    values.update({k: given[k] for k in predictor.metadata_fields if k in given})
-    values = {k: values.get(k) for k in predictor.metadata_fields}
-    for k, v in values.items():
-        if v is not None and not isinstance(v, (str, int, float)):
-            raise HTTPException(422, f"metadata field {k!r}: expected a string or a number")
-        if v is not None:
-            _check_meta(k, str(v))
-    try:
-        predictor.encode_metadata(values)
-    except MetadataInputError as exc:
-        raise HTTPException(422, str(exc)) from None
-    return {k: str(v) for k, v in values.items()}
-
-
-def _decode_all(predictor: Predictor, uploads: list[tuple[str, bytes]]) -> list[tuple[np.ndarray, float]]:
-    out = []
-    for fname, data in uploads:
-        start = time.perf_counter()
-        try:
-            x = predictor.preprocess(data)
-        except ImageDecodeError as exc:
-            # The decoder names "<bytes>": name the upload instead.
-            raise HTTPException(422, f"{fname}: {exc.reason}") from None
-        out.append((x, (time.perf_counter() - start) * 1000))
-    return out
-
-
-def _file_uploads(folder: Path, uploads: list[tuple[str, bytes]]) -> list[tuple[str, Path]]:
-    out = []
-    for fname, data in uploads:
-        sha = hashlib.sha256(data).hexdigest()
-        suffix = Path(fname).suffix.lower()
-        out.append((sha, store_bytes(folder, data, sha, suffix if suffix in _IMAGE_SUFFIXES else ".img")))
-    return out
-
-
-def _records(config: ServeConfig, uploads: list[tuple[str, bytes]], paths: list[tuple[str, Path]],
-             results: list[tuple[Prediction, LoadedModel]], request_id: str, meta: dict[str, str | None],
-             started: float) -> list[dict[str, Any]]:
-    """The rows of one request. ``total_ms``: server time from the request's start to its rows being ready
-    (the commit excluded)."""
-    records = []
-    for (fname, data), (sha, path), (pred, model) in zip(uploads, paths, results, strict=True):
-        heatmap = getattr(pred, "heatmap", None)
-        heatmap_path = _save_heatmap(config.data / "heatmaps", heatmap, sha, model.model_id) if heatmap is not None \
-            else None
-        records.append({
-            "request_id": request_id, "source": "api", "file_name": fname, "source_path": f"api:{request_id}",
-            "content_sha256": sha, "size_bytes": len(data), "decision": pred.decision, "top_class": pred.top_class,
-            "confidence": pred.confidence, "probabilities": pred.probabilities, "drift_score": pred.drift_score,
-            "model_id": model.model_id, "model_version": model.model_version, "destination": str(path),
-            "image_path": str(path), "heatmap_path": heatmap_path, "decode_ms": pred.timing.get("decode_ms"),
-            "infer_ms": pred.timing.get("infer_ms"), "total_ms": round((time.perf_counter() - started) * 1000, 3),
-            "needs_review": config.pilot or pred.decision in (REVIEW, DRIFT), **meta,
-        })
-    return records
-
-
-HEATMAP_PIXELS = 160
-
-
-def _save_heatmap(folder: Path, heatmap: Any, sha: str, model_id: str) -> str:
-    from PIL import Image
-
-    h = np.asarray(heatmap, dtype=np.float32)
-    h = np.nan_to_num((h - h.min()) / (np.ptp(h) or 1.0))
-    # The graph's map is the last convolution's grid (5 x 5 at 160 px): smooth it to a viewable size and
-    # colour it (blue cold, red hot) so it reads beside the grey image.
-    size = HEATMAP_PIXELS
-    h = np.asarray(Image.fromarray(h).resize((size, size), Image.Resampling.BILINEAR), dtype=np.float32)
-    rgb = np.stack([h, 1.0 - np.abs(2.0 * h - 1.0), 1.0 - h], axis=-1)
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"{sha}-{model_id}.png"
-    Image.fromarray((np.clip(rgb, 0, 1) * 255).astype(np.uint8), mode="RGB").save(path)
-    return str(path)
-
-
-def _image_response(path: str | None) -> FileResponse:
-    from PIL import Image
-
-    if not path or not Path(path).is_file():
-        raise HTTPException(404, "the image file is not there any more")
-    try:
-        with Image.open(path) as im:
-            mime = _MIME.get(im.format or "", "application/octet-stream")
-    except Exception:
-        mime = "application/octet-stream"
-    return FileResponse(path, media_type=mime, headers={"Cache-Control": "private, max-age=86400"})
 
 
 def _version() -> str:
