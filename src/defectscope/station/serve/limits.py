@@ -1,13 +1,19 @@
-"""Request body limits: announced or streamed, an oversized body is a 413 before anything buffers it."""
+"""Refusals that protect the station: a request body over the limit (413) and a full inference queue (503)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
 
+from fastapi import HTTPException, Request
 from fastapi.responses import JSONResponse
 
-__all__ = ["BodyLimit", "BodyTooLarge"]
+from defectscope.station.serve.batching import Batcher, QueueFull
+
+if TYPE_CHECKING:  # metrics imports BodyTooLarge from here
+    from defectscope.station.serve.metrics import Metrics
+
+__all__ = ["BodyLimit", "BodyTooLarge", "body_too_large", "reserve"]
 
 
 class BodyTooLarge(Exception):
@@ -39,3 +45,23 @@ class BodyLimit:
             return message
 
         await self.app(scope, limited, send)
+
+
+def body_too_large(metrics: Metrics) -> Callable[[Request, BodyTooLarge], Awaitable[JSONResponse]]:
+    """The exception handler answering a body that outgrew the limit while a route read it."""
+
+    async def handler(request: Request, exc: BodyTooLarge) -> JSONResponse:
+        metrics.rejected.labels("too_large").inc()
+        return JSONResponse({"detail": "request body too large"}, status_code=413)
+
+    return handler
+
+
+def reserve(batcher: Batcher, n: int, metrics: Metrics) -> None:
+    """Hold ``n`` places in the inference queue, else a 503 with ``Retry-After``."""
+    try:
+        batcher.reserve(n)
+    except QueueFull:
+        metrics.rejected.labels("queue_full").inc()
+        raise HTTPException(503, "busy: the request queue is full, retry shortly",
+                            headers={"Retry-After": "1"}) from None
