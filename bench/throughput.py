@@ -106,7 +106,7 @@ def measure_components(onnx: Path, files: list[Path], root: Path) -> dict[str, f
     """Seconds per image of each stage, alone and one after the other, with the sorter's own pieces."""
     from defectscope.data.images import decode_gray, resize_gray
     from defectscope.runtime.predictor import Predictor
-    from defectscope.station.sorter import place_file
+    from defectscope.station.filing import place_file
     from defectscope.station.store import Store
 
     # The sorter's configuration: the auto runtime, threads and decode threads by default.

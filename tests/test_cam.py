@@ -105,7 +105,7 @@ def test_exported_heatmap_reaches_the_predictor(folder_dataset, tmp_path):
 def test_station_saves_a_viewable_heatmap(tmp_path):
     from PIL import Image
 
-    from defectscope.station.serve.app import HEATMAP_PIXELS, _save_heatmap
+    from defectscope.station.serve.records import HEATMAP_PIXELS, _save_heatmap
 
     path = _save_heatmap(tmp_path, np.array([[0.0, 1.0], [0.5, 0.25]]), "ab" * 32, "m1")
     with Image.open(path) as im:

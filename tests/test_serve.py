@@ -22,7 +22,8 @@ import pytest
 from conftest import make_image
 from PIL import Image
 
-from defectscope.station.serve.app import ServeConfig, create_app, load_api_keys, safe_name, serve
+from defectscope.station.serve import ServeConfig, create_app, load_api_keys, serve
+from defectscope.station.serve.uploads import safe_name
 from defectscope.station.store import Store
 
 KEY = "k-0123456789abcdef0123"
@@ -405,7 +406,7 @@ def test_the_station_imports_without_torch():
 def test_group_commit_isolates_a_bad_request(tmp_path):
     from concurrent.futures import Future
 
-    from defectscope.station.serve.app import GroupCommit
+    from defectscope.station.serve.batching import GroupCommit
     from defectscope.station.store import StoreError
 
     def rec(i: int, request_id: str) -> dict:

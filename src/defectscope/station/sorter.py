@@ -7,11 +7,11 @@ truncated, not an image), ``OUT/_unreadable``; one row per image goes to the res
 
 Guarantees, in the order the code keeps them:
 
-* **Nothing is lost or overwritten.** A name already taken in the class folder becomes ``name (1).png``;
-  files are placed with a hard link, which fails rather than replace an existing file, and the source is
-  unlinked only after that. Where hard links are impossible (another filesystem, some network shares) the
-  file is copied to a temporary name, fsynced, verified (size and SHA-256) and only then given its name
-  and the source deleted. ``mode="copy"`` never touches the inbox.
+* **Nothing is lost or overwritten** (:mod:`defectscope.station.filing`). A name already taken in the class
+  folder becomes ``name (1).png``; files are placed with a hard link, which fails rather than replace an
+  existing file, and the source is unlinked only after that. Where hard links are impossible (another
+  filesystem, some network shares) the file is copied to a temporary name, fsynced, verified (size and
+  SHA-256) and only then given its name and the source deleted. ``mode="copy"`` never touches the inbox.
 * **Write-ahead log.** For each file: hash it; look its row up; write a ``pending`` row holding the
   intended destination; place the file; mark the row ``done``. A restart first settles every ``pending``
   row: destination present with the right hash -> ``done`` (and a leftover source with the same hash is
@@ -22,14 +22,16 @@ Guarantees, in the order the code keeps them:
   under the same name are one image (a copy-mode re-run skips it; in move mode a re-delivered copy is
   removed from the inbox when the filed one is still in place, else it is filed again). Identical bytes
   under different names are different images: each is filed and logged.
-* **Only finished files are taken**: a file's size and mtime must stay unchanged for ``settle_seconds``.
+* **Only finished files are taken**: a file's size and mtime must stay unchanged for ``settle_seconds``
+  (:class:`defectscope.station.watch.Settler`).
   Hidden files (``.name``, e.g. an uploader's temporary file) are never taken.
 * **Hostile inbox**: symlinks are never followed (skipped with a logged reason), directories and other
   non-regular files are left alone, every destination is resolved and must lie inside ``OUT``.
 * **One bad file never stops the run**: an ``OSError`` (disk full, permission denied) marks that file's
   row ``error`` with the message; the next pass (or run) retries it.
 
-One sorter per output folder at a time (``OUT/.defectscope-sort.lock``, POSIX only).
+One sorter per output folder at a time (``OUT/.defectscope-sort.lock``, POSIX only); the lock, the watch loop
+and the signal handling live in :mod:`defectscope.station.watch`.
 
 A model trained with metadata inputs (``lib``, ``window``...) gets them from the file's path: ``metadata_pattern``
 is a regular expression with one named group per input, searched in the path relative to the inbox (so a folder
@@ -46,39 +48,44 @@ import logging
 import os
 import queue
 import re
-import shutil
-import signal
 import sqlite3
 import stat
 import threading
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager, suppress
+from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from defectscope.errors import DefectscopeError
 from defectscope.progress import progress as progress_bar
 from defectscope.runtime.predictor import UNREADABLE, Prediction, Predictor, WithMetadata
+
+# place_file is looked up in this module's namespace at each call: tests replace ``sorter.place_file`` to
+# simulate a full disk or a crash mid-placement.
+from defectscope.station.filing import (
+    MAX_BYTES,
+    SortError,
+    check_inside,
+    part_path,
+    place_file,
+    printable,
+    read_regular,
+    safe_file_name,
+    safe_folder_name,
+    sha256_file,
+    unique_path,
+)
 from defectscope.station.store import Store, export_log, sqlite_path
+from defectscope.station.watch import Settler, exclusive, stop_on_signals, watch_inbox
 
 __all__ = ["MODES", "SortError", "export_log", "place_file", "safe_folder_name", "sort"]
 
 _log = logging.getLogger(__name__)
 
 MODES = ("move", "copy")
-MAX_BYTES = 1 << 30  # larger files are hashed in chunks and filed as unreadable, never read into memory
 RETRY_SECONDS = 60.0  # watch mode: a file that failed is tried again after this long (or once it changes)
-LOCK_NAME = ".defectscope-sort.lock"
-# os.link failures that mean "no hard links here" (not "no permission" or "disk full"): copy instead.
-_NO_HARDLINK = {errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOSYS, errno.ENOTSUP, errno.EOPNOTSUPP}
-_BAD_NAME_CHARS = set('/\\:*?"<>|\0') | {chr(c) for c in range(32)}
-
-
-class SortError(DefectscopeError):
-    """A file the sorter refuses to place (a destination outside OUT, a source that changed)."""
 
 
 @dataclass
@@ -88,163 +95,6 @@ class _Item:
     size: int
     sha256: str
     data: bytes | None  # None when too large to decode
-
-
-# ----------------------------------------------------------------------------------------------- names
-
-def _printable(text: str) -> str:
-    """File names that are not valid UTF-8 (surrogate-escaped by Python) made storable in SQLite."""
-    return os.fsencode(text).decode("utf-8", "backslashreplace")
-
-
-def safe_folder_name(decision: str) -> str:
-    """A decision as one folder name: no separators, no ``..``, no control or Windows-reserved characters."""
-    name = "".join("_" if ch in _BAD_NAME_CHARS else ch for ch in decision).strip().rstrip(".")
-    name = "_" + name.lstrip(".") if name.startswith(".") else name
-    return name or "_"
-
-
-def _safe_file_name(name: str) -> str:
-    name = "".join("_" if ch in _BAD_NAME_CHARS else ch for ch in _printable(name))
-    return "_" if name in ("", ".", "..") else name
-
-
-def _unique_path(folder: Path, name: str) -> Path:
-    """``folder/name``, or ``folder/name (1).ext``, ``(2)``... whichever does not exist yet."""
-    candidate = folder / name
-    stem, suffix = (name[: -len(Path(name).suffix)], Path(name).suffix) if Path(name).suffix else (name, "")
-    i = 0
-    while os.path.lexists(candidate):
-        i += 1
-        candidate = folder / f"{stem} ({i}){suffix}"
-    return candidate
-
-
-def _check_inside(path: Path, root: Path) -> None:
-    # resolve() follows any symlink planted in OUT (e.g. OUT/GOOD -> /etc), so this catches those too.
-    if not path.resolve().is_relative_to(root):
-        raise SortError(f"destination {path} resolves outside the output folder {root}")
-
-
-# ------------------------------------------------------------------------------------------ file ops
-
-def _sha256_file(path: Path) -> str | None:
-    """Hash of a regular file (symlinks not followed), or None when it is missing or not a regular file."""
-    try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_BINARY", 0))
-    except OSError:
-        return None
-    with os.fdopen(fd, "rb") as f:
-        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
-            return None
-        h = hashlib.sha256()
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-        return h.hexdigest()
-
-
-def _read(path: Path) -> tuple[bytes | None, str, int]:
-    """(content or None if too large, sha256, size) of a regular file, opened without following symlinks.
-
-    O_NONBLOCK keeps a FIFO planted in the inbox from hanging the sorter on open.
-    """
-    flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0)
-    with os.fdopen(os.open(path, flags), "rb") as f:
-        st = os.fstat(f.fileno())
-        if not stat.S_ISREG(st.st_mode):
-            raise SortError("not a regular file")
-        if st.st_size <= MAX_BYTES:
-            data = f.read()
-            return data, hashlib.sha256(data).hexdigest(), len(data)
-        h, size = hashlib.sha256(), 0
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-            size += len(chunk)
-        return None, h.hexdigest(), size
-
-
-def _fsync_dir(folder: Path) -> None:
-    # Makes a new name durable across a power cut; not possible on every platform, hence best effort.
-    with suppress(OSError):
-        fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def _part_path(dest: Path, row_id: int) -> Path:
-    """The temporary name a copy is written under; derived from the row so recovery can find it."""
-    return dest.parent / f".defectscope-{row_id}.part"
-
-
-def place_file(src: Path, dest: Path, mode: str, sha256: str, part: Path) -> None:
-    """Put ``src`` at ``dest`` (which must not exist) and, in move mode, remove ``src``. Never overwrites.
-
-    Same filesystem: a hard link then unlink, atomic per step and refusing an existing ``dest`` (plain
-    ``os.rename`` would silently replace it). Otherwise, or in copy mode: copy to ``part``, fsync, verify
-    size and SHA-256 against ``sha256``, link to ``dest``, and only then delete the source. Raises OSError
-    (disk full, permission) or SortError (the source changed since it was hashed).
-    """
-    if mode == "move":
-        try:
-            os.link(src, dest, follow_symlinks=False)
-        except OSError as exc:
-            if exc.errno not in _NO_HARDLINK:
-                raise
-        else:
-            _fsync_dir(dest.parent)
-            os.unlink(src)
-            return
-    with suppress(FileNotFoundError):
-        part.unlink()  # a leftover of an interrupted copy of this same row
-    try:
-        with open(src, "rb") as fin, open(part, "xb") as fout:
-            shutil.copyfileobj(fin, fout, 1 << 20)
-            fout.flush()
-            os.fsync(fout.fileno())
-        if _sha256_file(part) != sha256:
-            raise SortError(f"{src} changed while it was copied; left in place")
-        _link_no_clobber(part, dest)
-    finally:
-        with suppress(FileNotFoundError):
-            part.unlink()
-    _fsync_dir(dest.parent)
-    if mode == "move":
-        os.unlink(src)
-
-
-def _link_no_clobber(src: Path, dest: Path) -> None:
-    try:
-        os.link(src, dest)
-    except OSError as exc:
-        if exc.errno not in _NO_HARDLINK:
-            raise
-        if os.path.lexists(dest):  # no hard links (FAT, some shares): check, then rename - a narrow window only
-            raise FileExistsError(errno.EEXIST, "destination exists", str(dest)) from exc
-        os.replace(src, dest)
-
-
-# --------------------------------------------------------------------------------------------- scanning
-
-class _Settler:
-    """Files whose (size, mtime, inode) stayed the same for ``settle`` seconds across observations."""
-
-    def __init__(self, settle: float) -> None:
-        self.settle = settle
-        self.seen: dict[Path, tuple[tuple[int, int, int], float]] = {}
-
-    def observe(self, snapshot: dict[Path, tuple[int, int, int]]) -> tuple[list[Path], int]:
-        """(settled files, number still changing or too new)."""
-        now, seen, ready = time.monotonic(), {}, []
-        for path, sig in snapshot.items():
-            old = self.seen.get(path)
-            since = old[1] if old and old[0] == sig else now
-            seen[path] = (sig, since)
-            if old and old[0] == sig and now - since >= self.settle:
-                ready.append(path)
-        self.seen = seen
-        return ready, len(snapshot) - len(ready)
 
 
 # ---------------------------------------------------------------------------------------------- sorter
@@ -293,10 +143,10 @@ class _Sorter:
         for row in self.db.rows("pending"):
             dest, src, sha = Path(row["destination"]), Path(row["source_path"]), row["content_sha256"]
             with suppress(FileNotFoundError, SortError):
-                _check_inside(dest, self.out_real)
-                _part_path(dest, row["id"]).unlink()
-            if _sha256_file(dest) == sha:
-                if self.mode == "move" and _sha256_file(src) == sha:
+                check_inside(dest, self.out_real)
+                part_path(dest, row["id"]).unlink()
+            if sha256_file(dest) == sha:
+                if self.mode == "move" and sha256_file(src) == sha:
                     with suppress(OSError):
                         os.unlink(src)  # the interrupted move got as far as the link: finish it
                 self.db.mark_done(row["id"])
@@ -354,7 +204,7 @@ class _Sorter:
         self.errors.append({"path": str(path), "error": message})
         if sig is not None:
             self.failed[path] = (sig, time.monotonic())
-        self.say(f"error: {_printable(str(path))}: {message}")
+        self.say(f"error: {printable(str(path))}: {message}")
 
     # ---- processing
     def process(self, paths: list[Path], sigs: dict[Path, tuple[int, int, int]], progress: Any = None) -> None:
@@ -397,7 +247,7 @@ class _Sorter:
 
     def _load(self, path: Path, sig: tuple[int, int, int]) -> _Item | None:
         try:
-            data, sha, size = _read(path)
+            data, sha, size = read_regular(path)
         except FileNotFoundError:
             return None  # taken away by someone else meanwhile
         except (OSError, SortError) as exc:
@@ -409,7 +259,7 @@ class _Sorter:
         if size != sig[0]:
             self.skipped["unsettled"] += 1  # grew after it looked settled: the next pass takes it
             return None
-        return _Item(path, _printable(path.name), size, sha, data)
+        return _Item(path, printable(path.name), size, sha, data)
 
     def _already_done(self, it: _Item, sig: tuple[int, int, int], db: Store | None = None) -> bool:
         row = (db or self.reader).find(it.sha256, it.name)
@@ -418,7 +268,7 @@ class _Sorter:
         if self.mode == "copy":
             self.known[it.path] = sig
             self.skipped["already_done"] += 1
-        elif _sha256_file(Path(row["destination"])) == it.sha256:
+        elif sha256_file(Path(row["destination"])) == it.sha256:
             # Same name, same bytes, already filed and still there: the inbox copy is a duplicate.
             try:
                 os.unlink(it.path)
@@ -436,9 +286,9 @@ class _Sorter:
         if row is not None and row["status"] == "done" and self._already_done(it, sig, self.db):
             return  # a twin (same name and bytes) in another inbox folder was filed earlier in this batch
         folder = self.out / safe_folder_name(pred.decision)
-        dest = _unique_path(folder, _safe_file_name(it.path.name))
+        dest = unique_path(folder, safe_file_name(it.path.name))
         record = {
-            "file_name": it.name, "source_path": _printable(str(it.path)), "content_sha256": it.sha256,
+            "file_name": it.name, "source_path": printable(str(it.path)), "content_sha256": it.sha256,
             "size_bytes": it.size, "decision": pred.decision, "top_class": pred.top_class,
             "confidence": pred.confidence, "probabilities": pred.probabilities or None,
             "drift_score": pred.drift_score, "model_id": self.model_id, "model_version": self.model_version,
@@ -452,8 +302,8 @@ class _Sorter:
             return
         try:
             folder.mkdir(parents=True, exist_ok=True)
-            _check_inside(dest, self.out_real)
-            place_file(it.path, dest, self.mode, it.sha256, _part_path(dest, row_id))
+            check_inside(dest, self.out_real)
+            place_file(it.path, dest, self.mode, it.sha256, part_path(dest, row_id))
         except (OSError, SortError) as exc:
             message = f"{type(exc).__name__}: {exc}"
             self.db.mark_error(row_id, message)
@@ -582,13 +432,13 @@ def sort(
     stop = stop_event or threading.Event()
     started = time.perf_counter()
     log = _log.info
-    with _exclusive(out), _signals_set(stop, log):
+    with exclusive(out), stop_on_signals(stop, log):
         sorter = _Sorter(predictor, inbox, out, mode, log_path, batch_size, stop, log)
         sorter.metadata_pattern = pattern
         try:
             sorter.recover()
             if watch:
-                _watch(sorter, settle_seconds, poll_interval)
+                watch_inbox(sorter, settle_seconds, poll_interval)
             else:
                 _one_shot(sorter, settle_seconds, progress)
         finally:
@@ -629,7 +479,7 @@ def _metadata_pattern(predictor: Predictor, pattern: str | None) -> re.Pattern[s
 
 
 def _one_shot(sorter: _Sorter, settle_seconds: float, progress: bool) -> None:
-    settler = _Settler(settle_seconds)
+    settler = Settler(settle_seconds)
     settler.observe(sorter.scan())
     if settler.seen:
         sorter.stop.wait(settle_seconds)
@@ -645,83 +495,3 @@ def _one_shot(sorter: _Sorter, settle_seconds: float, progress: bool) -> None:
         bar.close()
 
 
-def _watch(sorter: _Sorter, settle_seconds: float, poll_interval: float) -> None:
-    wake = threading.Event()
-    observer = _start_observer(sorter.inbox, wake, sorter.say)
-    settler = _Settler(settle_seconds)
-    sorter.say(f"watching {sorter.inbox} ({'events + ' if observer else ''}scan every {poll_interval:g} s); "
-               "Ctrl-C to stop")
-    try:
-        while not sorter.stop.is_set():
-            ready, unsettled = settler.observe(sorter.scan())
-            sorter.process(ready, {p: settler.seen[p][0] for p in ready})
-            # Files waiting to settle need another look after settle_seconds, not a full poll interval.
-            timeout = min(poll_interval, settle_seconds) if unsettled else poll_interval
-            deadline = time.monotonic() + timeout
-            while not sorter.stop.is_set() and (left := deadline - time.monotonic()) > 0:
-                if wake.wait(min(left, 0.1)):
-                    wake.clear()
-                    break
-    finally:
-        if observer is not None:
-            observer.stop()
-            observer.join(timeout=5)
-
-
-def _start_observer(inbox: Path, wake: threading.Event, say: Callable[..., Any]) -> Any:
-    """A watchdog observer that sets ``wake`` on any change, or None (then the scan loop alone polls)."""
-    try:
-        from watchdog.events import FileSystemEventHandler
-        from watchdog.observers import Observer
-    except ImportError:
-        return None
-
-    class _Wake(FileSystemEventHandler):
-        def on_any_event(self, event: Any) -> None:
-            wake.set()
-
-    try:
-        observer = Observer()
-        observer.schedule(_Wake(), str(inbox), recursive=True)
-        observer.start()
-    except Exception as exc:  # inotify limits, unsupported share...: polling still works
-        say(f"filesystem events unavailable ({exc}); polling only")
-        return None
-    return observer
-
-
-@contextmanager
-def _exclusive(out: Path) -> Iterator[None]:
-    """Hold an advisory lock on ``out`` so two sorters never file into it at once (released on any exit)."""
-    try:
-        import fcntl
-    except ImportError:  # Windows: no lock
-        yield
-        return
-    with open(out / LOCK_NAME, "a") as f:
-        try:
-            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            raise RuntimeError(f"another sorter is already filing into {out}") from exc
-        yield
-
-
-@contextmanager
-def _signals_set(stop: threading.Event, say: Callable[..., Any]) -> Iterator[None]:
-    """SIGINT/SIGTERM set ``stop`` (a second one interrupts at once); only possible in the main thread."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def handler(signum: int, frame: Any) -> None:
-        if stop.is_set():
-            raise KeyboardInterrupt  # safe: the write-ahead log recovers whatever was in hand
-        stop.set()
-        say(f"{signal.Signals(signum).name}: finishing the file in hand, then stopping")
-
-    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield
-    finally:
-        for s, h in previous.items():
-            signal.signal(s, h)

@@ -36,10 +36,10 @@ from sqlalchemy import event
 
 from defectscope import labels
 from defectscope.errors import DefectscopeError
-from defectscope.station.store.schema import decisions, metadata, reviews
+from defectscope.station.store.schema import TABLES, decisions, reviews
 
-__all__ = ["COLUMNS", "REVIEW_COLUMNS", "SOURCES", "STATUSES", "Store", "StoreError", "database_url",
-           "export_log", "metadata", "sqlite_path", "utc_now"]
+__all__ = ["COLUMNS", "REVIEW_COLUMNS", "SOURCES", "STATUSES", "TABLES", "Store", "StoreError", "database_url",
+           "export_log", "sqlite_path", "utc_now"]
 
 log = logging.getLogger(__name__)
 

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import sqlalchemy as sa
 
-metadata = sa.MetaData()
+# Named for what it holds: "metadata" elsewhere means a model card or the station/lot/part of an image.
+TABLES = sa.MetaData()
 
 decisions = sa.Table(
-    "decisions", metadata,
+    "decisions", TABLES,
     sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
     sa.Column("time", sa.Text, nullable=False),
     sa.Column("file_name", sa.Text, nullable=False),
@@ -44,7 +45,7 @@ decisions = sa.Table(
 )
 
 reviews = sa.Table(
-    "reviews", metadata,
+    "reviews", TABLES,
     sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
     sa.Column("decision_id", sa.Integer, sa.ForeignKey("decisions.id", ondelete="CASCADE"), nullable=False),
     sa.Column("time", sa.Text, nullable=False),

@@ -1,0 +1,57 @@
+"""The stored rows of one request's decisions, with the heatmaps they point to."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from defectscope.labels import DRIFT, REVIEW
+from defectscope.runtime.predictor import Prediction
+from defectscope.station.serve.config import ServeConfig
+from defectscope.station.serve.model_holder import LoadedModel
+
+__all__ = ["HEATMAP_PIXELS", "build_records"]
+
+
+def build_records(config: ServeConfig, uploads: list[tuple[str, bytes]], paths: list[tuple[str, Path]],
+                  results: list[tuple[Prediction, LoadedModel]], request_id: str, meta: dict[str, str | None],
+                  started: float) -> list[dict[str, Any]]:
+    """The rows of one request. ``total_ms``: server time from the request's start to its rows being ready
+    (the commit excluded)."""
+    records = []
+    for (fname, data), (sha, path), (pred, model) in zip(uploads, paths, results, strict=True):
+        heatmap = getattr(pred, "heatmap", None)
+        heatmap_path = _save_heatmap(config.data / "heatmaps", heatmap, sha, model.model_id) if heatmap is not None \
+            else None
+        records.append({
+            "request_id": request_id, "source": "api", "file_name": fname, "source_path": f"api:{request_id}",
+            "content_sha256": sha, "size_bytes": len(data), "decision": pred.decision, "top_class": pred.top_class,
+            "confidence": pred.confidence, "probabilities": pred.probabilities, "drift_score": pred.drift_score,
+            "model_id": model.model_id, "model_version": model.model_version, "destination": str(path),
+            "image_path": str(path), "heatmap_path": heatmap_path, "decode_ms": pred.timing.get("decode_ms"),
+            "infer_ms": pred.timing.get("infer_ms"), "total_ms": round((time.perf_counter() - started) * 1000, 3),
+            "needs_review": config.pilot or pred.decision in (REVIEW, DRIFT), **meta,
+        })
+    return records
+
+
+HEATMAP_PIXELS = 160
+
+
+def _save_heatmap(folder: Path, heatmap: Any, sha: str, model_id: str) -> str:
+    from PIL import Image
+
+    h = np.asarray(heatmap, dtype=np.float32)
+    h = np.nan_to_num((h - h.min()) / (np.ptp(h) or 1.0))
+    # The graph's map is the last convolution's grid (5 x 5 at 160 px): smooth it to a viewable size and
+    # colour it (blue cold, red hot) so it reads beside the grey image.
+    size = HEATMAP_PIXELS
+    h = np.asarray(Image.fromarray(h).resize((size, size), Image.Resampling.BILINEAR), dtype=np.float32)
+    rgb = np.stack([h, 1.0 - np.abs(2.0 * h - 1.0), 1.0 - h], axis=-1)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{sha}-{model_id}.png"
+    Image.fromarray((np.clip(rgb, 0, 1) * 255).astype(np.uint8), mode="RGB").save(path)
+    return str(path)

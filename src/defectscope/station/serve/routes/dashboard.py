@@ -1,0 +1,61 @@
+"""The dashboard: the page at ``/`` and ``/v1/dashboard``, every statistic it draws."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+
+from fastapi import APIRouter, Query
+from fastapi.responses import HTMLResponse
+from starlette.concurrency import run_in_threadpool
+
+from defectscope.station import spc
+from defectscope.station.serve.rows import utc_iso
+from defectscope.station.serve.services import Services, ServicesDep
+
+__all__ = ["STATIC", "router"]
+
+STATIC = Path(__file__).resolve().parents[2] / "static"
+
+router = APIRouter()
+
+
+@router.get("/", response_class=HTMLResponse, include_in_schema=False)
+async def dashboard_page() -> HTMLResponse:
+    return HTMLResponse((STATIC / "dashboard.html").read_text(encoding="utf-8"))
+
+
+@router.get("/v1/dashboard", tags=["results"])
+async def dashboard(services: ServicesDep, hours: float = Query(24, gt=0, le=24 * 31),
+                    bucket_minutes: int = Query(60, ge=1, le=1440),
+                    station: str | None = Query(None, max_length=128)) -> dict[str, Any]:
+    """Everything the dashboard draws: decisions per bucket, p-chart with Western Electric rules, the
+    Drift-rate alarm, confidence and latency quantiles, the review queue depth and pilot statistics."""
+    return await run_in_threadpool(_dashboard, services, hours, bucket_minutes, station)
+
+
+def _dashboard(services: Services, hours: float, bucket_minutes: int, station: str | None) -> dict[str, Any]:
+    config = services.config
+    model = services.models.current
+    until = datetime.now(timezone.utc)
+    step = timedelta(minutes=bucket_minutes)
+    # Buckets aligned to whole steps since midnight, so a refresh does not shift every bucket.
+    midnight = until.replace(hour=0, minute=0, second=0, microsecond=0)
+    end = midnight + step * (int((until - midnight) / step) + 1)
+    since = end - step * max(1, round(timedelta(hours=hours) / step))
+    store = services.store
+    start = utc_iso(since)
+    # Counted in the database; only a bounded sample comes back for the quantiles.
+    out = spc.dashboard(store.minute_counts(start, station), store.sample(start, station=station),
+                        store.recent_decisions(500, station), classes=model.predictor.classes,
+                        good_class=model.good_class, since=since, until=end, bucket_minutes=bucket_minutes,
+                        drift_rate=model.drift_rate)
+    reviewed = store.reviewed(utc_iso(since))
+    out["pilot"] = spc.pilot_stats(reviewed, model.good_class, config.escape_cap)
+    out["pilot"]["enabled"] = config.pilot
+    _, out["review_queue"] = store.review_queue(0)
+    out["model"] = model.info()
+    out["queue_depth"] = services.batcher.depth
+    out["auth_required"] = bool(config.api_keys)
+    return out
