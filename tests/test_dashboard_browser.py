@@ -50,6 +50,8 @@ def test_dashboard_review_in_the_browser(browser, station_model, tmp_path):
         page.wait_for_function("document.getElementById('t-total').textContent === '1'")
         assert page.locator("#c-decisions rect").count() >= 1  # the decision is in the per-bucket chart
         assert page.locator("#c-pchart circle").count() >= 1  # and on the p-chart
+        assert page.locator("#c-automation circle").count() >= 1  # and in the automation-rate series
+        assert page.locator("#t-automation").inner_text().endswith("%")
         page.wait_for_selector("#rq-item:not([hidden])")
         assert f"#{first['id']} one.png" in page.locator("#rq-meta").inner_text()
         page.wait_for_function("document.getElementById('rq-image').complete && "
@@ -84,6 +86,7 @@ def test_dashboard_review_in_the_browser(browser, station_model, tmp_path):
         with open(out, newline="") as f:
             labels = {int(r["decision_id"]): r["label"] for r in csv.DictReader(f)}
         assert labels == {first["id"]: relabel, second["id"]: second["class"]}
-        page.screenshot(path=str(tmp_path / "dashboard.png"), full_page=True)
+        page.screenshot(path=str(os.environ.get("DEFECTSCOPE_SCREENSHOT") or tmp_path / "dashboard.png"),
+                        full_page=True)
         page.close()
         assert problems == []

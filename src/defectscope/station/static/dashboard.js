@@ -134,6 +134,15 @@ function drawDrift(d) {
   else t.textContent = `Last ${a.n} decisions: ${a.k} Drift (${pct(a.rate)}) vs calibrated ${pct(calibrated)}; one-sided binomial p = ${a.p_value.toPrecision(3)}${a.alarm ? " - ALARM" : ""}`;
 }
 
+function drawAutomation(d) {
+  const a = d.automation;
+  const labels = d.buckets.map((b) => fmtTime(b, d.bucket_minutes));
+  let f = frame($("c-automation"), labels.length, 1, { labels, percent: true });
+  polyline(f, a.rate, { stroke: "#15803d", "stroke-width": 2 });
+  f = frame($("c-review"), labels.length, Math.max(1, ...a.review), { labels, bars: true });
+  a.review.forEach((v, i) => { if (v) el("rect", { x: f.xb(i) + 1, width: Math.max(1, f.bw - 2), y: f.y(v), height: f.y(0) - f.y(v), fill: "#d97706" }, f.svg); });
+}
+
 function drawConfidence(d) {
   const c = d.confidence;
   const f = frame($("c-confidence"), d.buckets.length, 1, { labels: d.buckets.map((b) => fmtTime(b, d.bucket_minutes)), percent: true });
@@ -161,7 +170,11 @@ function drawPilot(d) {
   const table = html("table", { class: "pilot" }, box);
   const head = html("tr", {}, table);
   for (const h of ["", "rate", `${Math.round(100 * p.confidence)} % interval`, "k / n"]) html("th", {}, head, h);
-  for (const [name, r] of [["agreement", p.agreement], ["escape (defect passed as GOOD)", p.escape], ["overkill (GOOD rejected)", p.overkill]]) {
+  const c = p.caps_against_people || {};
+  const rows = [["agreement", p.agreement], ["escape (defect passed as GOOD)", p.escape], ["overkill (GOOD rejected)", p.overkill]];
+  if (c.escape_of_defective) rows.push([`escape cap: defective (by people) passed${c.escape_of_defective.cap ? ", cap " + pct(c.escape_of_defective.cap) : ""}`, c.escape_of_defective]);
+  if (c.overkill_of_good) rows.push([`overkill cap: good (by people) rejected${c.overkill_of_good.cap ? ", cap " + pct(c.overkill_of_good.cap) : ""}`, c.overkill_of_good]);
+  for (const [name, r] of rows) {
     const tr = html("tr", {}, table);
     html("td", {}, tr, name);
     html("td", {}, tr, pct(r.rate, 1));
@@ -181,6 +194,7 @@ function drawPilot(d) {
 
 function drawTiles(d) {
   $("t-total").textContent = d.total;
+  $("t-automation").textContent = d.automation && d.automation.total_rate !== null ? pct(d.automation.total_rate) : "-";
   $("t-pbar").textContent = pct(d.p_chart.pbar);
   const a = d.drift.alarm;
   $("t-drift").textContent = a && a.n ? pct(a.rate) : "-";
@@ -208,7 +222,7 @@ async function refresh() {
   try {
     const d = await getJSON(`/v1/dashboard?hours=${$("hours").value}&bucket_minutes=${$("bucket").value}`);
     state.data = d;
-    drawTiles(d); drawDecisions(d); drawPChart(d); drawDrift(d); drawConfidence(d); drawThroughput(d); drawPilot(d);
+    drawTiles(d); drawDecisions(d); drawAutomation(d); drawPChart(d); drawDrift(d); drawConfidence(d); drawThroughput(d); drawPilot(d);
     await refreshQueue();
     $("status").textContent = "updated " + new Date().toLocaleTimeString();
   } catch (e) {

@@ -52,7 +52,11 @@ def _dashboard(services: Services, hours: float, bucket_minutes: int, station: s
                         good_class=model.good_class, since=since, until=end, bucket_minutes=bucket_minutes,
                         drift_rate=model.drift_rate)
     reviewed = store.reviewed(utc_iso(since))
-    out["pilot"] = spc.pilot_stats(reviewed, model.good_class, config.escape_cap)
+    # A three-way policy carries its own caps: the pilot measures exactly those against people.
+    three_way = (model.predictor.policy or {}).get("three_way") or {}
+    escape_cap = (three_way.get("escape") or {}).get("cap", config.escape_cap)
+    overkill_cap = (three_way.get("overkill") or {}).get("cap")
+    out["pilot"] = spc.pilot_stats(reviewed, model.good_class, escape_cap, overkill_cap=overkill_cap)
     out["pilot"]["enabled"] = config.pilot
     _, out["review_queue"] = store.review_queue(0)
     out["model"] = model.info()
