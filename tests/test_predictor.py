@@ -54,7 +54,8 @@ def test_every_source_type_gives_the_same_probabilities(predictor, folder_datase
 
 def test_to_dict_shape(predictor, folder_dataset):
     d = predictor.predict(next((folder_dataset / "GOOD").glob("*.png"))).to_dict()
-    assert list(d) == ["image", "top_class", "confidence", "predictions", "decision", "drift_score", "timing"]
+    assert list(d) == ["image", "top_class", "confidence", "predictions", "decision", "verdict", "drift_score",
+                       "timing"]
     probs = [p["probability"] for p in d["predictions"]]
     assert probs == sorted(probs, reverse=True) and abs(sum(probs) - 1) < 1e-5
     assert d["top_class"] == d["predictions"][0]["class"] == d["decision"]  # argmax until a policy is wired

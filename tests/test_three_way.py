@@ -245,6 +245,8 @@ def test_the_line_follows_a_three_way_policy(trained_run, tmp_path):
     results = Predictor(onnx_path).predict_batch(list(predictions["path"]))
     decisions = [r.decision for r in results]
     assert decisions == list(predictions["decision"]) and REVIEW in decisions
+    expected = {"GOOD": "PASS", REVIEW: "REVIEW"}
+    assert [r.verdict for r in results] == [expected.get(d, "REJECT") for d in decisions]
     inbox = tmp_path / "inbox"
     inbox.mkdir()
     for i, path in enumerate(predictions["path"]):

@@ -16,6 +16,9 @@ REVIEW = "REVIEW"
 DRIFT = "Drift"
 UNREADABLE = "_unreadable"
 NOT_AUTOMATIC = frozenset({REVIEW, DRIFT, UNREADABLE})
+# What the line does with a part: the three-way verdicts (a class decision is PASS for the good class, REJECT
+# for a defect class); Drift and unreadable images keep their own names.
+PASS, REJECT = "PASS", "REJECT"
 # Class names that mean a passing part, compared case-insensitively.
 GOOD_NAMES = ("good", "ok", "pass")
 
@@ -36,3 +39,13 @@ def close_matches(name: str, choices: Sequence[str]) -> str:
         lowered = {c.casefold(): c for c in choices}
         found = [lowered[name.casefold()]] if name.casefold() in lowered else []
     return f" (did you mean {found[0]!r}?)" if found else ""
+
+
+def verdict_of(decision: str, good_class: str | None) -> str | None:
+    """PASS, REJECT, REVIEW, Drift or _unreadable for a decision (a class name or one of the non-class
+    decisions); None when the model has no good class, so pass and reject mean nothing."""
+    if decision in NOT_AUTOMATIC:
+        return decision
+    if good_class is None:
+        return None
+    return PASS if decision == good_class else REJECT

@@ -19,7 +19,6 @@ import numpy as np
 from defectscope import labels
 from defectscope.decision.costs import DRIFT, expected_costs
 from defectscope.decision.escape_scores import ESCAPE_SCORES, goodness
-from defectscope.decision.three_way import verdicts
 from defectscope.errors import DefectscopeError
 
 # 2: the three-way PASS / REJECT / REVIEW rule (``three_way``); version-1 files load unchanged.
@@ -186,6 +185,14 @@ def review_scores(probs: np.ndarray, kind: str = "top") -> np.ndarray:
         top2 = np.sort(probs, axis=1)[:, -2:]
         return top2[:, 1] - top2[:, 0]
     raise ValueError(f"review score must be one of {REVIEW_SCORES}, got {kind!r}")
+
+
+def verdicts(score: np.ndarray, t_pass: float | None, t_reject: float | None) -> np.ndarray:
+    """Per image: "PASS", "REJECT" or "REVIEW" from the escape score and the two thresholds."""
+    score = np.asarray(score, dtype=np.float64)
+    passed = score >= t_pass if t_pass is not None else np.zeros(len(score), dtype=bool)
+    rejected = (score < t_reject) & ~passed if t_reject is not None else np.zeros(len(score), dtype=bool)
+    return np.where(passed, "PASS", np.where(rejected, "REJECT", "REVIEW")).astype(object)
 
 
 def decide(

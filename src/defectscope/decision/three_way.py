@@ -35,10 +35,13 @@ from typing import Any
 import numpy as np
 from scipy import stats
 
+from defectscope.decision.policy import verdicts  # the rule itself, torch- and scipy-free for the line
 from defectscope.decision.thresholds import CalibrationError, cp_interval, cp_upper, min_defective_for_cap
 
 METHOD = ("Learn-Then-Test: Bonferroni split of the confidence between the two caps, fixed-sequence "
           "binomial (Clopper-Pearson) tests along each cap's threshold")
+__all__ = ["CapCheck", "ThreeWay", "binomial_p_value", "fit_three_way", "outcomes", "pass_threshold",
+           "reject_threshold", "verdict_lines", "verdicts"]
 PValue = Callable[[np.ndarray, np.ndarray, float], np.ndarray]
 
 
@@ -205,14 +208,6 @@ def fit_three_way(score: np.ndarray, names: np.ndarray, classes: Sequence[str], 
     return ThreeWay(pass_threshold=t_pass, reject_threshold=t_reject, escape=esc, overkill=ovk,
                     confidence=float(confidence), escape_share=float(escape_share), critical_classes=crit,
                     nuisance_classes=nuisance, notes=notes)
-
-
-def verdicts(score: np.ndarray, t_pass: float | None, t_reject: float | None) -> np.ndarray:
-    """Per image: "PASS", "REJECT" or "REVIEW" from the escape score and the two thresholds."""
-    score = np.asarray(score, dtype=np.float64)
-    passed = score >= t_pass if t_pass is not None else np.zeros(len(score), dtype=bool)
-    rejected = (score < t_reject) & ~passed if t_reject is not None else np.zeros(len(score), dtype=bool)
-    return np.where(passed, "PASS", np.where(rejected, "REJECT", "REVIEW")).astype(object)
 
 
 def _rate(k: int, n: int, confidence: float) -> dict[str, Any]:

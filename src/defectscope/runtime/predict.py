@@ -114,12 +114,13 @@ def _write(rows: Iterator[dict[str, Any]], stream: TextIO, fmt: str, classes: li
         stream.write("\n")
     else:
         writer = csv.writer(stream)
-        writer.writerow(["image", "decision", "top_class", "confidence", *(f"p_{c}" for c in classes),
+        writer.writerow(["image", "decision", "verdict", "top_class", "confidence", *(f"p_{c}" for c in classes),
                          "drift_score", "error"])
         for row in rows:
             probs = {p["class"]: p["probability"] for p in row["predictions"]}
-            writer.writerow([row["image"], row["decision"], row["top_class"], row["confidence"],
-                             *(probs.get(c, "") for c in classes), row["drift_score"], row.get("error", "")])
+            writer.writerow([row["image"], row["decision"], row.get("verdict") or "", row["top_class"],
+                             row["confidence"], *(probs.get(c, "") for c in classes), row["drift_score"],
+                             row.get("error", "")])
             yield row
 
 

@@ -63,6 +63,7 @@ class Prediction:
     timing: dict[str, float] = field(default_factory=dict)
     error: str | None = None
     features: np.ndarray | None = field(default=None, repr=False, compare=False)
+    verdict: str | None = None  # PASS / REJECT / REVIEW / Drift / _unreadable (labels.verdict_of)
     heatmap: np.ndarray | None = field(default=None, repr=False, compare=False)  # (h, w) in [0, 1]
 
     def to_dict(self) -> dict[str, Any]:
@@ -74,6 +75,7 @@ class Prediction:
             "confidence": self.confidence,
             "predictions": [{"class": c, "probability": p} for c, p in ranked],
             "decision": self.decision,
+            "verdict": self.verdict,
             "drift_score": self.drift_score,
             "timing": dict(self.timing),
         }
@@ -165,6 +167,7 @@ class Predictor:
         self.max_pixels = max_pixels
         if self.policy is not None:
             Policy.from_dict(self.policy)  # a malformed policy fails at load, not on the first image
+        self.good_class: str | None = labels.good_class_of(self.classes, self.policy)
 
     def __repr__(self) -> str:
         return (f"Predictor({str(self.model_path)!r}, classes={self.classes}, "
@@ -268,7 +271,7 @@ class Predictor:
             else:
                 out.append(Prediction(path=_path_of(source), top_class=None, confidence=None, probabilities={},
                                       decision=UNREADABLE, timing={"decode_ms": round(decode_ms, 3), "infer_ms": 0.0},
-                                      error=error))
+                                      error=error, verdict=UNREADABLE))
         return out
 
     def infer_arrays(self, x: np.ndarray, *, decode_ms: list[float] | None = None,
@@ -306,6 +309,7 @@ class Predictor:
                 timing={"decode_ms": round(decode_ms[i], 3), "infer_ms": round(infer_ms, 3)},
                 features=features[i].copy() if return_features else None,
                 heatmap=None if heat is None else heat[i].copy(),
+                verdict=labels.verdict_of(decisions[i], self.good_class),
             ))
         return out
 
