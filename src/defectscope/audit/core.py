@@ -266,14 +266,7 @@ def audit(
     s = settings or AuditSettings()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    table, missing = load_table(data, skip_bad=True, trust_pickle=trust_pickle, **table_options)
-    split_note = "as given by the data"
-    if (table["split"] == "").all():
-        table = assign_splits(table, list(s.fractions), seed=s.seed)
-        split_note = f"none given; the split train would make (seed {s.seed}, fractions {list(s.fractions)})"
-    elif (table["split"] == "").any():
-        table = assign_splits(table, list(s.fractions), seed=s.seed)
-        split_note = "partly given; the rest as train would split it"
+    table, missing, split_note = _audit_table(data, s, trust_pickle, table_options)
     paths = table["path"].tolist()
     log.info("auditing %d files from %s", len(paths), data)
     with ThreadPoolExecutor(max_workers=s.threads) as pool:
@@ -290,38 +283,96 @@ def audit(
                    for i, info in enumerate(infos) if info["error"]]
     ok = [i for i, info in enumerate(infos) if not info["error"]]
 
-    # Sizes, modes, bit depths.
     sizes = Counter((infos[i]["width"], infos[i]["height"]) for i in ok)
-    modes = Counter(infos[i]["mode"] for i in ok)
-    depths = Counter(infos[i]["bit_depth"] for i in ok)
-    clusters = _size_clusters([(infos[i]["width"], infos[i]["height"]) for i in ok], [name[i] for i in ok], s.seed)
-
-    # Exact duplicates, near duplicates, leakage.
     exact = duplicate_groups(table, [info["sha256"] for info in infos])
+    near_edges = _near_duplicate_edges(infos, ok, s)
+    near = _union_groups(len(paths), [(a, b) for a, b, _, _ in near_edges])
+    labels = table["label"].to_numpy()
+    conflicting = [g for g in exact + near if len({labels[i] for i in g}) > 1]
+    wafer = all(is_wafer_file(p) for p in paths)
+    suspects, feature_kind = _label_check(infos, ok, paths, labels, s, wafer)
+
+    result: dict[str, Any] = {
+        "data": str(data),
+        "files": len(paths) + len(missing),
+        "readable": len(ok),
+        "classes": class_counts(table).to_dict(orient="index"),
+        "split_note": split_note,
+        "sizes": {
+            "distinct": len(sizes),
+            "most_common": [{"width": w, "height": h, "count": c} for (w, h), c in sizes.most_common(20)],
+            "clusters": _size_clusters([(infos[i]["width"], infos[i]["height"]) for i in ok], [name[i] for i in ok],
+                                       s.seed),
+        },
+        "modes": {str(k): v for k, v in Counter(infos[i]["mode"] for i in ok).items()},
+        "bit_depths": {str(k): v for k, v in Counter(infos[i]["bit_depth"] for i in ok).items()},
+        "unreadable": unreadable,
+        "exact_duplicates": [describe(g) for g in exact],
+        "near_duplicates": [describe(g) for g in near],
+        "near_duplicate_pairs": [{"a": name[a], "b": name[b], "phash_bits": d, "dhash_bits": dd}
+                                 for a, b, d, dd in near_edges[:1000]],
+        "leakage": {"exact": [describe(g) for g in cross_split(table, exact)],
+                    "near": [describe(g) for g in cross_split(table, near)]},
+        "conflicting_labels": [describe(g) for g in conflicting],
+        "metadata_association": _size_and_metadata_association(table, infos, ok, s.max_metadata_values),
+        "label_suspects": [{**describe([x["row"]])[0], "suggested": x["suggested"], "share": x["share"],
+                            "neighbours": [name[j] for j in x["neighbours"]]} for x in suspects],
+        "settings": {**s.__dict__, "fractions": list(s.fractions), "features_used": feature_kind},
+        "wafer_maps": wafer,
+    }
+    result["summary"] = _summary(result)
+    (out / "audit.json").write_text(json.dumps(result, indent=2, default=str))
+    _write_lists(out, result)
+    if report:
+        from defectscope.audit.html import write_html
+
+        write_html(result, table, out)
+    for line in result["summary"]:
+        log.info("%s", line)
+    return result
+
+
+def _audit_table(data: str | os.PathLike, s: AuditSettings, trust_pickle: bool,
+                 table_options: dict[str, Any]) -> tuple[pd.DataFrame, list, str]:
+    """(table with every row in a split, files that could not be listed, where the split came from)."""
+    table, missing = load_table(data, skip_bad=True, trust_pickle=trust_pickle, **table_options)
+    split_note = "as given by the data"
+    if (table["split"] == "").all():
+        table = assign_splits(table, list(s.fractions), seed=s.seed)
+        split_note = f"none given; the split train would make (seed {s.seed}, fractions {list(s.fractions)})"
+    elif (table["split"] == "").any():
+        table = assign_splits(table, list(s.fractions), seed=s.seed)
+        split_note = "partly given; the rest as train would split it"
+    return table, missing, split_note
+
+
+def _near_duplicate_edges(infos: list[dict[str, Any]], ok: list[int],
+                          s: AuditSettings) -> list[tuple[int, int, int, int]]:
+    """``(i, j, phash bits, dhash bits)`` of readable files close in both hashes, not byte-identical."""
     ph = np.array([infos[i]["phash"] for i in ok], dtype=np.uint64)
     dh = np.array([infos[i]["dhash"] for i in ok], dtype=np.uint64)
     sha = [infos[i]["sha256"] for i in ok]
-    near_edges = []
+    edges = []
     for a, b, d in near_pairs(ph, s.near_phash):
         dd = int(_popcount(dh[a] ^ dh[b]))
         if dd <= s.near_dhash and sha[a] != sha[b]:
-            near_edges.append((ok[a], ok[b], d, dd))
-    near = _union_groups(len(paths), [(a, b) for a, b, _, _ in near_edges])
-    leak_exact = cross_split(table, exact)
-    leak_near = cross_split(table, near)
-    labels = table["label"].to_numpy()
-    conflicting = [g for g in exact + near if len({labels[i] for i in g}) > 1]
+            edges.append((ok[a], ok[b], d, dd))
+    return edges
 
-    # Metadata vs label.
+
+def _size_and_metadata_association(table: pd.DataFrame, infos: list[dict[str, Any]], ok: list[int],
+                                   max_values: int) -> list[dict[str, Any]]:
     # Image size is checked like a metadata column: classes shot on different tools or products often differ
     # in size, and a model can learn the size instead of the defect.
     with_size = table.iloc[ok].copy()
     with_size["(image size)"] = [f"{infos[i]['width']}x{infos[i]['height']}" for i in ok]
-    association = metadata_association(with_size, s.max_metadata_values)
+    return metadata_association(with_size, max_values)
 
-    # Labels that look wrong.
+
+def _label_check(infos: list[dict[str, Any]], ok: list[int], paths: list[str], labels: np.ndarray,
+                 s: AuditSettings, wafer: bool) -> tuple[list[dict[str, Any]], str]:
+    """(label suspects, their rows and neighbours as table rows; the feature space they were found in)."""
     feats, feature_kind, metric = None, "pixels", "cosine"
-    wafer = all(is_wafer_file(p) for p in paths)
     if wafer and s.features == "auto" and ok:
         raw = np.stack([infos[i]["wafer_features"] for i in ok])
         feats = (raw - raw.mean(0)) / (raw.std(0) + 1e-6)
@@ -338,44 +389,7 @@ def audit(
     for sus in suspects:
         sus["row"] = ok[sus["row"]]
         sus["neighbours"] = [ok[j] for j in sus["neighbours"]]
-
-    counts = class_counts(table)
-    result: dict[str, Any] = {
-        "data": str(data),
-        "files": len(paths) + len(missing),
-        "readable": len(ok),
-        "classes": counts.to_dict(orient="index"),
-        "split_note": split_note,
-        "sizes": {
-            "distinct": len(sizes),
-            "most_common": [{"width": w, "height": h, "count": c} for (w, h), c in sizes.most_common(20)],
-            "clusters": clusters,
-        },
-        "modes": {str(k): v for k, v in modes.items()},
-        "bit_depths": {str(k): v for k, v in depths.items()},
-        "unreadable": unreadable,
-        "exact_duplicates": [describe(g) for g in exact],
-        "near_duplicates": [describe(g) for g in near],
-        "near_duplicate_pairs": [{"a": name[a], "b": name[b], "phash_bits": d, "dhash_bits": dd}
-                                 for a, b, d, dd in near_edges[:1000]],
-        "leakage": {"exact": [describe(g) for g in leak_exact], "near": [describe(g) for g in leak_near]},
-        "conflicting_labels": [describe(g) for g in conflicting],
-        "metadata_association": association,
-        "label_suspects": [{**describe([x["row"]])[0], "suggested": x["suggested"], "share": x["share"],
-                            "neighbours": [name[j] for j in x["neighbours"]]} for x in suspects],
-        "settings": {**s.__dict__, "fractions": list(s.fractions), "features_used": feature_kind},
-        "wafer_maps": wafer,
-    }
-    result["summary"] = _summary(result)
-    (out / "audit.json").write_text(json.dumps(result, indent=2, default=str))
-    _write_lists(out, result)
-    if report:
-        from defectscope.audit.html import write_html
-
-        write_html(result, table, out)
-    for line in result["summary"]:
-        log.info("%s", line)
-    return result
+    return suspects, feature_kind
 
 
 def _size_clusters(sizes: list[tuple[int, int]], names: list[str], seed: int) -> list[dict[str, Any]]:

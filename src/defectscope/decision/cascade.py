@@ -252,33 +252,8 @@ def cascade(
     screen = screen_run if isinstance(screen_run, Run) else Run(screen_run)
     clf = classifier_run if isinstance(classifier_run, Run) else Run(classifier_run)
     classes = clf.classes
-    base = Policy.from_dict(clf.policy) if clf.policy else None
-    good_class = good_class or (base.good_class if base else None) or default_good_class(classes)
-    if good_class not in classes:
-        raise CalibrationError(f"{clf.path}: good class {good_class!r} is not one of the classifier's classes "
-                               f"{classes}; pass good_class")
-    screen_good_class = screen_good_class or (good_class if good_class in screen.classes else
-                                              default_good_class(screen.classes))
-    if screen_good_class not in screen.classes:
-        raise CalibrationError(f"{screen.path}: no good class among the screen's classes {screen.classes}; "
-                               f"pass screen_good_class")
-    if base is None:
-        log.info(f"{clf.path}: no policy.json; the classifier's decisions use temperature 1 and argmax")
-        base = Policy(classes=classes, good_class=good_class)
-    base.good_class = good_class
-
-    table = clf.table
-    calib_mask, _ = calibration_split(table, clf.seed)
-    rows = table[calib_mask]
-    if rows.empty:
-        raise CalibrationError(f"{clf.path}: no calibration images (no 'calib' split and the test split is empty)")
-    seen = screen.table[screen.table["split"].isin(["train", "val"])]["path"]
-    overlap = sorted(set(rows["path"]) & set(seen))
-    if overlap:
-        raise CalibrationError(
-            f"the screen {screen.path} trained or early-stopped on {len(overlap)} of the classifier's calibration "
-            f"images (e.g. {overlap[0]}); its scores there are biased and void the guarantee. Train the screen "
-            f"with the classifier's split (same data, seed and fractions) or give the classifier a 'calib' split.")
+    base, good_class, screen_good_class = _good_classes(screen, clf, good_class, screen_good_class)
+    rows = _calibration_rows(screen, clf)
     torch.set_num_threads(clf.config.train.threads or torch.get_num_threads())
     rows, images = clf.images(rows)
     y = clf.labels(rows)
@@ -291,28 +266,10 @@ def cascade(
 
     same_images = None
     if method == "fixed" and classifier_threshold is None:
-        if base.escape_threshold is None:
-            raise CalibrationError(f"{clf.path}: method='fixed' needs classifier_threshold or a policy.json "
-                                   "with an escape threshold")
-        classifier_threshold = base.escape_threshold
-        same_images = (base.calibration or {}).get("calib_sha256") == paths_digest(rows["path"])
-        if same_images:
-            log.warning("the classifier's escape threshold was calibrated on these same images: the 'fixed' "
-                        "method's guarantee assumes it was not (use method='split' for a strict guarantee)")
+        classifier_threshold, same_images = _policy_threshold(clf, base, rows)
     result = cascade_thresholds(p_screen, p_clf, defective, max_escape=max_escape, confidence=confidence,
                                 method=method, screen_share=screen_share, classifier_threshold=classifier_threshold)
-    # Raise both thresholds a hair above the calibration scores they sit on: ONNX Runtime's scores differ from
-    # PyTorch's by ~1e-7, which would otherwise pass a calibration image lying exactly at the boundary. A higher
-    # threshold only passes fewer parts, so the guarantee holds.
-    result.screen_threshold = float(result.screen_threshold + DEPLOY_MARGIN)
-    result.classifier_threshold = float(min(result.classifier_threshold + DEPLOY_MARGIN,
-                                            max(result.classifier_threshold, 1.0)))
-    if result.classifier_threshold > 1.0:
-        # Deployed, a screen-passed part is handed to the policy as P(good) = 1; a threshold above 1 would
-        # turn it away, so the exported cascade would not decide what this policy says.
-        raise CalibrationError(
-            f"the classifier gives calibrated P({good_class}) = 1 to defective calibration images, so its threshold "
-            f"exceeds 1 and it can pass nothing; retrain or recalibrate the classifier (a higher temperature)")
+    _add_deploy_margin(result, good_class)
     policy_c = Policy.from_dict(base.to_dict())
     policy_c.escape_threshold = result.classifier_threshold
     policy_c.escape_guarantee = result.classifier_guarantee or {
@@ -329,7 +286,7 @@ def cascade(
                    "threshold": result.screen_threshold},
         "classifier": {"run": str(clf.path.resolve()), "image_size": clf.image_size, "policy": policy_c.to_dict()},
         "guarantee": {**result.to_dict(), "classifier_threshold_on_same_images": same_images},
-        "calibration": split_info(table, clf.seed),
+        "calibration": split_info(clf.table, clf.seed),
     }
     labels = cascade_decide(p_screen, logits, policy, drift_score=drift, inputs="logits")
     policy["calibration_metrics"] = _metrics(labels, np.array(classes, dtype=object)[y], good_class)
@@ -342,6 +299,72 @@ def cascade(
              f"bound {result.escape_ucb:.4f} <= cap {max_escape:g} at {confidence:g}; overkill {result.overkill:.4f}")
     log.info(f"written: {path}")
     return {**policy, "path": str(path)}
+
+
+def _good_classes(screen: Run, clf: Run, good_class: str | None,
+                  screen_good_class: str | None) -> tuple[Policy, str, str]:
+    """(the classifier's policy, its good class set; the classifier's good class; the screen's good class)."""
+    classes = clf.classes
+    base = Policy.from_dict(clf.policy) if clf.policy else None
+    good_class = good_class or (base.good_class if base else None) or default_good_class(classes)
+    if good_class not in classes:
+        raise CalibrationError(f"{clf.path}: good class {good_class!r} is not one of the classifier's classes "
+                               f"{classes}; pass good_class")
+    screen_good_class = screen_good_class or (good_class if good_class in screen.classes else
+                                              default_good_class(screen.classes))
+    if screen_good_class not in screen.classes:
+        raise CalibrationError(f"{screen.path}: no good class among the screen's classes {screen.classes}; "
+                               f"pass screen_good_class")
+    if base is None:
+        log.info(f"{clf.path}: no policy.json; the classifier's decisions use temperature 1 and argmax")
+        base = Policy(classes=classes, good_class=good_class)
+    base.good_class = good_class
+    return base, good_class, screen_good_class
+
+
+def _calibration_rows(screen: Run, clf: Run):
+    """The classifier run's calibration rows, refused when the screen trained or early-stopped on any."""
+    table = clf.table
+    calib_mask, _ = calibration_split(table, clf.seed)
+    rows = table[calib_mask]
+    if rows.empty:
+        raise CalibrationError(f"{clf.path}: no calibration images (no 'calib' split and the test split is empty)")
+    seen = screen.table[screen.table["split"].isin(["train", "val"])]["path"]
+    overlap = sorted(set(rows["path"]) & set(seen))
+    if overlap:
+        raise CalibrationError(
+            f"the screen {screen.path} trained or early-stopped on {len(overlap)} of the classifier's calibration "
+            f"images (e.g. {overlap[0]}); its scores there are biased and void the guarantee. Train the screen "
+            f"with the classifier's split (same data, seed and fractions) or give the classifier a 'calib' split.")
+    return rows
+
+
+def _policy_threshold(clf: Run, base: Policy, rows) -> tuple[float, bool]:
+    """The escape threshold of the classifier's policy.json for ``method="fixed"``, and whether it was
+    calibrated on these same rows."""
+    if base.escape_threshold is None:
+        raise CalibrationError(f"{clf.path}: method='fixed' needs classifier_threshold or a policy.json "
+                               "with an escape threshold")
+    same_images = (base.calibration or {}).get("calib_sha256") == paths_digest(rows["path"])
+    if same_images:
+        log.warning("the classifier's escape threshold was calibrated on these same images: the 'fixed' "
+                    "method's guarantee assumes it was not (use method='split' for a strict guarantee)")
+    return base.escape_threshold, same_images
+
+
+def _add_deploy_margin(result: CascadeCalibration, good_class: str) -> None:
+    # Raise both thresholds a hair above the calibration scores they sit on: ONNX Runtime's scores differ from
+    # PyTorch's by ~1e-7, which would otherwise pass a calibration image lying exactly at the boundary. A higher
+    # threshold only passes fewer parts, so the guarantee holds.
+    result.screen_threshold = float(result.screen_threshold + DEPLOY_MARGIN)
+    result.classifier_threshold = float(min(result.classifier_threshold + DEPLOY_MARGIN,
+                                            max(result.classifier_threshold, 1.0)))
+    if result.classifier_threshold > 1.0:
+        # Deployed, a screen-passed part is handed to the policy as P(good) = 1; a threshold above 1 would
+        # turn it away, so the exported cascade would not decide what this policy says.
+        raise CalibrationError(
+            f"the classifier gives calibrated P({good_class}) = 1 to defective calibration images, so its threshold "
+            f"exceeds 1 and it can pass nothing; retrain or recalibrate the classifier (a higher temperature)")
 
 
 def _metrics(labels: np.ndarray, truth: np.ndarray, good: str) -> dict[str, Any]:

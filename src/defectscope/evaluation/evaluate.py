@@ -73,8 +73,6 @@ def evaluate(
     """
     import torch
 
-    from defectscope.models.inference import predict_logits
-
     unknown = set(manifest_options) - {"image_root", "path_column", "label_column"}
     if unknown:
         raise TypeError(f"evaluate() got unexpected options {sorted(unknown)}; manifest options are "
@@ -86,32 +84,13 @@ def evaluate(
     classes = run.classes
     policy = load_policy(run)
     if data is None:
-        table = run.table
-        rows = (table["split"] == split).to_numpy()
-        what = f"{split} split of {cfg.data.source}"
-        if policy is not None and split == "test":
-            # Score only the images the policy's thresholds were not fitted on.
-            calib, held_out = calibration_split(table, int(policy.calibration.get("seed", cfg.seed)))
-            if (rows & calib).any():
-                rows = held_out
-                what += " (the half not used for calibration)"
-        table = table[rows].reset_index(drop=True)
-        if table.empty:
-            raise DataError(f"{run.path}: the {split!r} split is empty; pass --data to evaluate on other images")
+        table, what = _split_table(run, split, policy)
     else:
         table, _ = load_table(data, classes=classes, skip_bad=skip_bad, **manifest_options)
         what = str(data)
     table, images = run.images(table, skip_bad=skip_bad)
     torch.set_num_threads(cfg.train.threads or torch.get_num_threads())
-    drift_score = None
-    if policy is not None and policy.drift:
-        from defectscope.decision.drift_policy import policy_forward
-
-        features, logits_np, maps = policy_forward(model, images, drift_stages(policy), metadata=run.metadata(table))
-        drift_score = drift_scores_for(run, policy, features, logits_np, maps, images)
-        logits = torch.from_numpy(logits_np).float()
-    else:
-        logits = predict_logits(model, images, metadata=run.metadata(table))
+    logits, drift_score = _logits_and_drift(run, model, images, table, policy)
     probs = torch.softmax(logits, dim=1).numpy()
     index = {c: i for i, c in enumerate(classes)}
     y_true = table["label"].map(index).to_numpy()
@@ -133,17 +112,7 @@ def evaluate(
 
         metrics["curves"] = report_metrics(probs, y_true, classes)
     (out_dir / METRICS).write_text(json.dumps(metrics, indent=2))
-    predictions = pd.DataFrame({
-        "path": table["path"], "source": table["source"], "label": table["label"],
-        "predicted": [classes[i] for i in y_pred], "confidence": probs.max(1).round(6),
-    })
-    if decisions is not None:
-        predictions["decision"] = decisions
-    if drift_score is not None:
-        predictions["drift_score"] = np.round(drift_score, 6)
-    for i, name in enumerate(classes):
-        predictions[f"p_{name}"] = probs[:, i].round(6)
-    predictions.to_csv(out_dir / PREDICTIONS, index=False)
+    _write_predictions(out_dir, table, classes, probs, decisions, drift_score)
     np.save(out_dir / LOGITS, logits.numpy())
     if report:
         from defectscope.evaluation.report import write_report
@@ -152,10 +121,62 @@ def evaluate(
                             classes=classes, out_dir=out_dir, model=model, spec=spec, policy=policy,
                             gradcam_per_class=gradcam_per_class)
         log.info(f"report: {html}")
+    _log_evaluation(metrics, spec, what, out_dir)
+    return metrics
+
+
+def _split_table(run: Run, split: str, policy: Policy | None) -> tuple[pd.DataFrame, str]:
+    """The rows of the run's ``split`` to score, and how to name them."""
+    cfg = run.config
+    table = run.table
+    rows = (table["split"] == split).to_numpy()
+    what = f"{split} split of {cfg.data.source}"
+    if policy is not None and split == "test":
+        # Score only the images the policy's thresholds were not fitted on.
+        calib, held_out = calibration_split(table, int(policy.calibration.get("seed", cfg.seed)))
+        if (rows & calib).any():
+            rows = held_out
+            what += " (the half not used for calibration)"
+    table = table[rows].reset_index(drop=True)
+    if table.empty:
+        raise DataError(f"{run.path}: the {split!r} split is empty; pass --data to evaluate on other images")
+    return table, what
+
+
+def _logits_and_drift(run: Run, model, images: np.ndarray, table: pd.DataFrame, policy: Policy | None):
+    """(logits as a float tensor, the policy's Drift score per image or None)."""
+    import torch
+
+    from defectscope.models.inference import predict_logits
+
+    if policy is not None and policy.drift:
+        from defectscope.decision.drift_policy import policy_forward
+
+        features, logits_np, maps = policy_forward(model, images, drift_stages(policy), metadata=run.metadata(table))
+        drift_score = drift_scores_for(run, policy, features, logits_np, maps, images)
+        return torch.from_numpy(logits_np).float(), drift_score
+    return predict_logits(model, images, metadata=run.metadata(table)), None
+
+
+def _write_predictions(out_dir: Path, table: pd.DataFrame, classes: list[str], probs: np.ndarray,
+                       decisions: np.ndarray | None, drift_score: np.ndarray | None) -> None:
+    predictions = pd.DataFrame({
+        "path": table["path"], "source": table["source"], "label": table["label"],
+        "predicted": [classes[i] for i in probs.argmax(1)], "confidence": probs.max(1).round(6),
+    })
+    if decisions is not None:
+        predictions["decision"] = decisions
+    if drift_score is not None:
+        predictions["drift_score"] = np.round(drift_score, 6)
+    for i, name in enumerate(classes):
+        predictions[f"p_{name}"] = probs[:, i].round(6)
+    predictions.to_csv(out_dir / PREDICTIONS, index=False)
+
+
+def _log_evaluation(metrics: dict[str, Any], spec: dict[str, Any], what: str, out_dir: Path) -> None:
     log.info(f"evaluated {spec['architecture']} on {what}")
     log.info(format_metrics(metrics))
     if "policy" in metrics:
         log.info("")
         log.info(format_policy_metrics(metrics["policy"]))
     log.info(f"written: {out_dir / METRICS}, {out_dir / PREDICTIONS}")
-    return metrics

@@ -152,6 +152,42 @@ def epoch_indices(labels: torch.Tensor, sampling: str, ratio: float, gen: torch.
     return perm[keep]
 
 
+def _weights_copy(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+@dataclass
+class _Fit:
+    """What one call of :meth:`Trainer.fit` carries from phase to phase and epoch to epoch."""
+
+    model: Classifier
+    criterion: nn.Module
+    gen: torch.Generator
+    ema: WeightEMA | None
+    state: TrainState
+    best_weights: dict[str, torch.Tensor]
+    x: torch.Tensor
+    y: torch.Tensor
+    x_val: np.ndarray
+    y_val: np.ndarray
+    started: float  # the time budget counts from here, after any checkpoint was loaded
+
+
+@dataclass
+class _Phase:
+    """One phase's optimizer and schedule while it runs."""
+
+    index: int
+    config: PhaseConfig
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler | None
+    cache: FrozenPrefixCache | None
+    steps_per_epoch: int
+    warmup: int
+    planned: int  # epochs; cut short when the time budget would not fit them all
+    cache_seconds: float  # building the cache; reported with the phase's first epoch only
+
+
 class Trainer:
     """Fits a Classifier on cached images and keeps its run directory's checkpoint current."""
 
@@ -173,128 +209,164 @@ class Trainer:
         *, resume: bool = False, m_train: np.ndarray | None = None, m_val: np.ndarray | None = None,
     ) -> TrainState:
         """``m_train``/``m_val``: encoded metadata inputs (N, M) for a model that takes them."""
-        cfg, tcfg = self.cfg, self.cfg.train
+        self._check_options()
+        self.m_train = None if m_train is None else torch.as_tensor(np.asarray(m_train), dtype=torch.float32)
+        self.m_val = m_val
+        phases = phases_of(self.cfg)
+        run, optimizer_state = self._start(x_train, y_train, x_val, y_val, resume, len(phases))
+        for p_idx in range(run.state.phase, len(phases)):
+            if run.state.stopped:
+                break
+            self._run_phase(run, phases[p_idx], p_idx, optimizer_state)
+            optimizer_state = None  # a saved optimizer belongs to the phase it was saved in, the first one here
+        run.model.load_state_dict(run.best_weights)
+        for p in run.model.parameters():
+            p.requires_grad_(True)
+        run.model.eval()
+        return run.state
+
+    def _check_options(self) -> None:
+        tcfg = self.cfg.train
         if tcfg.cache_frozen and tcfg.progressive_resize:
             raise ConfigError("train.cache_frozen caches maps at the full image size; it cannot be combined with "
                               "train.progressive_resize (switch one off)")
         if tcfg.progressive_resize and isinstance(self.model.backbone, SeedCNN):
             raise ConfigError("train.progressive_resize needs a backbone that takes any input size (a timm model); "
                               "the seed CNNs' dense layers fix theirs")
-        self.m_train = None if m_train is None else torch.as_tensor(np.asarray(m_train), dtype=torch.float32)
-        self.m_val = m_val
+
+    def _start(self, x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_val: np.ndarray,
+               resume: bool, n_phases: int) -> tuple[_Fit, dict[str, Any] | None]:
+        """The fit's starting point, fresh or from the checkpoint, and the saved optimizer state on resume."""
+        cfg, tcfg = self.cfg, self.cfg.train
         model = self.model.to(self.device)
         if self.channels_last:
             model.to(memory_format=torch.channels_last)
         x_train_t, y_train_t = torch.from_numpy(np.ascontiguousarray(x_train)), torch.as_tensor(y_train)
-        k = len(self.classes)
         weight = None
         if tcfg.class_weights and tcfg.sampling == "shuffle":
-            weight = inverse_frequency_weights(y_train_t, k, tcfg.class_weight_power).to(self.device)
+            weight = inverse_frequency_weights(y_train_t, len(self.classes), tcfg.class_weight_power).to(self.device)
         criterion = make_loss(tcfg.loss, weight, tcfg.focal_gamma, tcfg.label_smoothing)
         gen = torch.Generator().manual_seed(cfg.training_seed)
         state = TrainState()
-        best_weights = {k_: v.detach().clone() for k_, v in model.state_dict().items()}
-        phases = phases_of(cfg)
-        saved: dict[str, Any] | None = None
+        best_weights = _weights_copy(model)
         # train.ema_decay: validate, early-stop on and keep the averaged weights (see training/ema.py)
         ema = WeightEMA(model, tcfg.ema_decay) if tcfg.ema_decay else None
+        optimizer_state = None
         if resume:
             saved, state, best_weights = self._load_checkpoint(gen)
             if ema is not None:
                 ema.load_state_dict(saved["ema"])
-            log.info(f"resuming after epoch {state.epoch} (phase {state.phase + 1}/{len(phases)})")
+            optimizer_state = saved["optimizer"]
+            log.info(f"resuming after epoch {state.epoch} (phase {state.phase + 1}/{n_phases})")
+        run = _Fit(model=model, criterion=criterion, gen=gen, ema=ema, state=state, best_weights=best_weights,
+                   x=x_train_t, y=y_train_t, x_val=x_val, y_val=y_val, started=time.perf_counter())
+        return run, optimizer_state
 
-        fit_started = time.perf_counter()
-        for p_idx in range(state.phase, len(phases)):
-            if state.stopped:
-                break
-            phase = phases[p_idx]
-            if p_idx != state.phase:
-                state.phase, state.phase_epoch, state.phase_done, state.bad_epochs = p_idx, 0, False, 0
-                # A new phase starts from the best weights so far, as a person would continue.
-                model.load_state_dict(best_weights)
-                if ema is not None:
-                    ema.reset(model)
-            if state.phase_done or state.phase_epoch >= phase.epochs:
-                saved = None  # the saved optimizer belonged to this finished phase
-                continue
-            params = set_trainable(model, phase.unfreeze)
-            cache = None  # the previous phase's maps go before this phase's are built: one cache in memory
-            if tcfg.cache_frozen:
-                cache = FrozenPrefixCache.build(model, x_train_t, cfg.augment, device=self.device,
-                                                batch_size=tcfg.batch_size, channels_last=self.channels_last)
-            cache_seconds = cache.seconds if cache is not None else 0.0
-            optimizer = self._optimizer(layerwise_groups(model, params, tcfg.layer_decay), phase.lr)
-            if saved is not None:
-                optimizer.load_state_dict(saved["optimizer"])
-                saved = None
-            steps_per_epoch = self._steps_per_epoch(y_train_t)
-            planned = phase.epochs
-            warmup = int(tcfg.warmup_epochs * steps_per_epoch)
-            scaler = torch.amp.GradScaler("cuda") if self.amp else None
-            while state.phase_epoch < planned and not state.phase_done:
-                total = steps_per_epoch * planned
-                started = time.perf_counter()
-                size = progressive_size(cfg.model.image_size, tcfg.progressive_resize, state.phase_epoch, planned)
-                train_loss = self._train_epoch(
-                    model, criterion, optimizer, scaler, x_train_t, y_train_t, gen, phase.lr,
-                    state.phase_epoch * steps_per_epoch, total, warmup, f"epoch {state.epoch + 1}", ema, size,
-                    cache,
-                )
-                if ema is not None:
-                    with ema.applied(model):
-                        val = self._validate(model, x_val, y_val)
-                else:
-                    val = self._validate(model, x_val, y_val)
-                state.phase_epoch += 1
-                state.epoch += 1
-                record = {
-                    "epoch": state.epoch, "phase": p_idx + 1, "unfreeze": phase.unfreeze,
-                    "train_loss": train_loss, "train_size": size, **val,
-                    "cached_blocks": cache.n_blocks if cache is not None else 0,
-                    "cache_seconds": round(cache_seconds, 2),  # building it, before the phase's first epoch
-                    "lr": optimizer.param_groups[0]["lr"], "seconds": time.perf_counter() - started,
-                }
-                score = val["val_macro_f1"] if tcfg.monitor == "val_macro_f1" else -val["val_loss"]
-                if score > state.best_score:
-                    state.best_score, state.best_epoch, state.bad_epochs = score, state.epoch, 0
-                    best_weights = (ema.copy() if ema is not None else
-                                    {k_: v.detach().clone() for k_, v in model.state_dict().items()})
-                else:
-                    state.bad_epochs += 1
-                    if tcfg.patience and state.bad_epochs >= tcfg.patience:
-                        state.phase_done = True
-                        record["early_stop"] = True
-                record["best_epoch"] = state.best_epoch
-                state.history.append(record)
-                limit = tcfg.time_limit_minutes
-                if limit:
-                    # Shorten the plan to the epochs that still fit the budget, so the learning-rate schedule
-                    # still ends where it should instead of being cut off at a high rate.
-                    left = limit * 60 - (time.perf_counter() - fit_started)
-                    fits = state.phase_epoch + int(left // max(record["seconds"], 1e-9))
-                    if fits < planned:
-                        planned = fits
-                        record["planned_epochs"] = planned
-                    if state.phase_epoch >= planned and state.phase_epoch < phase.epochs:
-                        state.phase_done = state.stopped = True
-                        record["time_limit"] = True
-                cache_seconds = 0.0
-                self._save_checkpoint(model, optimizer, gen, state, best_weights, ema)
-                log.info(
-                    f"epoch {state.epoch:>3}  phase {p_idx + 1} ({phase.unfreeze})  loss {train_loss:.4f}  "
-                    f"val_loss {val['val_loss']:.4f}  val_macro_f1 {val['val_macro_f1']:.4f}  "
-                    f"val_acc {val['val_accuracy']:.4f}  {record['seconds']:.0f}s"
-                    + ("  (early stop)" if record.get("early_stop") else "")
-                    + ("  (time limit)" if record.get("time_limit") else "")
-                )
-                if self.on_epoch is not None:
-                    self.on_epoch(state.epoch, val["val_macro_f1"])
-        model.load_state_dict(best_weights)
-        for p in model.parameters():
-            p.requires_grad_(True)
-        model.eval()
-        return state
+    def _run_phase(self, run: _Fit, phase: PhaseConfig, p_idx: int, optimizer_state: dict[str, Any] | None) -> None:
+        # The phase's cache lives in this frame only, so the previous phase's maps are gone before the next
+        # phase builds its own: one cache in memory.
+        ph = self._start_phase(run, phase, p_idx, optimizer_state)
+        if ph is None:
+            return
+        while run.state.phase_epoch < ph.planned and not run.state.phase_done:
+            self._epoch(run, ph)
+
+    def _start_phase(self, run: _Fit, phase: PhaseConfig, p_idx: int,
+                     optimizer_state: dict[str, Any] | None) -> _Phase | None:
+        """The phase set up to run its epochs, or None when it finished before a resume."""
+        state, model, tcfg = run.state, run.model, self.cfg.train
+        if p_idx != state.phase:
+            state.phase, state.phase_epoch, state.phase_done, state.bad_epochs = p_idx, 0, False, 0
+            # A new phase starts from the best weights so far, as a person would continue.
+            model.load_state_dict(run.best_weights)
+            if run.ema is not None:
+                run.ema.reset(model)
+        if state.phase_done or state.phase_epoch >= phase.epochs:
+            return None
+        params = set_trainable(model, phase.unfreeze)
+        cache = None
+        if tcfg.cache_frozen:
+            cache = FrozenPrefixCache.build(model, run.x, self.cfg.augment, device=self.device,
+                                            batch_size=tcfg.batch_size, channels_last=self.channels_last)
+        optimizer = self._optimizer(layerwise_groups(model, params, tcfg.layer_decay), phase.lr)
+        if optimizer_state is not None:
+            optimizer.load_state_dict(optimizer_state)
+        steps_per_epoch = self._steps_per_epoch(run.y)
+        return _Phase(index=p_idx, config=phase, optimizer=optimizer,
+                      scaler=torch.amp.GradScaler("cuda") if self.amp else None, cache=cache,
+                      steps_per_epoch=steps_per_epoch, warmup=int(tcfg.warmup_epochs * steps_per_epoch),
+                      planned=phase.epochs, cache_seconds=cache.seconds if cache is not None else 0.0)
+
+    def _epoch(self, run: _Fit, ph: _Phase) -> None:
+        """One epoch: train, validate, track the best weights and the budget, checkpoint, report."""
+        state, model = run.state, run.model
+        started = time.perf_counter()
+        size = progressive_size(self.cfg.model.image_size, self.cfg.train.progressive_resize, state.phase_epoch,
+                                ph.planned)
+        train_loss = self._train_epoch(
+            model, run.criterion, ph.optimizer, ph.scaler, run.x, run.y, run.gen, ph.config.lr,
+            state.phase_epoch * ph.steps_per_epoch, ph.steps_per_epoch * ph.planned, ph.warmup,
+            f"epoch {state.epoch + 1}", run.ema, size, ph.cache,
+        )
+        if run.ema is not None:
+            with run.ema.applied(model):
+                val = self._validate(model, run.x_val, run.y_val)
+        else:
+            val = self._validate(model, run.x_val, run.y_val)
+        state.phase_epoch += 1
+        state.epoch += 1
+        record = {
+            "epoch": state.epoch, "phase": ph.index + 1, "unfreeze": ph.config.unfreeze,
+            "train_loss": train_loss, "train_size": size, **val,
+            "cached_blocks": ph.cache.n_blocks if ph.cache is not None else 0,
+            "cache_seconds": round(ph.cache_seconds, 2),  # building it, before the phase's first epoch
+            "lr": ph.optimizer.param_groups[0]["lr"], "seconds": time.perf_counter() - started,
+        }
+        self._track_best(run, val, record)
+        state.history.append(record)
+        self._apply_time_limit(run, ph, record)
+        ph.cache_seconds = 0.0
+        self._save_checkpoint(model, ph.optimizer, run.gen, state, run.best_weights, run.ema)
+        # Logged after the checkpoint: a run interrupted on this line resumes after this epoch.
+        log.info(
+            f"epoch {state.epoch:>3}  phase {ph.index + 1} ({ph.config.unfreeze})  loss {train_loss:.4f}  "
+            f"val_loss {val['val_loss']:.4f}  val_macro_f1 {val['val_macro_f1']:.4f}  "
+            f"val_acc {val['val_accuracy']:.4f}  {record['seconds']:.0f}s"
+            + ("  (early stop)" if record.get("early_stop") else "")
+            + ("  (time limit)" if record.get("time_limit") else "")
+        )
+        if self.on_epoch is not None:
+            self.on_epoch(state.epoch, val["val_macro_f1"])
+
+    def _track_best(self, run: _Fit, val: dict[str, float], record: dict[str, Any]) -> None:
+        """Keep the best weights by ``train.monitor``; end the phase after ``train.patience`` epochs without."""
+        state, tcfg = run.state, self.cfg.train
+        score = val["val_macro_f1"] if tcfg.monitor == "val_macro_f1" else -val["val_loss"]
+        if score > state.best_score:
+            state.best_score, state.best_epoch, state.bad_epochs = score, state.epoch, 0
+            run.best_weights = run.ema.copy() if run.ema is not None else _weights_copy(run.model)
+        else:
+            state.bad_epochs += 1
+            if tcfg.patience and state.bad_epochs >= tcfg.patience:
+                state.phase_done = True
+                record["early_stop"] = True
+        record["best_epoch"] = state.best_epoch
+
+    def _apply_time_limit(self, run: _Fit, ph: _Phase, record: dict[str, Any]) -> None:
+        limit = self.cfg.train.time_limit_minutes
+        if not limit:
+            return
+        state = run.state
+        # Shorten the plan to the epochs that still fit the budget, so the learning-rate schedule
+        # still ends where it should instead of being cut off at a high rate.
+        left = limit * 60 - (time.perf_counter() - run.started)
+        fits = state.phase_epoch + int(left // max(record["seconds"], 1e-9))
+        if fits < ph.planned:
+            ph.planned = fits
+            record["planned_epochs"] = ph.planned
+        if state.phase_epoch >= ph.planned and state.phase_epoch < ph.config.epochs:
+            state.phase_done = state.stopped = True
+            record["time_limit"] = True
 
     def _optimizer(self, params: list[dict[str, Any]], lr: float) -> torch.optim.Optimizer:
         wd = self.cfg.train.weight_decay

@@ -58,58 +58,28 @@ def train(
     """
     import torch
 
-    from defectscope.models.factory import create_model, model_spec
-
     out = Path(out)
     if resume:
-        given = [name for name, value in (("data", data), ("config", config), ("config_file", config_file))
-                 if value is not None] + sorted(overrides)
-        if given:
-            raise ConfigError(f"resume continues {out} with its saved config; do not also pass {', '.join(given)}")
-        cfg = config_from_dict(load_yaml(out / rundir.CONFIG))
-        table = rundir.read_table(out)
-        log.info(f"resuming {out} with its saved config and dataset table")
+        cfg, table = _resumed_config_and_table(out, data, config, config_file, overrides)
     else:
-        if config is not None and config_file is not None:
-            raise ConfigError("give a config object or a config file, not both")
-        cfg = _config_for(data, config, config_file, overrides, preset)
-        if (out / rundir.SPEC).exists() or (out / rundir.CHECKPOINT).exists():
-            raise FileExistsError(f"{out} already holds a run; choose another --out or pass --resume")
-        out.mkdir(parents=True, exist_ok=True)
-        table = _build_table(cfg, out)
-
+        cfg, table = _new_config_and_table(out, data, config, config_file, overrides, preset)
     torch.manual_seed(cfg.training_seed)
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
 
     classes = cfg.data.classes or class_names(table)
-    index = {c: i for i, c in enumerate(classes)}
-    images, bad = _cached_images(table, cfg)
-    if bad:
-        table, images = drop_bad(table, images, bad)
-        _write_skipped(out, bad)
+    table, images = _usable_images(table, cfg, out)
     if not resume:
         table.to_csv(out / rundir.TABLE, index=False)
         cfg.data.classes = classes
         cfg.save(out / rundir.CONFIG)
+    index = {c: i for i, c in enumerate(classes)}
     labels = table["label"].map(index).to_numpy()
     split = table["split"].to_numpy()
-    if not (split == "train").any():
-        raise DataError("the training split is empty")
-    for name in classes:
-        if not ((split == "train") & (table["label"].to_numpy() == name)).any():
-            log.warning(f"class {name!r} has no training images")
+    _check_training_split(table, split, classes)
 
-    model = create_model(
-        cfg.model.name, len(classes), image_size=cfg.model.image_size,
-        pretrained=cfg.model.pretrained, drop_rate=cfg.model.drop_rate,
-    )
-    encoder, meta = _metadata_inputs(cfg, table, split)
-    if encoder is not None:
-        model.set_metadata_dim(encoder.dim)
+    model, encoder, meta = _new_model(cfg, classes, table, split)
     source = model.pretrained_report.get("source")
-    log.info(f"model {cfg.model.name} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters), "
-        f"pretrained: {source or 'no (from scratch)'}, {cfg.model.image_size} px")
     tr, va = split == "train", split == "val"
     started = time.perf_counter()
     train_data = (images[tr], labels[tr], images[va], labels[va])
@@ -123,6 +93,72 @@ def train(
     if encoder is not None:
         extra["metadata_inputs"] = encoder.to_spec()
     seconds = time.perf_counter() - started
+    _save_run(out, model, cfg, classes, table, history, extra, source, seconds)
+    return out
+
+
+def _resumed_config_and_table(out: Path, data, config: RunConfig | None, config_file,
+                              overrides: dict[str, Any]) -> tuple[RunConfig, pd.DataFrame]:
+    given = [name for name, value in (("data", data), ("config", config), ("config_file", config_file))
+             if value is not None] + sorted(overrides)
+    if given:
+        raise ConfigError(f"resume continues {out} with its saved config; do not also pass {', '.join(given)}")
+    cfg = config_from_dict(load_yaml(out / rundir.CONFIG))
+    table = rundir.read_table(out)
+    log.info(f"resuming {out} with its saved config and dataset table")
+    return cfg, table
+
+
+def _new_config_and_table(out: Path, data, config: RunConfig | None, config_file, overrides: dict[str, Any],
+                          preset: str | None) -> tuple[RunConfig, pd.DataFrame]:
+    """The run's config and split dataset table; creates ``out``, which must not hold a run yet."""
+    if config is not None and config_file is not None:
+        raise ConfigError("give a config object or a config file, not both")
+    cfg = _config_for(data, config, config_file, overrides, preset)
+    if (out / rundir.SPEC).exists() or (out / rundir.CHECKPOINT).exists():
+        raise FileExistsError(f"{out} already holds a run; choose another --out or pass --resume")
+    out.mkdir(parents=True, exist_ok=True)
+    return cfg, _build_table(cfg, out)
+
+
+def _usable_images(table: pd.DataFrame, cfg: RunConfig, out: Path):
+    """(table, images) without the files that cannot be decoded, which are listed in ``out``."""
+    images, bad = _cached_images(table, cfg)
+    if bad:
+        table, images = drop_bad(table, images, bad)
+        _write_skipped(out, bad)
+    return table, images
+
+
+def _check_training_split(table: pd.DataFrame, split, classes: list[str]) -> None:
+    if not (split == "train").any():
+        raise DataError("the training split is empty")
+    for name in classes:
+        if not ((split == "train") & (table["label"].to_numpy() == name)).any():
+            log.warning(f"class {name!r} has no training images")
+
+
+def _new_model(cfg: RunConfig, classes: list[str], table: pd.DataFrame, split):
+    """(model, metadata encoder or None, encoded metadata of every table row or None)."""
+    from defectscope.models.factory import create_model
+
+    model = create_model(
+        cfg.model.name, len(classes), image_size=cfg.model.image_size,
+        pretrained=cfg.model.pretrained, drop_rate=cfg.model.drop_rate,
+    )
+    encoder, meta = _metadata_inputs(cfg, table, split)
+    if encoder is not None:
+        model.set_metadata_dim(encoder.dim)
+    source = model.pretrained_report.get("source")
+    log.info(f"model {cfg.model.name} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters), "
+        f"pretrained: {source or 'no (from scratch)'}, {cfg.model.image_size} px")
+    return model, encoder, meta
+
+
+def _save_run(out: Path, model, cfg: RunConfig, classes: list[str], table: pd.DataFrame, history: list[dict],
+              extra: dict[str, Any], source: str | None, seconds: float) -> None:
+    """The history, the model and its spec (what it is, what it was trained on, where and how long)."""
+    from defectscope.models.factory import model_spec
 
     pd.DataFrame(history).to_csv(out / rundir.HISTORY, index=False)
     spec = model_spec(
@@ -141,7 +177,6 @@ def train(
     )
     rundir.save_model(model, spec, out)
     log.info(f"best epoch {spec['best_epoch']} ({spec['monitor']} {spec['best_score']:.4f}); run saved in {out}")
-    return out
 
 
 def _metadata_inputs(cfg: RunConfig, table: pd.DataFrame, split):
