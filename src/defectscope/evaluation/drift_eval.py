@@ -5,7 +5,7 @@ held-out-group images: each pooled score (msp, energy, mahalanobis, knn, vim wit
 ``patch`` score of the feature maps, the ``photometric`` score of the grey levels, and the max of every pair of them
 standardised on the validation split's images. It chooses the policy's score by its WORST-kind AUROC, and says
 how that choice does on a kind it was not chosen on (leave-one-kind-out;
-:func:`defectscope.decision.drift_fusion.select_score`). AUROC and FPR@95 of every candidate per kind and per
+:func:`defectscope.decision.drift.fusion.select_score`). AUROC and FPR@95 of every candidate per kind and per
 part -> ``RUN/drift_eval.json``; the raw per-image scores of each member and of the chosen score ->
 ``RUN/drift_eval_scores.npz`` (plain float arrays, for the report's histograms)."""
 
@@ -23,10 +23,10 @@ import pandas as pd
 
 from defectscope.data.corruptions import CORRUPTIONS, FAR_DRIFT, corrupt
 from defectscope.decision.costs import DRIFT
-from defectscope.decision.drift import DriftError
-from defectscope.decision.drift_fit import fit_scorer
-from defectscope.decision.drift_fusion import Candidate, candidates, select_score
-from defectscope.decision.drift_policy import PATCH, PHOTOMETRIC, member_scores
+from defectscope.decision.drift.fit import fit_scorer
+from defectscope.decision.drift.fusion import Candidate, candidates, select_score
+from defectscope.decision.drift.rule import PATCH, PHOTOMETRIC, member_scores
+from defectscope.decision.drift.scorer import DriftError
 from defectscope.rundir import DRIFT_EVAL, DRIFT_EVAL_RUNS, SPEC, Run
 
 log = logging.getLogger(__name__)
@@ -90,8 +90,8 @@ class _Scoring:
     def __init__(self, run: Run, patch: bool = True):
         import torch
 
-        from defectscope.decision.patch_drift import fit_patch_gaussian
-        from defectscope.decision.photometric_drift import fit_photometric
+        from defectscope.decision.drift.patch import fit_patch_gaussian
+        from defectscope.decision.drift.photometric import fit_photometric
 
         self.run = run
         self.model = run.model()
@@ -107,7 +107,7 @@ class _Scoring:
         self.members = (*self.scorer.available, *([PATCH] if self.patch is not None else []), PHOTOMETRIC)
 
     def score(self, images: np.ndarray) -> Scores:
-        from defectscope.decision.drift_policy import policy_forward
+        from defectscope.decision.drift.rule import policy_forward
 
         stages = tuple(self.patch.stages) if self.patch is not None else None
         return member_scores(self.members, self.scorer, self.patch, *policy_forward(self.model, images, stages),

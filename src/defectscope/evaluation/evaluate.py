@@ -103,7 +103,7 @@ def evaluate(
     torch.set_num_threads(cfg.train.threads or torch.get_num_threads())
     drift_score = None
     if policy is not None and policy.drift:
-        from defectscope.decision.drift_policy import policy_forward
+        from defectscope.decision.drift.rule import policy_forward
 
         features, logits_np, maps = policy_forward(model, images, drift_stages(policy), metadata=run.metadata(table))
         drift_score = drift_scores_for(run, policy, features, logits_np, maps, images)

@@ -3,13 +3,13 @@
 Each module reproduces a numpy score of :mod:`defectscope.decision` (tests compare them), so the deployed
 predictor reads one ``drift`` output and stays torch-free:
 
-- :class:`PatchDriftHead`: :class:`defectscope.decision.patch_drift.PatchGaussian` (per-position Mahalanobis,
+- :class:`PatchDriftHead`: :class:`defectscope.decision.drift.patch.PatchGaussian` (per-position Mahalanobis,
   max over positions) from the backbone's intermediate maps;
-- :class:`PhotometricDriftHead`: :class:`defectscope.decision.photometric_drift.PhotometricGaussian` (the
+- :class:`PhotometricDriftHead`: :class:`defectscope.decision.drift.photometric.PhotometricGaussian` (the
   Mahalanobis distance of four grey-level statistics) from the graph's ``image`` input;
 - :class:`VimHead`: ViM from the pooled features and logits (:func:`defectscope.decision.drift.vim_score`);
 - :class:`FusedDriftHead`: the largest standardised score, ``max_i (s_i - mu_i) / sigma_i``, with
-  ``mu_i, sigma_i`` from held-out normal images (:mod:`defectscope.decision.drift_fusion`);
+  ``mu_i, sigma_i`` from held-out normal images (:mod:`defectscope.decision.drift.fusion`);
 - :class:`MultiLayerExportHeads`: the run's Classifier giving logits, probabilities, pooled features and the
   Drift score in one backbone pass (the stages' maps come out of the same forward).
 """
@@ -24,8 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from defectscope.decision.patch_drift import PatchGaussian, multilayer_forward
-from defectscope.decision.photometric_drift import EPS, PhotometricGaussian
+from defectscope.decision.drift.patch import PatchGaussian, multilayer_forward
+from defectscope.decision.drift.photometric import EPS, PhotometricGaussian
 
 
 def _buffer(x: np.ndarray) -> torch.Tensor:

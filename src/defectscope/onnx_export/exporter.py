@@ -27,8 +27,8 @@ import torch
 from torch import nn
 
 from defectscope._version import __version__
-from defectscope.decision.drift import DriftError
-from defectscope.decision.drift_policy import PATCH, PHOTOMETRIC, PolicyDrift
+from defectscope.decision.drift.rule import PATCH, PHOTOMETRIC, PolicyDrift
+from defectscope.decision.drift.scorer import DriftError
 from defectscope.decision.policy import decide_labels
 from defectscope.errors import DefectscopeError
 from defectscope.models.cam import CamHead, forward_with_map, supports_cam
@@ -52,7 +52,7 @@ class ExportError(DefectscopeError, RuntimeError):
 
 class DriftHead(nn.Module):
     """The policy's Drift score inside the graph, from the statistics fitted on training features, so the
-    deployed file needs nothing beside it. Same formulas as :mod:`defectscope.decision.drift` (numpy)."""
+    deployed file needs nothing beside it. Same formulas as :mod:`defectscope.decision.drift.scorer` (numpy)."""
 
     def __init__(self, name: str, arrays: dict[str, np.ndarray], params: dict[str, Any]):
         super().__init__()

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from defectscope.decision.drift import DriftError
+from defectscope.decision.drift.scorer import DriftError
 
 if TYPE_CHECKING:
     from defectscope.rundir import Run

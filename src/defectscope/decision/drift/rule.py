@@ -2,10 +2,10 @@
 
 A policy names its score in ``policy.drift["score"]``: a member (``mahalanobis``, ``knn``, ``vim``, ``msp``,
 ``energy`` on the pooled features and logits; ``patch`` on the feature maps, see
-:mod:`defectscope.decision.patch_drift`; ``photometric`` on the image's grey levels, see
-:mod:`defectscope.decision.photometric_drift`) or a max fusion such as ``max(knn,patch)``: each member
+:mod:`defectscope.decision.drift.patch`; ``photometric`` on the image's grey levels, see
+:mod:`defectscope.decision.drift.photometric`) or a max fusion such as ``max(knn,patch)``: each member
 standardised with the mean and standard deviation of its scores on the validation split's images
-(``policy.drift["standardiser"]``), the largest z-score kept (:mod:`defectscope.decision.drift_fusion`).
+(``policy.drift["standardiser"]``), the largest z-score kept (:mod:`defectscope.decision.drift.fusion`).
 
 :class:`PolicyDrift` computes that score in numpy from features, logits, (for ``patch``) maps and (for
 ``photometric``) the images, with the statistics saved in the run and the policy; the exported graph computes
@@ -20,12 +20,12 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from defectscope.decision.drift import SCORES, DriftError, DriftScorer
-from defectscope.decision.drift_fusion import Standardiser, fuse_max
-from defectscope.decision.photometric_drift import PHOTOMETRIC, PhotometricGaussian
+from defectscope.decision.drift.fusion import Standardiser, fuse_max
+from defectscope.decision.drift.photometric import PHOTOMETRIC, PhotometricGaussian
+from defectscope.decision.drift.scorer import SCORES, DriftError, DriftScorer
 
 if TYPE_CHECKING:
-    from defectscope.decision.patch_drift import PatchGaussian
+    from defectscope.decision.drift.patch import PatchGaussian
     from defectscope.rundir import Run
 
 PATCH = "patch"
@@ -132,7 +132,7 @@ class PolicyDrift:
     @classmethod
     def from_policy(cls, run: Run, drift: Mapping[str, Any]) -> PolicyDrift:
         """The score a policy's ``drift`` entry names, with the statistics saved in ``run``."""
-        from defectscope.decision.patch_drift import PatchGaussian
+        from defectscope.decision.drift.patch import PatchGaussian
 
         members = parse_score(drift["score"])
         pooled = DriftScorer.load(run) if any(m not in NOT_POOLED for m in members) else None
@@ -158,7 +158,7 @@ def policy_forward(model, images: np.ndarray, stages: Sequence[int] | None, *, m
     from defectscope.models.inference import features_and_logits
 
     if stages:
-        from defectscope.decision.patch_drift import feature_maps
+        from defectscope.decision.drift.patch import feature_maps
 
         features, logits, maps = feature_maps(model, images, stages)
         if metadata is not None:  # feature_maps' logits are the image's alone

@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from defectscope.decision.drift import DriftError
+from defectscope.decision.drift.scorer import DriftError
 from defectscope.rundir import PATCH_DRIFT_PARAMS as PATCH_PARAMS
 from defectscope.rundir import PATCH_DRIFT_WEIGHTS as PATCH_WEIGHTS
 from defectscope.rundir import Run
