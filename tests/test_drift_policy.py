@@ -7,7 +7,7 @@ import shutil
 import numpy as np
 import pytest
 
-from defectscope.decision.drift.rule import PolicyDrift, parse_score, policy_forward, score_name
+from defectscope.decision.drift.rule import DriftRule, parse_score, policy_forward, score_name
 from defectscope.decision.drift.scorer import DriftError
 from defectscope.decision.thresholds import CalibrationError
 
@@ -85,7 +85,7 @@ def test_patch_only_policy_through_evaluate(run_copy, tmp_path):
 @pytest.mark.parametrize("score", ["max(knn,patch)", "patch", "max(mahalanobis,photometric)"])
 def test_exported_drift_score_matches_numpy(run_copy, tmp_path, score):
     """The ONNX graph's drift_score output, read by the torch-free Predictor, equals the numpy score
-    (PolicyDrift on torch features and maps) to 1e-4 of its scale; its decisions are the policy's."""
+    (DriftRule on torch features and maps) to 1e-4 of its scale; its decisions are the policy's."""
     from defectscope.decision.calibrate import calibrate, drift_scores_for, drift_stages
     from defectscope.decision.drift.rule import policy_forward
     from defectscope.decision.policy import Policy, decide
@@ -148,7 +148,7 @@ def test_held_out_pattern_is_flagged_and_normal_images_at_the_calibrated_rate(ru
 
     run = Run(run_copy)
     model = run.model()
-    drift = PolicyDrift(("mahalanobis", "patch"), fit_drift(run, model=model), fit_patch_drift(run, model=model))
+    drift = DriftRule(("mahalanobis", "patch"), fit_drift(run, model=model), fit_patch_drift(run, model=model))
 
     def scores(images: np.ndarray) -> np.ndarray:
         x = np.stack([load_gray(im, run.image_size, "squash") for im in images])

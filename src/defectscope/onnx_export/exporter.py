@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from defectscope._version import __version__
-from defectscope.decision.drift.rule import PATCH, PHOTOMETRIC, PolicyDrift
+from defectscope.decision.drift.rule import PATCH, PHOTOMETRIC, DriftRule
 from defectscope.decision.drift.scorer import DriftError
 from defectscope.decision.policy import decide_labels
 from defectscope.errors import DefectscopeError
@@ -122,7 +122,7 @@ def drift_head_for(run: Run, policy: dict[str, Any] | None = None) -> tuple[nn.M
     if not drift or policy.get("drift_threshold") is None:
         return None, None
     try:
-        score = PolicyDrift.from_policy(run, drift)  # the same statistics calibrate and evaluate use
+        score = DriftRule.from_policy(run, drift)  # the same statistics calibrate and evaluate use
     except DriftError as exc:
         raise ExportError(f"{exc}; calibrate again") from None
     pooled = score.pooled.to_arrays() if score.pooled is not None else None

@@ -7,7 +7,7 @@ A policy names its score in ``policy.drift["score"]``: a member (``mahalanobis``
 standardised with the mean and standard deviation of its scores on the validation split's images
 (``policy.drift["standardiser"]``), the largest z-score kept (:mod:`defectscope.decision.drift.fusion`).
 
-:class:`PolicyDrift` computes that score in numpy from features, logits, (for ``patch``) maps and (for
+:class:`DriftRule` computes that score in numpy from features, logits, (for ``patch``) maps and (for
 ``photometric``) the images, with the statistics saved in the run and the policy; the exported graph computes
 the same inside ONNX (:mod:`defectscope.onnx_export.drift_heads`), so the deployed predictor reads one number and
 stays torch-free."""
@@ -80,7 +80,7 @@ def member_scores(members: Sequence[str], pooled: DriftScorer | None, patch: Pat
 
 
 @dataclass
-class PolicyDrift:
+class DriftRule:
     """Everything that turns features, logits and maps into the policy's one Drift score."""
 
     members: tuple[str, ...]
@@ -130,7 +130,7 @@ class PolicyDrift:
         return out
 
     @classmethod
-    def from_policy(cls, run: Run, drift: Mapping[str, Any]) -> PolicyDrift:
+    def from_policy(cls, run: Run, drift: Mapping[str, Any]) -> DriftRule:
         """The score a policy's ``drift`` entry names, with the statistics saved in ``run``."""
         from defectscope.decision.drift.patch import PatchGaussian
 
