@@ -13,13 +13,13 @@ import pytest
 
 from defectscope.data.corruptions import CORRUPTIONS, FAR_DRIFT, corrupt
 from defectscope.decision.costs import valeo_pwa
+from defectscope.decision.drift import DriftError
 from defectscope.decision.drift.fit import (
     calibrate_drift_threshold,
     cost_aware_drift_threshold,
 )
 from defectscope.decision.drift.scorer import (
     SCORES,
-    DriftError,
     DriftScorer,
     energy_score,
     fit_mahalanobis,

@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 
+from defectscope.decision.drift import DriftError
 from defectscope.decision.drift.fit import calibrate_drift_threshold
 from defectscope.decision.drift.fusion import (
     Candidate,
@@ -16,7 +17,6 @@ from defectscope.decision.drift.fusion import (
     fuse_max,
     select_score,
 )
-from defectscope.decision.drift.scorer import DriftError
 from defectscope.decision.drift.support import (
     guaranteed_rate,
     images_needed,

@@ -7,8 +7,8 @@ import shutil
 import numpy as np
 import pytest
 
+from defectscope.decision.drift import DriftError
 from defectscope.decision.drift.rule import DriftRule, parse_score, policy_forward, score_name
-from defectscope.decision.drift.scorer import DriftError
 from defectscope.decision.thresholds import CalibrationError
 
 

@@ -7,8 +7,8 @@ import shutil
 import numpy as np
 import pytest
 
+from defectscope.decision.drift import DriftError
 from defectscope.decision.drift.photometric import PhotometricGaussian, grey_stats
-from defectscope.decision.drift.scorer import DriftError
 
 
 def _normal_images(rng: np.random.Generator, n: int, size: int = 24) -> np.ndarray:

@@ -16,11 +16,11 @@ import pandas as pd
 
 from defectscope import labels
 from defectscope.decision.cost_files import load_cost_matrix
+from defectscope.decision.drift import DriftError
 from defectscope.decision.drift.fit import cost_aware_drift_threshold, fit_drift
 from defectscope.decision.drift.fusion import Standardiser
 from defectscope.decision.drift.rule import NOT_POOLED, PATCH, PHOTOMETRIC, parse_score, policy_forward
 from defectscope.decision.drift.rule import DriftRule as PolicyDrift  # the old name, for this body only
-from defectscope.decision.drift.scorer import DriftError
 from defectscope.decision.drift.support import support_message, threshold_with_support
 from defectscope.decision.escape_scores import choose_escape_score, class_ranks_from_order, goodness
 from defectscope.decision.outcomes import apply_policy_metrics

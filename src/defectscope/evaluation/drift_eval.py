@@ -23,10 +23,10 @@ import pandas as pd
 
 from defectscope.data.corruptions import CORRUPTIONS, FAR_DRIFT, corrupt
 from defectscope.decision.costs import DRIFT
+from defectscope.decision.drift import DriftError
 from defectscope.decision.drift.fit import fit_scorer
 from defectscope.decision.drift.fusion import Candidate, candidates, select_score
 from defectscope.decision.drift.rule import PATCH, PHOTOMETRIC, member_scores
-from defectscope.decision.drift.scorer import DriftError
 from defectscope.rundir import DRIFT_EVAL, DRIFT_EVAL_RUNS, SPEC, Run
 
 log = logging.getLogger(__name__)

@@ -17,7 +17,8 @@ from typing import Any
 import numpy as np
 
 from defectscope.decision.costs import DRIFT
-from defectscope.decision.drift.scorer import DriftError, DriftScorer
+from defectscope.decision.drift.member import DriftError
+from defectscope.decision.drift.scorer import DriftScorer
 from defectscope.rundir import Run
 
 log = logging.getLogger(__name__)

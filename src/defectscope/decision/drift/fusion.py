@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from defectscope.decision.drift.scorer import DriftError
+from defectscope.decision.drift.member import DriftError
 
 Part = Mapping[str, Mapping[str, np.ndarray]]
 Kinds = Mapping[str, Sequence[Part]]
@@ -59,7 +59,14 @@ class Standardiser:
         return {k: (np.asarray(v, dtype=np.float64) - self.mu[k]) / self.sigma[k] for k, v in scores.items()}
 
     def to_dict(self) -> dict[str, Any]:
+        """Plain JSON (policy.json's ``drift.standardiser``)."""
         return {"mu": dict(self.mu), "sigma": dict(self.sigma)}
+
+    state = to_dict  # the members' name (DriftMember.state) for the same thing
+
+    @classmethod
+    def from_state(cls, state: Mapping[str, Any]) -> Standardiser:
+        return cls(dict(state["mu"]), dict(state["sigma"]))
 
 
 def fuse_max(z: Mapping[str, np.ndarray], members: Sequence[str]) -> np.ndarray:
