@@ -5,8 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from defectscope.decision.drift import DriftError
 from defectscope.decision.drift.patch import PatchGaussian, patch_embedding
-from defectscope.decision.drift.scorer import DriftError, fit_vim, vim_score
+from defectscope.decision.drift.scorer import fit_vim, vim_score
 
 
 def _maps(rng, n, shift=0.0):
@@ -124,8 +125,7 @@ def test_multilayer_export_heads_on_a_timm_model(tmp_path):
     from defectscope.decision.drift.patch import feature_maps
     from defectscope.decision.drift.scorer import DriftScorer
     from defectscope.models.factory import create_model
-    from defectscope.onnx_export.drift_heads import FusedDriftHead, MultiLayerExportHeads, PatchDriftHead
-    from defectscope.onnx_export.exporter import DriftHead
+    from defectscope.onnx_export.drift_heads import DriftHead, FusedDriftHead, MultiLayerExportHeads, PatchDriftHead
 
     torch.manual_seed(0)
     model = create_model("tf_efficientnet_lite0", 3, image_size=64).eval()
