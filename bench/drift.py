@@ -12,10 +12,10 @@ standardised on the validation images of the same, and scored on its test images
   heldout_class  each class in turn: fit on the other three; normal = their test images; Drift = the class
 
 Scores: ``mahalanobis`` and ``knn`` on the pooled features, ``patch`` (per-position Gaussian on the stride
-8 and 16 maps, :mod:`defectscope.decision.patch_drift`), ``photometric`` (grey-level statistics,
-:mod:`defectscope.decision.photometric_drift`), and z-scored fusions (max of 2-3 scores and a
+8 and 16 maps, :mod:`defectscope.decision.drift.patch`), ``photometric`` (grey-level statistics,
+:mod:`defectscope.decision.drift.photometric`), and z-scored fusions (max of 2-3 scores and a
 fitted weighted sum). The policy's score is chosen by its worst-kind AUROC; ``loko`` says how that choice
-does on a kind it was not chosen on (:func:`defectscope.decision.drift_fusion.select_score`).
+does on a kind it was not chosen on (:func:`defectscope.decision.drift.fusion.select_score`).
 
 ``classifier`` (``--run RUN``): the run's own classifier scores (msp, energy, mahalanobis, knn, vim) with
 the retraining protocol of drift_eval (slow: one retrained model per held-out kind).
@@ -36,10 +36,10 @@ from pathlib import Path
 import numpy as np
 
 from defectscope.data.corruptions import CORRUPTIONS, FAR_DRIFT, corrupt
-from defectscope.decision.drift import DriftScorer
-from defectscope.decision.drift_fusion import Candidate, candidates, select_score
-from defectscope.decision.patch_drift import PatchGaussian, feature_maps
-from defectscope.decision.photometric_drift import PhotometricGaussian
+from defectscope.decision.drift.fusion import Candidate, candidates, select_score
+from defectscope.decision.drift.patch import PatchGaussian, feature_maps
+from defectscope.decision.drift.photometric import PhotometricGaussian
+from defectscope.decision.drift.scorer import DriftScorer
 from defectscope.training.train import machine_info
 
 HERE = Path(__file__).resolve().parent

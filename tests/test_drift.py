@@ -13,9 +13,13 @@ import pytest
 
 from defectscope.data.corruptions import CORRUPTIONS, FAR_DRIFT, corrupt
 from defectscope.decision.costs import valeo_pwa
-from defectscope.decision.drift import (
+from defectscope.decision.drift import DriftError
+from defectscope.decision.drift.fit import (
+    calibrate_drift_threshold,
+    cost_aware_drift_threshold,
+)
+from defectscope.decision.drift.scorer import (
     SCORES,
-    DriftError,
     DriftScorer,
     energy_score,
     fit_mahalanobis,
@@ -23,10 +27,6 @@ from defectscope.decision.drift import (
     l2_normalise,
     mahalanobis_score,
     msp_score,
-)
-from defectscope.decision.drift_fit import (
-    calibrate_drift_threshold,
-    cost_aware_drift_threshold,
 )
 from defectscope.evaluation.drift_eval import auroc_fpr95
 from defectscope.rundir import Run
@@ -188,7 +188,7 @@ def test_drift_scores_need_no_torch(tmp_path):
         import sys
         sys.modules["torch"] = None
         import numpy as np
-        from defectscope.decision.drift import DriftScorer
+        from defectscope.decision.drift.scorer import DriftScorer
         from defectscope.decision.policy import Policy, decide
         rng = np.random.default_rng(0)
         s = DriftScorer().fit(rng.normal(size=(30, 4)), None, np.arange(30) % 2)
@@ -207,7 +207,7 @@ def test_drift_scores_need_no_torch(tmp_path):
 
 
 def test_fit_drift_and_drift_eval_on_a_run(trained_run, tmp_path):
-    from defectscope.decision.drift_fit import fit_drift
+    from defectscope.decision.drift.fit import fit_drift
     from defectscope.evaluation.drift_eval import drift_eval
 
     run = tmp_path / "run"
@@ -275,7 +275,7 @@ def test_drift_eval_retrains_for_held_out_class_and_group(trained_run, tmp_path)
 
 
 def test_vim_matches_the_openood_formula():
-    from defectscope.decision.drift import fit_vim, vim_score
+    from defectscope.decision.drift.scorer import fit_vim, vim_score
 
     rng = np.random.default_rng(5)
     # Features with a low-rank structure plus noise, as penultimate features are.

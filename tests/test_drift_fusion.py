@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from defectscope.decision.drift import DriftError
-from defectscope.decision.drift_fit import calibrate_drift_threshold
-from defectscope.decision.drift_fusion import (
+from defectscope.decision.drift.fit import calibrate_drift_threshold
+from defectscope.decision.drift.fusion import (
     Candidate,
     Standardiser,
     auroc,
@@ -17,7 +17,7 @@ from defectscope.decision.drift_fusion import (
     fuse_max,
     select_score,
 )
-from defectscope.decision.drift_support import (
+from defectscope.decision.drift.support import (
     guaranteed_rate,
     images_needed,
     per_10000_words,
@@ -89,7 +89,7 @@ def test_loko_never_judges_a_fitted_combination_on_its_own_kind():
     seen: list[tuple[str, tuple[str, ...]]] = []
 
     def spy(cand: Candidate, fit_kinds):
-        from defectscope.decision.drift_fusion import fit_weights
+        from defectscope.decision.drift.fusion import fit_weights
 
         if cand.rule != "weighted":
             return cand

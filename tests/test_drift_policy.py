@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from defectscope.decision.drift import DriftError
-from defectscope.decision.drift_policy import PolicyDrift, parse_score, policy_forward, score_name
+from defectscope.decision.drift.rule import DriftRule, parse_score, policy_forward, score_name
 from defectscope.decision.thresholds import CalibrationError
 
 
@@ -31,8 +31,8 @@ def test_calibrate_a_fused_patch_score(run_copy):
     the score it names equals the direct computation: each member z-scored with the val images' mean and
     standard deviation, then the max; the calibration flag rate is that of the threshold."""
     from defectscope.decision.calibrate import calibrate, drift_scores_for, drift_stages
-    from defectscope.decision.drift import DriftScorer
-    from defectscope.decision.patch_drift import PatchGaussian, feature_maps
+    from defectscope.decision.drift.patch import PatchGaussian, feature_maps
+    from defectscope.decision.drift.scorer import DriftScorer
     from defectscope.decision.policy import Policy
     from defectscope.rundir import Run
 
@@ -85,9 +85,9 @@ def test_patch_only_policy_through_evaluate(run_copy, tmp_path):
 @pytest.mark.parametrize("score", ["max(knn,patch)", "patch", "max(mahalanobis,photometric)"])
 def test_exported_drift_score_matches_numpy(run_copy, tmp_path, score):
     """The ONNX graph's drift_score output, read by the torch-free Predictor, equals the numpy score
-    (PolicyDrift on torch features and maps) to 1e-4 of its scale; its decisions are the policy's."""
+    (DriftRule on torch features and maps) to 1e-4 of its scale; its decisions are the policy's."""
     from defectscope.decision.calibrate import calibrate, drift_scores_for, drift_stages
-    from defectscope.decision.drift_policy import policy_forward
+    from defectscope.decision.drift.rule import policy_forward
     from defectscope.decision.policy import Policy, decide
     from defectscope.onnx_export.exporter import export
     from defectscope.rundir import Run
@@ -140,15 +140,15 @@ def test_held_out_pattern_is_flagged_and_normal_images_at_the_calibrated_rate(ru
     from scipy.stats import betabinom
 
     from defectscope.data.images import load_gray
-    from defectscope.decision.drift_fit import fit_drift
-    from defectscope.decision.drift_fusion import Standardiser
-    from defectscope.decision.drift_support import threshold_with_support
-    from defectscope.decision.patch_drift import fit_patch_drift
+    from defectscope.decision.drift.fit import fit_drift
+    from defectscope.decision.drift.fusion import Standardiser
+    from defectscope.decision.drift.patch import fit_patch_drift
+    from defectscope.decision.drift.support import threshold_with_support
     from defectscope.rundir import Run
 
     run = Run(run_copy)
     model = run.model()
-    drift = PolicyDrift(("mahalanobis", "patch"), fit_drift(run, model=model), fit_patch_drift(run, model=model))
+    drift = DriftRule(("mahalanobis", "patch"), fit_drift(run, model=model), fit_patch_drift(run, model=model))
 
     def scores(images: np.ndarray) -> np.ndarray:
         x = np.stack([load_gray(im, run.image_size, "squash") for im in images])

@@ -5,8 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from defectscope.decision.drift import DriftError, fit_vim, vim_score
-from defectscope.decision.patch_drift import PatchGaussian, patch_embedding
+from defectscope.decision.drift import DriftError
+from defectscope.decision.drift.patch import PatchGaussian, patch_embedding
+from defectscope.decision.drift.scorer import fit_vim, vim_score
 
 
 def _maps(rng, n, shift=0.0):
@@ -121,11 +122,10 @@ def test_multilayer_export_heads_on_a_timm_model(tmp_path):
     fused Drift output of ONNX Runtime equals the numpy scores standardised and maxed."""
     torch = pytest.importorskip("torch")
     ort = pytest.importorskip("onnxruntime")
-    from defectscope.decision.drift import DriftScorer
-    from defectscope.decision.patch_drift import feature_maps
+    from defectscope.decision.drift.patch import feature_maps
+    from defectscope.decision.drift.scorer import DriftScorer
     from defectscope.models.factory import create_model
-    from defectscope.onnx_export.drift_heads import FusedDriftHead, MultiLayerExportHeads, PatchDriftHead
-    from defectscope.onnx_export.exporter import DriftHead
+    from defectscope.onnx_export.drift_heads import DriftHead, FusedDriftHead, MultiLayerExportHeads, PatchDriftHead
 
     torch.manual_seed(0)
     model = create_model("tf_efficientnet_lite0", 3, image_size=64).eval()
@@ -164,7 +164,7 @@ def test_fit_patch_drift_on_a_seed_cnn_run(trained_run, tmp_path):
     """The seed CNN's conv+pool stages give the maps; the pooled features equal forward_features."""
     import shutil
 
-    from defectscope.decision.patch_drift import default_stages, feature_maps, fit_patch_drift
+    from defectscope.decision.drift.patch import default_stages, feature_maps, fit_patch_drift
     from defectscope.models.inference import features_and_logits
     from defectscope.rundir import Run
 
@@ -183,7 +183,7 @@ def test_fit_patch_drift_on_a_seed_cnn_run(trained_run, tmp_path):
 
 def test_feature_maps_name_a_backbone_without_maps():
     torch = pytest.importorskip("torch")
-    from defectscope.decision.patch_drift import feature_maps
+    from defectscope.decision.drift.patch import feature_maps
 
     class Plain(torch.nn.Module):
         def __init__(self):
@@ -198,7 +198,7 @@ def test_feature_maps_follow_the_frozen_recipe_and_views():
     """With the frozen recipe's feature transform, a kernel head and test-time views, the pooled features of
     the maps' pass still equal forward_features (what the pooled Drift scores were fitted on)."""
     torch = pytest.importorskip("torch")
-    from defectscope.decision.patch_drift import default_stages, feature_maps
+    from defectscope.decision.drift.patch import default_stages, feature_maps
     from defectscope.models.factory import create_model
     from defectscope.models.heads import KernelHead
     from defectscope.models.inference import features_and_logits

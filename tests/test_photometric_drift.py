@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from defectscope.decision.drift import DriftError
-from defectscope.decision.photometric_drift import PhotometricGaussian, grey_stats
+from defectscope.decision.drift.photometric import PhotometricGaussian, grey_stats
 
 
 def _normal_images(rng: np.random.Generator, n: int, size: int = 24) -> np.ndarray:
@@ -77,8 +77,8 @@ def run_copy(trained_run, tmp_path):
 def test_calibrate_photometric_records_its_statistics_in_the_policy(run_copy, tmp_path):
     """policy.json carries the photometric Gaussian (no extra file); evaluate and drift-eval compute it."""
     from defectscope.decision.calibrate import calibrate, drift_scores_for
-    from defectscope.decision.drift_policy import policy_forward
-    from defectscope.decision.photometric_drift import fit_photometric
+    from defectscope.decision.drift.photometric import fit_photometric
+    from defectscope.decision.drift.rule import policy_forward
     from defectscope.decision.policy import Policy
     from defectscope.evaluation.evaluate import evaluate
     from defectscope.rundir import Run

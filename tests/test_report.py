@@ -186,7 +186,7 @@ def _drift_eval_json(scores, kinds):
 
 
 def test_report_drift_section_from_synthetic_files(tmp_path):
-    from defectscope.decision.drift import SCORES
+    from defectscope.decision.drift.scorer import SCORES
     from defectscope.decision.outcomes import apply_policy_metrics
     from defectscope.decision.policy import Policy
     from defectscope.evaluation.drift_eval import load_scores, save_scores
@@ -245,7 +245,7 @@ def test_report_drift_section_from_synthetic_files(tmp_path):
 
 
 def test_report_drift_section_from_a_real_drift_eval(tmp_path, trained_run):
-    from defectscope.decision.drift import SCORES
+    from defectscope.decision.drift.scorer import SCORES
     from defectscope.evaluation.drift_eval import drift_eval
 
     run = Path(shutil.copytree(trained_run, tmp_path / "run"))
@@ -271,7 +271,7 @@ def test_report_drift_section_from_a_real_drift_eval(tmp_path, trained_run):
 def test_report_drift_small_calibration_and_chosen_score(tmp_path):
     """A small calibration set: the page says the rate it guarantees and the images 1% needs; the chosen
     (fused) score's AUROC per kind and its leave-one-kind-out check are shown."""
-    from defectscope.decision.drift_support import rate_support
+    from defectscope.decision.drift.support import rate_support
     from defectscope.decision.policy import Policy
 
     probs, y, paths = synthetic(tmp_path, 2, 20)

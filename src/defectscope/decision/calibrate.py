@@ -17,10 +17,11 @@ import pandas as pd
 from defectscope import labels
 from defectscope.decision.cost_files import load_cost_matrix
 from defectscope.decision.drift import DriftError
-from defectscope.decision.drift_fit import cost_aware_drift_threshold, fit_drift
-from defectscope.decision.drift_fusion import Standardiser
-from defectscope.decision.drift_policy import NOT_POOLED, PATCH, PHOTOMETRIC, PolicyDrift, parse_score, policy_forward
-from defectscope.decision.drift_support import support_message, threshold_with_support
+from defectscope.decision.drift.fit import cost_aware_drift_threshold, fit_drift
+from defectscope.decision.drift.fusion import Standardiser
+from defectscope.decision.drift.rule import NOT_POOLED, PATCH, PHOTOMETRIC, parse_score, policy_forward
+from defectscope.decision.drift.rule import DriftRule as PolicyDrift  # the old name, for this body only
+from defectscope.decision.drift.support import support_message, threshold_with_support
 from defectscope.decision.escape_scores import choose_escape_score, class_ranks_from_order, goodness
 from defectscope.decision.outcomes import apply_policy_metrics
 from defectscope.decision.policy import Policy, decide, review_scores, softmax
@@ -308,7 +309,7 @@ def _calibrate_drift(policy: Policy, run: Run, model, calib: tuple[np.ndarray, n
                                f"needs a linear head); available: {', '.join((*scorer.available, *NOT_POOLED))}")
     patch = None
     if PATCH in members:
-        from defectscope.decision.patch_drift import fit_patch_drift
+        from defectscope.decision.drift.patch import fit_patch_drift
 
         try:
             patch = fit_patch_drift(run, model=model)
@@ -316,7 +317,7 @@ def _calibrate_drift(policy: Policy, run: Run, model, calib: tuple[np.ndarray, n
             raise CalibrationError(str(exc)) from None
     photometric = None
     if PHOTOMETRIC in members:
-        from defectscope.decision.photometric_drift import fit_photometric
+        from defectscope.decision.drift.photometric import fit_photometric
 
         photometric = fit_photometric(run)
     drift = PolicyDrift(members, scorer, patch, photometric=photometric)

@@ -246,7 +246,7 @@ def cascade(
     """
     import torch
 
-    from defectscope.decision.drift_policy import policy_forward
+    from defectscope.decision.drift.rule import policy_forward
     from defectscope.models.screen import ScreenScore, screen_scores
 
     screen = screen_run if isinstance(screen_run, Run) else Run(screen_run)

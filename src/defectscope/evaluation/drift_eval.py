@@ -5,7 +5,7 @@ held-out-group images: each pooled score (msp, energy, mahalanobis, knn, vim wit
 ``patch`` score of the feature maps, the ``photometric`` score of the grey levels, and the max of every pair of them
 standardised on the validation split's images. It chooses the policy's score by its WORST-kind AUROC, and says
 how that choice does on a kind it was not chosen on (leave-one-kind-out;
-:func:`defectscope.decision.drift_fusion.select_score`). AUROC and FPR@95 of every candidate per kind and per
+:func:`defectscope.decision.drift.fusion.select_score`). AUROC and FPR@95 of every candidate per kind and per
 part -> ``RUN/drift_eval.json``; the raw per-image scores of each member and of the chosen score ->
 ``RUN/drift_eval_scores.npz`` (plain float arrays, for the report's histograms)."""
 
@@ -24,9 +24,9 @@ import pandas as pd
 from defectscope.data.corruptions import CORRUPTIONS, FAR_DRIFT, corrupt
 from defectscope.decision.costs import DRIFT
 from defectscope.decision.drift import DriftError
-from defectscope.decision.drift_fit import fit_scorer
-from defectscope.decision.drift_fusion import Candidate, candidates, select_score
-from defectscope.decision.drift_policy import PATCH, PHOTOMETRIC, member_scores
+from defectscope.decision.drift.fit import fit_scorer
+from defectscope.decision.drift.fusion import Candidate, candidates, select_score
+from defectscope.decision.drift.rule import PATCH, PHOTOMETRIC, member_scores
 from defectscope.rundir import DRIFT_EVAL, DRIFT_EVAL_RUNS, SPEC, Run
 
 log = logging.getLogger(__name__)
@@ -34,6 +34,8 @@ log = logging.getLogger(__name__)
 SEP = "__"  # npz keys: normal__<score>, <kind>__<score>, and <kind>__normal__<score> for retrained kinds
 KINDS = ("heldout_class", "group", "corruptions", "far")
 Scores = dict[str, np.ndarray]
+Headline = dict[str, list[dict[str, Scores | None]]]  # per kind, the parts its headline metric averages over
+Reported = dict[str, dict[str, dict[str, Scores | None]]]  # per kind, every part to report, by name
 
 
 # ---------------------------------------------------------------- metrics (numpy + sklearn)
@@ -90,8 +92,8 @@ class _Scoring:
     def __init__(self, run: Run, patch: bool = True):
         import torch
 
-        from defectscope.decision.patch_drift import fit_patch_gaussian
-        from defectscope.decision.photometric_drift import fit_photometric
+        from defectscope.decision.drift.patch import fit_patch_gaussian
+        from defectscope.decision.drift.photometric import fit_photometric
 
         self.run = run
         self.model = run.model()
@@ -107,7 +109,7 @@ class _Scoring:
         self.members = (*self.scorer.available, *([PATCH] if self.patch is not None else []), PHOTOMETRIC)
 
     def score(self, images: np.ndarray) -> Scores:
-        from defectscope.decision.drift_policy import policy_forward
+        from defectscope.decision.drift.rule import policy_forward
 
         stages = tuple(self.patch.stages) if self.patch is not None else None
         return member_scores(self.members, self.scorer, self.patch, *policy_forward(self.model, images, stages),
@@ -254,33 +256,70 @@ def drift_eval(
     if not kinds and extra_drift is None:
         raise DriftError("nothing to evaluate: give kinds or extra_drift")
     r = run if isinstance(run, Run) else Run(run)
-    test_rows = r.rows("test")
-    if test_rows.empty:
+    if r.rows("test").empty:
         raise DriftError(f"{run}: the test split is empty; drift evaluation needs normal test images")
-    # Per kind: the parts its headline metric averages over, and every part to report.
-    headline: dict[str, list[dict[str, Scores | None]]] = {}
-    reported: dict[str, dict[str, dict[str, Scores | None]]] = {}
+    headline: Headline = {}
+    reported: Reported = {}
     normal = val = None
-    needs_base = {"corruptions", "far"} & set(kinds) or extra_drift is not None
-    if needs_base:
-        scoring = _Scoring(r, patch)
-        _, normal_images = r.images(test_rows)
-        normal, val = scoring.score(normal_images), scoring.split("val")
+    if {"corruptions", "far"} & set(kinds) or extra_drift is not None:
+        normal, val = _own_model_kinds(r, kinds, extra_drift, headline, reported, n_far=n_far, seed=seed, patch=patch)
+    _retrained_kinds(r, kinds, headline, reported, heldout_epochs=heldout_epochs, group_column=group_column,
+                     train_value=train_value, patch=patch)
 
-        def pooled_kind(kind: str, sets: dict[str, Scores]) -> None:
-            whole = {"val": val, "normal": normal, "drift": _pool(list(sets.values()))}
-            headline[kind] = [whole]
-            reported[kind] = {n: {"val": val, "normal": normal, "drift": d} for n, d in sets.items()}
+    every = [p for parts in headline.values() for p in parts]
+    members = [s for s in every[0]["normal"] if all(s in p["normal"] for p in every)]
+    # Fusion standardises on held-out normal images: every part needs >= 2 validation images.
+    fuse = all(p["val"] is not None and len(next(iter(p["val"].values()))) >= 2 for p in every)
+    if not fuse:
+        log.warning("no validation images to standardise on: fused scores are not evaluated")
+    cands = _candidates(members, fuse, max_members)
+    results = {kind: _kind_metrics(cands, headline[kind], reported[kind]) for kind in headline}
+    selection = _select(headline, results, cands)
+    chosen = next(c for c in cands if c.name == selection["chosen"])
+    protocol = _protocol(kinds, fuse, seed=seed, n_far=n_far, heldout_epochs=heldout_epochs, group_column=group_column,
+                         train_value=train_value)
+    report = _report(r, members, cands, results, selection, chosen, protocol)
+    path = Path(out) if out is not None else r.path / DRIFT_EVAL
+    path.write_text(json.dumps(report, indent=2) + "\n")
+    # Beside the JSON: RUN/drift_eval_scores.npz by default, <out stem>_scores.npz otherwise.
+    scores_path = save_scores(path.with_name(f"{path.stem}_scores.npz"), *_raw_scores(headline, normal, val, chosen))
+    for kind, res in results.items():
+        log.info(f"{kind:>13}: " + ", ".join(f"{s} AUROC {_fmt(res['auroc'][s])} FPR@95 {_fmt(res['fpr95'][s])}"
+                                        for s in dict.fromkeys([*members, chosen.name])))
+    log.info(f"chosen drift score: {chosen.name} (worst-kind AUROC {_fmt(selection['worst_in_sample'])}, "
+             f"leave-one-kind-out {_fmt(selection.get('loko_worst'))}); written: {path}, {scores_path}")
+    return report
 
-        if "corruptions" in kinds:
-            pooled_kind("corruptions", {name: scoring.score(corrupt(normal_images, name, seed=seed))
-                                        for name in CORRUPTIONS})
-        if "far" in kinds:
-            pooled_kind("far", {name: scoring.score(fn(n_far, r.image_size, seed=seed))
-                                for name, fn in FAR_DRIFT.items()})
-        if extra_drift is not None:
-            images = _extra_images(extra_drift, r.image_size, r.spec.get("resize", "squash"))
-            pooled_kind("extra", {str(extra_drift): scoring.score(images)})
+
+def _own_model_kinds(r: Run, kinds: Sequence[str], extra_drift: str | Path | None, headline: Headline,
+                     reported: Reported, *, n_far: int, seed: int, patch: bool) -> tuple[Scores, Scores | None]:
+    """Score the kinds the run's own model judges (corruptions, far, extra) into ``headline`` and ``reported``;
+    returns the (test split's, validation split's) normal scores they are all compared with."""
+    scoring = _Scoring(r, patch)
+    _, normal_images = r.images(r.rows("test"))
+    normal, val = scoring.score(normal_images), scoring.split("val")
+
+    def pooled_kind(kind: str, sets: dict[str, Scores]) -> None:
+        whole = {"val": val, "normal": normal, "drift": _pool(list(sets.values()))}
+        headline[kind] = [whole]
+        reported[kind] = {n: {"val": val, "normal": normal, "drift": d} for n, d in sets.items()}
+
+    if "corruptions" in kinds:
+        pooled_kind("corruptions", {name: scoring.score(corrupt(normal_images, name, seed=seed))
+                                    for name in CORRUPTIONS})
+    if "far" in kinds:
+        pooled_kind("far", {name: scoring.score(fn(n_far, r.image_size, seed=seed))
+                            for name, fn in FAR_DRIFT.items()})
+    if extra_drift is not None:
+        images = _extra_images(extra_drift, r.image_size, r.spec.get("resize", "squash"))
+        pooled_kind("extra", {str(extra_drift): scoring.score(images)})
+    return normal, val
+
+
+def _retrained_kinds(r: Run, kinds: Sequence[str], headline: Headline, reported: Reported, *, heldout_epochs: int,
+                     group_column: str | None, train_value: str | None, patch: bool) -> None:
+    """Score the kinds that need a model retrained without their Drift (heldout_class, group) into ``headline``
+    and ``reported``."""
     work = r.path / DRIFT_EVAL_RUNS
     if "heldout_class" in kinds:
         if len(r.classes) < 3:
@@ -305,19 +344,27 @@ def drift_eval(
                                    heldout_epochs, patch)
         headline["group"], reported["group"] = [part], {f"{group_column}!={train_value}": part}
 
-    every = [p for parts in headline.values() for p in parts]
-    members = [s for s in every[0]["normal"] if all(s in p["normal"] for p in every)]
-    # Fusion standardises on held-out normal images: every part needs >= 2 validation images.
-    fuse = all(p["val"] is not None and len(next(iter(p["val"].values()))) >= 2 for p in every)
-    if not fuse:
-        log.warning("no validation images to standardise on: fused scores are not evaluated")
-    cands = _candidates(members, fuse, max_members)
-    results = {kind: _kind_metrics(cands, headline[kind], reported[kind]) for kind in headline}
-    selection = _select(headline, results, cands)
-    chosen = next(c for c in cands if c.name == selection["chosen"])
+
+def _protocol(kinds: Sequence[str], fuse: bool, *, seed: int, n_far: int, heldout_epochs: int,
+              group_column: str | None, train_value: str | None) -> dict[str, Any]:
+    """drift_eval.json's ``protocol``: what was measured, how."""
+    return {
+        "normal": "the run's test split", "positive": DRIFT, "seed": seed, "n_far": n_far,
+        "heldout_epochs": heldout_epochs if {"heldout_class", "group"} & set(kinds) else None,
+        "group": {"column": group_column, "train_value": train_value} if "group" in kinds else None,
+        "standardised_on": "each model's validation split" if fuse else None,
+        "selection": "highest worst-kind AUROC; leave-one-kind-out: chosen on the other kinds, measured on "
+                     "the one left out",
+        "fpr95": "false-flag rate on normal images at the threshold flagging 95% of Drift",
+    }
+
+
+def _report(r: Run, members: list[str], cands: list[Candidate], results: dict[str, Any], selection: dict[str, Any],
+            chosen: Candidate, protocol: dict[str, Any]) -> dict[str, Any]:
+    """drift_eval.json's content."""
     names = [c.name for c in cands]
     mean_auroc = {n: _mean([k["auroc"][n] for k in results.values()]) for n in names}
-    report = {
+    return {
         "run": str(r.path), "model": r.spec.get("architecture", r.config.model.name), "image_size": r.image_size,
         "members": members, "scores": names, "kinds": results, "mean_auroc": mean_auroc,
         "best_score": chosen.name,
@@ -325,26 +372,8 @@ def drift_eval(
                    "per_kind": {k: {"auroc": v["auroc"][chosen.name], "fpr95": v["fpr95"][chosen.name]}
                                 for k, v in results.items()}},
         "selection": selection,
-        "protocol": {
-            "normal": "the run's test split", "positive": DRIFT, "seed": seed, "n_far": n_far,
-            "heldout_epochs": heldout_epochs if {"heldout_class", "group"} & set(kinds) else None,
-            "group": {"column": group_column, "train_value": train_value} if "group" in kinds else None,
-            "standardised_on": "each model's validation split" if fuse else None,
-            "selection": "highest worst-kind AUROC; leave-one-kind-out: chosen on the other kinds, measured on "
-                         "the one left out",
-            "fpr95": "false-flag rate on normal images at the threshold flagging 95% of Drift",
-        },
+        "protocol": protocol,
     }
-    path = Path(out) if out is not None else r.path / DRIFT_EVAL
-    path.write_text(json.dumps(report, indent=2) + "\n")
-    # Beside the JSON: RUN/drift_eval_scores.npz by default, <out stem>_scores.npz otherwise.
-    scores_path = save_scores(path.with_name(f"{path.stem}_scores.npz"), *_raw_scores(headline, normal, val, chosen))
-    for kind, res in results.items():
-        log.info(f"{kind:>13}: " + ", ".join(f"{s} AUROC {_fmt(res['auroc'][s])} FPR@95 {_fmt(res['fpr95'][s])}"
-                                        for s in dict.fromkeys([*members, chosen.name])))
-    log.info(f"chosen drift score: {chosen.name} (worst-kind AUROC {_fmt(selection['worst_in_sample'])}, "
-             f"leave-one-kind-out {_fmt(selection.get('loko_worst'))}); written: {path}, {scores_path}")
-    return report
 
 
 def _select(headline: dict[str, list], results: dict[str, Any], cands: list[Candidate]) -> dict[str, Any]:

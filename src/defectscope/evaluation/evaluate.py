@@ -150,7 +150,7 @@ def _logits_and_drift(run: Run, model, images: np.ndarray, table: pd.DataFrame, 
     from defectscope.models.inference import predict_logits
 
     if policy is not None and policy.drift:
-        from defectscope.decision.drift_policy import policy_forward
+        from defectscope.decision.drift.rule import policy_forward
 
         features, logits_np, maps = policy_forward(model, images, drift_stages(policy), metadata=run.metadata(table))
         drift_score = drift_scores_for(run, policy, features, logits_np, maps, images)

@@ -28,11 +28,11 @@ from torch import nn
 
 from defectscope._version import __version__
 from defectscope.decision.drift import DriftError
-from defectscope.decision.drift_policy import PATCH, PHOTOMETRIC, PolicyDrift
+from defectscope.decision.drift.rule import DriftRule
 from defectscope.decision.policy import decide_labels
 from defectscope.errors import DefectscopeError
 from defectscope.models.cam import CamHead, forward_with_map, supports_cam
-from defectscope.onnx_export.drift_heads import drift_output
+from defectscope.onnx_export.drift_heads import GraphHead, drift_output, rule_head
 from defectscope.onnx_export.quantize import QUANTIZE_MODES, quantize_model
 from defectscope.rundir import EVALUATION, METRICS, SPEC, Run
 from defectscope.runtime import card as md
@@ -50,48 +50,11 @@ class ExportError(DefectscopeError, RuntimeError):
     """The export failed its self-check, or would overwrite a file of the run."""
 
 
-class DriftHead(nn.Module):
-    """The policy's Drift score inside the graph, from the statistics fitted on training features, so the
-    deployed file needs nothing beside it. Same formulas as :mod:`defectscope.decision.drift` (numpy)."""
-
-    def __init__(self, name: str, arrays: dict[str, np.ndarray], params: dict[str, Any]):
-        super().__init__()
-        self.name = name
-        self.temperature = float(params.get("temperature", 1.0))
-        self.k = int(params.get("k", 10))
-        if name == "mahalanobis":
-            means = arrays["mahalanobis.means"]
-            means = means[~np.isnan(means).any(axis=1)]  # classes without training features are ignored
-            self.register_buffer("means", torch.from_numpy(np.ascontiguousarray(means)).float())
-            self.register_buffer("precision", torch.from_numpy(arrays["mahalanobis.precision"]).float())
-        elif name == "knn":
-            self.register_buffer("bank", torch.from_numpy(np.ascontiguousarray(arrays["knn.bank"])).float())
-            self.k = min(max(self.k, 1), len(arrays["knn.bank"]))
-        elif name == "vim":
-            from defectscope.onnx_export.drift_heads import VimHead
-
-            self.vim = VimHead(arrays)
-
-    def forward(self, features: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-        if self.name == "msp":
-            return -torch.softmax(logits / self.temperature, dim=1).max(dim=1).values
-        if self.name == "energy":
-            return -self.temperature * torch.logsumexp(logits / self.temperature, dim=1)
-        if self.name == "vim":
-            return self.vim(features, logits)
-        if self.name == "mahalanobis":
-            diff = features[:, None, :] - self.means[None]  # (N, K, D)
-            return ((diff @ self.precision) * diff).sum(-1).min(dim=1).values
-        q = features / (features.norm(dim=1, keepdim=True) + 1e-12)
-        kth = (q @ self.bank.T).topk(self.k, dim=1).values[:, -1]
-        return torch.sqrt(torch.clamp(2.0 - 2.0 * kth, min=0.0))
-
-
 class ExportHeads(nn.Module):
     """The run's Classifier with the outputs a deployment needs, in one forward pass; with ``heatmap`` a fifth
     output, the decided class's Grad-CAM (:mod:`defectscope.models.cam`)."""
 
-    def __init__(self, model: nn.Module, drift: DriftHead | None = None, heatmap: bool = False):
+    def __init__(self, model: nn.Module, drift: GraphHead | None = None, heatmap: bool = False):
         super().__init__()
         self.model = model
         self.drift = drift
@@ -110,39 +73,22 @@ class ExportHeads(nn.Module):
         return logits, torch.softmax(logits, dim=1), features, drift, self.cam(pooled, features, final, logits)
 
 
-def drift_head_for(run: Run, policy: dict[str, Any] | None = None) -> tuple[nn.Module | None, tuple[int, ...] | None]:
-    """(the Drift head of the policy (default: the run's), the backbone stages it reads or None): a
-    :class:`DriftHead` for one pooled score, a :class:`~defectscope.onnx_export.drift_heads.PatchDriftHead` for the
-    patch score, a :class:`~defectscope.onnx_export.drift_heads.FusedDriftHead` for a max of standardised scores;
-    (None, None) when the policy has no Drift rule. The head's ``score_name`` is the policy's score."""
-    from defectscope.onnx_export.drift_heads import FusedDriftHead, PatchDriftHead, PhotometricDriftHead
-
+def drift_head_for(run: Run, policy: dict[str, Any] | None = None) -> tuple[GraphHead | None, tuple[int, ...] | None]:
+    """(the Drift head of the policy (default: the run's), the backbone stages it reads or None): the graph head
+    of its one member (:func:`~defectscope.onnx_export.drift_heads.graph_head`), or a
+    :class:`~defectscope.onnx_export.drift_heads.FusedDriftHead` for a max of standardised scores; (None, None)
+    when the policy has no Drift rule. The head's ``score_name`` is the policy's score."""
     policy = run.policy if policy is None else policy
     drift = (policy or {}).get("drift")
     if not drift or policy.get("drift_threshold") is None:
         return None, None
     try:
-        score = PolicyDrift.from_policy(run, drift)  # the same statistics calibrate and evaluate use
+        rule = DriftRule.from_policy(run, drift)  # the same statistics calibrate and evaluate use
     except DriftError as exc:
         raise ExportError(f"{exc}; calibrate again") from None
-    pooled = score.pooled.to_arrays() if score.pooled is not None else None
-
-    def member(name: str) -> tuple[str, nn.Module]:
-        if name == PATCH:
-            return "patch", PatchDriftHead(score.patch)
-        if name == PHOTOMETRIC:
-            return "image", PhotometricDriftHead(score.photometric)
-        return "pooled", DriftHead(name, *pooled)
-
-    if not score.fused:
-        head = member(score.members[0])[1]
-    else:
-        std = score.standardiser
-        head = FusedDriftHead([member(m) for m in score.members], [std.mu[m] for m in score.members],
-                              [std.sigma[m] for m in score.members])
-    stages = score.stages
+    head = rule_head(rule)
     head.score_name = drift["score"]
-    return head, stages
+    return head, rule.stages
 
 
 def export_heads(model: nn.Module, run: Run, policy: dict[str, Any] | None = None, *, heatmap: bool = False

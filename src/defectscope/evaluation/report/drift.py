@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from defectscope.decision.costs import DRIFT
-from defectscope.decision.drift_support import per_day_words
+from defectscope.decision.drift.support import per_day_words
 from defectscope.decision.thresholds import cp_interval
 from defectscope.evaluation.drift_eval import load_scores
 from defectscope.evaluation.report.html import esc, img, num, pct

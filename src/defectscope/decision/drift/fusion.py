@@ -11,7 +11,7 @@
   choice does on a kind it has not seen: leave-one-kind-out (LOKO), where both the choice among
   candidates and any fitted weights use the other kinds only, and the result is measured on the one left out.
 
-Data layout (plain dicts of numpy arrays, as :mod:`defectscope.decision.drift_fit` writes them): a *kind*
+Data layout (plain dicts of numpy arrays, as :mod:`defectscope.decision.drift.fit` writes them): a *kind*
 (``heldout_class``, ``group``, ``corruptions``, ``far``...) is a list of *parts* (e.g. one per held-out
 class, each with its own fitted statistics); a part is ``{"val": {score: (n,)}, "normal": {score: (m,)},
 "drift": {score: (k,)}}``, ``val`` being the held-out normal images for standardisation. A kind's AUROC is
@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from defectscope.decision.drift import DriftError
+from defectscope.decision.drift.member import DriftError
 
 Part = Mapping[str, Mapping[str, np.ndarray]]
 Kinds = Mapping[str, Sequence[Part]]
@@ -59,7 +59,14 @@ class Standardiser:
         return {k: (np.asarray(v, dtype=np.float64) - self.mu[k]) / self.sigma[k] for k, v in scores.items()}
 
     def to_dict(self) -> dict[str, Any]:
+        """Plain JSON (policy.json's ``drift.standardiser``)."""
         return {"mu": dict(self.mu), "sigma": dict(self.sigma)}
+
+    state = to_dict  # the members' name (DriftMember.state) for the same thing
+
+    @classmethod
+    def from_state(cls, state: Mapping[str, Any]) -> Standardiser:
+        return cls(dict(state["mu"]), dict(state["sigma"]))
 
 
 def fuse_max(z: Mapping[str, np.ndarray], members: Sequence[str]) -> np.ndarray:

@@ -17,7 +17,8 @@ from typing import Any
 import numpy as np
 
 from defectscope.decision.costs import DRIFT
-from defectscope.decision.drift import DriftError, DriftScorer
+from defectscope.decision.drift.member import DriftError
+from defectscope.decision.drift.scorer import DriftScorer
 from defectscope.rundir import Run
 
 log = logging.getLogger(__name__)
@@ -45,7 +46,7 @@ def calibrate_drift_threshold(scores_in_distribution: np.ndarray, target_false_f
     # The epsilon keeps (n + 1)(1 - alpha) = 190.00000000000003 from rounding up to 191.
     k = math.ceil((n + 1) * (1 - alpha) - 1e-9)
     if k > n:
-        from defectscope.decision.drift_support import rate_support, support_message
+        from defectscope.decision.drift.support import rate_support, support_message
 
         raise DriftError(support_message(rate_support(n, alpha)) + " (or accept a higher rate)")
     return float(np.sort(s)[max(k, 1) - 1])

@@ -24,16 +24,17 @@ import json
 import logging
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
-from defectscope.decision.drift import DriftError
+from defectscope.decision.drift.member import MAPS, DriftError
 from defectscope.rundir import PATCH_DRIFT_PARAMS as PATCH_PARAMS
 from defectscope.rundir import PATCH_DRIFT_WEIGHTS as PATCH_WEIGHTS
 from defectscope.rundir import Run
 
 log = logging.getLogger(__name__)
+PATCH = "patch"  # the member's name in a Drift score
 PATCH_VERSION = 1
 DEFAULT_STAGES = (2, 3)  # timm feature indices: stride 8 and 16 on EfficientNet/ResNet-like backbones
 
@@ -63,8 +64,12 @@ class PatchGaussian:
     ``d``: channels kept (a seeded random subset of all concatenated channels, as PaDiM: close to the
     full-dimension result at a fraction of the cost); ``eps``: ridge added to each covariance (PaDiM's
     0.01), which keeps it invertible when a channel is constant; ``stages``: which backbone feature maps
-    (timm ``feature_info`` indices) the statistics belong to, recorded for the exporter.
+    (timm ``feature_info`` indices) the statistics belong to, recorded for the exporter. A Drift rule's member
+    (:class:`~defectscope.decision.drift.member.DriftMember`) reading the stages' maps.
     """
+
+    kind: ClassVar[str] = PATCH
+    reads: ClassVar[str] = MAPS
 
     def __init__(self, *, d: int = 100, eps: float = 0.01, seed: int = 0,
                  stages: Sequence[int] = DEFAULT_STAGES):
@@ -129,10 +134,12 @@ class PatchGaussian:
             out[i:i + chunk] = np.sqrt(np.clip(m2, 0.0, None)).reshape(-1, h, w)
         return out
 
-    def score(self, maps: Sequence[np.ndarray]) -> np.ndarray:
+    def score_samples(self, maps: Sequence[np.ndarray]) -> np.ndarray:
         """The image score: the largest patch distance, (N,) float64."""
         s = self.score_maps(maps)
         return s.reshape(len(s), -1).max(axis=1).astype(np.float64)
+
+    score = score_samples  # its name before the member protocol, kept for the benches and tests
 
     def params(self) -> dict[str, Any]:
         return {"version": PATCH_VERSION, "score": "patch", "d": self.d, "eps": self.eps, "seed": self.seed,
@@ -162,6 +169,15 @@ class PatchGaussian:
             raise DriftError(f"patch drift statistics have inconsistent shapes: mean {g.mean.shape}, "
                              f"precision {g.precision.shape}, {len(g.channels)} channels on a {g.grid} grid")
         return g
+
+    def state(self) -> dict[str, Any]:
+        """``{"arrays": ..., "params": ...}``: what ``patch_drift.safetensors`` and ``patch_drift.json`` hold."""
+        arrays, params = self.to_arrays()
+        return {"arrays": arrays, "params": params}
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any]) -> PatchGaussian:
+        return cls.from_arrays(state["arrays"], state["params"])
 
     def save(self, run_dir: str | Path | Run) -> tuple[Path, Path]:
         """Write the statistics into a run (through :class:`Run`) or any folder; (weights, parameters) paths."""

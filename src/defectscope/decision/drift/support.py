@@ -1,6 +1,6 @@
 """What a small set of normal calibration images can honestly promise about Drift false flags.
 
-The split-conformal threshold (:func:`defectscope.decision.drift_fit.calibrate_drift_threshold`) flags a new
+The split-conformal threshold (:func:`defectscope.decision.drift.fit.calibrate_drift_threshold`) flags a new
 normal image with probability at most ``alpha`` only if ``k = ceil((n + 1)(1 - alpha)) <= n``, i.e. with
 ``n >= 1/alpha - 1`` normal images. With fewer, the best it can do is the largest calibration score as the
 threshold, which guarantees ``1/(n + 1)`` (the new image is the largest of ``n + 1`` exchangeable scores

@@ -2,12 +2,12 @@
 
 A policy names its score in ``policy.drift["score"]``: a member (``mahalanobis``, ``knn``, ``vim``, ``msp``,
 ``energy`` on the pooled features and logits; ``patch`` on the feature maps, see
-:mod:`defectscope.decision.patch_drift`; ``photometric`` on the image's grey levels, see
-:mod:`defectscope.decision.photometric_drift`) or a max fusion such as ``max(knn,patch)``: each member
+:mod:`defectscope.decision.drift.patch`; ``photometric`` on the image's grey levels, see
+:mod:`defectscope.decision.drift.photometric`) or a max fusion such as ``max(knn,patch)``: each member
 standardised with the mean and standard deviation of its scores on the validation split's images
-(``policy.drift["standardiser"]``), the largest z-score kept (:mod:`defectscope.decision.drift_fusion`).
+(``policy.drift["standardiser"]``), the largest z-score kept (:mod:`defectscope.decision.drift.fusion`).
 
-:class:`PolicyDrift` computes that score in numpy from features, logits, (for ``patch``) maps and (for
+:class:`DriftRule` computes that score in numpy from features, logits, (for ``patch``) maps and (for
 ``photometric``) the images, with the statistics saved in the run and the policy; the exported graph computes
 the same inside ONNX (:mod:`defectscope.onnx_export.drift_heads`), so the deployed predictor reads one number and
 stays torch-free."""
@@ -20,17 +20,19 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from defectscope.decision.drift import SCORES, DriftError, DriftScorer
-from defectscope.decision.drift_fusion import Standardiser, fuse_max
-from defectscope.decision.photometric_drift import PHOTOMETRIC, PhotometricGaussian
+from defectscope.decision.drift.fusion import Standardiser, fuse_max
+from defectscope.decision.drift.member import READS, DriftError, DriftInputs, DriftMember
+from defectscope.decision.drift.patch import PATCH, PatchGaussian, feature_maps
+from defectscope.decision.drift.photometric import PHOTOMETRIC, PhotometricGaussian
+from defectscope.decision.drift.scorer import SCORES, DriftScorer, PooledScore
 
 if TYPE_CHECKING:
-    from defectscope.decision.patch_drift import PatchGaussian
     from defectscope.rundir import Run
 
-PATCH = "patch"
 MEMBERS = (*SCORES, PATCH, PHOTOMETRIC)
 NOT_POOLED = (PATCH, PHOTOMETRIC)
+# The member types with statistics of their own; every other member is a pooled score of the DriftScorer.
+_OWN_TYPES: dict[str, type] = {PATCH: PatchGaussian, PHOTOMETRIC: PhotometricGaussian}
 
 
 def parse_score(name: str) -> tuple[str, ...]:
@@ -61,27 +63,17 @@ def member_scores(members: Sequence[str], pooled: DriftScorer | None, patch: Pat
                   maps: Sequence[np.ndarray] | None, *, photometric: PhotometricGaussian | None = None,
                   images: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """Raw scores of each member (all higher = more unlike training)."""
-    out: dict[str, np.ndarray] = {}
-    pooled_names = [m for m in members if m not in NOT_POOLED]
-    if pooled_names:
-        if pooled is None:
-            raise DriftError(f"the {', '.join(pooled_names)} score needs the pooled drift statistics")
-        out.update(pooled.score(features, logits, pooled_names))
-    # The scores that read something other than pooled features: (statistics, what they read).
-    for name, stats, inputs, what in ((PATCH, patch, maps, "the feature maps of the images"),
-                                      (PHOTOMETRIC, photometric, images, "the images")):
-        if name in members:
-            if stats is None:
-                raise DriftError(f"the {name} score needs the {name} drift statistics")
-            if inputs is None:
-                raise DriftError(f"the {name} score needs {what}")
-            out[name] = stats.score(inputs)
-    return out
+    return DriftRule(tuple(members), pooled, patch, photometric=photometric).raw(features, logits, maps, images)
+
+
+def _read_order(kind: str) -> int:
+    return READS.index(_OWN_TYPES.get(kind, PooledScore).reads)
 
 
 @dataclass
-class PolicyDrift:
-    """Everything that turns features, logits and maps into the policy's one Drift score."""
+class DriftRule:
+    """Everything that turns features, logits and maps into the policy's one Drift score: the member names and
+    the statistics they are computed with (one :class:`DriftScorer` for every pooled member)."""
 
     members: tuple[str, ...]
     pooled: DriftScorer | None = None
@@ -102,9 +94,32 @@ class PolicyDrift:
         """The backbone stages whose maps the score needs (None: it reads pooled features only)."""
         return tuple(self.patch.stages) if self.patch is not None and PATCH in self.members else None
 
+    def member(self, kind: str) -> DriftMember:
+        """The member ``kind`` with the rule's statistics; DriftError when they are missing."""
+        if kind in _OWN_TYPES:
+            found = {PATCH: self.patch, PHOTOMETRIC: self.photometric}[kind]
+            if found is None:
+                raise DriftError(f"the {kind} score needs the {kind} drift statistics")
+            return found
+        if self.pooled is None:
+            pooled = [m for m in self.members if m not in _OWN_TYPES]
+            raise DriftError(f"the {', '.join(pooled)} score needs the pooled drift statistics")
+        return PooledScore(kind, self.pooled)
+
+    def bound_members(self) -> list[DriftMember]:
+        """The members in the rule's order (the order of a fused score's standardisation)."""
+        return [self.member(kind) for kind in self.members]
+
     def raw(self, features, logits, maps=None, images=None) -> dict[str, np.ndarray]:
-        return member_scores(self.members, self.pooled, self.patch, features, logits, maps,
-                             photometric=self.photometric, images=images)
+        """Each member's raw score, every member reading its own input (:class:`DriftInputs`)."""
+        inputs = DriftInputs(features, logits, maps, images)
+        out: dict[str, np.ndarray] = {}
+        # Pooled members first, then the maps' and the image's: the order policy.json's standardiser has
+        # always listed them in (sorted is stable, so pooled members keep the rule's order).
+        for kind in sorted(self.members, key=_read_order):
+            member = self.member(kind)
+            out[kind] = member.score_samples(inputs.read(member))
+        return out
 
     def combine(self, raw: Mapping[str, np.ndarray]) -> np.ndarray:
         """The policy's score from the members' raw scores."""
@@ -130,10 +145,8 @@ class PolicyDrift:
         return out
 
     @classmethod
-    def from_policy(cls, run: Run, drift: Mapping[str, Any]) -> PolicyDrift:
+    def from_policy(cls, run: Run, drift: Mapping[str, Any]) -> DriftRule:
         """The score a policy's ``drift`` entry names, with the statistics saved in ``run``."""
-        from defectscope.decision.patch_drift import PatchGaussian
-
         members = parse_score(drift["score"])
         pooled = DriftScorer.load(run) if any(m not in NOT_POOLED for m in members) else None
         patch = PatchGaussian.load(run) if PATCH in members else None
@@ -141,13 +154,13 @@ class PolicyDrift:
         if PHOTOMETRIC in members:
             if not drift.get("photometric"):
                 raise DriftError(f"the policy's Drift score {drift['score']} has no photometric statistics")
-            photometric = PhotometricGaussian.from_dict(drift["photometric"])
+            photometric = PhotometricGaussian.from_state(drift["photometric"])
         std = None
         if len(members) > 1:
             s = drift.get("standardiser")
             if not s:
                 raise DriftError(f"the policy's fused Drift score {drift['score']} has no standardiser")
-            std = Standardiser(dict(s["mu"]), dict(s["sigma"]))
+            std = Standardiser.from_state(s)
         return cls(members, pooled, patch, std, photometric)
 
 
@@ -158,8 +171,6 @@ def policy_forward(model, images: np.ndarray, stages: Sequence[int] | None, *, m
     from defectscope.models.inference import features_and_logits
 
     if stages:
-        from defectscope.decision.patch_drift import feature_maps
-
         features, logits, maps = feature_maps(model, images, stages)
         if metadata is not None:  # feature_maps' logits are the image's alone
             logits = features_and_logits(model, images, metadata=metadata)[1]

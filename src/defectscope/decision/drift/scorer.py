@@ -20,26 +20,25 @@ Scores:
   images, minus the energy ``logsumexp(logits)``. Needs the head's weight and bias when fitting.
 
 Saved as ``RUN/drift.safetensors`` (numpy arrays, nothing pickled) plus ``RUN/drift.json`` (parameters).
+One :class:`DriftScorer` holds the statistics of all of them; :class:`PooledScore` is one of its scores as a
+member of a policy's Drift rule (:class:`~defectscope.decision.drift.member.DriftMember`).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
-from defectscope.errors import DefectscopeError
+from defectscope.decision.drift.member import POOLED, DriftError
 
 if TYPE_CHECKING:  # only for the annotations: the predictor imports this module without pandas or yaml
     from defectscope.rundir import Run
 
 DRIFT_VERSION = 1
 SCORES = ("msp", "energy", "mahalanobis", "knn", "vim")
-
-
-class DriftError(DefectscopeError, ValueError):
-    """Drift statistics that are missing, malformed, or do not fit the features given."""
 
 
 def _logsumexp(z: np.ndarray) -> np.ndarray:
@@ -279,6 +278,15 @@ class DriftScorer:
         s.n_train = int(params.get("n_train", 0))
         return s
 
+    def state(self) -> dict[str, Any]:
+        """``{"arrays": ..., "params": ...}``: what ``drift.safetensors`` and ``drift.json`` hold."""
+        arrays, params = self.to_arrays()
+        return {"arrays": arrays, "params": params}
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any]) -> DriftScorer:
+        return cls.from_arrays(state["arrays"], state["params"])
+
     def save(self, run: Run) -> Path:
         """Write ``RUN/drift.safetensors`` and ``RUN/drift.json``; returns the path of the first."""
         arrays, params = self.to_arrays()
@@ -290,3 +298,34 @@ class DriftScorer:
         if stats is None:
             raise DriftError(f"{run.path}: no drift statistics (drift.safetensors + drift.json); run calibrate first")
         return cls.from_arrays(*stats)
+
+
+@dataclass(frozen=True)
+class PooledScore:
+    """One pooled score (``kind`` in :data:`SCORES`, checked when scoring) of a :class:`DriftScorer`, as a Drift
+    rule's member.
+
+    The pooled members of one rule share one scorer (one set of statistics in ``drift.safetensors``);
+    ``X`` is ``(features, logits)``.
+    """
+
+    kind: str
+    scorer: DriftScorer
+    reads: ClassVar[str] = POOLED
+
+    def fit(self, X: tuple[np.ndarray, np.ndarray | None], labels: np.ndarray,
+            head: tuple[np.ndarray, np.ndarray] | None = None) -> PooledScore:
+        """Fit the shared scorer (see :meth:`DriftScorer.fit`): every member sharing it is refitted."""
+        self.scorer.fit(*X, labels, head=head)
+        return self
+
+    def score_samples(self, X: tuple[np.ndarray | None, np.ndarray | None]) -> np.ndarray:
+        features, logits = X
+        return self.scorer.score(features, logits, [self.kind])[self.kind]
+
+    def state(self) -> dict[str, Any]:
+        return {"kind": self.kind, **self.scorer.state()}
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any]) -> PooledScore:
+        return cls(state["kind"], DriftScorer.from_state(state))

@@ -18,11 +18,11 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
-from defectscope.decision.drift import DriftError
+from defectscope.decision.drift.member import IMAGE, DriftError
 
 if TYPE_CHECKING:
     from defectscope.rundir import Run
@@ -48,11 +48,14 @@ def grey_stats(images: np.ndarray) -> np.ndarray:
 
 @dataclass
 class PhotometricGaussian:
-    """One Gaussian over :func:`grey_stats` of normal images; the score is the Mahalanobis distance to it."""
+    """One Gaussian over :func:`grey_stats` of normal images; the score is the Mahalanobis distance to it. A
+    Drift rule's member (:class:`~defectscope.decision.drift.member.DriftMember`) reading the images."""
 
     mean: np.ndarray | None = None  # (4,)
     precision: np.ndarray | None = None  # (4, 4)
     n_train: int = 0
+    kind: ClassVar[str] = PHOTOMETRIC
+    reads: ClassVar[str] = IMAGE
 
     def fit(self, images: np.ndarray) -> PhotometricGaussian:
         from sklearn.covariance import LedoitWolf
@@ -64,11 +67,13 @@ class PhotometricGaussian:
         self.mean, self.precision, self.n_train = lw.location_, lw.precision_, len(stats)
         return self
 
-    def score(self, images: np.ndarray) -> np.ndarray:
+    def score_samples(self, images: np.ndarray) -> np.ndarray:
         if self.mean is None:
             raise DriftError("the photometric Drift statistics are not fitted")
         d = grey_stats(images) - self.mean
         return np.sqrt(np.clip(np.einsum("ni,ij,nj->n", d, self.precision, d), 0.0, None))
+
+    score = score_samples  # its name before the member protocol, kept for the benches and tests
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON (policy.json's ``drift.photometric``)."""
@@ -84,6 +89,14 @@ class PhotometricGaussian:
         if mean.shape != (len(STATS),) or precision.shape != (len(STATS), len(STATS)):
             raise DriftError("policy.json's photometric statistics have the wrong shape; calibrate the run again")
         return cls(mean, precision, int(d.get("n_train", 0)))
+
+
+    def state(self) -> dict[str, Any]:
+        return self.to_dict()
+
+    @classmethod
+    def from_state(cls, state: Mapping[str, Any]) -> PhotometricGaussian:
+        return cls.from_dict(state)
 
 
 def fit_photometric(run: Run) -> PhotometricGaussian:
