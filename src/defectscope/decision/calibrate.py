@@ -19,8 +19,7 @@ from defectscope.decision.cost_files import load_cost_matrix
 from defectscope.decision.drift import DriftError
 from defectscope.decision.drift.fit import cost_aware_drift_threshold, fit_drift
 from defectscope.decision.drift.fusion import Standardiser
-from defectscope.decision.drift.rule import NOT_POOLED, PATCH, PHOTOMETRIC, parse_score, policy_forward
-from defectscope.decision.drift.rule import DriftRule as PolicyDrift  # the old name, for this body only
+from defectscope.decision.drift.rule import NOT_POOLED, PATCH, PHOTOMETRIC, DriftRule, parse_score, policy_forward
 from defectscope.decision.drift.support import support_message, threshold_with_support
 from defectscope.decision.escape_scores import choose_escape_score, class_ranks_from_order, goodness
 from defectscope.decision.outcomes import apply_policy_metrics
@@ -276,7 +275,7 @@ def drift_scores_for(run: Run, policy: Policy, features: np.ndarray, logits: np.
     Drift rule)."""
     if not policy.drift:
         return None
-    return PolicyDrift.from_policy(run, policy.drift).score(features, logits, maps, images)
+    return DriftRule.from_policy(run, policy.drift).score(features, logits, maps, images)
 
 
 def drift_stages(policy: Policy) -> tuple[int, ...] | None:
@@ -320,7 +319,7 @@ def _calibrate_drift(policy: Policy, run: Run, model, calib: tuple[np.ndarray, n
         from defectscope.decision.drift.photometric import fit_photometric
 
         photometric = fit_photometric(run)
-    drift = PolicyDrift(members, scorer, patch, photometric=photometric)
+    drift = DriftRule(members, scorer, patch, photometric=photometric)
     s_in_raw = drift.raw(*policy_forward(model, calib_images, drift.stages, metadata=calib_meta), images=calib_images)
     std_info: dict[str, Any] = {}
     if drift.fused:
