@@ -208,3 +208,21 @@ def test_no_subpackage_shadows_a_public_name():
     for name in defectscope.__all__:
         value = getattr(defectscope, name)
         assert not isinstance(value, type(defectscope)), f"defectscope.{name} is the module {value.__name__}"
+
+
+def test_architecture_md_lists_every_module_and_the_layers_in_this_order():
+    """ARCHITECTURE.md stays true: every module is named in it, and its layer picture is LAYERS."""
+    import re
+
+    doc = (SRC.parents[1] / "ARCHITECTURE.md").read_text()
+    words = set(re.findall(r"[A-Za-z_][A-Za-z0-9_]*", doc))
+    missing = [str(p.relative_to(SRC)) for p in SRC.rglob("*.py")
+               if "migrations" not in p.parts and p.stem not in words
+               and not (p.stem == "__init__" and p.parent.name in words)]
+    assert not missing, f"ARCHITECTURE.md does not mention: {missing}"
+    picture = doc.split("```")[1]
+    rows = {int(m.group(1)): m.group(2) for m in re.finditer(r"^\s*(\d+)\s+(.*)$", picture, re.M)}
+    for i, layer in enumerate(LAYERS, start=1):
+        names = [name.split(".")[-1] for name in layer]
+        assert all(re.search(rf"(^|\s){re.escape(n)}/?(\s|$)", rows.get(i, "")) for n in names), (i, names, rows.get(i))
+    assert len(rows) == len(LAYERS)
