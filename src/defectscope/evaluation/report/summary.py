@@ -40,7 +40,8 @@ def headline(metrics: dict[str, Any], raw: dict[str, Any] | None) -> str:
                                     f"go to review or are flagged as Drift."))
         if escape:
             rows.append(rate_row("escape rate, with policy", escape, f"{escape['count']} of {escape['of']} defective "
-                                 "parts (of the capped classes) were passed as GOOD by the policy."))
+                                 "parts would have been passed as GOOD at the chosen operating point (capped "
+                                 "classes)."))
         nuisance = pol.get("nuisance_escape")
         if nuisance:
             rows.append(rate_row("nuisance escape rate, with policy", nuisance, f"{nuisance['count']} of "
