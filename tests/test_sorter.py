@@ -24,6 +24,7 @@ from PIL import Image
 from defectscope.onnx_export.exporter import export
 from defectscope.runtime.predictor import UNREADABLE, Predictor
 from defectscope.station import sorter
+from defectscope.station.claims import ALIVE
 from defectscope.station.sorter import safe_folder_name, sort
 from defectscope.station.store import COLUMNS, Store, export_log
 
@@ -70,7 +71,8 @@ def rows(db: Path) -> list[sqlite3.Row]:
 
 
 def inbox_files(inbox: Path) -> list[Path]:
-    return [p for p in inbox.rglob("*") if p.is_file() or p.is_symlink()]
+    """Every file under the inbox not filed yet, claimed ones included (a running sorter's lock file is not)."""
+    return [p for p in inbox.rglob("*") if (p.is_file() or p.is_symlink()) and p.name != ALIVE]
 
 
 def test_one_shot_files_every_image_and_logs_it(predictor, tmp_path):
@@ -130,7 +132,8 @@ def test_name_clash_gets_a_unique_name_and_nothing_is_overwritten(predictor, tmp
 
 
 def test_duplicate_content_rule(predictor, tmp_path):
-    """Same bytes under another name: filed and logged separately. Same bytes and same name: one image."""
+    """Same bytes under another name: filed and logged separately. Same bytes and same name: one image, and the
+    removed copy gets a row saying so (never a silent deletion)."""
     inbox, out = tmp_path / "inbox", tmp_path / "out"
     src = make_inbox(inbox / "a", 1)[0]
     (inbox / "a" / "renamed.png").write_bytes(src.read_bytes())
@@ -143,8 +146,13 @@ def test_duplicate_content_rule(predictor, tmp_path):
     assert summary["processed"] == 2 and summary["skipped"]["duplicate_removed"] == 1
     assert sorted(p.name for p in filed(out)) == sorted([src.name, "renamed.png"])
     log = rows(out / "results.db")
-    assert sorted(r["file_name"] for r in log) == sorted([src.name, "renamed.png"])
-    assert len({r["content_sha256"] for r in log}) == 1
+    assert sorted(r["file_name"] for r in log) == sorted([src.name, src.name, "renamed.png"])
+    assert len({r["content_sha256"] for r in log}) == 1 and {r["status"] for r in log} == {"done"}
+    (dup,) = [r for r in log if r["request_id"].startswith("duplicate:")]
+    first = next(r for r in log if r["file_name"] == src.name and r["request_id"] == "")
+    assert dup["destination"] == first["destination"] and dup["decision"] == first["decision"]
+    assert f"duplicate of row {first['id']}" in dup["error"] and "removed from the inbox" in dup["error"]
+    assert dup["source_path"] != first["source_path"] and not dup["needs_review"]
 
 
 def test_hostile_inbox_nothing_escapes_out(predictor, tmp_path):

@@ -7,31 +7,26 @@ truncated, not an image), ``OUT/_unreadable``; one row per image goes to the res
 
 Guarantees, in the order the code keeps them:
 
-* **Nothing is lost or overwritten** (:mod:`defectscope.station.filing`). A name already taken in the class
-  folder becomes ``name (1).png``; files are placed with a hard link, which fails rather than replace an
-  existing file, and the source is unlinked only after that. Where hard links are impossible (another
-  filesystem, some network shares) the file is copied to a temporary name, fsynced, verified (size and
-  SHA-256) and only then given its name and the source deleted. ``mode="copy"`` never touches the inbox.
-* **Write-ahead log.** For each file: hash it; look its row up; write a ``pending`` row holding the
-  intended destination; place the file; mark the row ``done``. A restart first settles every ``pending``
-  row: destination present with the right hash -> ``done`` (and a leftover source with the same hash is
-  removed in move mode); otherwise the row becomes ``error`` and the source is filed again by the pass.
-  So a run killed at any instant and started again files every input exactly once, with one ``done`` row
-  per image.
-* **One row per image, keyed by content and name** (``content_sha256``, ``file_name``): the same bytes
-  under the same name are one image (a copy-mode re-run skips it; in move mode a re-delivered copy is
-  removed from the inbox when the filed one is still in place, else it is filed again). Identical bytes
-  under different names are different images: each is filed and logged.
-* **Only finished files are taken**: a file's size and mtime must stay unchanged for ``settle_seconds``
-  (:class:`defectscope.station.watch.Settler`).
-  Hidden files (``.name``, e.g. an uploader's temporary file) are never taken.
-* **Hostile inbox**: symlinks are never followed (skipped with a logged reason), directories and other
-  non-regular files are left alone, every destination is resolved and must lie inside ``OUT``.
-* **One bad file never stops the run**: an ``OSError`` (disk full, permission denied) marks that file's
-  row ``error`` with the message; the next pass (or run) retries it.
-
-One sorter per output folder at a time (``OUT/.defectscope-sort.lock``, POSIX only); the lock, the watch loop
-and the signal handling live in :mod:`defectscope.station.watch`.
+* **Nothing is lost or overwritten** (:mod:`defectscope.station.filing`): a name taken becomes ``name (1).png``;
+  placement is a hard link then an unlink (or a verified, fsynced copy where links are impossible).
+* **Several sorters, one inbox** (move mode, :mod:`defectscope.station.claims`): each file is first claimed by an
+  atomic rename into the worker's ``INBOX/.defectscope-claims/<worker>/``; a dead worker's claims are taken over.
+  Any number of move-mode sorters (processes, machines on one share, with one PostgreSQL store) run side by side;
+  a copy-mode sorter cannot claim and runs alone per output folder (a one-line error otherwise).
+* **Write-ahead log.** For each file: hash it; look its row up; write a ``pending`` row holding the intended
+  destination; place the file; mark the row ``done``. Pending rows are settled at start and after a takeover:
+  destination present with the right hash -> ``done``; otherwise (no other worker alive) ``error``, and the file
+  is filed again, the row reused. A worker killed at any instant thus files every input exactly once.
+* **One image per content and name** (``content_sha256``, ``file_name``): a copy-mode re-run skips it; in move
+  mode a re-delivered copy (or a twin in another folder) whose filed copy is still in place is removed from the
+  inbox with a row of its own saying so (``request_id`` ``duplicate:...``), else filed again. Identical bytes
+  under different names are different images.
+* **Only finished files are taken** (size and mtime unchanged for ``settle_seconds``, :class:`Settler`); hidden
+  files (``.name``) never.
+* **Hostile inbox**: symlinks and files with more than one hard link (a link to a file outside the inbox) are
+  refused with a logged reason and left in place; other non-regular files are left alone; every destination
+  must resolve inside ``OUT``.
+* **One bad file never stops the run**: an ``OSError`` marks its row ``error``; the next pass retries it.
 
 A model trained with metadata inputs (``lib``, ``window``...) gets them from the file's path: ``metadata_pattern``
 is a regular expression with one named group per input, searched in the path relative to the inbox (so a folder
@@ -46,26 +41,24 @@ import errno
 import hashlib
 import logging
 import os
-import queue
 import re
 import sqlite3
 import stat
 import threading
 import time
+import uuid
 from collections import Counter, deque
 from collections.abc import Callable, Iterator
 from contextlib import suppress
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from defectscope.progress import progress as progress_bar
-from defectscope.runtime.predictor import UNREADABLE, Prediction, Predictor, WithMetadata
+from defectscope.runtime.predictor import Prediction, Predictor, WithMetadata
+from defectscope.station.claims import TAKEN_PREFIX, Claims
 
 # place_file is looked up in this module's namespace at each call: tests replace ``sorter.place_file`` to
 # simulate a full disk or a crash mid-placement.
 from defectscope.station.filing import (
-    MAX_BYTES,
     SortError,
     check_inside,
     part_path,
@@ -77,8 +70,10 @@ from defectscope.station.filing import (
     sha256_file,
     unique_path,
 )
+from defectscope.station.sort_steps import Filer, Item, linked_message, same_inode, too_large
+from defectscope.station.sort_steps import metadata_pattern as compile_pattern
 from defectscope.station.store import Store, export_log, sqlite_path
-from defectscope.station.watch import Settler, exclusive, stop_on_signals, watch_inbox
+from defectscope.station.watch import exclusive, one_shot, stop_on_signals, watch_inbox
 
 __all__ = ["MODES", "SortError", "export_log", "place_file", "safe_folder_name", "sort"]
 
@@ -86,15 +81,8 @@ _log = logging.getLogger(__name__)
 
 MODES = ("move", "copy")
 RETRY_SECONDS = 60.0  # watch mode: a file that failed is tried again after this long (or once it changes)
-
-
-@dataclass
-class _Item:
-    path: Path
-    name: str  # printable file name, the log key with the hash
-    size: int
-    sha256: str
-    data: bytes | None  # None when too large to decode
+LEASE_SECONDS = 60.0  # a worker whose claim folder's heartbeat is older than this is taken for dead
+_NAME_TRIES = 50
 
 
 # ---------------------------------------------------------------------------------------------- sorter
@@ -125,6 +113,7 @@ class _Sorter:
         self.known: dict[Path, tuple[int, int, int]] = {}  # copy mode: settled files already logged
         self.failed: dict[Path, tuple[tuple[int, int, int], float]] = {}
         self.metadata_pattern: re.Pattern[str] | None = None  # set by sort() for a model with metadata inputs
+        self.claims: Claims | None = None  # move mode: this worker's claim folder (set by sort())
 
     def metadata_of(self, path: Path) -> dict[str, str]:
         """The metadata inputs a file's path gives (named groups of the pattern that matched; {} when none)."""
@@ -139,27 +128,42 @@ class _Sorter:
 
     # ---- restart
     def recover(self) -> None:
-        """Settle the ``pending`` rows an interrupted run left (see the module docstring)."""
+        """Settle the ``pending`` rows an interrupted run left (see the module docstring).
+
+        With other workers running, a pending row may be theirs, in hand: only rows whose file is already in
+        place are settled (marking them done is what their owner does next anyway); the rest are settled when
+        their claimed file, taken over from its dead worker, is filed again.
+        """
+        alone = self.claims is None or not self.claims.others_alive()
         for row in self.db.rows("pending"):
             dest, src, sha = Path(row["destination"]), Path(row["source_path"]), row["content_sha256"]
-            with suppress(FileNotFoundError, SortError):
-                check_inside(dest, self.out_real)
-                part_path(dest, row["id"]).unlink()
+            if alone:
+                with suppress(FileNotFoundError, SortError):
+                    check_inside(dest, self.out_real)
+                    part_path(dest, row["id"]).unlink()
             if sha256_file(dest) == sha:
-                if self.mode == "move" and sha256_file(src) == sha:
+                if self.claims is None and self.mode == "move" and sha256_file(src) == sha:
                     with suppress(OSError):
                         os.unlink(src)  # the interrupted move got as far as the link: finish it
                 self.db.mark_done(row["id"])
                 self.say(f"recovered {row['file_name']}: already filed as {dest}")
-            else:
+            elif alone:
                 self.db.mark_error(row["id"], "interrupted before the file was placed; filed again when seen")
                 self.say(f"recovered {row['file_name']}: not placed yet, will be filed again")
+            else:
+                continue
             self.recovered += 1
 
     # ---- scanning
     def scan(self) -> dict[Path, tuple[int, int, int]]:
-        """Regular, non-hidden files under the inbox (symlinks reported and skipped) -> size, mtime, inode."""
+        """Regular, non-hidden files under the inbox (symlinks and files with other hard links reported and
+        skipped) and the files this worker holds in its claim folder -> size, mtime, inode.
+
+        In move mode it first takes over the claims of dead workers (and settles their log rows).
+        """
         found: dict[Path, tuple[int, int, int]] = {}
+        if self.claims is not None and self.claims.take_over():
+            self.recover()
         for root, dirs, files in os.walk(self.inbox, followlinks=False, onerror=self._walk_error):
             base = Path(root)
             for d in list(dirs):
@@ -181,15 +185,19 @@ class _Sorter:
                     self._skip(p, "symlink", "a symbolic link (not followed)")
                 elif not stat.S_ISREG(st.st_mode):
                     self._skip(p, "not_regular", "not a regular file")
-                else:
-                    sig = (st.st_size, st.st_mtime_ns, st.st_ino)
-                    if self.known.get(p) == sig:
-                        continue
-                    failed = self.failed.get(p)
-                    if failed and failed[0] == sig and time.monotonic() - failed[1] < RETRY_SECONDS:
-                        continue
+                elif st.st_nlink > 1:
+                    self._skip(p, "hard_link", linked_message(st.st_nlink))
+                elif self._wanted(p, sig := (st.st_size, st.st_mtime_ns, st.st_ino)):
                     found[p] = sig
+        if self.claims is not None:
+            found.update((p, sig) for p, sig in self.claims.files().items() if self._wanted(p, sig))
         return found
+
+    def _wanted(self, p: Path, sig: tuple[int, int, int]) -> bool:
+        if self.known.get(p) == sig:
+            return False
+        failed = self.failed.get(p)
+        return not (failed and failed[0] == sig and time.monotonic() - failed[1] < RETRY_SECONDS)
 
     def _walk_error(self, exc: OSError) -> None:
         self._report_error(Path(exc.filename or self.inbox), f"cannot list: {exc.strerror or exc}")
@@ -215,37 +223,63 @@ class _Sorter:
         batches spanning files of any folder), and a filing thread places each classified file and writes
         its log rows while the next batch is inferred. Files are filed in the order they were read.
         """
-        waiting: deque[_Item] = deque()  # read and sent to the predictor, in order
+        waiting: deque[Item] = deque()  # read and sent to the predictor, in order
 
         def sources() -> Iterator[bytes]:
             for path in paths:
                 if self.stop.is_set() or filer.failed:
                     return
-                it = self._load(path, sigs[path])
-                if it is None or self._already_done(it, sigs[path]):
+                it = self._take(path, sigs)
+                if it is None or self._already_done(it, sigs[it.path]) or self._refused(it):
                     if progress is not None:
                         progress.update(1)
                     continue
                 waiting.append(it)
                 if it.data is not None:
-                    yield WithMetadata(it.data, self.metadata_of(path)) if self.metadata_pattern else it.data
+                    yield WithMetadata(it.data, self.metadata_of(it.origin)) if self.metadata_pattern else it.data
 
-        filer = _Filer(self, sigs, progress)
+        filer = Filer(self, sigs, progress)
         try:
             for pred in self.predictor.iter_predict(sources(), self.batch_size):
                 while waiting[0].data is None:  # too large to decode: filed as unreadable in its turn
                     it = waiting.popleft()
-                    filer.put(it, _too_large(it))
+                    filer.put(it, too_large(it))
                 filer.put(waiting.popleft(), pred)
                 if self.stop.is_set() or filer.failed:
                     break
             while waiting and not self.stop.is_set() and not filer.failed:
                 it = waiting.popleft()
-                filer.put(it, _too_large(it))
+                filer.put(it, too_large(it))
         finally:
             filer.close()  # waits for the files in hand; re-raises what stopped the filing thread
 
-    def _load(self, path: Path, sig: tuple[int, int, int]) -> _Item | None:
+    def _take(self, path: Path, sigs: dict[Path, tuple[int, int, int]]) -> Item | None:
+        """Claim ``path`` (move mode; None when another worker took it) and read it."""
+        if self.claims is None or self.claims.owns(path):
+            return self._load(path, sigs[path], self.claims.origin(path) if self.claims else path)
+        try:
+            claimed = self.claims.claim(path)
+        except OSError as exc:
+            self._report_error(path, f"cannot claim (move into {self.claims.mine}): {exc}", sigs[path])
+            return None
+        if claimed is None:
+            self.skipped["claimed_by_another_sorter"] += 1
+            return None
+        sigs[claimed] = sigs[path]
+        return self._load(claimed, sigs[claimed], path)
+
+    def _refused(self, it: Item) -> bool:
+        """A file with another hard link (perhaps to a file outside the inbox) is never filed."""
+        with suppress(OSError):
+            links = os.lstat(it.path).st_nlink
+            if links > 1:
+                self._skip(it.origin, "hard_link", linked_message(links))
+                if self.claims is not None:
+                    self.claims.unclaim(it.path)
+                return True
+        return False
+
+    def _load(self, path: Path, sig: tuple[int, int, int], origin: Path) -> Item | None:
         try:
             data, sha, size = read_regular(path)
         except FileNotFoundError:
@@ -259,55 +293,107 @@ class _Sorter:
         if size != sig[0]:
             self.skipped["unsettled"] += 1  # grew after it looked settled: the next pass takes it
             return None
-        return _Item(path, printable(path.name), size, sha, data)
+        return Item(path, origin, printable(path.name), size, sha, data)
 
-    def _already_done(self, it: _Item, sig: tuple[int, int, int], db: Store | None = None) -> bool:
-        row = (db or self.reader).find(it.sha256, it.name)
-        if row is None or row["status"] != "done":
+    def _already_done(self, it: Item, sig: tuple[int, int, int], db: Store | None = None,
+                      row: dict[str, Any] | None = None) -> bool:
+        """Whether this file needs no filing now: logged and filed already (a duplicate, recorded and removed;
+        or the leftover link of a move interrupted after its link), or a twin another worker has in hand."""
+        db = db or self.reader
+        row = row or db.find(it.sha256, it.name)
+        if row is None:
             return False
         if self.mode == "copy":
+            if row["status"] != "done":
+                return False
             self.known[it.path] = sig
             self.skipped["already_done"] += 1
-        elif sha256_file(Path(row["destination"])) == it.sha256:
-            # Same name, same bytes, already filed and still there: the inbox copy is a duplicate.
-            try:
+            return True
+        dest = Path(row["destination"])
+        if sha256_file(dest) != it.sha256:
+            # Its filed copy is gone, or it was never placed: file this one (the row is reused), unless the row
+            # is in the hands of a live worker filing a twin (same name and bytes): then look again next pass.
+            return row["status"] == "pending" and self._busy(it)
+        if same_inode(it.path, dest):  # the move was interrupted after the link: finish it
+            with suppress(FileNotFoundError):
                 os.unlink(it.path)
-            except OSError as exc:
-                self._report_error(it.path, f"already filed as {row['destination']}; cannot remove: {exc}", sig)
-                return True
-            self.skipped["duplicate_removed"] += 1
-            self.say(f"{it.path}: already filed as {row['destination']}; removed the inbox copy")
-        else:
-            return False  # its filed copy is gone: file this one again (the row is reused)
+            if row["status"] != "done":
+                db.mark_done(row["id"])
+            self.say(f"{it.origin}: already filed as {dest}; finished its interrupted move")
+            return True
+        if row["status"] == "pending" and self._busy(it):
+            return True
+        self._duplicate(it, row, db, sig)
         return True
 
-    def _file(self, it: _Item, pred: Prediction, sig: tuple[int, int, int]) -> None:
+    def _busy(self, it: Item) -> bool:
+        taken = any(part.startswith(TAKEN_PREFIX) for part in it.path.parts)
+        if self.claims is None or taken or not self.claims.others_alive():
+            return False
+        self.skipped["busy"] += 1
+        return True
+
+    def _duplicate(self, it: Item, row: dict[str, Any], db: Store, sig: tuple[int, int, int]) -> None:
+        """Same name, same bytes as an image already filed and still in place: one image, filed once. The copy is
+        removed from the inbox, and its own row says so (never a silent deletion)."""
+        dest = row["destination"]
+        record = {k: row[k] for k in ("decision", "top_class", "confidence", "probabilities", "drift_score",
+                                      "model_id", "model_version", "destination")}
+        record.update(file_name=it.name, source_path=printable(str(it.origin)), content_sha256=it.sha256,
+                      size_bytes=it.size, needs_review=False, request_id=f"duplicate:{uuid.uuid4().hex[:12]}",
+                      error=f"a duplicate of row {row['id']} (same name and bytes, filed as {dest}): this copy "
+                            "was removed from the inbox, not filed twice")
+        try:
+            row_id = db.begin(record)
+            os.unlink(it.path)
+        except (OSError, sqlite3.Error) as exc:
+            if "row_id" in locals():
+                db.mark_error(row_id, f"cannot remove the duplicate: {exc}")
+            self._report_error(it.origin, f"already filed as {dest}; cannot log or remove this copy: {exc}", sig)
+            return
+        db.mark_done(row_id)
+        self.skipped["duplicate_removed"] += 1
+        self.say(f"{it.origin}: already filed as {dest}; removed the inbox copy (row {row_id} says so)")
+
+    def _file(self, it: Item, pred: Prediction, sig: tuple[int, int, int]) -> None:
         row = self.db.find(it.sha256, it.name)
-        if row is not None and row["status"] == "done" and self._already_done(it, sig, self.db):
-            return  # a twin (same name and bytes) in another inbox folder was filed earlier in this batch
+        if row is not None and self._already_done(it, sig, self.db, row):
+            return  # e.g. a twin (same name and bytes) in another inbox folder was filed earlier in this batch
         folder = self.out / safe_folder_name(pred.decision)
-        dest = unique_path(folder, safe_file_name(it.path.name))
         record = {
-            "file_name": it.name, "source_path": printable(str(it.path)), "content_sha256": it.sha256,
+            "file_name": it.name, "source_path": printable(str(it.origin)), "content_sha256": it.sha256,
             "size_bytes": it.size, "decision": pred.decision, "top_class": pred.top_class,
             "confidence": pred.confidence, "probabilities": pred.probabilities or None,
             "drift_score": pred.drift_score, "model_id": self.model_id, "model_version": self.model_version,
             # The image was decoded from its bytes, so the decoder's message names "<bytes>": name the file.
-            "destination": str(dest), "error": pred.error and pred.error.replace("<bytes>", it.name, 1),
+            "error": pred.error and pred.error.replace("<bytes>", it.name, 1),
         }
-        try:
-            row_id = self.db.begin(record, None if row is None else row["id"])
-        except sqlite3.Error as exc:  # the log itself failing (disk full): leave the file untouched, go on
-            self._report_error(it.path, f"cannot write the log: {exc}", sig)
-            return
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-            check_inside(dest, self.out_real)
-            place_file(it.path, dest, self.mode, it.sha256, part_path(dest, row_id))
-        except (OSError, SortError) as exc:
-            message = f"{type(exc).__name__}: {exc}"
-            self.db.mark_error(row_id, message)
-            self._report_error(it.path, message, sig)
+        row_id = None if row is None else row["id"]
+        for _ in range(_NAME_TRIES):  # another worker may take the free name between looking and linking
+            dest = unique_path(folder, safe_file_name(it.path.name))
+            try:
+                row_id = self.db.begin({**record, "destination": str(dest)}, row_id)
+            except sqlite3.Error as exc:  # the log itself failing (disk full): leave the file untouched, go on
+                if row_id is None and self.db.find(it.sha256, it.name) is not None:
+                    self.skipped["busy"] += 1  # a twin's row, written by another worker meanwhile: next pass
+                    return
+                self._report_error(it.origin, f"cannot write the log: {exc}", sig)
+                return
+            try:
+                folder.mkdir(parents=True, exist_ok=True)
+                check_inside(dest, self.out_real)
+                place_file(it.path, dest, self.mode, it.sha256, part_path(dest, row_id))
+                break
+            except FileExistsError:
+                continue
+            except (OSError, SortError) as exc:
+                message = f"{type(exc).__name__}: {exc}"
+                self.db.mark_error(row_id, message)
+                self._report_error(it.origin, message, sig)
+                return
+        else:
+            self.db.mark_error(row_id, f"no free name in {folder} after {_NAME_TRIES} tries")
+            self._report_error(it.origin, f"no free name in {folder}", sig)
             return
         self.db.mark_done(row_id)
         self.failed.pop(it.path, None)
@@ -318,58 +404,6 @@ class _Sorter:
     def close(self) -> None:
         self.db.close()
         self.reader.close()
-
-
-class _Filer:
-    """The filing thread: places each classified file and logs it, in order, while inference goes on.
-
-    Once ``stop`` is set it files nothing more (those files have no row yet: the next run takes them). An
-    exception escaping :meth:`_Sorter._file` (a bug, or a test's simulated crash) stops it; :meth:`close`
-    re-raises it in the caller's thread.
-    """
-
-    def __init__(self, sorter: _Sorter, sigs: dict[Path, tuple[int, int, int]], progress: Any) -> None:
-        self.sorter, self.sigs, self.progress = sorter, sigs, progress
-        # Bounded: inference may run at most a couple of batches ahead of the disk.
-        self.queue: queue.Queue[tuple[_Item, Prediction] | None] = queue.Queue(maxsize=2 * sorter.batch_size)
-        self.error: BaseException | None = None
-        self.thread = threading.Thread(target=self._work, name="defectscope-filer", daemon=True)
-        self.thread.start()
-
-    @property
-    def failed(self) -> bool:
-        return self.error is not None
-
-    def put(self, item: _Item, pred: Prediction) -> None:
-        while not self.failed:
-            try:
-                self.queue.put((item, pred), timeout=0.1)
-                return
-            except queue.Full:
-                continue
-
-    def _work(self) -> None:
-        while (job := self.queue.get()) is not None:
-            if self.failed or self.sorter.stop.is_set():
-                continue  # drain without filing, so put() never blocks
-            item, pred = job
-            try:
-                self.sorter._file(item, pred, self.sigs[item.path])
-            except BaseException as exc:  # noqa: BLE001 - handed to the caller's thread by close()
-                self.error = exc
-            if self.progress is not None:
-                self.progress.update(1)
-
-    def close(self) -> None:
-        self.queue.put(None)
-        self.thread.join()
-        if self.error is not None:
-            raise self.error
-
-
-def _too_large(it: _Item) -> Prediction:
-    return Prediction(path=str(it.path), top_class=None, confidence=None, probabilities={}, decision=UNREADABLE,
-                      error=f"{it.path}: larger than {MAX_BYTES} bytes")
 
 
 # ------------------------------------------------------------------------------------------ public API
@@ -391,6 +425,7 @@ def sort(
     precision: str = "auto",
     device: str = "cpu",
     metadata_pattern: str | None = None,
+    lease_seconds: float = LEASE_SECONDS,
 ) -> dict[str, Any]:
     """Classify the images under ``inbox`` (recursively) and file them into ``out/<decision>/``.
 
@@ -428,20 +463,27 @@ def sort(
         log_path = Path(log_path).absolute() if log_path is not None else out / "results.db"
     predictor = model if isinstance(model, Predictor) else Predictor(model, runtime=runtime, precision=precision,
                                                                      device=device)
-    pattern = _metadata_pattern(predictor, metadata_pattern)
+    pattern = compile_pattern(predictor, metadata_pattern)
     stop = stop_event or threading.Event()
     started = time.perf_counter()
     log = _log.info
-    with exclusive(out), stop_on_signals(stop, log):
+    with exclusive(out, shared=mode == "move"), stop_on_signals(stop, log):
         sorter = _Sorter(predictor, inbox, out, mode, log_path, batch_size, stop, log)
         sorter.metadata_pattern = pattern
+        clean = False
         try:
+            if mode == "move":
+                sorter.claims = Claims(inbox, lease_seconds, log)
+                sorter.claims.take_over()
             sorter.recover()
             if watch:
                 watch_inbox(sorter, settle_seconds, poll_interval)
             else:
-                _one_shot(sorter, settle_seconds, progress)
+                one_shot(sorter, settle_seconds, progress)
+            clean = True
         finally:
+            if sorter.claims is not None:
+                sorter.claims.release(clean)  # after a crash, the claims stay for the next worker to take over
             sorter.close()
     seconds = time.perf_counter() - started
     processed = sum(sorter.counts.values())
@@ -456,42 +498,3 @@ def sort(
     log(f"sorted {processed} image(s) in {seconds:.1f} s ({summary['images_per_second']}/s): {per}; "
         f"{len(sorter.errors)} error(s)")
     return summary
-
-
-def _metadata_pattern(predictor: Predictor, pattern: str | None) -> re.Pattern[str] | None:
-    """The compiled pattern; refused up front when it cannot give every metadata input the model needs."""
-    fields = predictor.metadata_fields
-    if not fields:
-        return None
-    if not pattern:
-        raise ValueError(f"the model needs metadata inputs ({', '.join(fields)}) with every image: give a "
-                         "metadata pattern, a regular expression with named groups matched against the file path, "
-                         f"e.g. --metadata-pattern '(?P<{fields[0]}>[^_/]+)_'")
-    try:
-        compiled = re.compile(pattern)
-    except re.error as exc:
-        raise ValueError(f"metadata pattern {pattern!r}: {exc}") from None
-    missing = [f for f in fields if f not in compiled.groupindex]
-    if missing:
-        raise ValueError(f"metadata pattern {pattern!r} has no named group for {', '.join(missing)} "
-                         f"(write (?P<{missing[0]}>...))")
-    return compiled
-
-
-def _one_shot(sorter: _Sorter, settle_seconds: float, progress: bool) -> None:
-    settler = Settler(settle_seconds)
-    settler.observe(sorter.scan())
-    if settler.seen:
-        sorter.stop.wait(settle_seconds)
-    ready, unsettled = settler.observe(sorter.scan())
-    if unsettled:
-        sorter.skipped["unsettled"] += unsettled
-        sorter.say(f"{unsettled} file(s) still being written (or new): left for the next run")
-    sigs = {p: settler.seen[p][0] for p in ready}
-    bar = progress_bar(total=len(ready), unit="img", desc="sorting", enabled=progress and bool(ready))
-    try:
-        sorter.process(ready, sigs, bar)
-    finally:
-        bar.close()
-
-

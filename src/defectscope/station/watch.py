@@ -2,9 +2,9 @@
 
 The loop is :func:`watch_inbox`: it rescans every ``poll_interval`` seconds and files what settled; filesystem
 events (watchdog, when installed and usable) only wake it early, so it still works on network shares without
-events. One sorter per output folder at a time: :func:`exclusive` holds ``OUT/.defectscope-sort.lock``
-(POSIX only). :func:`stop_on_signals` turns SIGINT/SIGTERM into a stop request that lets the file in hand
-finish.
+events. :func:`exclusive` holds ``OUT/.defectscope-sort.lock`` (POSIX only): shared by any number of move-mode
+sorters, exclusive for a copy-mode one. :func:`stop_on_signals` turns SIGINT/SIGTERM into a stop request that
+lets the file in hand finish.
 """
 
 from __future__ import annotations
@@ -12,12 +12,17 @@ from __future__ import annotations
 import signal
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Protocol
 
-__all__ = ["LOCK_NAME", "InboxSorter", "Settler", "exclusive", "stop_on_signals", "watch_inbox"]
+from defectscope.errors import DefectscopeError
+from defectscope.progress import progress as progress_bar
+
+__all__ = ["LOCK_NAME", "InboxSorter", "OutputBusy", "Settler", "exclusive", "one_shot", "stop_on_signals",
+           "watch_inbox"]
 
 LOCK_NAME = ".defectscope-sort.lock"
 
@@ -31,6 +36,7 @@ class InboxSorter(Protocol):
     inbox: Path
     stop: threading.Event
     say: Callable[..., Any]
+    skipped: Counter[str]
 
     def scan(self) -> dict[Path, Signature]: ...
 
@@ -55,6 +61,24 @@ class Settler:
                 ready.append(path)
         self.seen = seen
         return ready, len(snapshot) - len(ready)
+
+
+def one_shot(sorter: InboxSorter, settle_seconds: float, progress: bool) -> None:
+    """One pass: look twice, ``settle_seconds`` apart, and file what did not change."""
+    settler = Settler(settle_seconds)
+    settler.observe(sorter.scan())
+    if settler.seen:
+        sorter.stop.wait(settle_seconds)
+    ready, unsettled = settler.observe(sorter.scan())
+    if unsettled:
+        sorter.skipped["unsettled"] += unsettled
+        sorter.say(f"{unsettled} file(s) still being written (or new): left for the next run")
+    sigs = {p: settler.seen[p][0] for p in ready}
+    bar = progress_bar(total=len(ready), unit="img", desc="sorting", enabled=progress and bool(ready))
+    try:
+        sorter.process(ready, sigs, bar)
+    finally:
+        bar.close()
 
 
 def watch_inbox(sorter: InboxSorter, settle_seconds: float, poll_interval: float) -> None:
@@ -103,9 +127,14 @@ def _start_observer(inbox: Path, wake: threading.Event, say: Callable[..., Any])
     return observer
 
 
+class OutputBusy(DefectscopeError, RuntimeError):
+    """A copy-mode sorter and another sorter on one output folder."""
+
+
 @contextmanager
-def exclusive(out: Path) -> Iterator[None]:
-    """Hold an advisory lock on ``out`` so two sorters never file into it at once (released on any exit)."""
+def exclusive(out: Path, shared: bool = False) -> Iterator[None]:
+    """Hold an advisory lock on ``out`` (released on any exit): shared by move-mode sorters, which claim their
+    files (:mod:`defectscope.station.claims`) and run side by side; exclusive for copy mode, which cannot claim."""
     try:
         import fcntl
     except ImportError:  # Windows: no lock
@@ -113,9 +142,11 @@ def exclusive(out: Path) -> Iterator[None]:
         return
     with open(out / LOCK_NAME, "a") as f:
         try:
-            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            raise RuntimeError(f"another sorter is already filing into {out}") from exc
+            fcntl.flock(f.fileno(), (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+        except OSError:
+            raise OutputBusy(f"{out}: another sorter is filing into it and one of the two is in copy mode, which "
+                             "runs alone; stop it, or sort in move mode (any number of move-mode sorters share "
+                             "an inbox and an output folder)") from None
         yield
 
 

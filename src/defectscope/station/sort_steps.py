@@ -1,0 +1,121 @@
+"""The sorter's pieces around :class:`defectscope.station.sorter._Sorter`: the item in hand, the filing thread,
+the messages and checks the sorter shares, the metadata pattern a model with metadata inputs needs."""
+
+from __future__ import annotations
+
+import os
+import queue
+import re
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from defectscope.runtime.predictor import UNREADABLE, Prediction, Predictor
+from defectscope.station.filing import MAX_BYTES
+
+__all__ = ["Filer", "Item", "linked_message", "metadata_pattern", "same_inode", "too_large"]
+
+
+@dataclass
+class Item:
+    path: Path  # where the file is now (in move mode, this worker's claim folder)
+    origin: Path  # where it was found in the inbox (the log's source_path)
+    name: str  # printable file name, the log key with the hash
+    size: int
+    sha256: str
+    data: bytes | None  # None when too large to decode
+
+
+
+class FilingSorter(Protocol):
+    """What the filing thread needs of the sorter."""
+
+    batch_size: int
+    stop: threading.Event
+
+    def _file(self, it: Item, pred: Prediction, sig: tuple[int, int, int]) -> None: ...
+
+
+class Filer:
+    """The filing thread: places each classified file and logs it, in order, while inference goes on.
+
+    Once ``stop`` is set it files nothing more (those files have no row yet: the next run takes them). An
+    exception escaping :meth:`_Sorter._file` (a bug, or a test's simulated crash) stops it; :meth:`close`
+    re-raises it in the caller's thread.
+    """
+
+    def __init__(self, sorter: FilingSorter, sigs: dict[Path, tuple[int, int, int]], progress: Any) -> None:
+        self.sorter, self.sigs, self.progress = sorter, sigs, progress
+        # Bounded: inference may run at most a couple of batches ahead of the disk.
+        self.queue: queue.Queue[tuple[Item, Prediction] | None] = queue.Queue(maxsize=2 * sorter.batch_size)
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._work, name="defectscope-filer", daemon=True)
+        self.thread.start()
+
+    @property
+    def failed(self) -> bool:
+        return self.error is not None
+
+    def put(self, item: Item, pred: Prediction) -> None:
+        while not self.failed:
+            try:
+                self.queue.put((item, pred), timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
+    def _work(self) -> None:
+        while (job := self.queue.get()) is not None:
+            if self.failed or self.sorter.stop.is_set():
+                continue  # drain without filing, so put() never blocks
+            item, pred = job
+            try:
+                self.sorter._file(item, pred, self.sigs[item.path])
+            except BaseException as exc:  # noqa: BLE001 - handed to the caller's thread by close()
+                self.error = exc
+            if self.progress is not None:
+                self.progress.update(1)
+
+    def close(self) -> None:
+        self.queue.put(None)
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
+
+
+def linked_message(links: int) -> str:
+    return (f"has {links} hard links (another name, perhaps outside the inbox, shares its bytes): not filed; "
+            "copy the file into the inbox instead of linking it")
+
+
+def same_inode(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def too_large(it: Item) -> Prediction:
+    return Prediction(path=str(it.origin), top_class=None, confidence=None, probabilities={}, decision=UNREADABLE,
+                      error=f"{it.origin}: larger than {MAX_BYTES} bytes")
+
+
+def metadata_pattern(predictor: Predictor, pattern: str | None) -> re.Pattern[str] | None:
+    """The compiled pattern; refused up front when it cannot give every metadata input the model needs."""
+    fields = predictor.metadata_fields
+    if not fields:
+        return None
+    if not pattern:
+        raise ValueError(f"the model needs metadata inputs ({', '.join(fields)}) with every image: give a "
+                         "metadata pattern, a regular expression with named groups matched against the file path, "
+                         f"e.g. --metadata-pattern '(?P<{fields[0]}>[^_/]+)_'")
+    try:
+        compiled = re.compile(pattern)
+    except re.error as exc:
+        raise ValueError(f"metadata pattern {pattern!r}: {exc}") from None
+    missing = [f for f in fields if f not in compiled.groupindex]
+    if missing:
+        raise ValueError(f"metadata pattern {pattern!r} has no named group for {', '.join(missing)} "
+                         f"(write (?P<{missing[0]}>...))")
+    return compiled
