@@ -1,6 +1,6 @@
 """Run the sorter in a child process for tests/test_sorter.py's kill -9 test (not a test module itself).
 
-Usage: python sorter_child.py MODEL INBOX OUT [SLOW_SECONDS [watch]]. Prints "ready" once the model is
+Usage: python sorter_child.py MODEL INBOX OUT [SLOW_SECONDS [watch]] [--log URL]. Prints "ready" once the model is
 loaded, so the parent's random kill delay counts from the start of the real work. SLOW_SECONDS (default 0)
 pauses before and after every file placement, spreading the work so kills land at many different steps.
 With "watch" it runs in watch mode and prints the sorter's log lines (the SIGTERM test reads them).
@@ -17,9 +17,15 @@ from defectscope.station import sorter
 
 
 def main() -> None:
-    model, inbox, out = sys.argv[1:4]
-    slow = float(sys.argv[4]) if len(sys.argv) > 4 else 0.0
-    watch = sys.argv[5:6] == ["watch"]
+    args = sys.argv[1:]
+    log_path = None
+    if "--log" in args:  # a store URL (tests/test_sorter_workers.py: a real PostgreSQL)
+        i = args.index("--log")
+        log_path = args[i + 1]
+        del args[i:i + 2]
+    model, inbox, out = args[:3]
+    slow = float(args[3]) if len(args) > 3 else 0.0
+    watch = args[4:5] == ["watch"]
     if slow:
         place = sorter.place_file
 
@@ -36,7 +42,7 @@ def main() -> None:
         logging.getLogger("defectscope").addHandler(handler)
         logging.getLogger("defectscope").setLevel(logging.INFO)
     summary = sorter.sort(predictor, inbox, out, settle_seconds=0, batch_size=4, progress=False,
-                          watch=watch, poll_interval=0.1)
+                          watch=watch, poll_interval=0.1, log_path=log_path)
     print("done", summary["processed"], flush=True)
 
 

@@ -147,7 +147,8 @@ class Claims:
         try:
             if _lock(fd, blocking=False):
                 return True  # nobody holds it: its process is gone (closing fd releases our lock)
-            return time.time() - os.fstat(fd).st_mtime > self.lease  # held, but no heartbeat for a lease (a hung machine, a share without locks)
+            # Held, but no heartbeat for a lease: a hung machine, or a share whose locks cannot be trusted.
+            return time.time() - os.fstat(fd).st_mtime > self.lease
         finally:
             os.close(fd)
 
