@@ -17,8 +17,15 @@ def add_predict(sub: argparse._SubParsersAction) -> None:
     pr.add_argument("--metadata", action="append", default=[], metavar="NAME=VALUE",
                     help="a metadata input's value for every image (repeatable), e.g. --metadata type=mono")
     pr.add_argument("--recursive", "-r", action="store_true", help="descend into sub-folders")
-    pr.add_argument("--format", default="jsonl", choices=["csv", "json", "jsonl"])
-    pr.add_argument("--out", help="write here instead of the terminal")
+    pr.add_argument("--format", choices=["csv", "json", "jsonl", "parquet"],
+                    help="jsonl (default), csv or json; with --engine ray: parquet (default) or csv")
+    pr.add_argument("--out", help="write here instead of the terminal (with --engine ray: a folder, required)")
+    pr.add_argument("--engine", choices=["local", "ray"], default="local",
+                    help="ray: an archive on a Ray cluster, one Parquet/CSV file per partition, resumable "
+                         "(pip install 'defectscope[ray]')")
+    pr.add_argument("--address", help="with --engine ray: auto, ray://HEAD:10001 (default: a local Ray)")
+    pr.add_argument("--actors", type=int, default=2, help="with --engine ray: model copies running at once")
+    pr.add_argument("--partition-size", type=int, default=1000, help="with --engine ray: images per file")
     pr.add_argument("--batch-size", type=int, default=32)
     pr.add_argument("--threads", type=int, help="inference threads (default: every core)")
     add_runtime_options(pr)
@@ -26,10 +33,25 @@ def add_predict(sub: argparse._SubParsersAction) -> None:
 
 
 def run_predict(args: argparse.Namespace) -> int:
+    from defectscope.errors import UsageError
     from defectscope.runtime.predict import predict
     from defectscope.runtime.predictor import UNREADABLE
 
-    counts = predict(args.model, args.images, recursive=args.recursive, fmt=args.format, out=args.out,
+    if args.engine == "ray":
+        from defectscope.runtime.archive import archive_predict
+
+        if not args.out:
+            raise UsageError("--engine ray writes a folder of partitions: give --out DIR")
+        done = archive_predict(args.model, args.images, args.out, recursive=True, fmt=args.format or "parquet",
+                               address=args.address, actors=args.actors, partition_size=args.partition_size,
+                               batch_size=args.batch_size, threads=args.threads or 1,
+                               metadata=name_values(args.metadata))
+        print(f"{done['images']} images in {done['partitions']} partitions ({done['done_before']} done before, "
+              f"{done['written']} written now) in {done['out']}", file=sys.stderr)
+        return 0
+    if args.format == "parquet":
+        raise UsageError("--format parquet is for --engine ray; the local predict writes jsonl, csv or json")
+    counts = predict(args.model, args.images, recursive=args.recursive, fmt=args.format or "jsonl", out=args.out,
                      batch_size=args.batch_size, threads=args.threads, runtime=args.runtime,
                      precision=args.precision, device=args.device, metadata=name_values(args.metadata))
     summary = ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))

@@ -55,6 +55,20 @@ def expand_inputs(inputs: Sequence[str | Path], *, recursive: bool = False) -> l
     return files
 
 
+def list_items(inputs: Sequence[str | Path], *, recursive: bool = False,
+               metadata: Mapping[str, str] | None = None) -> list[WithMetadata]:
+    """Every image the inputs name (files, folders, CSV manifests), each with its metadata values."""
+    items: list[tuple[Path, dict[str, str]]] = []
+    for item in inputs:
+        if str(item).lower().endswith(".csv") and Path(item).is_file():
+            items += read_manifest(item)
+        else:
+            items += [(f, {}) for f in expand_inputs([item], recursive=recursive)]
+    # A row's empty cell is a value it lacks: the one given for every image fills it.
+    return [WithMetadata(str(f), {**(metadata or {}), **{k: v for k, v in values.items() if v}})
+            for f, values in items]
+
+
 def predict(
     model: str | Path,
     inputs: Sequence[str | Path],
@@ -82,15 +96,7 @@ def predict(
     # Before the Predictor, which would call a training run "no such model file" and choke on weights.
     check_model_path(model)
     predictor = Predictor(model, threads=threads, runtime=runtime, precision=precision, device=device)
-    items: list[tuple[Path, dict[str, str]]] = []
-    for item in inputs:
-        if str(item).lower().endswith(".csv") and Path(item).is_file():
-            items += read_manifest(item)
-        else:
-            items += [(f, {}) for f in expand_inputs([item], recursive=recursive)]
-    # A row's empty cell is a value it lacks: the one given for every image fills it.
-    sources = [WithMetadata(str(f), {**(metadata or {}), **{k: v for k, v in values.items() if v}})
-               for f, values in items]
+    sources = list_items(inputs, recursive=recursive, metadata=metadata)
     counts: dict[str, int] = {}
     stream: TextIO
     with (open(out, "w", newline="") if out else _stdout()) as stream:
@@ -114,14 +120,23 @@ def _write(rows: Iterator[dict[str, Any]], stream: TextIO, fmt: str, classes: li
         stream.write("\n")
     else:
         writer = csv.writer(stream)
-        writer.writerow(["image", "decision", "verdict", "top_class", "confidence", *(f"p_{c}" for c in classes),
-                         "drift_score", "error"])
+        writer.writerow(table_columns(classes))
         for row in rows:
-            probs = {p["class"]: p["probability"] for p in row["predictions"]}
-            writer.writerow([row["image"], row["decision"], row.get("verdict") or "", row["top_class"],
-                             row["confidence"], *(probs.get(c, "") for c in classes), row["drift_score"],
-                             row.get("error", "")])
+            writer.writerow(["" if v is None else v for v in table_row(row, classes)])
             yield row
+
+
+def table_columns(classes: Sequence[str]) -> list[str]:
+    """The columns of a CSV row (and of the Ray archive's Parquet and CSV, :mod:`defectscope.runtime.archive`)."""
+    return ["image", "decision", "verdict", "top_class", "confidence", *(f"p_{c}" for c in classes),
+            "drift_score", "error"]
+
+
+def table_row(row: dict[str, Any], classes: Sequence[str]) -> list[Any]:
+    """One :meth:`Prediction.to_dict` as the values of :func:`table_columns` (None where there is none)."""
+    probs = {p["class"]: p["probability"] for p in row["predictions"]}
+    return [row["image"], row["decision"], row.get("verdict"), row["top_class"], row["confidence"],
+            *(probs.get(c) for c in classes), row["drift_score"], row.get("error")]
 
 
 class _stdout(io.TextIOBase):
@@ -134,4 +149,5 @@ class _stdout(io.TextIOBase):
         sys.stdout.flush()
 
 
-__all__ = ["FORMATS", "UNREADABLE", "expand_inputs", "predict", "read_manifest"]
+__all__ = ["FORMATS", "UNREADABLE", "expand_inputs", "list_items", "predict", "read_manifest", "table_columns",
+           "table_row"]
