@@ -228,3 +228,27 @@ def test_the_sorter_writes_to_any_store_url_and_its_doubtful_images_wait_for_rev
     for flag in ("--db", "--log"):
         args = build_parser().parse_args(["sort", "m.onnx", "--inbox", "i", "--out", "o", flag, url])
         assert args.db == url
+
+
+def test_two_replicas_claiming_the_review_queue_never_share_an_item(url):
+    """Two stores (two replicas' connections) draining one queue at once: each item to one reviewer."""
+    with Store(url) as seed:
+        ids = seed.add_decisions([{**record(i, decision="REVIEW"), "request_id": f"r{i}"} for i in range(30)])
+    got: dict[str, list[int]] = {"a": [], "b": []}
+
+    def drain(name: str) -> None:
+        with Store(url) as store:
+            while (item := store.claim_review(name)) is not None:
+                got[name].append(item["id"])
+
+    threads = [threading.Thread(target=drain, args=(n,)) for n in got]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert sorted(got["a"] + got["b"]) == sorted(ids)  # every item handed out once, none twice
+    with Store(url) as store:
+        assert store.claim_review("c") is None  # all held
+        assert store.claim_review("c", lease_seconds=0) is None
+        store.add_review(ids[0], "GOOD", "a")
+        assert store.review_queue()[1] == 29  # claims do not hide items from the queue's count

@@ -25,7 +25,7 @@ import sqlite3
 import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +36,7 @@ from sqlalchemy import event
 
 from defectscope import labels
 from defectscope.errors import DefectscopeError
-from defectscope.station.store.schema import TABLES, decisions, reviews
+from defectscope.station.store.schema import TABLES, decisions, review_claims, reviews
 
 __all__ = ["COLUMNS", "REVIEW_COLUMNS", "SOURCES", "STATUSES", "TABLES", "Store", "StoreError", "database_url",
            "export_log", "sqlite_path", "utc_now"]
@@ -49,7 +49,7 @@ SOURCES = ("sort", "api")
 COLUMNS = tuple(c.name for c in decisions.columns)
 REVIEW_COLUMNS = tuple(c.name for c in reviews.columns)
 _WRITABLE = tuple(c for c in COLUMNS if c not in ("id", "time", "status"))
-HEAD = "0002"  # the newest migration (tests check it against the scripts)
+HEAD = "0003"  # the newest migration (tests check it against the scripts)
 _MIGRATIONS = Path(__file__).with_name("migrations")
 _migrate_lock = threading.Lock()
 
@@ -298,6 +298,28 @@ class Store:
             total = conn.execute(sa.select(sa.func.count()).select_from(decisions).where(waiting)).scalar_one()
             rows = conn.execute(sa.select(decisions).where(waiting).order_by(decisions.c.id).limit(limit))
             return [dict(r) for r in rows.mappings()], int(total)
+
+    def claim_review(self, reviewer: str, lease_seconds: float = 300.0) -> dict[str, Any] | None:
+        """Hand the oldest waiting queue item nobody holds to ``reviewer`` for ``lease_seconds``; None when the
+        queue is empty. Replicas on one PostgreSQL never hand one item to two people: the candidate row is
+        locked ``FOR UPDATE SKIP LOCKED`` (a concurrent claimer takes the next one), and the claim is a row
+        of ``review_claims`` until it expires (SQLite: the write lock serialises claimers)."""
+        now = datetime.now(timezone.utc)
+        stamp, until = now.isoformat(timespec="milliseconds"), (now + timedelta(seconds=lease_seconds))
+        held = sa.exists().where(review_claims.c.decision_id == decisions.c.id, review_claims.c.until > stamp)
+        q = (sa.select(decisions).where(decisions.c.needs_review.is_(True), decisions.c.status == "done",
+                                        ~sa.exists().where(reviews.c.decision_id == decisions.c.id), ~held)
+             .order_by(decisions.c.id).limit(1))
+        if not self.is_sqlite:
+            q = q.with_for_update(skip_locked=True, of=decisions)
+        with self._tx(write=True) as conn:
+            row = conn.execute(q).mappings().first()
+            if row is None:
+                return None
+            conn.execute(sa.delete(review_claims).where(review_claims.c.decision_id == row["id"]))
+            conn.execute(sa.insert(review_claims).values(decision_id=row["id"], reviewer=reviewer,
+                                                         until=until.isoformat(timespec="milliseconds")))
+        return dict(row)
 
     def reviewed(self, since: str | None = None) -> list[dict[str, Any]]:
         """Reviewed decisions with their latest human label (``label``, ``reviewer``, ``reviewed_at``)."""

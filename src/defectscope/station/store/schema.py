@@ -54,3 +54,10 @@ reviews = sa.Table(
     sa.Column("comment", sa.Text),
     sa.Index("reviews_decision", "decision_id"),
 )
+
+review_claims = sa.Table(
+    "review_claims", TABLES,
+    sa.Column("decision_id", sa.Integer, sa.ForeignKey("decisions.id", ondelete="CASCADE"), primary_key=True),
+    sa.Column("reviewer", sa.Text, nullable=False),
+    sa.Column("until", sa.Text, nullable=False),
+)
