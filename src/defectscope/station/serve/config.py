@@ -48,7 +48,7 @@ class ServeConfig:
     header_timeout: float = 10.0  # seconds a connection may take to send a request's headers
     body_timeout: float = 60.0  # seconds a request may take to send its whole body (408 after)
     keep_alive: float = 5.0  # seconds an idle keep-alive connection stays open
-    max_dashboard_points: int = 2_000  # window / bucket at most (the dashboard's bounded cost)
+    max_dashboard_points: int = 3_000  # window / bucket at most (the dashboard's bounded cost)
 
     def __post_init__(self) -> None:
         self.model = Path(self.model)
