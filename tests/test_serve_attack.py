@@ -57,7 +57,7 @@ def test_the_same_image_twice_in_one_request_is_422(backend):
     for names in (("a.png", "a.png"), ("a.png", "../a.png")):
         r = client.post("/v1/predict", files=[("file", (n, data, "image/png")) for n in names])
         assert r.status_code == 422 and "twice" in r.json()["detail"], r.text
-    ok = client.post("/v1/predict", files=[("file", ("a.png", data, "image/png")), ("file", ("b.png", data, "image/png"))])
+    ok = client.post("/v1/predict", files=[("file", (n, data, "image/png")) for n in ("a.png", "b.png")])
     assert ok.status_code == 200
 
 
@@ -176,7 +176,8 @@ def test_idle_and_slow_clients_are_timed_out_and_connections_capped(station_mode
         assert idle.recv(10) == b"" and time.monotonic() - started < 4  # an idle socket: closed, not kept
         idle.close()
         trickle.close()
-        slow_body = b"POST /v1/reviews HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{"
+        slow_body = (b"POST /v1/reviews HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: 100\r\n\r\n{")
         assert _raw(url, slow_body).startswith(b"HTTP/1.1 408")
         held = [socket.create_connection((host, int(port)), timeout=5) for _ in range(4)]
         time.sleep(0.2)
