@@ -39,6 +39,7 @@ class Services:
         # The dashboard: one computation at a time, answers shared for a moment (routes/dashboard.py).
         self.dashboard_gate = asyncio.Lock()
         self.dashboard_cache: dict[tuple, tuple[float, dict[str, Any]]] = {}
+        self.dashboard_next = 0.0  # monotonic time before which no new dashboard computation starts
 
     def _queue_depth(self) -> int:
         batcher = self.__dict__.get("batcher")  # scraped before startup: nothing queued

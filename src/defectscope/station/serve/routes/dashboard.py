@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -35,26 +36,33 @@ async def dashboard(services: ServicesDep, hours: float = Query(24, gt=0, le=24 
     Drift-rate alarm, confidence and latency quantiles, the review queue depth and pilot statistics.
 
     Bounded so that dashboards cannot starve predictions: at most ``max_dashboard_points`` buckets (422
-    beyond), one computation at a time, and an answer is shared by every tab asking the same within
-    :data:`CACHE_SECONDS`."""
+    beyond), one computation at a time and at most :data:`SHARE` of the time in them (a busy dashboard waits,
+    the line does not), and an answer is shared by every tab asking the same within :data:`CACHE_SECONDS`."""
     points = hours * 60 / bucket_minutes
     limit = services.config.max_dashboard_points
     if points > limit:
         raise HTTPException(422, f"hours={hours:g} with bucket_minutes={bucket_minutes} is {points:.0f} buckets, "
                                  f"over {limit}: choose a bucket of at least {hours * 60 / limit:.0f} minutes")
     key = (hours, bucket_minutes, station)
+    cache = services.dashboard_cache
     async with services.dashboard_gate:
-        hit = services.dashboard_cache.get(key)
+        hit = cache.get(key)
         if hit is not None and time.monotonic() - hit[0] < CACHE_SECONDS:
             return hit[1]
+        # A duty cycle: dashboard work takes at most SHARE of the time, the rest is the line's.
+        await asyncio.sleep(max(0.0, services.dashboard_next - time.monotonic()))
+        started = time.monotonic()
         out = await run_in_threadpool(_dashboard, services, hours, bucket_minutes, station)
-        if len(services.dashboard_cache) > 64:
-            services.dashboard_cache.clear()
-        services.dashboard_cache[key] = (time.monotonic(), out)
+        done = time.monotonic()
+        services.dashboard_next = done + (done - started) * (1 / SHARE - 1)
+        if len(cache) > 64:
+            cache.clear()
+        cache[key] = (done, out)
         return out
 
 
 CACHE_SECONDS = 2.0
+SHARE = 0.15
 
 
 def _dashboard(services: Services, hours: float, bucket_minutes: int, station: str | None) -> dict[str, Any]:
