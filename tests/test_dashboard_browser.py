@@ -41,20 +41,20 @@ def test_dashboard_review_in_the_browser(browser, station_model, tmp_path):
         page.on("pageerror", lambda e: problems.append(f"page error: {e}"))
         page.on("requestfailed", lambda r: problems.append(f"request failed: {r.url}"))
         page.goto(url + "/")
-        page.wait_for_function("document.getElementById('t-total').textContent === '0'")
+        page.wait_for_function("() => document.getElementById('t-total').textContent === '0'")
         assert page.locator("#rq-empty").is_visible()
 
         first = client.post("/v1/predict", files=[("file", ("one.png", png("scratch", 1), "image/png"))],
                             data={"station": "<img src=x onerror=alert(1)>"}).json()["results"][0]
         page.evaluate("refresh()")
-        page.wait_for_function("document.getElementById('t-total').textContent === '1'")
+        page.wait_for_function("() => document.getElementById('t-total').textContent === '1'")
         assert page.locator("#c-decisions rect").count() >= 1  # the decision is in the per-bucket chart
         assert page.locator("#c-pchart circle").count() >= 1  # and on the p-chart
         assert page.locator("#c-automation circle").count() >= 1  # and in the automation-rate series
         assert page.locator("#t-automation").inner_text().endswith("%")
         page.wait_for_selector("#rq-item:not([hidden])")
         assert f"#{first['id']} one.png" in page.locator("#rq-meta").inner_text()
-        page.wait_for_function("document.getElementById('rq-image').complete && "
+        page.wait_for_function("() => document.getElementById('rq-image').complete && "
                                "document.getElementById('rq-image').naturalWidth === 40")
         assert page.locator("#rq-probs .prob").count() == 3
         assert "<img" in page.locator("#rq-meta").inner_text()  # hostile metadata shown as text, not markup
@@ -62,7 +62,7 @@ def test_dashboard_review_in_the_browser(browser, station_model, tmp_path):
         relabel = next(label for label in ("GOOD", "scratch", "spot") if label != first["class"])
         page.fill("#reviewer", "ann")
         page.click(f"#rq-buttons button[data-label='{relabel}']:not(.confirm)")
-        page.wait_for_function("document.getElementById('rq-msg').textContent.startsWith('stored')")
+        page.wait_for_function("() => document.getElementById('rq-msg').textContent.startsWith('stored')")
         with Store(config.db) as store:
             assert [(r["label"], r["reviewer"]) for r in store.reviews(first["id"])] == [(relabel, "ann")]
 
@@ -70,15 +70,15 @@ def test_dashboard_review_in_the_browser(browser, station_model, tmp_path):
         second = client.post("/v1/predict", content=png("spot", 2), headers={"Content-Type": "image/png"}).json()
         second = second["results"][0]
         page.evaluate("refresh()")
-        page.wait_for_function(f"document.getElementById('rq-meta').textContent.includes('#{second['id']} ')")
+        page.wait_for_function(f"() => document.getElementById('rq-meta').textContent.includes('#{second['id']} ')")
         page.locator("body").click(position={"x": 5, "y": 300})
         page.keyboard.press("Enter")
-        page.wait_for_function("document.getElementById('rq-msg').textContent.startsWith('stored')")
+        page.wait_for_function("() => document.getElementById('rq-msg').textContent.startsWith('stored')")
         with Store(config.db) as store:
             assert [r["label"] for r in store.reviews(second["id"])] == [second["class"]]
         page.evaluate("refresh()")
         page.wait_for_selector("#rq-empty:not([hidden])")
-        page.wait_for_function("document.getElementById('pilot').textContent.includes('2 / 2') || "
+        page.wait_for_function("() => document.getElementById('pilot').textContent.includes('2 / 2') || "
                                "document.getElementById('pilot').textContent.includes('/ 2')")
 
         out = tmp_path / "corrections.csv"
@@ -88,5 +88,41 @@ def test_dashboard_review_in_the_browser(browser, station_model, tmp_path):
         assert labels == {first["id"]: relabel, second["id"]: second["class"]}
         page.screenshot(path=str(os.environ.get("DEFECTSCOPE_SCREENSHOT") or tmp_path / "dashboard.png"),
                         full_page=True)
+        page.close()
+        assert problems == []
+
+
+@pytest.mark.slow
+def test_dashboard_with_keys_in_the_browser(browser, station_model, tmp_path):
+    """Keys set: the page loads, asks for a key, draws with a read-only key (images fetched with it) and says
+    that a read-only key cannot store a review; with a full key the review is stored."""
+    from test_serve import KEY
+    from test_serve_attack import READ_KEY
+
+    config = config_for(tmp_path, station_model, api_keys=frozenset({KEY}), read_keys=frozenset({READ_KEY}))
+    with running(config) as url, httpx.Client(base_url=url, timeout=30, headers={"X-API-Key": KEY}) as client:
+        first = client.post("/v1/predict", files=[("file", ("k.png", png("scratch", 3), "image/png"))]).json()
+        first = first["results"][0]
+        client.post(f"/v1/decisions/{first['id']}/review-request").raise_for_status()
+        page = browser.new_page(viewport={"width": 1400, "height": 1200})
+        problems: list[str] = []
+        page.on("pageerror", lambda e: problems.append(f"page error: {e}"))
+        page.on("console", lambda m: problems.append(m.text) if "Content Security Policy" in m.text else None)
+        page.goto(url + "/")
+        page.wait_for_function("() => document.getElementById('status').textContent.includes('401')")
+        assert page.locator("#key-label").is_visible()
+        page.fill("#apikey", READ_KEY)
+        page.dispatch_event("#apikey", "change")
+        page.wait_for_function("() => document.getElementById('t-total').textContent === '1'")
+        page.wait_for_function("() => document.getElementById('rq-image').complete && "
+                               "document.getElementById('rq-image').naturalWidth === 40")
+        page.click("#rq-buttons button.confirm")
+        page.wait_for_function("() => document.getElementById('rq-msg').textContent.includes('403')")
+        page.fill("#apikey", KEY)
+        page.dispatch_event("#apikey", "change")
+        page.click("#rq-buttons button.confirm")
+        page.wait_for_function("() => document.getElementById('rq-msg').textContent.startsWith('stored')")
+        with Store(config.db) as store:
+            assert len(store.reviews(first["id"])) == 1
         page.close()
         assert problems == []

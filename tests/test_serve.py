@@ -40,8 +40,9 @@ def running(config: ServeConfig):
     """The station's app under a real uvicorn server in a thread; yields its base URL."""
     import uvicorn
 
-    server = uvicorn.Server(uvicorn.Config(create_app(config), host="127.0.0.1", port=config.port,
-                                           log_level="warning", lifespan="on"))
+    from defectscope.station.serve.connections import uvicorn_config
+
+    server = uvicorn.Server(uvicorn_config(create_app(config), config, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 60
@@ -116,10 +117,14 @@ def test_predict_stores_each_decision_before_answering(station):
 
 def test_raw_body_names_are_labels_never_paths(station):
     client, config = station
-    params = {"name": "../../etc/passwd\x00.png", "station": "A'; DROP TABLE decisions;--"}
+    params = {"name": "../../etc/passwd\x07.png", "station": "A'; DROP TABLE decisions;--"}
     r = client.post("/v1/predict", params=params, content=png("spot", 5),
                     headers={"Content-Type": "application/octet-stream"})
     assert r.status_code == 200, r.text
+    # NUL is refused in any query string (PostgreSQL text cannot hold it), before anything reads it.
+    nul = client.post("/v1/predict", params={"name": "a\x00.png"}, content=png("spot", 5),
+                      headers={"Content-Type": "application/octet-stream"})
+    assert nul.status_code == 422 and "NUL" in nul.json()["detail"]
     res = r.json()["results"][0]
     assert res["file_name"] == "passwd.png" and res["station"] == "A'; DROP TABLE decisions;--"
     assert not (config.data.parent / "etc").exists()
@@ -255,7 +260,8 @@ def _metric(text: str, name: str) -> float:
     return next(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name + " "))
 
 
-def test_api_keys_guard_every_write(station_model, tmp_path):
+def test_api_keys_guard_every_endpoint_but_the_probes(station_model, tmp_path):
+    """With keys set, nothing but /healthz and /readyz (and the page's own code) answers without one."""
     config = config_for(tmp_path, station_model, api_keys=frozenset({KEY}))
     with running(config) as url, httpx.Client(base_url=url, timeout=30) as client:
         raw = {"content": png(), "headers": {"Content-Type": "image/png"}}
@@ -268,7 +274,14 @@ def test_api_keys_guard_every_write(station_model, tmp_path):
         did = ok.json()["results"][0]["id"]
         other = client.post("/v1/predict", content=png(), headers={"Content-Type": "image/png", "X-API-Key": KEY})
         assert other.status_code == 200
-        assert client.get("/v1/results").status_code == 200 and client.get("/v1/dashboard").status_code == 200
+        for path in ("/v1/results", "/v1/dashboard", f"/v1/decisions/{did}", f"/v1/decisions/{did}/image",
+                     f"/v1/decisions/{did}/heatmap", "/v1/review/queue", "/v1/review/conflicts", "/metrics",
+                     "/openapi.json", "/nowhere"):
+            r = client.get(path)
+            assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer", (path, r.status_code)
+            assert client.get(path, headers={"X-API-Key": KEY}).status_code in (200, 404), path
+        assert client.get("/healthz").status_code == 200 and client.get("/readyz").status_code == 200
+        assert client.get("/").status_code == 200 and client.get("/static/dashboard.js").status_code == 200
         assert client.post("/v1/reviews", json={"decision_id": did, "label": "GOOD"}).status_code == 401
         assert client.post(f"/v1/decisions/{did}/review-request").status_code == 401
         r = client.post("/v1/reviews", json={"decision_id": did, "label": "GOOD"}, headers={"X-API-Key": KEY})

@@ -118,7 +118,18 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
     sv.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; others need API keys)")
     sv.add_argument("--port", type=int, default=8000)
     add_runtime_options(sv)
-    sv.add_argument("--key-file", help="API keys, one per line (also: DEFECTSCOPE_API_KEYS, comma-separated)")
+    sv.add_argument("--key-file", help="API keys, one per line (also: DEFECTSCOPE_API_KEYS, comma-separated); "
+                                       "with keys, every endpoint but /healthz and /readyz needs one")
+    sv.add_argument("--read-key-file", help="read-only keys (dashboards, results, metrics), one per line "
+                                            "(also: DEFECTSCOPE_READ_KEYS)")
+    sv.add_argument("--open-reads", action="store_true",
+                    help="with keys set, let reads (results, images, dashboard, metrics) through without a key")
+    sv.add_argument("--max-connections", type=int, default=128,
+                    help="open connections at most; one more is answered 503 (default 128)")
+    sv.add_argument("--header-timeout", type=float, default=10.0,
+                    help="seconds a connection may take to send a request's headers (default 10)")
+    sv.add_argument("--body-timeout", type=float, default=60.0,
+                    help="seconds a request may take to send its body, else 408 (default 60)")
     sv.add_argument("--pilot", action="store_true", help="send every decision to review too (pilot phase)")
     sv.add_argument("--escape-cap", type=float, default=0.01,
                     help="pilot: the escape rate GOOD decisions must be shown to stay under (default 0.01)")
@@ -134,10 +145,13 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
 
 def run_serve(args: argparse.Namespace) -> int:
     from defectscope.station.serve import ServeConfig, load_api_keys, serve
+    from defectscope.station.serve.config import load_read_keys
 
     config = ServeConfig(
         model=args.model, db=args.db, data=args.data, host=args.host, port=args.port,
-        api_keys=load_api_keys(args.key_file), pilot=args.pilot, escape_cap=args.escape_cap,
+        api_keys=load_api_keys(args.key_file), read_keys=load_read_keys(args.read_key_file),
+        open_reads=args.open_reads, max_connections=args.max_connections, header_timeout=args.header_timeout,
+        body_timeout=args.body_timeout, pilot=args.pilot, escape_cap=args.escape_cap,
         max_batch=args.max_batch, batch_wait_ms=args.batch_wait_ms, max_queue=args.queue,
         max_upload_bytes=int(args.max_upload_mb * (1 << 20)), max_pixels=args.max_pixels, threads=args.threads,
         runtime=args.runtime, precision=args.precision, device=args.device)
@@ -152,12 +166,19 @@ def add_review(sub: argparse._SubParsersAction) -> None:
     rve.add_argument("db", help="results database: path or URL")
     rve.add_argument("--out", required=True, help="CSV manifest to write (filename,label,...)")
     rve.add_argument("--include-drift", action="store_true", help="keep images people labelled Drift")
+    rve.add_argument("--conflicts", choices=("drop", "mark"), default="drop",
+                     help="images people gave different labels: leave them out (default), or write every label "
+                          "marked conflict=1 (training then refuses them until one label is chosen)")
     rve.set_defaults(handler=run_review_export)
 
 
 def run_review_export(args: argparse.Namespace) -> int:
-    from defectscope.station.corrections import export_corrections
+    from defectscope.station.corrections import export_report
 
-    n = export_corrections(args.db, args.out, include_drift=args.include_drift)
-    print(f"{n} reviewed images written to {args.out}")
+    counts = export_report(args.db, args.out, include_drift=args.include_drift, conflicts=args.conflicts)
+    print(f"{counts['rows']} reviewed images written to {args.out}")
+    if counts["conflicting"]:
+        what = "left out" if args.conflicts == "drop" else "written marked conflict=1"
+        print(f"{counts['conflicting']} image(s) with conflicting labels: {counts['conflict_rows']} row(s) {what} "
+              "(GET /v1/review/conflicts lists them)")
     return 0

@@ -58,6 +58,7 @@ def load_table(
     skip_bad: bool = False,
     trust_pickle: bool = False,
     cache_dir: str | Path | None = None,
+    label_conflicts: str = "error",
 ) -> tuple[pd.DataFrame, list[BadFile]]:
     """Read a class-per-folder tree, a CSV manifest, WM-811K's ``LSWMD.pkl`` or a named dataset into the table.
 
@@ -65,6 +66,9 @@ def load_table(
     ``LSWMD.pkl`` is read only with ``trust_pickle`` (unpickling runs code) and converted once into
     ``cache_dir`` (see :mod:`defectscope.data.wm811k`); its unlabelled maps stay out of the table, in the
     conversion's ``unlabelled.csv``.
+
+    One file given two labels is refused unless ``label_conflicts`` says which row wins (``"first"`` or
+    ``"last"``; see :func:`resolve_label_conflicts`).
 
     Returns the table and the rows that were skipped (only with ``skip_bad``; otherwise the first
     problem raises :class:`DataError`). Files are checked to exist here; decoding is checked when
@@ -95,9 +99,32 @@ def load_table(
             raise DataError(f"{path}: expected a folder of class folders, a .csv manifest, LSWMD.pkl or 'elpv'")
         else:
             raise DataError(f"data source not found: {path} (give a folder, a .csv manifest or 'elpv')")
-        table, bad = check_table(table, classes=classes, skip_bad=skip_bad)
+        table, bad = check_table(resolve_label_conflicts(table, label_conflicts), classes=classes,
+                                 skip_bad=skip_bad)
         return table, early_bad + bad
-    return check_table(table, classes=classes, skip_bad=skip_bad)
+    return check_table(resolve_label_conflicts(table, label_conflicts), classes=classes, skip_bad=skip_bad)
+
+
+def resolve_label_conflicts(table: pd.DataFrame, wins: str = "error") -> pd.DataFrame:
+    """Refuse (``wins="error"``) or settle one file listed with two different labels: a model trained on
+    both learns neither. ``"first"`` / ``"last"`` keep the row that comes first / last in the source. Repeated
+    rows with the same label are left as they are."""
+    if wins not in ("error", "first", "last"):
+        raise ValueError(f"label_conflicts must be 'error', 'first' or 'last', got {wins!r}")
+    if table.empty or "path" not in table or "label" not in table:
+        return table
+    labels_per_path = table.groupby("path", sort=False)["label"].nunique()
+    clashing = labels_per_path[labels_per_path > 1].index
+    if len(clashing) == 0:
+        return table
+    if wins == "error":
+        example = table[table["path"] == clashing[0]]
+        raise DataError(f"{len(clashing)} file(s) listed with two or more labels, e.g. {clashing[0]} as "
+                        f"{' and '.join(map(repr, example['label'].unique()))} ({', '.join(example['source'])}): "
+                        "fix the manifest, or pass label_conflicts='first' or 'last' to say which row wins")
+    keep = ~table["path"].isin(clashing) | ~table.duplicated("path", keep=wins)
+    log.warning("%d file(s) listed with two labels: the %s row of each kept", len(clashing), wins)
+    return table[keep].reset_index(drop=True)
 
 
 def read_wm811k(

@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
+from typing import Any
 
-from fastapi import Request
-from fastapi.responses import JSONResponse, Response
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from defectscope.labels import DRIFT
-from defectscope.station.serve.limits import BodyTooLarge
+from defectscope.station.serve.limits import send_json
 
-__all__ = ["Metrics", "observe_requests"]
+__all__ = ["Metrics", "ObserveRequests"]
+
+log = logging.getLogger(__name__)
 
 
 class Metrics:
@@ -27,6 +29,8 @@ class Metrics:
         self.decisions = Counter("defectscope_decisions", "Decisions by kind (class, REVIEW, Drift)",
                                  ["decision"], registry=r)
         self.images = Counter("defectscope_images", "Images classified", registry=r)
+        self.server_errors = Counter("defectscope_server_errors", "Answers of 5xx (500: a bug, 503: overload)",
+                                     ["route", "status"], registry=r)
         self.rejected = Counter("defectscope_rejected", "Requests refused", ["reason"], registry=r)
         self.batch = Histogram("defectscope_batch_size", "Images per inference call", registry=r,
                                buckets=(1, 2, 4, 8, 16, 32, 64))
@@ -53,20 +57,37 @@ class Metrics:
         self.recent.append(decision == DRIFT)
 
 
-def observe_requests(metrics: Metrics) -> Callable[[Request, Callable], Awaitable[Response]]:
-    """The HTTP middleware counting and timing every request by its route template (``other`` when no route
-    matched)."""
+class ObserveRequests:
+    """Pure ASGI middleware counting and timing every request by its route template (``other`` when no route
+    matched). An exception no handler caught is logged, answered 500 (a fixed message: nothing of the request is
+    echoed) and counted, in ``defectscope_requests`` by status and in ``defectscope_server_errors``."""
 
-    async def observe(request: Request, call_next: Callable) -> Response:
+    def __init__(self, app: Any, metrics: Metrics) -> None:
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
         start = time.perf_counter()
-        try:
-            response = await call_next(request)
-        except BodyTooLarge:
-            response = JSONResponse({"detail": "request body too large"}, status_code=413)
-        route = request.scope.get("route")
-        name = getattr(route, "path", "other")
-        metrics.requests.labels(name, request.method, str(response.status_code)).inc()
-        metrics.latency.labels(name).observe(time.perf_counter() - start)
-        return response
+        status = 0  # 0: the client left before any answer
 
-    return observe
+        async def observed(message: dict) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, observed)
+        except Exception:
+            log.exception("unhandled error answering %s %s", scope["method"], scope["path"])
+            started, status = status != 0, 500
+            if started:
+                raise  # the answer is under way: nothing to send but a broken connection
+            await send_json(send, 500, "internal error: the station's log has the details")
+        finally:
+            route = getattr(scope.get("route"), "path", "other")
+            self.metrics.requests.labels(route, scope["method"], str(status)).inc()
+            self.metrics.latency.labels(route).observe(time.perf_counter() - start)
+            if status >= 500:
+                self.metrics.server_errors.labels(route, str(status)).inc()

@@ -34,9 +34,9 @@ class LoadedModel:
     loaded_at: str = field(default_factory=utc_now)
 
     def info(self) -> dict[str, Any]:
+        """What the station says about its model: never the file's path on the server."""
         return {"id": self.model_id, "version": self.model_version, "classes": self.predictor.classes,
                 "good_class": self.good_class, "drift_rate": self.drift_rate, "loaded_at": self.loaded_at,
-                "path": str(self.predictor.model_path),
                 **({"metadata_inputs": self.predictor.metadata_encoder.to_spec()}
                    if self.predictor.metadata_encoder else {})}
 

@@ -4,8 +4,9 @@ parameter typed :data:`ServicesDep`."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import Depends, Request
 
@@ -35,6 +36,10 @@ class Services:
         # kept current by the routes in between so that /metrics never queries the database.
         self.review_depth = 0
         self.metrics = Metrics(self._queue_depth, lambda: self.review_depth)
+        # The dashboard: one computation at a time, answers shared for a moment (routes/dashboard.py).
+        self.dashboard_gate = asyncio.Lock()
+        self.dashboard_cache: dict[tuple, tuple[float, dict[str, Any]]] = {}
+        self.dashboard_next = 0.0  # monotonic time before which no new dashboard computation starts
 
     def _queue_depth(self) -> int:
         batcher = self.__dict__.get("batcher")  # scraped before startup: nothing queued

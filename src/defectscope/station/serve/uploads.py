@@ -18,12 +18,22 @@ from fastapi import HTTPException
 from defectscope.data.images import ImageDecodeError
 from defectscope.runtime.predictor import MetadataInputError, Predictor
 
-__all__ = ["META_FIELDS", "META_RE", "check_meta", "decode_all", "file_uploads", "metadata_values", "safe_name",
-           "store_bytes"]
+__all__ = ["META_FIELDS", "META_RE", "check_meta", "decode_all", "file_uploads", "image_suffix", "metadata_values",
+           "safe_name", "store_bytes"]
 
 META_FIELDS = ("station", "lot", "part_id")
 META_RE = re.compile(r"^[^\x00-\x1f\x7f]{0,128}$")
-_IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".webp"}
+# A stored upload is named by its bytes alone (hash and format), never by the client's name: the same bytes
+# posted as "a.png" and as a raw body are one file.
+_MAGIC = ((b"\x89PNG\r\n\x1a\n", ".png"), (b"\xff\xd8\xff", ".jpg"), (b"GIF87a", ".gif"), (b"GIF89a", ".gif"),
+          (b"II*\x00", ".tif"), (b"MM\x00*", ".tif"), (b"BM", ".bmp"))
+
+
+def image_suffix(data: bytes) -> str:
+    """The file suffix of an image's format, read from its first bytes (``.img`` when unknown)."""
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return ".webp"
+    return next((suffix for magic, suffix in _MAGIC if data.startswith(magic)), ".img")
 
 
 def safe_name(name: str | None) -> str:
@@ -74,18 +84,22 @@ def decode_all(predictor: Predictor, uploads: list[tuple[str, bytes]]) -> list[t
         try:
             x = predictor.preprocess(data)
         except ImageDecodeError as exc:
-            # The decoder names "<bytes>": name the upload instead.
-            raise HTTPException(422, f"{fname}: {exc.reason}") from None
+            # The decoder names "<bytes>": name the upload instead. Pillow's own bomb limit (179 M pixels) may
+            # trip before ours on a huge image; the limit the station's user can change is --max-pixels.
+            reason = exc.reason
+            if "bomb" in reason and "max_pixels" not in reason:
+                reason = (f"too large, possible decompression bomb: over the station's --max-pixels "
+                          f"{predictor.max_pixels}")
+            raise HTTPException(422, f"{fname}: {reason}") from None
         out.append((x, (time.perf_counter() - start) * 1000))
     return out
 
 
 def file_uploads(folder: Path, uploads: list[tuple[str, bytes]]) -> list[tuple[str, Path]]:
     out = []
-    for fname, data in uploads:
+    for _, data in uploads:
         sha = hashlib.sha256(data).hexdigest()
-        suffix = Path(fname).suffix.lower()
-        out.append((sha, store_bytes(folder, data, sha, suffix if suffix in _IMAGE_SUFFIXES else ".img")))
+        out.append((sha, store_bytes(folder, data, sha, image_suffix(data))))
     return out
 
 

@@ -19,7 +19,8 @@ function el(tag, attrs = {}, parent = null, text = null) {
 
 function html(tag, attrs = {}, parent = null, text = null) {
   const node = document.createElement(tag);
-  for (const [k, v] of Object.entries(attrs)) node.setAttribute(k, v);
+  // style through the CSSOM: the Content-Security-Policy refuses inline style attributes.
+  for (const [k, v] of Object.entries(attrs)) if (k === "style") node.style.cssText = v; else node.setAttribute(k, v);
   if (text !== null) node.textContent = text;
   if (parent) parent.appendChild(node);
   return node;
@@ -209,13 +210,35 @@ function drawTiles(d) {
   if (ooc) msgs.push(`${ooc} p-chart point(s) out of control.`);
   alarm.hidden = msgs.length === 0;
   alarm.textContent = msgs.join(" ");
-  $("key-label").hidden = !d.auth_required;
+  if (d.auth_required) $("key-label").hidden = false;
+}
+
+// With keys set on the station every read needs one too: the key typed in the page is kept for this tab only
+// (sessionStorage) and sent with every request, images included (fetched, then shown from a blob URL).
+function authHeaders(extra = {}) {
+  const key = $("apikey").value.trim();
+  return key ? { ...extra, Authorization: "Bearer " + key } : extra;
 }
 
 async function getJSON(url) {
-  const r = await fetch(url, { headers: { Accept: "application/json" } });
-  if (!r.ok) throw new Error(`${url}: HTTP ${r.status}`);
+  const r = await fetch(url, { headers: authHeaders({ Accept: "application/json" }) });
+  if (r.status === 401 || r.status === 403) {
+    $("key-label").hidden = false;
+    throw new Error(`${url}: HTTP ${r.status}, enter an API key below`);
+  }
+  if (!r.ok) {
+    const detail = await r.json().catch(() => ({}));
+    throw new Error(`${url}: HTTP ${r.status} ${detail.detail ? JSON.stringify(detail.detail) : ""}`);
+  }
   return r.json();
+}
+
+async function showImage(img, url) {
+  if (img.src.startsWith("blob:")) URL.revokeObjectURL(img.src);
+  if (!url) { img.removeAttribute("src"); return; }
+  const r = await fetch(url, { headers: authHeaders() });
+  if (!r.ok) { img.removeAttribute("src"); return; }
+  img.src = URL.createObjectURL(await r.blob());
 }
 
 async function refresh() {
@@ -243,10 +266,10 @@ function showItem(item) {
   $("rq-empty").hidden = !!item;
   $("rq-item").hidden = !item;
   if (!item) return;
-  $("rq-image").src = item.image_url || "";
+  showImage($("rq-image"), item.image_url).catch(() => {});
   const hm = $("rq-heatmap");
   hm.hidden = !item.heatmap_url;
-  if (item.heatmap_url) hm.src = item.heatmap_url; else hm.removeAttribute("src");
+  showImage(hm, item.heatmap_url).catch(() => {});
   const meta = $("rq-meta");
   meta.textContent = "";
   html("div", {}, meta, `#${item.id} ${item.file_name} - model says ${item.decision}` + (item.decision !== item.top_class ? ` (top class ${item.top_class})` : ""));
@@ -278,9 +301,7 @@ function showItem(item) {
 async function submit(label) {
   const item = state.current;
   if (!item) return;
-  const headers = { "Content-Type": "application/json" };
-  const key = $("apikey").value.trim();
-  if (key) headers.Authorization = "Bearer " + key;
+  const headers = authHeaders({ "Content-Type": "application/json" });
   const reviewer = $("reviewer").value.trim();
   localStorage.setItem("defectscope.reviewer", reviewer);
   const body = { decision_id: item.id, label, reviewer: reviewer || null, comment: $("rq-comment").value.trim() || null };
@@ -315,6 +336,8 @@ document.addEventListener("keydown", (ev) => {
 });
 
 $("reviewer").value = localStorage.getItem("defectscope.reviewer") || "";
+$("apikey").value = sessionStorage.getItem("defectscope.key") || "";
+$("apikey").onchange = () => { sessionStorage.setItem("defectscope.key", $("apikey").value.trim()); refresh(); };
 $("hours").onchange = refresh;
 $("bucket").onchange = refresh;
 refresh();

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, HTTPException, Query
 from fastapi.responses import HTMLResponse
 from starlette.concurrency import run_in_threadpool
 
@@ -31,8 +33,36 @@ async def dashboard(services: ServicesDep, hours: float = Query(24, gt=0, le=24 
                     bucket_minutes: int = Query(60, ge=1, le=1440),
                     station: str | None = Query(None, max_length=128)) -> dict[str, Any]:
     """Everything the dashboard draws: decisions per bucket, p-chart with Western Electric rules, the
-    Drift-rate alarm, confidence and latency quantiles, the review queue depth and pilot statistics."""
-    return await run_in_threadpool(_dashboard, services, hours, bucket_minutes, station)
+    Drift-rate alarm, confidence and latency quantiles, the review queue depth and pilot statistics.
+
+    Bounded so that dashboards cannot starve predictions: at most ``max_dashboard_points`` buckets (422
+    beyond), one computation at a time and at most :data:`SHARE` of the time in them (a busy dashboard waits,
+    the line does not), and an answer is shared by every tab asking the same within :data:`CACHE_SECONDS`."""
+    points = hours * 60 / bucket_minutes
+    limit = services.config.max_dashboard_points
+    if points > limit:
+        raise HTTPException(422, f"hours={hours:g} with bucket_minutes={bucket_minutes} is {points:.0f} buckets, "
+                                 f"over {limit}: choose a bucket of at least {hours * 60 / limit:.0f} minutes")
+    key = (hours, bucket_minutes, station)
+    cache = services.dashboard_cache
+    async with services.dashboard_gate:
+        hit = cache.get(key)
+        if hit is not None and time.monotonic() - hit[0] < CACHE_SECONDS:
+            return hit[1]
+        # A duty cycle: dashboard work takes at most SHARE of the time, the rest is the line's.
+        await asyncio.sleep(max(0.0, services.dashboard_next - time.monotonic()))
+        started = time.monotonic()
+        out = await run_in_threadpool(_dashboard, services, hours, bucket_minutes, station)
+        done = time.monotonic()
+        services.dashboard_next = done + (done - started) * (1 / SHARE - 1)
+        if len(cache) > 64:
+            cache.clear()
+        cache[key] = (done, out)
+        return out
+
+
+CACHE_SECONDS = 2.0
+SHARE = 0.15
 
 
 def _dashboard(services: Services, hours: float, bucket_minutes: int, station: str | None) -> dict[str, Any]:
@@ -59,7 +89,7 @@ def _dashboard(services: Services, hours: float, bucket_minutes: int, station: s
     out["pilot"] = spc.pilot_stats(reviewed, model.good_class, escape_cap, overkill_cap=overkill_cap)
     out["pilot"]["enabled"] = config.pilot
     _, out["review_queue"] = store.review_queue(0)
-    out["model"] = model.info()
+    out["model"] = model.info()  # no server path in it
     out["queue_depth"] = services.batcher.depth
     out["auth_required"] = bool(config.api_keys)
     return out

@@ -12,7 +12,7 @@ from fastapi import APIRouter, HTTPException, Query, Request
 from starlette.concurrency import run_in_threadpool
 
 from defectscope.runtime.predictor import Prediction, Predictor
-from defectscope.station.serve.auth import require_key
+from defectscope.station.serve.auth import caller_key
 from defectscope.station.serve.limits import reserve
 from defectscope.station.serve.model_holder import LoadedModel
 from defectscope.station.serve.records import build_records
@@ -45,7 +45,7 @@ async def predict(request: Request, services: ServicesDep, station: str | None =
                   name: str | None = Query(None, max_length=256, description="file name of a raw-body image"),
                   ) -> dict[str, Any]:
     """Classify one image or several; each decision is stored before the answer is sent."""
-    key_id = require_key(request, services)
+    key_id = caller_key(request)  # the key was checked on the headers, before the body was read
     started = time.perf_counter()
     meta = {"station": station, "lot": lot, "part_id": part_id}
     predictor = services.models.current.predictor
@@ -53,11 +53,16 @@ async def predict(request: Request, services: ServicesDep, station: str | None =
     uploads = await _read_uploads(request, services, predictor, name, meta, given)
     meta = {k: check_meta(k, v) for k, v in meta.items()}
     model_metadata = metadata_values(predictor, given) if predictor.metadata_fields else None
+    seen: set[tuple[str, bytes]] = set()
     for fname, data in uploads:
         if not data:
             raise HTTPException(422, f"{fname}: empty file (0 bytes)")
         if len(data) > services.config.max_upload_bytes:
             raise HTTPException(413, f"{fname}: over the {services.config.max_upload_bytes} byte limit per image")
+        if (fname, data) in seen:
+            raise HTTPException(422, f"{fname}: the same image twice in one request (same name once stripped of "
+                                     "its folders, same bytes); send each image once")
+        seen.add((fname, data))
     request_id = uuid.uuid4().hex
     records, results, ids = await _classify_and_store(services, uploads, model_metadata, request_id, meta, started)
     out = []

@@ -1,15 +1,17 @@
-"""The review loop: put a decision in the queue, read the queue, and store a person's label."""
+"""The review loop: put a decision in the queue, read the queue, store a person's label, and show where people
+disagree (:mod:`defectscope.station.corrections` says what a conflict is)."""
 
 from __future__ import annotations
 
 from typing import Any
 
 from fastapi import APIRouter, HTTPException, Query, Request
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 from starlette.concurrency import run_in_threadpool
 
 from defectscope.labels import DRIFT
-from defectscope.station.serve.auth import require_key
+from defectscope.station.corrections import conflicts_of
+from defectscope.station.serve.auth import caller_key
 from defectscope.station.serve.rows import MAX_ID, DecisionId, public_row
 from defectscope.station.serve.services import Services, ServicesDep
 from defectscope.station.serve.uploads import META_RE
@@ -25,14 +27,33 @@ class ReviewIn(BaseModel):
     reviewer: str | None = Field(default=None, max_length=64)
     comment: str | None = Field(default=None, max_length=1000)
 
+    @field_validator("label", "reviewer", "comment")
+    @classmethod
+    def _storable(cls, value: str | None) -> str | None:
+        """Text every database stores: no NUL (PostgreSQL refuses it), no lone surrogate (not UTF-8)."""
+        if value is not None:
+            if "\x00" in value:
+                raise ValueError("NUL characters are not allowed")
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                raise ValueError("not valid Unicode text (a lone surrogate)") from None
+        return value
+
 
 @router.post("/v1/decisions/{decision_id}/review-request", tags=["review"])
-async def request_review(decision_id: DecisionId, request: Request, services: ServicesDep) -> dict[str, Any]:
-    """Put any decision in the review queue (a person picked it)."""
-    require_key(request, services)
-    if not await run_in_threadpool(services.store.flag, decision_id):
+async def request_review(decision_id: DecisionId, services: ServicesDep) -> dict[str, Any]:
+    """Put any decision in the review queue (a person picked it). A decision that already has a review is not
+    queued again (409): post another review to change or dispute its label."""
+    store = services.store
+    done = await run_in_threadpool(store.reviews, decision_id)
+    if done:
+        last = done[-1]
+        raise HTTPException(409, f"decision {decision_id} is already reviewed ({last['label']!r} by "
+                                 f"{last['reviewer']!r}); post a review to change or dispute its label")
+    if not await run_in_threadpool(store.flag, decision_id):
         raise HTTPException(404, f"no decision {decision_id}")
-    services.review_depth = (await run_in_threadpool(services.store.review_queue, 0))[1]
+    await _recount(services)
     return {"id": decision_id, "needs_review": True}
 
 
@@ -44,25 +65,43 @@ async def review_queue(services: ServicesDep, limit: int = Query(20, ge=0, le=50
     return {"total": total, "labels": _labels(services), "items": [public_row(r) for r in rows]}
 
 
+@router.get("/v1/review/conflicts", tags=["review"])
+async def review_conflicts(services: ServicesDep, limit: int = Query(100, ge=0, le=1000)) -> dict[str, Any]:
+    """Decisions whose reviewers disagree (each reviewer's latest label counts), newest first, with every
+    label given; ``review export`` leaves them out until people agree."""
+    found = conflicts_of(await run_in_threadpool(services.store.reviews))
+    ids = sorted(found, reverse=True)
+    return {"total": len(ids), "items": [{"decision_id": i, "labels": found[i]} for i in ids[:limit]]}
+
+
 def _labels(services: Services) -> list[str]:
     return [*services.models.current.predictor.classes, DRIFT]
 
 
+async def _recount(services: Services) -> None:
+    # The gauge follows the store, not arithmetic on it: a second review or a sorter's rows cannot drift it.
+    services.review_depth = (await run_in_threadpool(services.store.review_queue, 0))[1]
+
+
 @router.post("/v1/reviews", tags=["review"], status_code=201)
 async def add_review(body: ReviewIn, request: Request, services: ServicesDep) -> dict[str, Any]:
-    """A person's label for a decision (confirm: the model's class; relabel: another class; Drift)."""
-    key_id = require_key(request, services)
+    """A person's label for a decision (confirm: the model's class; relabel: another class; Drift). Every
+    review is kept; when reviewers disagree the answer says so (``conflict``, with each reviewer's label)."""
+    key_id = caller_key(request)
     if body.label not in _labels(services):
         raise HTTPException(422, f"label {body.label!r} is not one of {_labels(services)}")
     reviewer = (body.reviewer or "").strip() or key_id or "anonymous"
     if not META_RE.match(reviewer):
         raise HTTPException(422, "reviewer: printable characters only")
-    if body.comment and "\x00" in body.comment:
-        raise HTTPException(422, "comment: NUL characters are not allowed")
+    store = services.store
     try:
-        rid = await run_in_threadpool(services.store.add_review, body.decision_id, body.label, reviewer,
-                                      body.comment)
+        rid = await run_in_threadpool(store.add_review, body.decision_id, body.label, reviewer, body.comment)
     except KeyError:
         raise HTTPException(404, f"no decision {body.decision_id}") from None
-    services.review_depth = max(0, services.review_depth - 1)
-    return {"id": rid, "decision_id": body.decision_id, "label": body.label, "reviewer": reviewer}
+    await _recount(services)
+    found = conflicts_of(await run_in_threadpool(store.reviews, body.decision_id))
+    out: dict[str, Any] = {"id": rid, "decision_id": body.decision_id, "label": body.label, "reviewer": reviewer,
+                           "conflict": body.decision_id in found}
+    if out["conflict"]:
+        out["labels"] = found[body.decision_id]
+    return out
