@@ -41,10 +41,39 @@ def add_train(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     t.add_argument("--no-progress", action="store_true", help="no progress bars (logs stay)")
     add_manifest_options(t)
+    add_distributed_options(t)
     t.set_defaults(handler=run_train)
 
 
+def add_distributed_options(t: argparse.ArgumentParser) -> None:
+    t.add_argument("--nproc", type=int, help="train with N processes on this machine (DistributedDataParallel "
+                   "under torchrun: one per GPU, or CPU cores shared); for several machines run "
+                   "`torchrun ... -m defectscope train ...` (README: More than one machine)")
+    t.add_argument("--max-restarts", type=int, default=0,
+                   help="with --nproc: times torchrun starts the job again after a process dies; it resumes "
+                        "from the last checkpoint (default 0)")
+
+
+def _launch(args: argparse.Namespace) -> int | None:
+    """Under ``--nproc N`` (N > 1, not already under torchrun): run this command under torchrun, its exit code."""
+    from defectscope.errors import UsageError
+
+    if args.nproc is None or args.nproc == 1:
+        return None
+    if args.nproc < 1:
+        raise UsageError(f"--nproc {args.nproc}: give a number of processes of at least 1")
+    from defectscope.training import distributed
+
+    if distributed.under_torchrun():
+        return None
+    argv = distributed.strip_option(args.argv, ["--nproc", "--max-restarts"])
+    return distributed.launch(args.nproc, argv, max_restarts=args.max_restarts)
+
+
 def run_train(args: argparse.Namespace) -> int:
+    launched = _launch(args)
+    if launched is not None:
+        return launched
     from defectscope.training.train import train
 
     overrides = {
