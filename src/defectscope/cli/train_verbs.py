@@ -106,8 +106,12 @@ def add_tune(sub: argparse._SubParsersAction) -> None:
     tu.add_argument("--budget", required=True, help="wall time of the whole study, e.g. 60m, 3600s or 1h; "
                                                     "re-running the command resumes with what is left")
     tu.add_argument("--trials", type=int, help="stop after this many finished trials (counting earlier runs)")
-    tu.add_argument("--storage", help="Optuna storage URL (default sqlite:///OUT/study.db)")
-    tu.add_argument("--study-name", help="name of the study in the storage (default defectscope-tune)")
+    tu.add_argument("--storage", help="Optuna storage URL (default sqlite:///OUT/study.db, one process); "
+                                      "postgresql://user@host/db: any number of workers on one study")
+    tu.add_argument("--study-name", "--study", dest="study_name",
+                    help="name of the study in the storage (default defectscope-tune)")
+    tu.add_argument("--heartbeat", type=int, default=60, help="seconds between a shared study's trial heartbeats; "
+                                                              "a trial silent for 3 is failed and retried")
     tu.add_argument("--space", help="YAML search space: {config.key: [choices] or {low, high, log}, views: [...]}")
     tu.add_argument("--pruner", default="hyperband", choices=["hyperband", "halving", "none"])
     tu.add_argument("--seed", type=int, default=0, help="sampler seed and every trial's seed (one split for all)")
@@ -135,6 +139,7 @@ def run_tune(args: argparse.Namespace) -> int:
     run = tune(args.data, args.out, budget_minutes=minutes(args.budget), n_trials=args.trials,
                storage=args.storage, study_name=args.study_name, seed=args.seed, space=space,
                config_file=args.config, preset=args.preset, pruner=args.pruner,
+               heartbeat_seconds=args.heartbeat,
                **{k: v for k, v in overrides.items() if v is not None})
     print(f"best trial: {run.path}  (all trials: {args.out}/tune.json)")
     return 0
