@@ -61,6 +61,7 @@ def _accept_debug_anywhere(parser: argparse.ArgumentParser) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # for verbs that start themselves again (--nproc)
     from defectscope import progress  # a submodule, not the package API
 
     progress.configure_cli_logging()

@@ -41,10 +41,39 @@ def add_train(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     t.add_argument("--no-progress", action="store_true", help="no progress bars (logs stay)")
     add_manifest_options(t)
+    add_distributed_options(t)
     t.set_defaults(handler=run_train)
 
 
+def add_distributed_options(t: argparse.ArgumentParser) -> None:
+    t.add_argument("--nproc", type=int, help="train with N processes on this machine (DistributedDataParallel "
+                   "under torchrun: one per GPU, or CPU cores shared); for several machines run "
+                   "`torchrun ... -m defectscope train ...` (README: More than one machine)")
+    t.add_argument("--max-restarts", type=int, default=0,
+                   help="with --nproc: times torchrun starts the job again after a process dies; it resumes "
+                        "from the last checkpoint (default 0)")
+
+
+def _launch(args: argparse.Namespace) -> int | None:
+    """Under ``--nproc N`` (N > 1, not already under torchrun): run this command under torchrun, its exit code."""
+    from defectscope.errors import UsageError
+
+    if args.nproc is None or args.nproc == 1:
+        return None
+    if args.nproc < 1:
+        raise UsageError(f"--nproc {args.nproc}: give a number of processes of at least 1")
+    from defectscope.training import distributed
+
+    if distributed.under_torchrun():
+        return None
+    argv = distributed.strip_option(args.argv, ["--nproc", "--max-restarts"])
+    return distributed.launch(args.nproc, argv, max_restarts=args.max_restarts)
+
+
 def run_train(args: argparse.Namespace) -> int:
+    launched = _launch(args)
+    if launched is not None:
+        return launched
     from defectscope.training.train import train
 
     overrides = {
@@ -77,8 +106,12 @@ def add_tune(sub: argparse._SubParsersAction) -> None:
     tu.add_argument("--budget", required=True, help="wall time of the whole study, e.g. 60m, 3600s or 1h; "
                                                     "re-running the command resumes with what is left")
     tu.add_argument("--trials", type=int, help="stop after this many finished trials (counting earlier runs)")
-    tu.add_argument("--storage", help="Optuna storage URL (default sqlite:///OUT/study.db)")
-    tu.add_argument("--study-name", help="name of the study in the storage (default defectscope-tune)")
+    tu.add_argument("--storage", help="Optuna storage URL (default sqlite:///OUT/study.db, one process); "
+                                      "postgresql://user@host/db: any number of workers on one study")
+    tu.add_argument("--study-name", "--study", dest="study_name",
+                    help="name of the study in the storage (default defectscope-tune)")
+    tu.add_argument("--heartbeat", type=int, default=60, help="seconds between a shared study's trial heartbeats; "
+                                                              "a trial silent for 3 is failed and retried")
     tu.add_argument("--space", help="YAML search space: {config.key: [choices] or {low, high, log}, views: [...]}")
     tu.add_argument("--pruner", default="hyperband", choices=["hyperband", "halving", "none"])
     tu.add_argument("--seed", type=int, default=0, help="sampler seed and every trial's seed (one split for all)")
@@ -106,6 +139,7 @@ def run_tune(args: argparse.Namespace) -> int:
     run = tune(args.data, args.out, budget_minutes=minutes(args.budget), n_trials=args.trials,
                storage=args.storage, study_name=args.study_name, seed=args.seed, space=space,
                config_file=args.config, preset=args.preset, pruner=args.pruner,
+               heartbeat_seconds=args.heartbeat,
                **{k: v for k, v in overrides.items() if v is not None})
     print(f"best trial: {run.path}  (all trials: {args.out}/tune.json)")
     return 0

@@ -29,6 +29,7 @@ from torch import nn
 
 from defectscope.models.heads import dihedral, symmetry_views
 from defectscope.models.inference import to_input
+from defectscope.training.distributed import current
 
 log = logging.getLogger(__name__)
 
@@ -93,11 +94,15 @@ class FrozenPrefixCache:
                 log.warning(f"train.cache_frozen: the cache would take {nbytes / 2**30:.1f} GiB "
                             f"(> {MAX_CACHE_BYTES / 2**30:.0f}); this phase trains uncached")
                 return None
-            maps = torch.empty((len(views), len(images), *probe), dtype=torch.float32)
-            for i in range(0, len(images), batch_size):
-                xn = (to_input(images[i:i + batch_size], device, channels_last) - model.mean) / model.std
+            dist = current()  # under torchrun each rank computes its share of the images; all get every map
+            part = images[dist.rows(len(images))]
+            maps = torch.empty((len(views), len(part), *probe), dtype=torch.float32)
+            for i in range(0, len(part), batch_size):
+                xn = (to_input(part[i:i + batch_size], device, channels_last) - model.mean) / model.std
                 for v, k in enumerate(views):
                     maps[v, i:i + batch_size] = prefix(dihedral(xn, k)).float().cpu()
+            if dist.active:
+                maps = dist.gather_rows(maps.transpose(0, 1), len(images)).transpose(0, 1)
         finally:
             model.train(was_training)
         seconds = time.perf_counter() - started

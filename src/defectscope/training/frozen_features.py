@@ -25,6 +25,7 @@ from defectscope.metrics import classification_metrics
 from defectscope.models.factory import Classifier
 from defectscope.models.heads import KernelHead, OrdinalHead, symmetry_views
 from defectscope.models.inference import to_input
+from defectscope.training.distributed import current
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +41,19 @@ def pooled_features(model: Classifier, images: np.ndarray, *, batch_size: int = 
     out = [model.forward_features(to_input(x[i:i + batch_size], torch.device("cpu"), True)).double().numpy()
            for i in range(0, len(x), batch_size)]
     return np.concatenate(out) if out else np.empty((0, model.num_features))
+
+
+def _sharded_features(model: Classifier, images: np.ndarray, val_images: np.ndarray, batch_size: int):
+    """(training features, validation features or None); under torchrun each rank extracts its share and
+    rank 0 gets them all (the other ranks get (None, None))."""
+    dist = current()
+    feats = dist.gather_rows(pooled_features(model, images[dist.rows(len(images))], batch_size=batch_size),
+                             len(images))
+    val_feats = None
+    if len(val_images):
+        val_feats = dist.gather_rows(pooled_features(model, val_images[dist.rows(len(val_images))],
+                                                     batch_size=batch_size), len(val_images))
+    return (feats, val_feats) if dist.main else (None, None)
 
 
 def _sample_weights(labels: np.ndarray, num_classes: int, cfg: RunConfig) -> np.ndarray | None:
@@ -178,8 +192,9 @@ def fit_frozen(model: Classifier, cfg: RunConfig, images: np.ndarray, labels: np
         p.requires_grad_(False)
     model.views = symmetry_views(cfg.augment.hflip, cfg.augment.vflip, cfg.augment.rot90)
     started = time.perf_counter()
-    feats = pooled_features(model, images, batch_size=cfg.train.batch_size)
-    val_feats = pooled_features(model, val_images, batch_size=cfg.train.batch_size) if len(val_images) else None
+    feats, val_feats = _sharded_features(model, images, val_images, cfg.train.batch_size)
+    if feats is None:  # under torchrun: rank 0 alone fits the head, once, on every rank's features
+        return None
     t_features = time.perf_counter() - started
     log.info(f"frozen features: {len(images) + (len(val_images) if val_feats is not None else 0)} images x "
              f"{len(model.views)} views, {feats.shape[1]} features ({t_features:.1f}s)")

@@ -27,6 +27,7 @@ from defectscope.models.inference import predict_logits
 from defectscope.models.seed_cnn import SeedCNN
 from defectscope.progress import progress
 from defectscope.rundir import CHECKPOINT
+from defectscope.training import distributed
 from defectscope.training.augment import augment_batch
 from defectscope.training.cached_blocks import FrozenPrefixCache
 from defectscope.training.ema import WeightEMA
@@ -186,6 +187,7 @@ class _Phase:
     warmup: int
     planned: int  # epochs; cut short when the time budget would not fit them all
     cache_seconds: float  # building the cache; reported with the phase's first epoch only
+    forward: nn.Module  # the training forward pass (under DistributedDataParallel in a torchrun job)
 
 
 class Trainer:
@@ -200,7 +202,8 @@ class Trainer:
         self.cfg = cfg
         self.run_dir = Path(run_dir)
         self.classes = classes
-        self.device = pick_device(cfg.train.device)
+        self.dist = distributed.current()  # joined by train() under torchrun; world size 1 otherwise
+        self.device = self.dist.device(pick_device(cfg.train.device))
         self.channels_last = cfg.train.channels_last and self.device.type == "cpu"
         self.amp = self.device.type == "cuda"
 
@@ -295,7 +298,8 @@ class Trainer:
         return _Phase(index=p_idx, config=phase, optimizer=optimizer,
                       scaler=torch.amp.GradScaler("cuda") if self.amp else None, cache=cache,
                       steps_per_epoch=steps_per_epoch, warmup=int(tcfg.warmup_epochs * steps_per_epoch),
-                      planned=phase.epochs, cache_seconds=cache.seconds if cache is not None else 0.0)
+                      planned=phase.epochs, cache_seconds=cache.seconds if cache is not None else 0.0,
+                      forward=distributed.wrap(model, cache, self.device))
 
     def _epoch(self, run: _Fit, ph: _Phase) -> None:
         """One epoch: train, validate, track the best weights and the budget, checkpoint, report."""
@@ -306,7 +310,7 @@ class Trainer:
         train_loss = self._train_epoch(
             model, run.criterion, ph.optimizer, ph.scaler, run.x, run.y, run.gen, ph.config.lr,
             state.phase_epoch * ph.steps_per_epoch, ph.steps_per_epoch * ph.planned, ph.warmup,
-            f"epoch {state.epoch + 1}", run.ema, size, ph.cache,
+            f"epoch {state.epoch + 1}", run.ema, size, ph.cache, ph.forward,
         )
         if run.ema is not None:
             with run.ema.applied(model):
@@ -315,16 +319,23 @@ class Trainer:
             val = self._validate(model, run.x_val, run.y_val)
         state.phase_epoch += 1
         state.epoch += 1
+        per_rank = self.dist.all_gather(train_loss)  # each rank's mean over its part of the batches
+        train_loss = float(np.mean(per_rank))
         record = {
             "epoch": state.epoch, "phase": ph.index + 1, "unfreeze": ph.config.unfreeze,
             "train_loss": train_loss, "train_size": size, **val,
             "cached_blocks": ph.cache.n_blocks if ph.cache is not None else 0,
             "cache_seconds": round(ph.cache_seconds, 2),  # building it, before the phase's first epoch
             "lr": ph.optimizer.param_groups[0]["lr"], "seconds": time.perf_counter() - started,
+            **({"train_loss_ranks": " ".join(f"{v:.17g}" for v in per_rank)} if self.dist.active else {}),
         }
         self._track_best(run, val, record)
         state.history.append(record)
         self._apply_time_limit(run, ph, record)
+        if self.dist.active:  # decided once, by rank 0 (its clock), for every rank
+            state.phase_done, state.stopped, ph.planned, decided = self.dist.broadcast(
+                (state.phase_done, state.stopped, ph.planned, record))
+            record.update(decided)
         ph.cache_seconds = 0.0
         self._save_checkpoint(model, ph.optimizer, run.gen, state, run.best_weights, run.ema)
         # Logged after the checkpoint: a run interrupted on this line resumes after this epoch.
@@ -389,21 +400,26 @@ class Trainer:
 
     def _train_epoch(self, model, criterion, optimizer, scaler, x, y, gen, base_lr, step, total, warmup, desc,
                      ema: WeightEMA | None = None, size: int | None = None,
-                     cache: FrozenPrefixCache | None = None):
-        tcfg = self.cfg.train
+                     cache: FrozenPrefixCache | None = None, forward: nn.Module | None = None):
+        tcfg, dist, seed = self.cfg.train, self.dist, self.cfg.training_seed
+        forward = forward if forward is not None else distributed.wrap(model, cache, self.device)
         model.train()
         _freeze_norm_stats(model)
         order = epoch_indices(y, tcfg.sampling, tcfg.undersample_ratio, gen)
         batches = [order[i:i + tcfg.batch_size] for i in range(0, len(order), tcfg.batch_size)]
         losses = []
-        bar = progress(batches, desc=desc, unit="batch", enabled=tcfg.progress)
+        bar = progress(batches, desc=desc, unit="batch", enabled=tcfg.progress and dist.main)
         for idx in bar:
+            idx = dist.shard(idx)  # under torchrun: this rank's part of the global batch
             # Augment on the CPU with the run's generator so the stream is the same on every device.
-            xb = cache.take(idx, gen) if cache is not None else augment_batch(
-                x[idx].float().div_(255).unsqueeze(1), self.cfg.augment, gen)
+            agen = dist.generator(gen, seed, step)
+            if dist.active:  # dropout: a stream per rank and step, the same again after a restart
+                torch.manual_seed(distributed._mix(seed, dist.rank, step, 1))
+            xb = cache.take(idx, agen) if cache is not None else augment_batch(
+                x[idx].float().div_(255).unsqueeze(1), self.cfg.augment, agen)
             if cache is None and size is not None and size != xb.shape[-1]:
                 xb = F.interpolate(xb, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-            xb = xb.to(self.device)
+            xb = (xb.pin_memory() if self.amp else xb).to(self.device, non_blocking=True)  # pinned: async copy
             if self.channels_last:
                 xb = xb.contiguous(memory_format=torch.channels_last)
             yb = y[idx].to(self.device)
@@ -411,7 +427,7 @@ class Trainer:
                 group["lr"] = base_lr * group.get("lr_scale", 1.0) * _lr_factor(step, total, warmup, tcfg.schedule)
             mb = () if self.m_train is None else (self.m_train[idx].to(self.device),)
             with torch.autocast(self.device.type, enabled=self.amp):
-                out = model(xb, *mb) if cache is None else cache.forward(model, xb, *mb)
+                out = forward(xb, *mb)
                 loss = criterion(out, yb)
             optimizer.zero_grad(set_to_none=True)
             if scaler is not None:
@@ -431,8 +447,12 @@ class Trainer:
     def _validate(self, model, x_val, y_val) -> dict[str, float]:
         if len(y_val) == 0:
             return {"val_loss": float("nan"), "val_macro_f1": float("nan"), "val_accuracy": float("nan")}
-        logits = predict_logits(model, x_val, device=self.device, channels_last=self.channels_last,
-                                metadata=self.m_val)
+        # Sharded across ranks, the logits gathered: every rank computes the same metrics.
+        self.dist.sync_buffers(model)
+        rows, m_val = self.dist.rows(len(y_val)), self.m_val
+        logits = predict_logits(model, x_val[rows], device=self.device, channels_last=self.channels_last,
+                                metadata=None if m_val is None else np.asarray(m_val)[rows])
+        logits = self.dist.gather_rows(logits, len(y_val))
         y = torch.as_tensor(y_val)
         m = classification_metrics(y.numpy(), logits.argmax(1).numpy(), self.classes)
         return {
@@ -443,6 +463,8 @@ class Trainer:
 
     def _save_checkpoint(self, model, optimizer, gen, state: TrainState, best_weights,
                          ema: WeightEMA | None = None) -> None:
+        if not self.dist.main:  # rank 0 alone writes the run directory
+            return
         payload = {
             "model": model.state_dict(),
             "optimizer": optimizer.state_dict(),

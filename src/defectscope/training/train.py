@@ -58,18 +58,26 @@ def train(
     """
     import torch
 
+    from defectscope.training import distributed
+    from defectscope.training.loop import pick_device
+
     out = Path(out)
+    if not resume and distributed.restarted() and (out / rundir.CHECKPOINT).is_file():
+        # torchrun started this job again after a rank failed (--max-restarts): continue from the checkpoint.
+        log.info(f"restarted by torchrun: resuming {out} from its last checkpoint")
+        data, config, config_file, overrides, resume = None, None, None, {}, True
     if resume:
         cfg, table = _resumed_config_and_table(out, data, config, config_file, overrides)
     else:
         cfg, table = _new_config_and_table(out, data, config, config_file, overrides, preset)
-    torch.manual_seed(cfg.training_seed)
+    ctx = distributed.setup(pick_device(cfg.train.device))
+    torch.manual_seed(cfg.training_seed)  # the same initial weights on every rank
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
 
     classes = cfg.data.classes or class_names(table)
     table, images = _usable_images(table, cfg, out)
-    if not resume:
+    if not resume and ctx.main:
         table.to_csv(out / rundir.TABLE, index=False)
         cfg.data.classes = classes
         cfg.save(out / rundir.CONFIG)
@@ -93,7 +101,9 @@ def train(
     if encoder is not None:
         extra["metadata_inputs"] = encoder.to_spec()
     seconds = time.perf_counter() - started
-    _save_run(out, model, cfg, classes, table, history, extra, source, seconds)
+    if ctx.main:  # rank 0 alone writes the run directory
+        _save_run(out, model, cfg, classes, table, history, extra, source, seconds)
+    ctx.barrier()  # the run is complete on disk before any rank returns
     return out
 
 
@@ -204,6 +214,8 @@ def _fit_frozen(model, cfg: RunConfig, data: tuple, classes: list[str], source: 
     log.info(f"frozen-feature recipe on {torch.get_num_threads()} threads")
     started = time.perf_counter()
     fitted = fit_frozen(model, cfg, *data, classes, metadata=metadata[0], val_metadata=metadata[1])
+    if fitted is None:  # a rank of a torchrun job but 0: its features went to rank 0, which fits the head
+        return model, [], {}
     val = fitted["val"] or {}
     val_f1 = val.get("macro_f1", float("nan"))
     history = [{"epoch": 0, "val_macro_f1": val_f1, "val_accuracy": val.get("accuracy", float("nan")),
@@ -250,10 +262,11 @@ def _fit_auto(model, cfg: RunConfig, data: tuple, classes: list[str], source: st
     """
     from defectscope.models.factory import create_model
     from defectscope.models.inference import predict_logits
+    from defectscope.training.distributed import current
 
     budget = cfg.train.time_limit_minutes
     frozen, history, extra = _fit_frozen(model, cfg, data, classes, source, metadata)
-    left = (budget * 60 - (time.perf_counter() - started)) / 60 if budget else None
+    left = current().broadcast((budget * 60 - (time.perf_counter() - started)) / 60 if budget else None)
     val_images, val_labels = data[2], data[3]
     if (left is not None and left < AUTO_MIN_FINETUNE_MINUTES) or len(val_labels) == 0:
         log.info("auto: keeping the frozen-feature model (no time left for a fine-tune, or no validation images)")
@@ -265,6 +278,8 @@ def _fit_auto(model, cfg: RunConfig, data: tuple, classes: list[str], source: st
     if frozen.metadata_dim:
         tuned.set_metadata_dim(frozen.metadata_dim)
     tuned, ft_history, ft_extra = _fine_tune(tuned, ft_cfg, data, classes, out, False, metadata=metadata)
+    if not current().main:  # only rank 0 holds the fitted frozen head and writes the run
+        return tuned, ft_history, ft_extra
     m_val = metadata[1]
     wins = _bootstrap_wins(predict_logits(tuned, val_images, metadata=m_val).argmax(1).numpy(),
                            predict_logits(frozen, val_images, metadata=m_val).argmax(1).numpy(), val_labels,
@@ -349,6 +364,10 @@ def _cached_images(table: pd.DataFrame, cfg: RunConfig):
 
 
 def _write_skipped(out: Path, bad) -> None:
+    from defectscope.training.distributed import world_from_env
+
+    if not world_from_env().main:  # rank 0 alone writes the run directory
+        return
     path = out / rundir.SKIPPED
     previous = pd.read_csv(path, dtype=str) if path.is_file() else pd.DataFrame()
     rows = pd.DataFrame([b.__dict__ for b in bad])

@@ -20,6 +20,7 @@ import logging
 import math
 import os
 import shutil
+import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -100,6 +101,7 @@ def tune(
     config_file: str | Path | None = None,
     preset: str | None = None,
     pruner: str = "hyperband",
+    heartbeat_seconds: int = 60,
     **overrides: Any,
 ) -> rundir.Run:
     """Search recipes and hyperparameters for ``data`` within ``budget_minutes``; return the best trial's run.
@@ -109,7 +111,11 @@ def tune(
     seed of every trial, so all trials share one split. ``n_trials`` caps the finished (complete or pruned)
     trials of the study, counting those of earlier runs; the budget is the study's total wall time, also across
     runs, so re-running a stopped command resumes it with what is left. ``storage`` is any Optuna storage URL
-    (default ``sqlite:///OUT/study.db``); one process per study. ``pruner``: hyperband | halving | none.
+    (default ``sqlite:///OUT/study.db``, one process per study). A server database (``postgresql://...``) takes
+    any number of workers on any number of machines running the same command on one ``study_name``: each trial
+    sends a heartbeat every ``heartbeat_seconds``; a trial silent for 3 heartbeats (its worker was killed) is
+    marked FAILED by another worker and its configuration tried again (Optuna's ``RetryFailedTrialCallback``).
+    The budget, ``n_trials`` and the best trial are the study's. ``pruner``: hyperband | halving | none.
 
     >>> run = tune("elpv", "runs/tune", budget_minutes=60)  # doctest: +SKIP
     """
@@ -123,16 +129,19 @@ def tune(
     _check_space(space)
     out.mkdir(parents=True, exist_ok=True)
     storage = storage or f"sqlite:///{out / STUDY_DB}"
+    shared = not storage.startswith("sqlite")  # a server database: many workers, stale trials by heartbeat
     study_name = study_name or DEFAULT_STUDY
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # our own log says what each trial did
-    with _lock(out):
+    with _lock(out, enabled=not shared):
         study = optuna.create_study(
-            storage=_storage(storage), study_name=study_name, direction="maximize",
+            storage=_storage(storage, heartbeat_seconds if shared else None), study_name=study_name,
+            direction="maximize",
             pruner=_make_pruner(pruner, base, space), load_if_exists=True)
         # Seeded past the trials already in the study: a resumed study seeded as before would replay the
         # first session's random start, trial by trial, instead of trying new configurations.
         study.sampler = optuna.samplers.TPESampler(seed=seed + len(study.get_trials(deepcopy=False)))
-        _fail_stale_trials(study)
+        if not shared:
+            _fail_stale_trials(study)
         if not study.get_trials(deepcopy=False):
             _enqueue_base(study, base, space)
         study.set_user_attr("space", space)
@@ -142,19 +151,28 @@ def tune(
         best = summary.get("best")
         if best is None:
             raise RuntimeError(f"no trial of study {study_name!r} completed; see {out / SUMMARY}")
+        if not (out / best["trial_run"]).is_dir():  # run by a worker on another machine
+            log.info(f"best trial {best['number']} ran on {best.get('host')}: its run is {best['trial_run']} there")
+            return rundir.Run(out / best["trial_run"])
         _copy_best(out / best["trial_run"], out / BEST)
     log.info(f"best trial {best['number']}: {OBJECTIVE} {best['value']:.4f} with {best['params']}; "
              f"copied to {out / BEST}")
     return rundir.Run(out / BEST)
 
 
-def _storage(url: str):
+def _storage(url: str, heartbeat_seconds: int | None = None):
     import optuna
 
-    # SQLite lets one writer in at a time; someone reading the study meanwhile (optuna-dashboard, a script)
-    # must make the tuner wait, not fail with "database is locked" after the default 5 seconds.
-    kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else None
-    return optuna.storages.RDBStorage(url, engine_kwargs=kwargs)
+    if url.startswith(("postgresql://", "postgres://")):
+        url = "postgresql+psycopg://" + url.split("://", 1)[1]  # psycopg 3, the driver the store uses too
+    if url.startswith("sqlite"):
+        # SQLite lets one writer in at a time; someone reading the study meanwhile (optuna-dashboard, a script)
+        # must make the tuner wait, not fail with "database is locked" after the default 5 seconds.
+        return optuna.storages.RDBStorage(url, engine_kwargs={"connect_args": {"timeout": 60}})
+    beat = max(1, int(heartbeat_seconds or 60))
+    return optuna.storages.RDBStorage(
+        url, heartbeat_interval=beat, grace_period=3 * beat,
+        failed_trial_callback=optuna.storages.RetryFailedTrialCallback(max_retry=2))
 
 
 def _check_space(space: dict[str, Any]) -> None:
@@ -249,17 +267,23 @@ def _enqueue_base(study, base: RunConfig, space: dict[str, Any]) -> None:
 def _run_trials(study, base: RunConfig, space: dict[str, Any], out: Path, budget_minutes: float,
                 n_trials: int | None) -> None:
     import optuna
+    from optuna.storages._heartbeat import get_heartbeat_thread, is_heartbeat_enabled
     from optuna.trial import TrialState
 
     session_start = time.perf_counter()
     spent_before = float(study.user_attrs.get("wall_seconds", 0.0))
     failures = 0
     while True:
+        if is_heartbeat_enabled(study._storage):
+            optuna.storages.fail_stale_trials(study)  # a killed worker's trial: FAILED, its configuration queued
         finished = _finished(study)
         if n_trials is not None and len(finished) >= n_trials:
             log.info(f"{len(finished)} trials finished: the requested {n_trials} are done")
             break
-        spent = spent_before + time.perf_counter() - session_start
+        # The study's wall time: with several workers, the most any of them has counted (each adds its own
+        # session to what the study had when it joined).
+        spent = max(spent_before + time.perf_counter() - session_start,
+                    float(study.user_attrs.get("wall_seconds", 0.0)))
         left = budget_minutes * 60 - spent
         durations = [t.user_attrs["seconds"] for t in finished if "seconds" in t.user_attrs]
         # The quickest trial so far is the least a new one needs; starting one that cannot fit wastes the rest.
@@ -272,10 +296,12 @@ def _run_trials(study, base: RunConfig, space: dict[str, Any], out: Path, budget
         try:
             cfg = _trial_config(trial, base, space, left / 60)
             trial.set_user_attr("run", str(trial_dir.relative_to(out)))
+            trial.set_user_attr("host", f"{socket.gethostname()}:{os.getpid()}")
             if trial_dir.exists():  # a leftover of an interrupted trial with this number
                 shutil.rmtree(trial_dir)
             log.info(f"trial {trial.number}: {trial.params} ({left / 60:.1f} min of the budget left)")
-            run = train(out=trial_dir, config=cfg, on_epoch=_reporter(trial))
+            with get_heartbeat_thread(trial._trial_id, study._storage):  # no-op without a heartbeat
+                run = train(out=trial_dir, config=cfg, on_epoch=_reporter(trial))
             value = _validation_score(run)
             if cfg.train.recipe == "frozen":
                 trial.report(value, 0)  # no epochs: one report, at a step no pruning rung looks at
@@ -294,7 +320,8 @@ def _run_trials(study, base: RunConfig, space: dict[str, Any], out: Path, budget
         trial.set_user_attr("seconds", round(seconds, 1))
         (trial_dir / rundir.CHECKPOINT).unlink(missing_ok=True)  # trials never resume; checkpoints fill disks
         study.tell(trial, value if state == TrialState.COMPLETE else None, state=state)
-        study.set_user_attr("wall_seconds", round(spent_before + time.perf_counter() - session_start, 1))
+        study.set_user_attr("wall_seconds", round(max(spent_before + time.perf_counter() - session_start,
+                                                      float(study.user_attrs.get("wall_seconds", 0.0))), 1))
         log.info(f"trial {trial.number} {state.name.lower()}"
                  + (f": {OBJECTIVE} {value:.4f}" if state == TrialState.COMPLETE else "") + f" ({seconds:.0f}s)")
         _write_summary(study, out, budget_minutes, None)
@@ -380,8 +407,8 @@ def _write_summary(study, out: Path, budget_minutes: float, storage: str | None)
     if complete:
         best = max(complete, key=lambda t: t.value)
         summary["best"] = {"number": best.number, "value": best.value, "params": best.params,
-                           "trial_run": best.user_attrs.get("run"), "run": BEST}
-    tmp = out / f"{SUMMARY}.tmp"
+                           "trial_run": best.user_attrs.get("run"), "host": best.user_attrs.get("host"), "run": BEST}
+    tmp = out / f"{SUMMARY}.tmp{os.getpid()}"
     tmp.write_text(json.dumps(summary, indent=2) + "\n")
     os.replace(tmp, out / SUMMARY)
     return summary
@@ -389,7 +416,7 @@ def _write_summary(study, out: Path, budget_minutes: float, storage: str | None)
 
 def _copy_best(source: Path, target: Path) -> None:
     """A full copy, not a link: the best run is then moved, calibrated and exported like any other."""
-    staging = target.with_name(target.name + ".tmp")
+    staging = target.with_name(f"{target.name}.tmp{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
     shutil.copytree(source, staging)
     shutil.rmtree(target, ignore_errors=True)
@@ -399,10 +426,12 @@ def _copy_best(source: Path, target: Path) -> None:
 class _lock:
     """One process per study folder: a second would see the first one's running trial as stale and fail it."""
 
-    def __init__(self, out: Path):
-        self.path = out / LOCK
+    def __init__(self, out: Path, enabled: bool = True):
+        self.path, self.enabled = out / LOCK, enabled  # a shared study (server database) takes many workers
 
     def __enter__(self) -> None:
+        if not self.enabled:
+            return
         if self.path.is_file():
             try:
                 pid = int(self.path.read_text().strip() or 0)
@@ -414,7 +443,8 @@ class _lock:
         self.path.write_text(str(os.getpid()))
 
     def __exit__(self, *exc: object) -> None:
-        self.path.unlink(missing_ok=True)
+        if self.enabled:
+            self.path.unlink(missing_ok=True)
 
 
 def _alive(pid: int) -> bool:
