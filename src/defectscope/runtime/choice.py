@@ -1,20 +1,25 @@
-"""``--runtime auto``: measure every runtime and precision this machine offers on the run's own images and
-keep the fastest one whose decisions match fp32.
+"""``--runtime auto``: measure the runtimes, precisions and view counts this machine offers on the run's own
+images and keep the fastest candidate that passes the acceptance test.
 
-``defectscope export`` writes, beside ``model.onnx``, a reference set ``model.check.npz`` (numpy arrays, no
-pickles): the run's test images at the model's input size with their labels, a set of Drift images
-(corrupted test images and far-off images), and the fp32 outputs of ONNX Runtime on both. A candidate
-(runtime, precision) is refused when, against fp32 on the test images,
+``defectscope export`` writes, beside ``model.onnx``, a check set ``model.check.npz`` (numpy arrays, no pickles):
+the run's test images at the model's input size with their labels, a set of Drift images (corrupted test
+images and far-off images), and the fp32 outputs of ONNX Runtime on both; and, for models that can be staged,
+the backbone and head as two files (:mod:`defectscope.runtime.staged`). A candidate is
 
-* its accuracy drops by more than 0.5 points, or
-* its decisions (the run's policy: GOOD / defect / REVIEW / Drift, or argmax without a policy) differ on
-  more than 0.5% of the images, or
-* the AUROC of its Drift score (test images vs Drift images) drops by more than 0.5 points.
+* a whole graph (``onnxruntime_fp32``, ``openvino_bf16``, ...), or
+* a staged one (``openvino_bf16_backbone_4v``): the backbone at that precision on N of the model's test-time
+  views, sent as one batch, and the head, the policy's score and its thresholds in fp32.
 
-Of the rest, the fastest (images/s, batched, measured interleaved) is chosen. The choice and every
-candidate's numbers are recorded per machine (CPU model, flags, cores, runtime versions, threads): in the
-sidecar JSON when measured at export, else in ``model.runtime.json`` beside the model, written the first
-time the model starts on a new machine. Only numpy and the runtimes are used: this runs on a line PC.
+First start on a machine, bounded: every candidate's speed is measured on ``BENCH_IMAGES`` check images
+(``PASSES`` timed passes, the best kept; candidates sharing a backbone are measured together), then the
+candidates are tested in order of speed, fastest first, with
+:func:`defectscope.runtime.acceptance.check` (the policy's caps hold on the check set with the candidate's own
+outputs; accuracy, Drift AUROC and automation within stated margins; every differing decision listed with its
+distance from a threshold) until one passes; ONNX Runtime fp32 is the reference and always passes. The
+record (machine: CPU model, AVX512-BF16 / AMX / VNNI flags, cores, threads, runtime versions; every candidate's
+speed and test; the choice and why; how long the choice took and its memory peak) goes in the sidecar JSON
+when measured at export, else in ``model.runtime.json`` beside the model, written the first time the model
+starts on a new machine, and is read instead of measuring again. Only numpy and the runtimes are used.
 """
 
 from __future__ import annotations
@@ -25,24 +30,26 @@ import importlib.metadata
 import json
 import logging
 import os
+import resource
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from defectscope.runtime import acceptance, staged
 from defectscope.runtime import card as md
 from defectscope.runtime import engines as rt
 
 log = logging.getLogger(__name__)
 
-MAX_ACCURACY_DROP = 0.005
-MAX_DECISION_CHANGE = 0.005
-MAX_DRIFT_AUROC_DROP = 0.005
 BATCH = 32
-PASSES = 2  # timed passes per candidate, interleaved; the best is kept (other processes only slow one down)
+BENCH_IMAGES = 64  # check images each candidate's speed is measured on
+PASSES = 2  # timed passes per candidate; the best is kept (other processes only slow one down)
 SELECTION_KEY = "runtime_selection"
-FORMAT = 1
+FORMAT = 2
+MATRIX_FLAGS = ("avx512_bf16", "amx_bf16", "amx_tile", "amx_int8", "avx512_vnni", "avx_vnni", "avx512f", "avx2")
+auroc = acceptance.auroc
 
 
 def reference_path(model_path: str | Path) -> Path:
@@ -55,8 +62,8 @@ def cache_path(model_path: str | Path) -> Path:
     return model_path.with_name(f"{model_path.stem}.runtime.json")
 
 
-def candidate_key(runtime: str, precision: str) -> str:
-    return f"{runtime}_{precision}"
+def candidate_key(runtime: str, precision: str, views: int | None = None) -> str:
+    return f"{runtime}_{precision}" if views is None else f"{runtime}_{precision}_backbone_{views}v"
 
 
 # -------------------------------------------------------------------------------------- reference set
@@ -114,6 +121,11 @@ def machine() -> dict[str, Any]:
         "cpu": rt.cpu_name(),
         "cores": os.cpu_count(),
         "flags": sorted(f for f in flags if f.startswith(("avx", "amx", "fma", "f16c", "vnni", "sse4"))),
+        "matrix": {
+            "avx512_bf16": "avx512_bf16" in flags, "amx": bool({"amx_bf16", "amx_tile"} & flags),
+            "vnni": bool({"avx512_vnni", "avx_vnni"} & flags),
+            "present": [f for f in MATRIX_FLAGS if f in flags],
+        },
         "runtimes": versions,
     }
 
@@ -125,150 +137,195 @@ def machine_key(info: dict[str, Any], threads: int, device: str) -> str:
 
 # --------------------------------------------------------------------------------------------- choose
 
-def auroc(normal: np.ndarray, drift: np.ndarray) -> float | None:
-    """AUROC with Drift positive (ties count half), numpy only."""
-    if len(normal) == 0 or len(drift) == 0:
-        return None
-    big = np.finfo(np.float64).max
-    s = np.nan_to_num(np.concatenate([normal, drift]).astype(np.float64), nan=big, posinf=big, neginf=-big)
-    order = s.argsort(kind="mergesort")
-    ranks = np.empty(len(s))
-    sorted_s = s[order]
-    # average ranks over ties
-    _, first, counts = np.unique(sorted_s, return_index=True, return_counts=True)
-    avg = first + (counts - 1) / 2.0 + 1
-    ranks[order] = np.repeat(avg, counts)
-    r_drift = ranks[len(normal):].sum()
-    n1 = len(drift)
-    return float((r_drift - n1 * (n1 + 1) / 2) / (n1 * len(normal)))
+def view_counts(model_views: list[int]) -> list[int]:
+    """The view counts worth measuring: all of the model's, then halving down to one (4 -> 4, 2, 1)."""
+    counts, n = [], len(model_views)
+    while n >= 1:
+        counts.append(n)
+        n //= 2
+    return counts
 
 
-def evaluate_candidate(probs: np.ndarray, drift: np.ndarray, drift_on_drift: np.ndarray,
-                       ref: dict[str, np.ndarray], decide: Any) -> dict[str, Any]:
-    """Accuracy, decision agreement and Drift AUROC of one candidate's outputs against the fp32 reference."""
-    labels, p32 = ref["labels"], ref["fp32_probabilities"]
-    n = len(labels)
-    out: dict[str, Any] = {"images": int(n), "drift_images": int(len(ref["drift_images"]))}
-    if n == 0:
-        return out
-    acc32 = float((p32.argmax(1) == labels).mean())
-    acc = float((probs.argmax(1) == labels).mean())
-    d32 = decide(p32, ref["fp32_drift"])
-    d = decide(probs, drift)
-    changed = float(np.mean([a != b for a, b in zip(d32, d, strict=True)]))
-    # A model without a Drift rule outputs zeros: a constant score has no AUROC to keep.
-    scored = np.ptp(np.concatenate([ref["fp32_drift"], ref["fp32_drift_on_drift"]])) > 0
-    au32 = auroc(ref["fp32_drift"], ref["fp32_drift_on_drift"]) if scored else None
-    au = auroc(drift, drift_on_drift) if scored else None
-    out.update({
-        "accuracy_fp32": acc32, "accuracy": acc, "accuracy_change": acc - acc32,
-        "decisions_changed": changed, "decision_agreement": 1.0 - changed,
-        "max_abs_diff_probabilities": float(np.abs(probs - p32).max()),
-        "drift_auroc_fp32": au32, "drift_auroc": au,
-        "drift_auroc_change": None if au is None or au32 is None else au - au32,
-    })
-    reasons = []
-    if acc32 - acc > MAX_ACCURACY_DROP:
-        reasons.append(f"accuracy {acc:.4f} vs {acc32:.4f} fp32")
-    if changed > MAX_DECISION_CHANGE:
-        reasons.append(f"{changed:.2%} of decisions differ from fp32")
-    if au is not None and au32 is not None and au32 - au > MAX_DRIFT_AUROC_DROP:
-        reasons.append(f"Drift AUROC {au:.4f} vs {au32:.4f} fp32")
-    out["accepted"] = not reasons
-    if reasons:
-        out["refused"] = "; ".join(reasons)
-    return out
+def candidate_rows(model_path: str | Path, device: str, card: md.ModelCard) -> list[dict[str, Any]]:
+    """Every candidate to measure: the whole-graph pairs of :func:`engines.candidates`, then the staged ones."""
+    pairs = rt.candidates(model_path, device)
+    rows = [{"runtime": r, "precision": p, "layout": "full", "views": None} for r, p in pairs]
+    model_views = list(card.spec.get("views") or [0])
+    if not card.takes_metadata and staged.available(model_path):
+        for runtime, precision in pairs:
+            if runtime == "onnxruntime" and precision not in ("fp32", "int8") or not staged.available(
+                    model_path, precision):
+                continue
+            rows += [{"runtime": runtime, "precision": precision, "layout": "staged", "views": n}
+                     for n in view_counts(model_views)]
+    for row in rows:
+        row["key"] = candidate_key(row["runtime"], row["precision"], row["views"])
+    return rows
+
+
+def engine_for(model_path: str | Path, row: dict[str, Any], *, device: str = "cpu", threads: int = 1,
+               cache: dict | None = None, providers: list[str] | None = None) -> rt.Engine:
+    """The engine of a candidate row (whole graph or staged)."""
+    if row.get("layout", "full") == "full":
+        return rt.create_engine(model_path, row["runtime"], row["precision"], device=device, threads=threads,
+                                providers=providers)
+    views = staged.line_views(list(rt.read_card(model_path).spec.get("views") or [0]), int(row["views"]))
+    return staged.create(model_path, row["runtime"], row["precision"], views, device=device, threads=threads,
+                         stages=cache)
+
+
+def _speeds(model_path: Path, rows: list[dict[str, Any]], x: np.ndarray, device: str, threads: int,
+            passes: int) -> dict[str, Any]:
+    """Images/s of every candidate on ``x``, measured group by group (one backbone or graph at a time, freed
+    after) so that at most one compiled model per group is held: a bounded first start."""
+    results: dict[str, dict[str, Any]] = {}
+    groups: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
+    for row in rows:
+        groups.setdefault((row["layout"], row["runtime"], row["precision"]), []).append(row)
+    for group in groups.values():
+        cache: dict = {}
+        built = {}
+        for row in group:
+            try:
+                built[row["key"]] = engine_for(model_path, row, device=device, threads=threads, cache=cache)
+            except (rt.RuntimeUnavailable, RuntimeError) as exc:
+                results[row["key"]] = {**_public(row), "accepted": False, "refused": f"unavailable: {exc}"}
+        for engine in built.values():
+            engine.run(x[:BATCH])  # warm-up: first-call allocations and kernel selection are not speed
+        speeds: dict[str, list[float]] = {k: [] for k in built}
+        for _ in range(passes):
+            for key, engine in built.items():  # interleaved within the group
+                start = time.perf_counter()
+                for i in range(0, len(x), BATCH):
+                    engine.run(x[i:i + BATCH])
+                speeds[key].append(len(x) / (time.perf_counter() - start))
+        for row in group:
+            if row["key"] in built:
+                engine = built[row["key"]]
+                results[row["key"]] = {**_public(row), "device": engine.device,
+                                       "images_per_second": round(max(speeds[row["key"]]), 2),
+                                       "images_per_second_passes": [round(v, 2) for v in speeds[row["key"]]]}
+        del built, cache
+    return results
+
+
+def _public(row: dict[str, Any]) -> dict[str, Any]:
+    return {k: row[k] for k in ("runtime", "precision", "layout", "views")}
+
+
+def _peak_rss_mb() -> float:
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
 def select(model_path: str | Path, *, device: str = "cpu", threads: int | None = None,
-           decide: Any = None, passes: int = PASSES) -> dict[str, Any]:
-    """Measure every candidate (runtime, precision) on the reference set and choose; returns the record.
+           decide: Any = None, passes: int = PASSES, bench_images: int = BENCH_IMAGES,
+           only: Any = None, check_all: bool = False) -> dict[str, Any]:
+    """Measure the candidates, test them fastest first, choose; returns the record.
 
-    ``decide(probs, drift) -> list of decisions`` is the model's policy (the Predictor passes its own).
-    Without a reference set (a model exported by an older defectscope) only fp32 candidates are measured,
-    on random inputs: reduced precision is never chosen unchecked.
+    ``only(row) -> bool`` restricts the candidates (a pinned runtime or precision). ``check_all``: test
+    every candidate, not only until the first passes (the bench does). ``decide`` is ignored (the policy
+    is read from the model's card; kept for callers of the old signature). Without a check set (a model
+    exported by an older defectscope) only fp32 candidates are measured, on random inputs, and ONNX
+    Runtime fp32 is kept: reduced precision is never chosen untested.
     """
+    started = time.perf_counter()
     model_path = Path(model_path)
     threads = threads or os.cpu_count() or 1
+    card = rt.read_card(model_path)
     ref = load_reference(model_path)
-    pairs = rt.candidates(model_path, device)
+    rows = [r for r in candidate_rows(model_path, device, card) if only is None or only(r)]
     if ref is None:
-        log.warning("%s: no reference set %s beside it; only fp32 is considered", model_path,
+        log.warning("%s: no check set %s beside it; only fp32 is considered", model_path,
                     reference_path(model_path).name)
-        pairs = [p for p in pairs if p[1] == "fp32"]
-    if not pairs:
-        raise rt.RuntimeUnavailable("neither onnxruntime nor openvino is installed")
-    engines: dict[str, rt.Engine] = {}
-    results: dict[str, dict[str, Any]] = {}
-    for runtime, precision in pairs:
-        key = candidate_key(runtime, precision)
-        try:
-            engines[key] = rt.create_engine(model_path, runtime, precision, device=device, threads=threads)
-        except (rt.RuntimeUnavailable, RuntimeError) as exc:
-            results[key] = {"accepted": False, "refused": f"unavailable: {exc}"}
+        rows = [r for r in rows if r["precision"] == "fp32" and r["layout"] == "full"]
+    if not rows:
+        raise rt.RuntimeUnavailable("neither onnxruntime nor openvino is installed (or nothing matches)")
     if ref is not None and len(ref["images"]):
-        x = _inputs(ref["images"])
+        x = _inputs(ref["images"][:bench_images])
     else:
-        size = int(rt.read_metadata(model_path)[md.KEY_SPEC]["image_size"])
-        x = np.random.default_rng(0).random((2 * BATCH, 1, size, size), dtype=np.float32)
-    speeds: dict[str, list[float]] = {k: [] for k in engines}
-    outputs: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-    for engine in engines.values():
-        engine.run(x[:BATCH])  # warm-up: first-call allocations and kernel selection are not speed
-    for _ in range(passes):
-        for key, engine in engines.items():  # interleaved: a busy moment slows one pass, not one candidate
-            start = time.perf_counter()
-            probs, drift = [], []
-            for i in range(0, len(x), BATCH):
-                p, _, d = engine.run(x[i:i + BATCH])
-                probs.append(p)
-                drift.append(d)
-            speeds[key].append(len(x) / (time.perf_counter() - start))
-            outputs[key] = (np.concatenate(probs), np.concatenate(drift))
-    for key, engine in engines.items():
-        row: dict[str, Any] = {"runtime": engine.runtime, "precision": engine.precision, "device": engine.device,
-                               "images_per_second": round(max(speeds[key]), 2),
-                               "images_per_second_passes": [round(s, 2) for s in speeds[key]]}
-        if ref is not None and decide is not None:
-            _, drift_on_drift = _outputs(engine, ref["drift_images"])
-            row.update(evaluate_candidate(*outputs[key], drift_on_drift, ref, decide))
-        else:
-            row["accepted"] = engine.precision == "fp32"
-        results[key] = row
-    accepted = {k: r for k, r in results.items() if r.get("accepted")}
-    if not accepted:
+        x = np.random.default_rng(0).random((2 * BATCH, 1, card.image_size, card.image_size), dtype=np.float32)
+    results = _speeds(model_path, rows, x, device, threads, passes)
+    measured = time.perf_counter() - started
+    order = sorted((k for k, r in results.items() if "images_per_second" in r),
+                   key=lambda k: -results[k]["images_per_second"])
+    best = _test_in_order(model_path, rows, results, order, ref, card, device, threads, check_all)
+    if best is None:
         raise rt.RuntimeUnavailable(f"{model_path}: no runtime passed the checks: "
                                     + "; ".join(f"{k}: {r.get('refused')}" for k, r in results.items()))
-    best = max(accepted, key=lambda k: accepted[k]["images_per_second"])
+    chosen = results[best]
+    faster = [k for k in order[:order.index(best)]]
+    why = (f"{best}: the fastest candidate ({chosen['images_per_second']}/s on {len(x)} check images) that "
+           "passed the acceptance test" + (f"; faster but refused: {', '.join(faster)}" if faster else ""))
     info = machine()
     record = {
         "format": FORMAT,
-        "chosen": {"runtime": results[best]["runtime"], "precision": results[best]["precision"],
-                   "device": results[best]["device"], "images_per_second": results[best]["images_per_second"]},
+        "chosen": {**_public(chosen), "device": chosen["device"], "images_per_second": chosen["images_per_second"],
+                   "key": best},
+        "why": why,
         "machine": info, "machine_key": machine_key(info, threads, device), "threads": threads, "device": device,
-        "batch_size": BATCH, "rules": {"max_accuracy_drop": MAX_ACCURACY_DROP,
-                                       "max_decisions_changed": MAX_DECISION_CHANGE,
-                                       "max_drift_auroc_drop": MAX_DRIFT_AUROC_DROP},
+        "batch_size": BATCH, "bench_images": len(x), "rules": acceptance.rules(),
         "candidates": results,
+        "first_start": {"seconds_measuring": round(measured, 1),
+                        "seconds_total": round(time.perf_counter() - started, 1), "peak_rss_mb": _peak_rss_mb()},
         "measured": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
     }
     log.info("%s: %s", model_path.name, summary(record))
     return record
 
 
+def _test_in_order(model_path: Path, rows: list[dict[str, Any]], results: dict[str, dict[str, Any]],
+                   order: list[str], ref: dict[str, np.ndarray] | None, card: md.ModelCard, device: str,
+                   threads: int, check_all: bool) -> str | None:
+    """Run the acceptance test on the candidates in ``order`` until one passes (all with ``check_all``);
+    the key of the fastest that passed. ONNX Runtime fp32 is the reference: it passes by definition."""
+    by_key = {r["key"]: r for r in rows}
+    best = None
+    for key in order:
+        row = results[key]
+        if ref is None:
+            row["accepted"] = row["precision"] == "fp32" and row["runtime"] == "onnxruntime"
+        elif key == "onnxruntime_fp32":  # the reference: its outputs are the check set's, nothing to run
+            row.update(acceptance.check(ref["fp32_probabilities"], ref["fp32_drift"], ref["fp32_drift_on_drift"],
+                                        ref, card.policy, card.classes), reference=True)
+        elif best is not None and not check_all:
+            row["accepted"], row["checked"] = None, False  # slower than the choice: not tested
+            continue
+        else:
+            cache: dict = {}
+            engine = engine_for(model_path, by_key[key], device=device, threads=threads, cache=cache)
+            probs, drift = _outputs(engine, ref["images"])
+            _, drift_on_drift = _outputs(engine, ref["drift_images"])
+            del engine, cache
+            row.update(acceptance.check(probs, drift, drift_on_drift, ref, card.policy, card.classes))
+        if row.get("accepted") and best is None:
+            best = key
+    return best
+
+
 def summary(record: dict[str, Any]) -> str:
     """One line: every candidate's speed (and why it was refused), then the choice."""
-    parts = [f"{k} {r.get('images_per_second', '-')}/s" + ("" if r.get("accepted") else f" (refused: {r['refused']})")
-             for k, r in record["candidates"].items()]
+    def state(r: dict[str, Any]) -> str:
+        if r.get("accepted"):
+            return ""
+        return " (not tested: slower than the choice)" if r.get("checked") is False else f" (refused: {r['refused']})"
+
+    parts = [f"{k} {r.get('images_per_second', '-')}/s{state(r)}" for k, r in record["candidates"].items()]
     chosen = record["chosen"]
-    return f"{', '.join(parts)} -> {chosen['runtime']} {chosen['precision']} ({chosen['device']})"
+    key = chosen.get("key", f"{chosen['runtime']}_{chosen['precision']}")
+    return f"{', '.join(parts)} -> {key} ({chosen['device']})"
 
 
 # ------------------------------------------------------------------------------------------- records
 
-def recorded(model_path: str | Path, threads: int, device: str) -> dict[str, Any] | None:
-    """The selection recorded for this machine (sidecar first, then the cache file), or None."""
+def _pin_key(threads: int, device: str, runtime: str, precision: str) -> str:
     key = machine_key(machine(), threads, device)
+    return key if (runtime, precision) == ("auto", "auto") else f"{key}:{runtime}:{precision}"
+
+
+def recorded(model_path: str | Path, threads: int, device: str, runtime: str = "auto",
+             precision: str = "auto") -> dict[str, Any] | None:
+    """The selection recorded for this machine (sidecar first, then the cache file), or None."""
+    key = _pin_key(threads, device, runtime, precision)
     sidecar = md.sidecar_path(model_path)
     for path, pick in ((sidecar, lambda d: d.get(SELECTION_KEY)),
                        (cache_path(model_path), lambda d: d.get("machines", {}).get(key))):
@@ -276,7 +333,8 @@ def recorded(model_path: str | Path, threads: int, device: str) -> dict[str, Any
             record = pick(json.loads(Path(path).read_text()))
         except (OSError, ValueError, AttributeError):
             continue
-        if isinstance(record, dict) and record.get("machine_key") == key and record.get("format") == FORMAT:
+        if (isinstance(record, dict) and record.get("format") == FORMAT
+                and record.get("pin_key", record.get("machine_key")) == key):
             return record
     return None
 
@@ -288,7 +346,7 @@ def remember(model_path: str | Path, record: dict[str, Any]) -> Path | None:
         data = json.loads(path.read_text()) if path.is_file() else {}
     except (OSError, ValueError):
         data = {}
-    data.setdefault("machines", {})[record["machine_key"]] = record
+    data.setdefault("machines", {})[record.get("pin_key", record["machine_key"])] = record
     try:
         tmp = path.with_name(path.name + ".tmp")
         tmp.write_text(json.dumps(data, indent=2))
@@ -300,17 +358,28 @@ def remember(model_path: str | Path, record: dict[str, Any]) -> Path | None:
 
 
 def resolve(model_path: str | Path, runtime: str, precision: str, *, device: str = "cpu",
-            threads: int | None = None, decide: Any = None) -> tuple[str, str, dict[str, Any] | None]:
-    """(runtime, precision, selection record or None) for the requested values, ``auto`` resolved.
-
-    ``runtime='openvino', precision='auto'`` picks the best accepted precision of OpenVINO, and so on.
+            threads: int | None = None, decide: Any = None) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """(the chosen candidate: runtime, precision, layout, views; the selection record or None) for the
+    requested values, ``auto`` resolved; read from the record when this machine has one, else measured once
+    and recorded. ``runtime='openvino', precision='auto'`` chooses among OpenVINO's candidates only.
     """
     if runtime != "auto" and precision != "auto":
-        return runtime, precision, None
+        return {"runtime": runtime, "precision": precision, "layout": "full", "views": None}, None
     threads = threads or os.cpu_count() or 1
-    record = recorded(model_path, threads, device)
+    record = recorded(model_path, threads, device, runtime, precision)
+    pinned = (runtime, precision) != ("auto", "auto")
+    if record is None and pinned:  # the machine's auto record may already hold an accepted candidate of the pin
+        record = recorded(model_path, threads, device)
+        if record is not None and not any(r.get("accepted") and runtime in ("auto", r["runtime"])
+                                          and precision in ("auto", r["precision"])
+                                          for r in record["candidates"].values()):
+            record = None
     if record is None:
-        record = select(model_path, device=device, threads=threads, decide=decide)
+        only = (lambda r: runtime in ("auto", r["runtime"]) and precision in ("auto", r["precision"])) if pinned \
+            else None
+        record = select(model_path, device=device, threads=threads, only=only)
+        if pinned:
+            record["pin_key"] = _pin_key(threads, device, runtime, precision)
         remember(model_path, record)
     ok = {k: r for k, r in record["candidates"].items() if r.get("accepted")
           and runtime in ("auto", r["runtime"]) and precision in ("auto", r["precision"])}
@@ -318,4 +387,4 @@ def resolve(model_path: str | Path, runtime: str, precision: str, *, device: str
         raise rt.RuntimeUnavailable(f"{model_path}: no accepted candidate for runtime {runtime}, precision "
                                     f"{precision} on this machine (see {cache_path(model_path).name})")
     best = ok[max(ok, key=lambda k: ok[k]["images_per_second"])]
-    return best["runtime"], best["precision"], record
+    return _public({"layout": "full", "views": None, **best}), record

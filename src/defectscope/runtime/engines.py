@@ -69,7 +69,7 @@ def check_model_path(model_path: str | Path) -> Path:
         in_run = _is_run(path)
         what = "a training run" if in_run else "a folder"
         exported = sorted(p for p in (path / "export" if in_run else path).glob("*.onnx")
-                          if not p.name.endswith(".int8.onnx"))
+                          if not p.name.endswith((".int8.onnx", ".backbone.onnx", ".head.onnx")))
         if exported:
             raise NotAnExport(f"{path} is {what}, not an exported model; pass the .onnx file, e.g. {exported[0]}")
         if in_run:

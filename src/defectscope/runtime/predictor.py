@@ -120,6 +120,7 @@ class Predictor:
         self.decode_threads = decode_threads or max(1, cores - threads if threads and threads < cores else cores // 4)
         threads = threads or cores
         self.selection: dict[str, Any] | None = None
+        chosen: dict[str, Any] = {"layout": "full"}
         if (runtime == "auto" or precision == "auto") and not is_manifest(self.model_path):
             from defectscope.runtime import choice
 
@@ -130,9 +131,9 @@ class Predictor:
                 runtime = "onnxruntime" if runtime == "auto" else runtime
                 precision = "fp32" if precision == "auto" else precision
             else:
-                runtime, precision, self.selection = choice.resolve(
-                    self.model_path, runtime, precision, device=device, threads=threads,
-                    decide=lambda p, d: decide_labels(p, card.policy, card.classes, d))
+                chosen, self.selection = choice.resolve(self.model_path, runtime, precision, device=device,
+                                                        threads=threads)
+                runtime, precision = chosen["runtime"], chosen["precision"]
         self.cascade = None
         if is_manifest(self.model_path):
             # A two-file cascade (screen.onnx + classifier.onnx): the classifier's file describes the model.
@@ -140,10 +141,17 @@ class Predictor:
                 path, threads=threads, providers=providers))
             self.engine, self.session = None, self.cascade.classifier
             self.runtime, self.precision, self.device = "onnxruntime", "fp32", "cpu"
+            self.layout, self.views = "full", None
             meta = md.decode(self.session.get_modelmeta().custom_metadata_map, str(self.model_path))
         else:
-            self.engine = engines.create_engine(self.model_path, runtime, precision, device=device,
-                                                threads=threads, providers=providers)
+            if chosen["layout"] == "full":
+                self.engine = engines.create_engine(self.model_path, runtime, precision, device=device,
+                                                    threads=threads, providers=providers)
+            else:  # the backbone at reduced precision on the chosen views, the head in fp32
+                from defectscope.runtime import choice
+
+                self.engine = choice.engine_for(self.model_path, chosen, device=device, threads=threads)
+            self.layout, self.views = chosen["layout"], chosen.get("views")
             self.runtime, self.precision, self.device = runtime, precision, self.engine.device
             # ONNX Runtime's session, for callers that used it directly (None with OpenVINO).
             self.session = getattr(self.engine, "session", None)

@@ -1,0 +1,129 @@
+"""The runtime acceptance test, the staged (backbone + fp32 head) model and its views, the bounded choice."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from defectscope.decision.calibrate import calibrate
+from defectscope.onnx_export.exporter import export
+from defectscope.runtime import acceptance, staged
+from defectscope.runtime import choice as selection
+from defectscope.runtime import engines as runtimes
+
+
+@pytest.fixture(scope="module")
+def model(trained_run, tmp_path_factory):
+    root = tmp_path_factory.mktemp("acceptance")
+    run = shutil.copytree(trained_run, root / "run")
+    calibrate(run, good_class="GOOD", max_escape=0.5, confidence=0.8, review_rate=0.1, drift_rate=0.25,
+              drift_score="mahalanobis")
+    out = root / "export" / "model.onnx"
+    return out, export(run, out, select=False)
+
+
+def _check(out, probs, drift=None):
+    ref, card = selection.load_reference(out), runtimes.read_card(out)
+    drift = ref["fp32_drift"] if drift is None else drift
+    return acceptance.check(probs, drift, ref["fp32_drift_on_drift"], ref, card.policy, card.classes), ref, card
+
+
+def test_the_reference_passes_and_a_cap_breaking_candidate_is_refused(model):
+    out, _ = model
+    ref = selection.load_reference(out)
+    same, _, card = _check(out, ref["fp32_probabilities"])
+    assert same["accepted"] and same["differing"]["count"] == 0
+    # A deliberately bad candidate: every image looks certainly good, so every defect is PASSed.
+    good = card.classes.index(card.policy["good_class"])
+    bad = np.full_like(ref["fp32_probabilities"], 1e-6)
+    bad[:, good] = 1 - 1e-6 * (bad.shape[1] - 1)
+    refused, _, _ = _check(out, bad)
+    assert not refused["accepted"] and "breaks the" in refused["refused"]
+    assert refused["caps"]["escape"]["held"] is False
+    assert refused["differing"]["far"] > 0  # and its flips are far from any threshold
+
+
+def test_flips_are_listed_with_their_log_odds_distance(model):
+    out, _ = model
+    ref = selection.load_reference(out)
+    p = ref["fp32_probabilities"].astype(np.float64)
+    nudged = p * np.exp(np.random.default_rng(0).normal(0, 0.05, p.shape))
+    nudged = (nudged / nudged.sum(1, keepdims=True)).astype(np.float32)
+    test, _, _ = _check(out, nudged)
+    for flip in test["differing"]["listed"]:
+        assert flip["distance"] is not None and flip["fp32"] != flip["candidate"]
+    assert acceptance.log_odds(0.99) - acceptance.log_odds(0.983) == pytest.approx(0.53, abs=0.01)
+
+
+def test_views_match_the_torch_views():
+    import torch
+
+    from defectscope.models.heads import dihedral
+
+    x = np.random.default_rng(0).random((2, 1, 5, 5)).astype(np.float32)
+    for k in range(8):
+        np.testing.assert_array_equal(staged.view(x, k), dihedral(torch.from_numpy(x), k).numpy())
+    assert staged.line_views([0, 1, 2, 3], 2) == [0, 2]
+
+
+def test_staged_fp32_matches_the_whole_graph(model):
+    out, report = model
+    assert report["stages"]["written"] and report["stages"]["parity"]["ok"]
+    card = runtimes.read_card(out)
+    full = runtimes.create_engine(out)
+    pair = selection.engine_for(out, {"runtime": "onnxruntime", "precision": "fp32", "layout": "staged",
+                                      "views": len(card.spec.get("views") or [0])})
+    x = (selection.load_reference(out)["images"][:16, None] / 255).astype(np.float32)
+    np.testing.assert_allclose(pair.run(x)[0], full.run(x)[0], atol=1e-4)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("openvino") is None
+                    or "BF16" not in runtimes.openvino_capabilities("CPU"), reason="no OpenVINO bf16 here")
+def test_bf16_backbone_fp32_head_agrees_away_from_thresholds(model):
+    out, _ = model
+    card = runtimes.read_card(out)
+    engine = selection.engine_for(out, {"runtime": "openvino", "precision": "bf16", "layout": "staged",
+                                        "views": len(card.spec.get("views") or [0])})
+    ref = selection.load_reference(out)
+    probs, drift = selection._outputs(engine, ref["images"])
+    test, _, _ = _check(out, probs, drift)
+    # Every image whose decision differs was near a threshold: none farther than the rule allows.
+    assert all(f["distance"] <= acceptance.MAX_FLIP_LOG_ODDS for f in test["differing"]["listed"]), test["differing"]
+
+
+def test_refused_int8_files_are_not_left_beside_the_model(model, tmp_path, monkeypatch):
+    from defectscope.onnx_export import stages
+    from defectscope.onnx_export.quantize import quantize_model
+
+    out, _ = model
+    for f in out.parent.glob("model.*"):
+        shutil.copy(f, tmp_path / f.name)
+    copy = tmp_path / "model.onnx"
+    x = (selection.load_reference(copy)["images"][:8, None] / 255).astype(np.float32)
+    quantize_model(copy, runtimes.variant_path(copy, "int8"), "static", x)
+    monkeypatch.setattr(acceptance, "check", lambda *a, **k: {"accepted": False, "refused": "deliberately"})
+    verdicts = stages.drop_refused_int8(copy)
+    assert verdicts["model.int8.onnx"]["written"] is False and not runtimes.variant_path(copy, "int8").exists()
+
+
+def test_auto_without_bf16_or_amx_picks_what_it_measured(model, tmp_path, monkeypatch):
+    out, _ = model
+    for f in out.parent.glob("model.*"):
+        if f.suffix != ".json" or f.name == "model.json":
+            shutil.copy(f, tmp_path / f.name)
+    copy = tmp_path / "model.onnx"
+    monkeypatch.setattr(runtimes, "openvino_capabilities", lambda device="CPU": ["FP32", "INT8"])
+    monkeypatch.setattr(runtimes, "cpu_flags", lambda: {"avx2", "fma"})
+    record = selection.select(copy, threads=1, bench_images=16, passes=1)
+    assert not any(r["precision"] == "bf16" for r in record["candidates"].values())
+    assert record["machine"]["matrix"]["amx"] is False and record["machine"]["matrix"]["avx512_bf16"] is False
+    accepted = {k: r for k, r in record["candidates"].items() if r.get("accepted")}
+    best = max(accepted, key=lambda k: accepted[k]["images_per_second"])
+    assert record["chosen"]["key"] == best
+    # The record round-trips through the cache file.
+    selection.remember(copy, record)
+    assert selection.recorded(copy, 1, "cpu") == json.loads(json.dumps(record))
