@@ -29,6 +29,8 @@ def add_train(sub: argparse._SubParsersAction) -> None:
     add_split_options(t)
     t.add_argument("--skip-bad", action="store_true", default=None,
                    help="skip unreadable or missing files, listing each in RUN/skipped.csv")
+    t.add_argument("--min-class-images", type=int, metavar="N",
+                   help="refuse a class with fewer images than N, often a mistyped label (default 5; 1 accepts any)")
     t.add_argument("--trust-pickle", action="store_true", default=None,
                    help="allow reading WM-811K's LSWMD.pkl (unpickling runs code from the file)")
     t.add_argument("--preset", help="named settings applied before --config: elpv, wafer "
@@ -52,7 +54,8 @@ def run_train(args: argparse.Namespace) -> int:
         "model.image_size": args.image_size, "train.epochs": args.epochs,
         "train.batch_size": args.batch_size, "train.lr": args.lr, "seed": args.seed,
         **data_overrides(args),
-        "data.skip_bad": args.skip_bad, "data.trust_pickle": args.trust_pickle,
+        "data.skip_bad": args.skip_bad, "data.min_class_images": args.min_class_images,
+        "data.trust_pickle": args.trust_pickle,
     }
     if args.no_progress:
         overrides["train.progress"] = False
