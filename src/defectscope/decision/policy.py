@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
+import math
+import os
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -21,6 +24,8 @@ from defectscope.decision.costs import DRIFT, expected_costs
 from defectscope.decision.escape_scores import ESCAPE_SCORES, goodness
 from defectscope.errors import DefectscopeError
 
+log = logging.getLogger(__name__)
+
 # 2: the three-way PASS / REJECT / REVIEW rule (``three_way``); version-1 files load unchanged.
 POLICY_VERSION = 2
 REVIEW = labels.REVIEW
@@ -29,6 +34,22 @@ REVIEW_SCORES = ("top", "margin")
 
 class PolicyError(DefectscopeError, ValueError):
     """A policy file that is malformed, from a newer version, or inconsistent with the model."""
+
+
+def _finite(value: Any, where: str = "") -> tuple[Any, list[str]]:
+    """``value`` with every NaN or infinite float replaced by None, and the dotted names of those fields."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None, [where or "value"]
+    if isinstance(value, dict):
+        out, bad = {}, []
+        for k, v in value.items():
+            out[k], b = _finite(v, f"{where}.{k}" if where else str(k))
+            bad += b
+        return out, bad
+    if isinstance(value, (list, tuple)):
+        pairs = [_finite(v, f"{where}[{i}]") for i, v in enumerate(value)]
+        return [p[0] for p in pairs], [b for p in pairs for b in p[1]]
+    return value, []
 
 
 @dataclass
@@ -103,9 +124,14 @@ class Policy:
 
     def to_json(self, path: str | Path | None = None) -> str:
         """The policy as JSON text; also written to ``path`` when given. Floats round-trip exactly."""
-        text = json.dumps(self.to_dict(), indent=2, allow_nan=False) + "\n"
-        if path is not None:
-            Path(path).write_text(text)
+        data, undefined = _finite(self.to_dict())
+        if undefined:  # e.g. an overkill rate of no good images: JSON has no NaN, and a number would lie
+            log.warning(f"policy: {', '.join(undefined)} undefined on these images, written as null")
+        text = json.dumps(data, indent=2, allow_nan=False) + "\n"
+        if path is not None:  # a temporary name, then one rename: never half a file
+            tmp = Path(path).with_name(f".{Path(path).name}.tmp")
+            tmp.write_text(text)
+            os.replace(tmp, path)
         return text
 
     @classmethod
