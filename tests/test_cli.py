@@ -25,7 +25,7 @@ def exported(cli_run):
     policy = json.loads((cli_run / "policy.json").read_text())
     assert policy["review_threshold"] is not None and policy["drift"]["score"]
     model = cli_run / "export" / "model.onnx"
-    assert main(["export", str(cli_run), "--out", str(model)]) == 0
+    assert main(["export", str(cli_run)]) == 0  # --out defaults to RUN/export/model.onnx
     assert model.is_file() and model.with_suffix(".json").is_file()
     return model
 
@@ -63,21 +63,21 @@ def test_predict_on_training_weights_says_what_to_pass(cli_run, folder_dataset, 
     err = capsys.readouterr().err
     assert err.strip().splitlines() == [
         f"defectscope: error: {weights} is training weights, not an exported model (.onnx); run "
-        f"`defectscope export {cli_run} --out {cli_run / 'export' / 'model.onnx'}` and pass the .onnx file"]
+        f"`defectscope export {cli_run}` and pass the .onnx file"]
 
 
 def test_predict_on_a_run_not_yet_exported_says_export_it_first(trained_run, folder_dataset, tmp_path, capsys):
     run = shutil.copytree(trained_run, tmp_path / "run", ignore=shutil.ignore_patterns("export"))
     assert main(["predict", str(run), str(folder_dataset / "GOOD")]) == 2
     line, = capsys.readouterr().err.strip().splitlines()
-    assert line.startswith(f"defectscope: error: {run} is a training run, not an exported model; export it first")
-    assert f"`defectscope export {run} --out {run / 'export' / 'model.onnx'}`" in line
+    assert line.startswith(f"defectscope: error: {run} is a training run, not an exported model; export it first: "
+                           f"`defectscope export {run}` (writes {run / 'export' / 'model.onnx'})")
 
 
-def test_predict_on_an_exported_run_points_at_its_model(cli_run, exported, folder_dataset, capsys):
-    assert main(["predict", str(cli_run), str(folder_dataset / "GOOD")]) == 2
-    line, = capsys.readouterr().err.strip().splitlines()
-    assert line.endswith(f"is a training run, not an exported model; pass the .onnx file, e.g. {exported}")
+def test_predict_on_an_exported_run_uses_its_export(cli_run, exported, folder_dataset, tmp_path):
+    out = tmp_path / "rows.jsonl"
+    assert main(["predict", str(cli_run), str(folder_dataset / "GOOD"), "--format", "jsonl", "--out", str(out)]) == 0
+    assert len(out.read_text().splitlines()) == len(list((folder_dataset / "GOOD").glob("*.png")))
 
 
 def test_sort_then_log_export(exported, folder_dataset, tmp_path):

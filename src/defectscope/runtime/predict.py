@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import logging
 import sys
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -19,6 +20,8 @@ from typing import Any, TextIO
 from defectscope.data.files import list_images
 from defectscope.runtime.engines import check_model_path
 from defectscope.runtime.predictor import UNREADABLE, Predictor, WithMetadata
+
+log = logging.getLogger(__name__)
 
 FORMATS = ("csv", "json", "jsonl")
 # The path columns training's manifest reader recognises (defectscope.data.table), in the same order.
@@ -40,6 +43,16 @@ def read_manifest(path: str | Path) -> list[tuple[Path, dict[str, str]]]:
         out.append((image if image.is_absolute() else path.parent / image,
                     {k.strip(): v for k, v in row.items() if k and k != found}))
     return out
+
+
+def exported_model_of(model: str | Path) -> Path:
+    """``model``, or a run folder's own export (``RUN/export/model.onnx``) when ``model`` is a run that has one."""
+    path = Path(model)
+    exported = path / "export" / "model.onnx"
+    if path.is_dir() and exported.is_file():
+        log.info(f"{path} is a run folder: predicting with its export {exported}")
+        return exported
+    return path
 
 
 def expand_inputs(inputs: Sequence[str | Path], *, recursive: bool = False) -> list[Path]:
@@ -79,6 +92,7 @@ def predict(
     """
     if fmt not in FORMATS:
         raise ValueError(f"unknown format {fmt!r}; use one of {', '.join(FORMATS)}")
+    model = exported_model_of(model)
     # Before the Predictor, which would call a training run "no such model file" and choke on weights.
     check_model_path(model)
     predictor = Predictor(model, threads=threads, runtime=runtime, precision=precision, device=device)
