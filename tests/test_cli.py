@@ -104,3 +104,34 @@ def test_evaluate_after_calibrate_reports_the_policy(cli_run, exported):
     assert main(["evaluate", str(cli_run), "--no-report"]) == 0
     metrics = json.loads((cli_run / "evaluation" / "metrics.json").read_text())
     assert "policy" in metrics and metrics["policy"]["n"] > 0
+
+
+def test_predict_prints_a_table_a_person_reads(exported, folder_dataset, tmp_path, capsys):
+    out = tmp_path / "rows.txt"
+    good = sorted((folder_dataset / "GOOD").glob("*.png"))[:3]
+    assert main(["predict", str(exported), *map(str, good), "--format", "table", "--out", str(out)]) == 0
+    head, *lines = out.read_text().splitlines()
+    assert head.split() == ["image", "decision", "reason", "confidence", "drift"]
+    assert len(lines) == 3 and all(line.startswith(p.name) for line, p in zip(lines, good, strict=True))
+    assert capsys.readouterr().err.strip().startswith("3 images: ")
+
+
+def test_predict_csv_says_why_and_reads_drift_against_its_line(exported, folder_dataset, tmp_path):
+    out = tmp_path / "rows.csv"
+    assert main(["predict", str(exported), str(folder_dataset / "spot"), "--out", str(out)]) == 0  # csv by suffix
+    rows = list(csv.DictReader(out.open()))
+    assert list(rows[0])[:6] == ["image", "decision", "reason", "verdict", "confidence", "top_class"]
+    threshold = json.loads((exported.parent.parent / "policy.json").read_text())["drift_threshold"]
+    for r in rows:
+        assert r["reason"]
+        assert (r["decision"] == "Drift") == (float(r["drift_score"]) > 1.0)
+        assert (r["confidence"] == "") == (r["decision"] in ("REVIEW", "Drift"))
+    assert threshold > 0
+
+
+def test_predict_format_follows_the_terminal_and_the_out_suffix():
+    from defectscope.runtime.predict import default_format
+
+    assert default_format(None, True) == "table" and default_format(None, False) == "jsonl"
+    assert default_format("x.csv", True) == "csv" and default_format("x.json", False) == "json"
+    assert default_format("x.out", True) == "jsonl"

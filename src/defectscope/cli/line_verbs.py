@@ -17,7 +17,8 @@ def add_predict(sub: argparse._SubParsersAction) -> None:
     pr.add_argument("--metadata", action="append", default=[], metavar="NAME=VALUE",
                     help="a metadata input's value for every image (repeatable), e.g. --metadata type=mono")
     pr.add_argument("--recursive", "-r", action="store_true", help="descend into sub-folders")
-    pr.add_argument("--format", default="jsonl", choices=["csv", "json", "jsonl"])
+    pr.add_argument("--format", choices=["table", "csv", "json", "jsonl"],
+                    help="default: a table on a terminal, JSON lines when piped; with --out, by its suffix")
     pr.add_argument("--out", help="write here instead of the terminal")
     pr.add_argument("--batch-size", type=int, default=32)
     pr.add_argument("--threads", type=int, help="inference threads (default: every core)")
@@ -26,14 +27,16 @@ def add_predict(sub: argparse._SubParsersAction) -> None:
 
 
 def run_predict(args: argparse.Namespace) -> int:
-    from defectscope.runtime.predict import predict
+    from defectscope.runtime.predict import default_format, predict
     from defectscope.runtime.predictor import UNREADABLE
 
-    counts = predict(args.model, args.images, recursive=args.recursive, fmt=args.format, out=args.out,
+    fmt = args.format or default_format(args.out, sys.stdout.isatty())
+    counts = predict(args.model, args.images, recursive=args.recursive, fmt=fmt, out=args.out,
                      batch_size=args.batch_size, threads=args.threads, runtime=args.runtime,
                      precision=args.precision, device=args.device, metadata=name_values(args.metadata))
     summary = ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))
-    print(f"{sum(counts.values())} images: {summary}", file=sys.stderr)
+    n = sum(counts.values())
+    print(f"{n} image{'' if n == 1 else 's'}: {summary}", file=sys.stderr)
     return 1 if counts.get(UNREADABLE) else 0
 
 

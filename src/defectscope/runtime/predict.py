@@ -23,7 +23,9 @@ from defectscope.runtime.predictor import UNREADABLE, Predictor, WithMetadata
 
 log = logging.getLogger(__name__)
 
-FORMATS = ("csv", "json", "jsonl")
+FORMATS = ("table", "csv", "json", "jsonl")
+# The columns of the CSV, in the order a person reads them: what to do and why first, the evidence after.
+CSV_HEAD = ("image", "decision", "reason", "verdict", "confidence", "top_class")
 # The path columns training's manifest reader recognises (defectscope.data.table), in the same order.
 PATH_COLUMNS = ("filename", "file", "path", "image", "image_path", "filepath", "file_name", "img")
 
@@ -82,7 +84,10 @@ def predict(
     device: str = "cpu",
     metadata: Mapping[str, str] | None = None,
 ) -> dict[str, int]:
-    """Write one row per image (csv, json or jsonl) to ``out`` or stdout; returns counts per decision.
+    """Write one row per image (table, csv, json or jsonl) to ``out`` or stdout; returns counts per decision.
+
+    Each row has the ``decision``, its ``reason`` (why, e.g. ``below the escape threshold``), ``confidence`` (the
+    decided class's calibrated probability) and ``drift_score`` (1.0 = the Drift line).
 
     ``runtime``, ``precision``, ``device``: as :class:`Predictor`; ``auto`` by default (the fastest runtime
     whose decisions match fp32 on this machine). ``inputs`` may include CSV manifests (see the module
@@ -126,16 +131,46 @@ def _write(rows: Iterator[dict[str, Any]], stream: TextIO, fmt: str, classes: li
             yield row
         json.dump(collected, stream, indent=2)
         stream.write("\n")
+    elif fmt == "table":
+        yield from _write_table(rows, stream)
     else:
         writer = csv.writer(stream)
-        writer.writerow(["image", "decision", "verdict", "top_class", "confidence", *(f"p_{c}" for c in classes),
-                         "drift_score", "error"])
+        writer.writerow([*CSV_HEAD, *(f"p_{c}" for c in classes), "drift_score", "error"])
         for row in rows:
             probs = {p["class"]: p["probability"] for p in row["predictions"]}
-            writer.writerow([row["image"], row["decision"], row.get("verdict") or "", row["top_class"],
-                             row["confidence"], *(probs.get(c, "") for c in classes), row["drift_score"],
-                             row.get("error", "")])
+            writer.writerow([*("" if row.get(k) is None else row[k] for k in CSV_HEAD),
+                             *(probs.get(c, "") for c in classes), _blank(row["drift_score"]), row.get("error", "")])
             yield row
+
+
+def _blank(value: Any) -> Any:
+    return "" if value is None else value
+
+
+def _write_table(rows: Iterator[dict[str, Any]], stream: TextIO) -> Iterator[dict[str, Any]]:
+    """Aligned columns for a person at a terminal, one line per image as it is decided."""
+    widths = (32, 14, 40, 10, 7)
+    stream.write(f"{'image':<32} {'decision':<14} {'reason':<40} {'confidence':>10} {'drift':>7}\n")
+    for row in rows:
+        image = Path(row["image"]).name if row["image"] else "<bytes>"
+        conf = "" if row["confidence"] is None else f"{row['confidence']:.3f}"
+        drift = "" if row["drift_score"] is None else f"{row['drift_score']:.2f}"
+        reason = row.get("error") or row.get("reason") or ""
+        cells = [_fit(image, widths[0]), _fit(row["decision"], widths[1]), _fit(reason, widths[2])]
+        stream.write(f"{cells[0]:<32} {cells[1]:<14} {cells[2]:<40} {conf:>10} {drift:>7}\n")
+        yield row
+
+
+def _fit(text: str, width: int) -> str:
+    return text if len(text) <= width else text[: width - 3] + "..."
+
+
+def default_format(out: str | Path | None, stream_is_terminal: bool) -> str:
+    """``--format`` when not given: a table on a terminal, JSON lines when piped, else by ``--out``'s suffix."""
+    if out is not None:
+        suffix = Path(out).suffix.lower().lstrip(".")
+        return suffix if suffix in ("csv", "json") else "jsonl"
+    return "table" if stream_is_terminal else "jsonl"
 
 
 class _stdout(io.TextIOBase):
@@ -148,4 +183,4 @@ class _stdout(io.TextIOBase):
         sys.stdout.flush()
 
 
-__all__ = ["FORMATS", "UNREADABLE", "expand_inputs", "predict", "read_manifest"]
+__all__ = ["FORMATS", "UNREADABLE", "default_format", "expand_inputs", "predict", "read_manifest"]
