@@ -141,3 +141,11 @@ def test_a_review_rate_short_of_the_one_asked_is_said():
     said = review_shortfall({"review_rate": 0.05, "achieved_review_rate": 0.028, "n": 36})
     assert said.startswith("review rate 2.8% (1 of 36 calibration images), not the 5.0% asked")
     assert review_shortfall({"review_rate": 0.05, "achieved_review_rate": 0.049, "n": 1000}) is None
+
+
+def test_train_help_states_the_defaults(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for default in ("default 160", "default 12", "default 32", "default 0.001", "default 5; 1 accepts any"):
+        assert default in text

@@ -183,7 +183,11 @@ def _save_run(out: Path, model, cfg: RunConfig, classes: list[str], table: pd.Da
         machine=machine_info(),
     )
     rundir.save_model(model, spec, out)
-    log.info(f"best epoch {spec['best_epoch']} ({spec['monitor']} {spec['best_score']:.4f}); run saved in {out}")
+    if spec.get("recipe") == "frozen":  # no epochs: one fit of the head on fixed features
+        log.info(f"frozen-feature model kept ({spec['monitor']} {spec['best_score']:.4f}); run saved in {out}")
+    else:
+        log.info(f"best epoch {spec['best_epoch']} of {spec.get('epochs_run', '?')} ({spec['monitor']} "
+                 f"{spec['best_score']:.4f}); run saved in {out}")
 
 
 def _metadata_inputs(cfg: RunConfig, table: pd.DataFrame, split):
