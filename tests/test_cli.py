@@ -25,7 +25,7 @@ def exported(cli_run):
     policy = json.loads((cli_run / "policy.json").read_text())
     assert policy["review_threshold"] is not None and policy["drift"]["score"]
     model = cli_run / "export" / "model.onnx"
-    assert main(["export", str(cli_run), "--out", str(model)]) == 0
+    assert main(["export", str(cli_run)]) == 0  # --out defaults to RUN/export/model.onnx
     assert model.is_file() and model.with_suffix(".json").is_file()
     return model
 
@@ -63,21 +63,21 @@ def test_predict_on_training_weights_says_what_to_pass(cli_run, folder_dataset, 
     err = capsys.readouterr().err
     assert err.strip().splitlines() == [
         f"defectscope: error: {weights} is training weights, not an exported model (.onnx); run "
-        f"`defectscope export {cli_run} --out {cli_run / 'export' / 'model.onnx'}` and pass the .onnx file"]
+        f"`defectscope export {cli_run}` and pass the .onnx file"]
 
 
 def test_predict_on_a_run_not_yet_exported_says_export_it_first(trained_run, folder_dataset, tmp_path, capsys):
     run = shutil.copytree(trained_run, tmp_path / "run", ignore=shutil.ignore_patterns("export"))
     assert main(["predict", str(run), str(folder_dataset / "GOOD")]) == 2
     line, = capsys.readouterr().err.strip().splitlines()
-    assert line.startswith(f"defectscope: error: {run} is a training run, not an exported model; export it first")
-    assert f"`defectscope export {run} --out {run / 'export' / 'model.onnx'}`" in line
+    assert line.startswith(f"defectscope: error: {run} is a training run, not an exported model; export it first: "
+                           f"`defectscope export {run}` (writes {run / 'export' / 'model.onnx'})")
 
 
-def test_predict_on_an_exported_run_points_at_its_model(cli_run, exported, folder_dataset, capsys):
-    assert main(["predict", str(cli_run), str(folder_dataset / "GOOD")]) == 2
-    line, = capsys.readouterr().err.strip().splitlines()
-    assert line.endswith(f"is a training run, not an exported model; pass the .onnx file, e.g. {exported}")
+def test_predict_on_an_exported_run_uses_its_export(cli_run, exported, folder_dataset, tmp_path):
+    out = tmp_path / "rows.jsonl"
+    assert main(["predict", str(cli_run), str(folder_dataset / "GOOD"), "--format", "jsonl", "--out", str(out)]) == 0
+    assert len(out.read_text().splitlines()) == len(list((folder_dataset / "GOOD").glob("*.png")))
 
 
 def test_sort_then_log_export(exported, folder_dataset, tmp_path):
@@ -104,3 +104,34 @@ def test_evaluate_after_calibrate_reports_the_policy(cli_run, exported):
     assert main(["evaluate", str(cli_run), "--no-report"]) == 0
     metrics = json.loads((cli_run / "evaluation" / "metrics.json").read_text())
     assert "policy" in metrics and metrics["policy"]["n"] > 0
+
+
+def test_predict_prints_a_table_a_person_reads(exported, folder_dataset, tmp_path, capsys):
+    out = tmp_path / "rows.txt"
+    good = sorted((folder_dataset / "GOOD").glob("*.png"))[:3]
+    assert main(["predict", str(exported), *map(str, good), "--format", "table", "--out", str(out)]) == 0
+    head, *lines = out.read_text().splitlines()
+    assert head.split() == ["image", "decision", "reason", "confidence", "drift"]
+    assert len(lines) == 3 and all(line.startswith(p.name) for line, p in zip(lines, good, strict=True))
+    assert capsys.readouterr().err.strip().startswith("3 images: ")
+
+
+def test_predict_csv_says_why_and_reads_drift_against_its_line(exported, folder_dataset, tmp_path):
+    out = tmp_path / "rows.csv"
+    assert main(["predict", str(exported), str(folder_dataset / "spot"), "--out", str(out)]) == 0  # csv by suffix
+    rows = list(csv.DictReader(out.open()))
+    assert list(rows[0])[:6] == ["image", "decision", "reason", "verdict", "confidence", "top_class"]
+    threshold = json.loads((exported.parent.parent / "policy.json").read_text())["drift_threshold"]
+    for r in rows:
+        assert r["reason"]
+        assert (r["decision"] == "Drift") == (float(r["drift_score"]) > 1.0)
+        assert (r["confidence"] == "") == (r["decision"] in ("REVIEW", "Drift"))
+    assert threshold > 0
+
+
+def test_predict_format_follows_the_terminal_and_the_out_suffix():
+    from defectscope.runtime.predict import default_format
+
+    assert default_format(None, True) == "table" and default_format(None, False) == "jsonl"
+    assert default_format("x.csv", True) == "csv" and default_format("x.json", False) == "json"
+    assert default_format("x.out", True) == "jsonl"

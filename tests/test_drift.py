@@ -49,11 +49,36 @@ def test_mahalanobis_with_identity_covariance_is_squared_euclidean():
     mu = np.array([[0.0, 0.0], [10.0, 0.0]])
     feats = np.concatenate([mu[0] + offsets, mu[1] + offsets])
     labels = np.repeat([0, 1], 4)
-    means, precision = fit_mahalanobis(feats, labels, shrinkage=0.0)
+    means, precision, _ = fit_mahalanobis(feats, labels, shrinkage=0.0)
     np.testing.assert_allclose(means, mu, atol=1e-12)
     np.testing.assert_allclose(precision, np.eye(2), atol=1e-12)
     x = np.array([[1.0, 2.0], [9.0, -1.0], [5.0, 0.0]])
     np.testing.assert_allclose(mahalanobis_score(x, means, precision), [5.0, 2.0, 25.0])
+
+
+def test_ledoit_wolf_shrinkage_matches_scikit_learn_and_conditions_the_precision():
+    from sklearn.covariance import ledoit_wolf_shrinkage as sk_shrinkage
+
+    rng = np.random.default_rng(3)
+    feats = rng.normal(size=(40, 120)) * rng.uniform(0.01, 3, size=120)  # fewer images than features
+    labels = np.arange(40) % 2
+    means, precision, s = fit_mahalanobis(feats, labels)
+    centred = feats - means[labels]
+    assert s == pytest.approx(sk_shrinkage(centred, assume_centered=True), rel=1e-9)
+    assert 0 < s < 1
+    assert np.linalg.cond(precision) * 100 < np.linalg.cond(fit_mahalanobis(feats, labels, shrinkage=1e-3)[1])
+
+
+def test_version_1_drift_statistics_load_and_score_as_saved():
+    rng = np.random.default_rng(0)
+    old = DriftScorer(shrinkage=1e-3).fit(rng.normal(size=(30, 4)).astype(np.float32), None, np.arange(30) % 2)
+    arrays, params = old.to_arrays()
+    params = {k: v for k, v in params.items() if k != "shrinkage_fitted"} | {"version": 1}
+    loaded = DriftScorer.from_arrays(arrays, params)
+    assert loaded.shrinkage_fitted == 1e-3
+    q = rng.normal(size=(5, 4))
+    np.testing.assert_array_equal(loaded.score(q, None, ["mahalanobis"])["mahalanobis"],
+                                  old.score(q, None, ["mahalanobis"])["mahalanobis"])
 
 
 def test_mahalanobis_matches_direct_inverse():
@@ -61,7 +86,7 @@ def test_mahalanobis_matches_direct_inverse():
     feats = rng.normal(size=(60, 3)) @ np.array([[2, 0, 0], [0.5, 1, 0], [0, 0.3, 0.5]])
     labels = np.arange(60) % 3
     feats += labels[:, None] * 4.0
-    means, precision = fit_mahalanobis(feats, labels, shrinkage=0.0)
+    means, precision, _ = fit_mahalanobis(feats, labels, shrinkage=0.0)
     centred = feats - means[labels]
     inv = np.linalg.inv(centred.T @ centred / len(feats))
     x = rng.normal(size=(5, 3))

@@ -88,7 +88,7 @@ def test_exported_drift_score_matches_numpy(run_copy, tmp_path, score):
     (DriftRule on torch features and maps) to 1e-4 of its scale; its decisions are the policy's."""
     from defectscope.decision.calibrate import calibrate, drift_scores_for, drift_stages
     from defectscope.decision.drift.rule import policy_forward
-    from defectscope.decision.policy import Policy, decide
+    from defectscope.decision.policy import Policy, decide, relative_drift
     from defectscope.onnx_export.exporter import export
     from defectscope.rundir import Run
     from defectscope.runtime.predictor import Predictor
@@ -102,9 +102,13 @@ def test_exported_drift_score_matches_numpy(run_copy, tmp_path, score):
     odd = rng.integers(0, 256, (6, *images.shape[1:]), dtype=np.uint8)  # noise: far from training
     images = np.concatenate([images, odd])
     preds = Predictor(tmp_path / "m.onnx", threads=1).predict_batch(list(images))
-    onnx_drift = np.array([p.drift_score for p in preds])
+    # The Predictor shows the score against the Drift line (1.0 = the line): back to the graph's raw scale.
+    t = policy.drift_threshold
+    onnx_drift = t + (np.array([p.drift_score for p in preds]) - 1.0) * abs(t)
     f, lg, maps = policy_forward(run.model(), images, drift_stages(policy))
     expected = drift_scores_for(run, policy, f, lg, maps, images)
+    np.testing.assert_allclose(relative_drift(expected, t), [p.drift_score for p in preds],
+                               atol=1e-4 * np.abs(expected).max() / abs(t))
     assert np.abs(onnx_drift - expected).max() <= 1e-4 * np.abs(expected).max()
     # A calibration image scores exactly the threshold (a conformal threshold is one of their scores), where
     # float32 in the graph vs float64 in numpy may round either way: decisions are compared off that knife edge.

@@ -54,11 +54,12 @@ def test_every_source_type_gives_the_same_probabilities(predictor, folder_datase
 
 def test_to_dict_shape(predictor, folder_dataset):
     d = predictor.predict(next((folder_dataset / "GOOD").glob("*.png"))).to_dict()
-    assert list(d) == ["image", "top_class", "confidence", "predictions", "decision", "verdict", "drift_score",
-                       "timing"]
+    assert list(d) == ["image", "decision", "reason", "verdict", "confidence", "top_class", "predictions",
+                       "drift_score", "timing"]
     probs = [p["probability"] for p in d["predictions"]]
     assert probs == sorted(probs, reverse=True) and abs(sum(probs) - 1) < 1e-5
     assert d["top_class"] == d["predictions"][0]["class"] == d["decision"]  # argmax until a policy is wired
+    assert d["reason"] == "most probable class"
     assert d["confidence"] == probs[0] and d["drift_score"] is None
     assert set(d["timing"]) == {"decode_ms", "infer_ms"}
     json.dumps(d)
@@ -111,3 +112,27 @@ def test_probabilities_equal_torch_on_test_images(predictor, trained_run):
     assert len(got) == len(table) > 0
     assert np.abs(got - expected).max() <= 1e-4
     assert (got.argmax(1) == expected.argmax(1)).all()
+
+
+def test_each_decision_says_why_and_how_sure():
+    from defectscope.decision.policy import Policy, decide_rows
+
+    classes = ["GOOD", "scratch"]
+    policy = Policy(classes=classes, good_class="GOOD", temperature=1.0, escape_threshold=0.8,
+                    review_threshold=0.55, drift_threshold=10.0, drift={"score": "mahalanobis"}).to_dict()
+    probs = np.array([[0.95, 0.05], [0.7, 0.3], [0.52, 0.48], [0.1, 0.9], [0.95, 0.05]])
+    drift = np.array([1.0, 1.0, 1.0, 1.0, 30.0])
+    decisions, reasons, sure = decide_rows(probs, policy, classes, drift)
+    assert decisions == ["GOOD", "scratch", "REVIEW", "scratch", "Drift"]
+    assert reasons == ["most probable class", "below the escape threshold", "review band", "most probable class",
+                       "Drift: unlike the training images"]
+    np.testing.assert_allclose(sure[[0, 1, 3]], [0.95, 0.3, 0.9])  # the decided class's probability
+    assert np.isnan(sure[[2, 4]]).all()
+
+
+def test_the_drift_score_a_person_reads_is_one_at_the_line():
+    from defectscope.decision.policy import relative_drift
+
+    np.testing.assert_allclose(relative_drift([0.0, 2.75e13, 5.5e13], 2.75e13), [0.0, 1.0, 2.0])
+    negative = relative_drift([-12.0, -10.0, -8.0], -10.0)  # energy-like scores below zero
+    assert negative[1] == 1.0 and negative[0] < 1.0 < negative[2]

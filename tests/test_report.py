@@ -302,3 +302,10 @@ def test_report_drift_small_calibration_and_chosen_score(tmp_path):
     assert "The chosen Drift score: max(knn,patch)" in page
     assert "<td>0.987</td><td>4.00%</td>" in page and "<td>0.612</td><td>83.00%</td>" in page
     assert "<b>0.543</b>, is the honest expectation" in page
+
+
+def test_an_ece_from_few_images_carries_a_caution():
+    from defectscope.evaluation.report.charts import ECE_MIN_IMAGES, ece_caution
+
+    assert "Caution: 35 images in 15 bins" in ece_caution(35)
+    assert ece_caution(ECE_MIN_IMAGES) == ""

@@ -36,6 +36,8 @@ class DataConfig:
     # expected-severity score; empty: the labels are not ordered.
     class_order: list[str] = field(default_factory=list)
     skip_bad: bool = False  # skip unreadable/missing files with a report instead of stopping
+    # A class with fewer images than this is refused (often a typo'd label); 1 accepts any class.
+    min_class_images: int = 5
     max_pixels: int = 200_000_000  # decompression-bomb guard
     resize: str = "squash"  # squash | pad (keep aspect ratio) | nearest (wafer maps always resize nearest)
     trust_pickle: bool = False  # allow reading a WM-811K LSWMD.pkl (unpickling runs code from the file)

@@ -17,8 +17,9 @@ def add_predict(sub: argparse._SubParsersAction) -> None:
     pr.add_argument("--metadata", action="append", default=[], metavar="NAME=VALUE",
                     help="a metadata input's value for every image (repeatable), e.g. --metadata type=mono")
     pr.add_argument("--recursive", "-r", action="store_true", help="descend into sub-folders")
-    pr.add_argument("--format", choices=["csv", "json", "jsonl", "parquet"],
-                    help="jsonl (default), csv or json; with --engine ray: parquet (default) or csv")
+    pr.add_argument("--format", choices=["table", "csv", "json", "jsonl", "parquet"],
+                    help="default: a table on a terminal, JSON lines when piped; with --out, by its suffix; "
+                         "with --engine ray: parquet (default) or csv")
     pr.add_argument("--out", help="write here instead of the terminal (with --engine ray: a folder, required)")
     pr.add_argument("--engine", choices=["local", "ray"], default="local",
                     help="ray: an archive on a Ray cluster, one Parquet/CSV file per partition, resumable "
@@ -34,7 +35,7 @@ def add_predict(sub: argparse._SubParsersAction) -> None:
 
 def run_predict(args: argparse.Namespace) -> int:
     from defectscope.errors import UsageError
-    from defectscope.runtime.predict import predict
+    from defectscope.runtime.predict import default_format, predict
     from defectscope.runtime.predictor import UNREADABLE
 
     if args.engine == "ray":
@@ -50,12 +51,14 @@ def run_predict(args: argparse.Namespace) -> int:
               f"{done['written']} written now) in {done['out']}", file=sys.stderr)
         return 0
     if args.format == "parquet":
-        raise UsageError("--format parquet is for --engine ray; the local predict writes jsonl, csv or json")
-    counts = predict(args.model, args.images, recursive=args.recursive, fmt=args.format or "jsonl", out=args.out,
+        raise UsageError("--format parquet is for --engine ray; the local predict writes a table, jsonl, csv or json")
+    fmt = args.format or default_format(args.out, sys.stdout.isatty())
+    counts = predict(args.model, args.images, recursive=args.recursive, fmt=fmt, out=args.out,
                      batch_size=args.batch_size, threads=args.threads, runtime=args.runtime,
                      precision=args.precision, device=args.device, metadata=name_values(args.metadata))
     summary = ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))
-    print(f"{sum(counts.values())} images: {summary}", file=sys.stderr)
+    n = sum(counts.values())
+    print(f"{n} image{'' if n == 1 else 's'}: {summary}", file=sys.stderr)
     return 1 if counts.get(UNREADABLE) else 0
 
 

@@ -19,16 +19,20 @@ def add_train(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--data", help="class-per-folder tree, CSV manifest, or 'elpv'")
     t.add_argument("--out", required=True, help="run directory to create")
     t.add_argument("--config", help="YAML config file (sections data, model, augment, train; seed)")
-    t.add_argument("--model", help="architecture: any timm name or seed_cnn1/2/3 (see `defectscope models`)")
+    t.add_argument("--model", help="architecture: any timm name or seed_cnn1/2/3 (see `defectscope models`; "
+                                   "default tf_efficientnet_lite0)")
     t.add_argument("--pretrained", help="auto | none | package | hub[:name] | path to a weights file")
-    t.add_argument("--image-size", type=int)
-    t.add_argument("--epochs", type=int)
-    t.add_argument("--batch-size", type=int)
-    t.add_argument("--lr", type=float)
-    t.add_argument("--seed", type=int)
+    t.add_argument("--image-size", type=int, help="input size in pixels (default 160)")
+    t.add_argument("--epochs", type=int, help="most fine-tuning epochs (default 12; early stopping after 5 "
+                                              "without improvement)")
+    t.add_argument("--batch-size", type=int, help="images per step (default 32)")
+    t.add_argument("--lr", type=float, help="peak learning rate (default 0.001, cosine schedule)")
+    t.add_argument("--seed", type=int, help="seed of the split and of training (default 0)")
     add_split_options(t)
     t.add_argument("--skip-bad", action="store_true", default=None,
                    help="skip unreadable or missing files, listing each in RUN/skipped.csv")
+    t.add_argument("--min-class-images", type=int, metavar="N",
+                   help="refuse a class with fewer images than N, often a mistyped label (default 5; 1 accepts any)")
     t.add_argument("--trust-pickle", action="store_true", default=None,
                    help="allow reading WM-811K's LSWMD.pkl (unpickling runs code from the file)")
     t.add_argument("--preset", help="named settings applied before --config: elpv, wafer "
@@ -81,7 +85,8 @@ def run_train(args: argparse.Namespace) -> int:
         "model.image_size": args.image_size, "train.epochs": args.epochs,
         "train.batch_size": args.batch_size, "train.lr": args.lr, "seed": args.seed,
         **data_overrides(args),
-        "data.skip_bad": args.skip_bad, "data.trust_pickle": args.trust_pickle,
+        "data.skip_bad": args.skip_bad, "data.min_class_images": args.min_class_images,
+        "data.trust_pickle": args.trust_pickle,
     }
     if args.no_progress:
         overrides["train.progress"] = False

@@ -6,12 +6,15 @@ reports the same and more. Nothing here changes a file.
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import os
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 
 import pandas as pd
+
+from defectscope.errors import DefectscopeError
 
 MIN_PER_CLASS_SPLIT = 5  # fewer images than this in a class and split gives a metric with no meaning
 
@@ -40,6 +43,50 @@ def class_counts(table: pd.DataFrame) -> pd.DataFrame:
     counts = pd.crosstab(table["label"], split)
     counts["total"] = counts.sum(axis=1)
     return counts
+
+
+class ClassError(DefectscopeError, ValueError):
+    """A set of labels no classifier should be trained on: one class, or a class too small to learn or measure."""
+
+
+def plural(n: int, word: str, many: str | None = None) -> str:
+    """``1 image``, ``2 images``: a count with its noun agreeing."""
+    return f"{n} {word if n == 1 else many or word + 's'}"
+
+
+def check_classes(table: pd.DataFrame, min_images: int = MIN_PER_CLASS_SPLIT, *, where: str = "",
+                  flag: str = "--min-class-images") -> None:
+    """Refuse a table with a single class, or with a class of fewer than ``min_images`` images.
+
+    A tiny class is most often a mistyped label (``GOD`` beside ``GOOD``): the message names its rows (the
+    table's ``source``: file and line, or folder) and the existing classes it is close to, and says how to
+    accept it anyway (``flag`` 1). ``where``: the data source, for the message.
+    """
+    prefix = f"{where}: " if where else ""
+    counts = table["label"].value_counts()
+    if len(counts) < 2:
+        only = counts.index[0] if len(counts) else "(none)"
+        raise ClassError(f"{prefix}only one class ({only!r}, {plural(int(counts.sum()), 'image')}); a classifier "
+                         "needs at least two: add images of the other classes (one folder or label per class)")
+    small = [(name, int(n)) for name, n in counts.items() if n < min_images]
+    if not small:
+        return
+    lines = []
+    for name, n in sorted(small, key=lambda item: item[1]):
+        rows = table.loc[table["label"] == name, "source"].astype(str).tolist()
+        shown = ", ".join(rows[:5]) + (f" and {len(rows) - 5} more" if len(rows) > 5 else "")
+        others = [str(c) for c in counts.index if c != name and counts[c] >= min_images]
+        close = _close_matches(str(name), others)
+        hint = f" - a typo of {' or '.join(repr(c) for c in close)}?" if close else ""
+        lines.append(f"class {name!r} has {plural(n, 'image')} ({shown}){hint}")
+    raise ClassError(f"{prefix}{'; '.join(lines)}: fewer than {min_images} images of a class cannot be learned "
+                     f"or measured. Fix the label, add images, or pass {flag} 1 to train on it as it is")
+
+
+def _close_matches(name: str, candidates: list[str]) -> list[str]:
+    lower = {c.lower(): c for c in candidates}
+    found = difflib.get_close_matches(name.lower(), list(lower), n=2, cutoff=0.6)
+    return [lower[f] for f in found]
 
 
 def duplicate_groups(table: pd.DataFrame, keys: list[str]) -> list[list[int]]:

@@ -205,6 +205,7 @@ def read_manifest(
         if col and col not in raw.columns:
             raise DataError(f"{csv_path}: no column {col!r}; columns are {', '.join(raw.columns)}")
     root = Path(image_root).expanduser().resolve() if image_root else csv_path.parent
+    _check_image_root(root, [p.strip() for p in raw[path_col]], csv_path, given=image_root is not None)
     table = pd.DataFrame({
         "path": [str((root / p.strip()).resolve()) if p.strip() else "" for p in raw[path_col]],
         "label": raw[label_col].str.strip(),
@@ -220,6 +221,22 @@ def read_manifest(
         else:
             table[col] = meta[col].values
     return table
+
+
+def _check_image_root(root: Path, names: list[str], csv_path: Path, *, given: bool) -> None:
+    """Refuse an image folder that does not exist, or one under which none of the first files are while they
+    all sit one folder down (``input_train/`` holding ``input_train/input_train/*.png``), naming the fix."""
+    flag = "--image-root" if given else "--image-root (default: the CSV's folder)"
+    if not root.is_dir():
+        raise DataError(f"{csv_path.name}: the image folder {root} does not exist; point {flag} at the folder "
+                        "the manifest's file names are relative to")
+    sample = [n for n in names if n and not Path(n).is_absolute()][:20]
+    if not sample or any((root / n).exists() for n in sample):
+        return
+    for sub in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        if all((sub / n).exists() for n in sample):
+            raise DataError(f"{csv_path.name}: {sample[0]} is not in {root} but in {sub}: the images are one "
+                            f"folder down; pass --image-root {sub}")
 
 
 def read_elpv() -> pd.DataFrame:

@@ -4,10 +4,15 @@ stopping saw, and write RUN/policy.json.
 
 from __future__ import annotations
 
+import contextlib
+import difflib
 import hashlib
 import logging
 import math
-from collections.abc import Sequence
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +38,15 @@ from defectscope.decision.thresholds import (
     review_curve,
     review_threshold,
 )
-from defectscope.rundir import DRIFT_EVAL, POLICY, Run
+from defectscope.rundir import (
+    DRIFT_EVAL,
+    DRIFT_PARAMS,
+    DRIFT_WEIGHTS,
+    PATCH_DRIFT_PARAMS,
+    PATCH_DRIFT_WEIGHTS,
+    POLICY,
+    Run,
+)
 
 log = logging.getLogger(__name__)
 
@@ -219,21 +232,70 @@ def calibrate(
     of labelled ``drift_examples``, the threshold minimises expected cost instead. ``drift_rate=None``
     leaves Drift out of the policy.
     """
-    import torch
-
-    from defectscope.models.inference import features_and_logits, predict_logits
-
     run = run if isinstance(run, Run) else Run(run)
-    model = run.model()
     classes = run.classes
-    seed = run.seed
     good_class = good_class or default_good_class(classes)
     if good_class is not None and good_class not in classes:
         raise CalibrationError(f"good class {good_class!r} is not one of the run's classes {classes}")
     table = run.table
-    calib_mask, _ = calibration_split(table, seed)
+    calib_mask, _ = calibration_split(table, run.seed)
     if not calib_mask.any():
         raise CalibrationError(f"{run.path}: no calibration images (no 'calib' split and the test split is empty)")
+    _check_good_class(good_class, table, calib_mask, classes)
+    # Every file this call writes is restored (or removed) if it fails: never a half-written run.
+    with _all_or_nothing(run.path, (POLICY, DRIFT_WEIGHTS, DRIFT_PARAMS, PATCH_DRIFT_WEIGHTS, PATCH_DRIFT_PARAMS)):
+        return _calibrate_run(run, good_class, calib_mask, dict(
+            max_escape=max_escape, confidence=confidence, cost_matrix=cost_matrix, review_rate=review_rate,
+            target_purity=target_purity, review_score=review_score, escape_score=escape_score,
+            max_overkill=max_overkill, critical_classes=critical_classes, escape_share=escape_share),
+            drift_rate, drift_score, drift_examples)
+
+
+def _check_good_class(good_class: str | None, table: pd.DataFrame, calib_mask: np.ndarray,
+                      classes: Sequence[str]) -> None:
+    """Refuse a good class with no calibration images (a typo'd or tiny class): every figure about good parts
+    would be undefined. Names the class the user most likely meant."""
+    if good_class is None or (table["label"][calib_mask] == good_class).any():
+        return
+    n_all = int((table["label"] == good_class).sum())
+    others = [c for c in classes if c != good_class]
+    close = difflib.get_close_matches(good_class.lower(), [c.lower() for c in others], n=1, cutoff=0.5)
+    meant = next((c for c in others if close and c.lower() == close[0]), None)
+    hint = f"; did you mean --good-class {meant}?" if meant else f"; the classes are {', '.join(classes)}"
+    raise CalibrationError(f"--good-class {good_class}: no calibration images of {good_class!r} ({n_all} in the "
+                           f"run's whole table), so nothing about good parts can be measured{hint}")
+
+
+@contextlib.contextmanager
+def _all_or_nothing(folder: Path, names: Sequence[str]) -> Iterator[None]:
+    """Keep a copy of ``names`` in ``folder``; on any exception put them back as they were (absent included)."""
+    with tempfile.TemporaryDirectory(dir=folder, prefix=".calibrate-") as keep:
+        for name in names:
+            if (folder / name).is_file():
+                shutil.copy2(folder / name, Path(keep) / name)
+        try:
+            yield
+        except BaseException:
+            for name in names:
+                saved, target = Path(keep) / name, folder / name
+                if saved.is_file():
+                    os.replace(saved, target)
+                else:
+                    target.unlink(missing_ok=True)
+            raise
+
+
+def _calibrate_run(run: Run, good_class: str | None, calib_mask: np.ndarray, options: dict[str, Any],
+                   drift_rate: float | None, drift_score: str | None,
+                   drift_examples: str | Path | None) -> dict[str, Any]:
+    import torch
+
+    from defectscope.models.inference import features_and_logits, predict_logits
+
+    model = run.model()
+    classes = run.classes
+    seed = run.seed
+    table = run.table
     torch.set_num_threads(run.config.train.threads or torch.get_num_threads())
 
     def images_of(rows: pd.DataFrame) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
@@ -249,11 +311,8 @@ def calibrate(
         val_images, val_y, val_meta = images_of(val)
         temperature_data, temperature_on = (predict_logits(model, val_images, metadata=val_meta).numpy(), val_y), "val"
     policy, extras = calibrate_from_logits(
-        logits, y, classes, good_class=good_class, max_escape=max_escape, confidence=confidence,
-        cost_matrix=cost_matrix, review_rate=review_rate, target_purity=target_purity, review_score=review_score,
-        temperature_data=temperature_data, temperature_on=temperature_on, escape_score=escape_score,
-        class_ranks=class_ranks_from_order(classes, run.config.data.class_order),
-        max_overkill=max_overkill, critical_classes=critical_classes, escape_share=escape_share,
+        logits, y, classes, good_class=good_class, temperature_data=temperature_data, temperature_on=temperature_on,
+        class_ranks=class_ranks_from_order(classes, run.config.data.class_order), **options,
     )
     policy.calibration = split_info(table, seed)
     if drift_rate is not None:
@@ -404,9 +463,25 @@ def _log_summary(policy: Policy, m: dict[str, Any]) -> None:
     if policy.review_threshold is not None:
         r = policy.review_target
         log.info(f"review band: {policy.review_score} < {policy.review_threshold:.6f}; review rate "
-                 f"{r['achieved_review_rate']:.4f}, auto accuracy {r['auto_accuracy']:.4f}")
+                 f"{r['achieved_review_rate']:.4f}, accuracy of the images not reviewed {r['auto_accuracy']:.4f}")
+        shortfall = review_shortfall(r)
+        if shortfall:
+            log.warning(shortfall)
     if "pwa" in m:
         log.info(f"expected cost per image {m['expected_cost_per_image']:.3f}; PWA {m['pwa']:.6f} (auto decisions)")
+
+
+def review_shortfall(target: dict[str, Any]) -> str | None:
+    """A sentence when the review band sends clearly fewer images to review than asked (None otherwise).
+
+    The band is the largest threshold whose review rate stays <= the asked rate; with few calibration images or
+    tied scores the next step up would overshoot, so the achieved rate can fall well short."""
+    asked, got, n = target.get("review_rate"), target.get("achieved_review_rate"), target.get("n") or 0
+    if asked is None or got is None or n == 0 or asked - got < max(0.5 / n, 0.1 * asked):
+        return None
+    return (f"review rate {got:.1%} ({round(got * n)} of {n} calibration images), not the {asked:.1%} asked: the "
+            f"next score up would send more than {asked:.1%} to review (few images or tied scores); ask for a "
+            "higher --review-rate or calibrate on more images")
 
 
 def _threshold_text(t: float | None) -> str:

@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
+import math
+import os
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -21,6 +24,8 @@ from defectscope.decision.costs import DRIFT, expected_costs
 from defectscope.decision.escape_scores import ESCAPE_SCORES, goodness
 from defectscope.errors import DefectscopeError
 
+log = logging.getLogger(__name__)
+
 # 2: the three-way PASS / REJECT / REVIEW rule (``three_way``); version-1 files load unchanged.
 POLICY_VERSION = 2
 REVIEW = labels.REVIEW
@@ -29,6 +34,22 @@ REVIEW_SCORES = ("top", "margin")
 
 class PolicyError(DefectscopeError, ValueError):
     """A policy file that is malformed, from a newer version, or inconsistent with the model."""
+
+
+def _finite(value: Any, where: str = "") -> tuple[Any, list[str]]:
+    """``value`` with every NaN or infinite float replaced by None, and the dotted names of those fields."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None, [where or "value"]
+    if isinstance(value, dict):
+        out, bad = {}, []
+        for k, v in value.items():
+            out[k], b = _finite(v, f"{where}.{k}" if where else str(k))
+            bad += b
+        return out, bad
+    if isinstance(value, (list, tuple)):
+        pairs = [_finite(v, f"{where}[{i}]") for i, v in enumerate(value)]
+        return [p[0] for p in pairs], [b for p in pairs for b in p[1]]
+    return value, []
 
 
 @dataclass
@@ -103,9 +124,14 @@ class Policy:
 
     def to_json(self, path: str | Path | None = None) -> str:
         """The policy as JSON text; also written to ``path`` when given. Floats round-trip exactly."""
-        text = json.dumps(self.to_dict(), indent=2, allow_nan=False) + "\n"
-        if path is not None:
-            Path(path).write_text(text)
+        data, undefined = _finite(self.to_dict())
+        if undefined:  # e.g. an overkill rate of no good images: JSON has no NaN, and a number would lie
+            log.warning(f"policy: {', '.join(undefined)} undefined on these images, written as null")
+        text = json.dumps(data, indent=2, allow_nan=False) + "\n"
+        if path is not None:  # a temporary name, then one rename: never half a file
+            tmp = Path(path).with_name(f".{Path(path).name}.tmp")
+            tmp.write_text(text)
+            os.replace(tmp, path)
         return text
 
     @classmethod
@@ -139,6 +165,20 @@ class Decisions:
     labels: np.ndarray
     probs: np.ndarray
     review_scores: np.ndarray
+    # Why each label: one of REASONS (object array), so a decision that is not the top class says why.
+    reasons: np.ndarray | None = None
+    classes: list[str] | None = None  # the columns of probs
+
+    @property
+    def confidence(self) -> np.ndarray:
+        """The calibrated probability of each decided class; NaN where the decision is REVIEW or Drift (a person
+        or the Drift flag decides, not a class probability)."""
+        classes = {c: i for i, c in enumerate(self.classes or [])}
+        out = np.full(len(self.labels), np.nan)
+        for i, label in enumerate(self.labels):
+            if label in classes:
+                out[i] = self.probs[i, classes[label]]
+        return out
 
     @property
     def auto(self) -> np.ndarray:
@@ -227,6 +267,8 @@ def decide(
     else:
         options, badness = list(classes), -probs
     options_arr = np.array(options, dtype=object)
+    first = options_arr[badness.argmin(axis=1)]
+    reasons = np.full(n, COST_REASON if policy.cost_matrix is not None else TOP_REASON, dtype=object)
     if policy.escape_threshold is not None or policy.three_way is not None:
         good_option = options.index(policy.good_class)
         score = goodness(probs, policy.escape_score, classes.index(policy.good_class), policy.class_ranks)
@@ -236,21 +278,60 @@ def decide(
         if policy.three_way is not None:
             verdict = verdicts(score, policy.three_way["pass_threshold"], policy.three_way["reject_threshold"])
             labels = np.where(verdict == "PASS", policy.good_class, np.where(verdict == "REJECT", defect, REVIEW))
+            reasons[:] = np.where(verdict == "PASS", PASS_REASON,
+                                  np.where(verdict == "REJECT", REJECT_REASON, BETWEEN_REASON))
         else:
             labels = np.where(score >= policy.escape_threshold, policy.good_class, defect)
+            reasons[(labels != policy.good_class) & (first == policy.good_class)] = ESCAPE_REASON
     else:
-        labels = options_arr[badness.argmin(axis=1)]
+        labels = first
     labels = labels.astype(object)
 
     rscores = review_scores(probs, policy.review_score)
     if policy.review_threshold is not None:
-        labels[rscores < policy.review_threshold] = REVIEW
+        band = rscores < policy.review_threshold
+        labels[band], reasons[band] = REVIEW, REVIEW_REASON
     if has_drift and policy.drift_threshold is not None:
         drift = np.asarray(drift_score, dtype=np.float64).reshape(-1)
         if drift.shape[0] != n:
             raise ValueError(f"drift_score has {drift.shape[0]} values for {n} images")
-        labels[drift > policy.drift_threshold] = DRIFT
-    return Decisions(labels=labels, probs=probs, review_scores=rscores)
+        flagged = drift > policy.drift_threshold
+        labels[flagged], reasons[flagged] = DRIFT, DRIFT_REASON
+    return Decisions(labels=labels, probs=probs, review_scores=rscores, reasons=reasons, classes=list(classes))
+
+
+# What decided an image, in the words of the `reason` column of predict, the sorter and the report.
+TOP_REASON = "most probable class"
+COST_REASON = "lowest expected cost"
+ESCAPE_REASON = "below the escape threshold"  # GOOD was the top class, but not sure enough to pass
+PASS_REASON = "above the PASS threshold"
+REJECT_REASON = "below the REJECT threshold"
+BETWEEN_REASON = "between the PASS and REJECT thresholds"
+REVIEW_REASON = "review band"
+DRIFT_REASON = "Drift: unlike the training images"
+
+
+def relative_drift(score: np.ndarray | float, threshold: float) -> np.ndarray:
+    """A Drift score on the scale a person reads: 1.0 is the Drift line, above it the image is flagged.
+
+    ``score / threshold`` for a positive threshold (Mahalanobis, kNN, patch); in general
+    ``1 + (score - threshold) / |threshold|``, which is the same there and keeps the order and the line for
+    scores that can be negative (energy, MSP, standardised fusions)."""
+    s = np.asarray(score, dtype=np.float64)
+    t = float(threshold)
+    return 1.0 + (s - t) / (abs(t) if t else 1.0)
+
+
+def decide_rows(probs: np.ndarray, policy: dict[str, Any] | None, classes: list[str],
+                drift_score: np.ndarray | None = None) -> tuple[list[str], list[str], np.ndarray]:
+    """(decisions, reasons, the decision's calibrated probability or NaN) for a model's uncalibrated
+    probabilities and the policy as exported: :func:`decide_labels` with the why and how sure."""
+    if not policy:
+        p = np.asarray(probs, dtype=np.float64)
+        return [classes[i] for i in p.argmax(1)], [TOP_REASON] * len(p), p.max(axis=1)
+    drift = drift_score if policy.get("drift") else None
+    d = decide(probs, Policy.from_dict(policy), inputs="probs", drift_score=drift)
+    return [str(x) for x in d.labels], [str(r) for r in d.reasons], d.confidence
 
 
 def decide_labels(probs: np.ndarray, policy: dict[str, Any] | None, classes: list[str],

@@ -13,7 +13,7 @@ import pandas as pd
 from defectscope.data.table import DataError, load_table
 from defectscope.decision.calibrate import calibration_split, drift_scores_for, drift_stages
 from defectscope.decision.outcomes import apply_policy_metrics
-from defectscope.decision.policy import Policy, decide
+from defectscope.decision.policy import Policy, decide, relative_drift
 from defectscope.metrics import classification_metrics, format_metrics
 from defectscope.rundir import EVALUATION, LOGITS, METRICS, PREDICTIONS, Run
 
@@ -104,7 +104,8 @@ def evaluate(
         logits_np = logits.numpy()
         metrics["policy"] = apply_policy_metrics(y_true, logits_np, policy, classes, inputs="logits",
                                                  drift_score=drift_score)
-        decisions = decide(logits_np, policy, inputs="logits", drift_score=drift_score).labels
+        decided = decide(logits_np, policy, inputs="logits", drift_score=drift_score)
+        decisions = decided.labels, decided.reasons
     out_dir = Path(out) if out else run.file(EVALUATION)
     out_dir.mkdir(parents=True, exist_ok=True)
     if report:
@@ -112,7 +113,10 @@ def evaluate(
 
         metrics["curves"] = report_metrics(probs, y_true, classes)
     (out_dir / METRICS).write_text(json.dumps(metrics, indent=2))
-    _write_predictions(out_dir, table, classes, probs, decisions, drift_score)
+    shown = drift_score
+    if drift_score is not None and policy is not None and policy.drift_threshold is not None:
+        shown = relative_drift(drift_score, policy.drift_threshold)  # 1.0 = the Drift line, as predict prints it
+    _write_predictions(out_dir, table, classes, probs, decisions, shown)
     np.save(out_dir / LOGITS, logits.numpy())
     if report:
         from defectscope.evaluation.report import write_report
@@ -159,13 +163,13 @@ def _logits_and_drift(run: Run, model, images: np.ndarray, table: pd.DataFrame, 
 
 
 def _write_predictions(out_dir: Path, table: pd.DataFrame, classes: list[str], probs: np.ndarray,
-                       decisions: np.ndarray | None, drift_score: np.ndarray | None) -> None:
+                       decisions: tuple[np.ndarray, np.ndarray] | None, drift_score: np.ndarray | None) -> None:
     predictions = pd.DataFrame({
         "path": table["path"], "source": table["source"], "label": table["label"],
         "predicted": [classes[i] for i in probs.argmax(1)], "confidence": probs.max(1).round(6),
     })
     if decisions is not None:
-        predictions["decision"] = decisions
+        predictions["decision"], predictions["reason"] = decisions
     if drift_score is not None:
         predictions["drift_score"] = np.round(drift_score, 6)
     for i, name in enumerate(classes):

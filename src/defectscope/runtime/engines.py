@@ -74,15 +74,14 @@ def check_model_path(model_path: str | Path) -> Path:
             raise NotAnExport(f"{path} is {what}, not an exported model; pass the .onnx file, e.g. {exported[0]}")
         if in_run:
             raise NotAnExport(f"{path} is a training run, not an exported model; export it first: `defectscope "
-                              f"export {path} --out {path / 'export' / 'model.onnx'}`, then pass that .onnx file")
+                              f"export {path}` (writes {path / 'export' / 'model.onnx'}), then pass that .onnx file")
         raise NotAnExport(f"{path} is a folder, not an exported model; pass the .onnx file "
-                          "`defectscope export RUN --out model.onnx` writes")
+                          "`defectscope export RUN` writes (RUN/export/model.onnx)")
     if not path.exists() or path.suffix.lower() in (".onnx", ".json"):
         return path
     kind = "training weights, not" if path.suffix.lower() in _WEIGHT_SUFFIXES else "not"
     run = path.parent if _is_run(path.parent) else None
-    export = (f"defectscope export {run} --out {run / 'export' / 'model.onnx'}" if run
-              else "defectscope export RUN --out model.onnx")
+    export = f"defectscope export {run}" if run else "defectscope export RUN"
     raise NotAnExport(f"{path} is {kind} an exported model (.onnx); run `{export}` and pass the .onnx file")
 
 

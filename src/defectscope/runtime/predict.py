@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import logging
 import sys
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -20,7 +21,11 @@ from defectscope.data.files import list_images
 from defectscope.runtime.engines import check_model_path
 from defectscope.runtime.predictor import UNREADABLE, Predictor, WithMetadata
 
-FORMATS = ("csv", "json", "jsonl")
+log = logging.getLogger(__name__)
+
+FORMATS = ("table", "csv", "json", "jsonl")
+# The columns of the CSV, in the order a person reads them: what to do and why first, the evidence after.
+CSV_HEAD = ("image", "decision", "reason", "verdict", "confidence", "top_class")
 # The path columns training's manifest reader recognises (defectscope.data.table), in the same order.
 PATH_COLUMNS = ("filename", "file", "path", "image", "image_path", "filepath", "file_name", "img")
 
@@ -40,6 +45,16 @@ def read_manifest(path: str | Path) -> list[tuple[Path, dict[str, str]]]:
         out.append((image if image.is_absolute() else path.parent / image,
                     {k.strip(): v for k, v in row.items() if k and k != found}))
     return out
+
+
+def exported_model_of(model: str | Path) -> Path:
+    """``model``, or a run folder's own export (``RUN/export/model.onnx``) when ``model`` is a run that has one."""
+    path = Path(model)
+    exported = path / "export" / "model.onnx"
+    if path.is_dir() and exported.is_file():
+        log.info(f"{path} is a run folder: predicting with its export {exported}")
+        return exported
+    return path
 
 
 def expand_inputs(inputs: Sequence[str | Path], *, recursive: bool = False) -> list[Path]:
@@ -83,7 +98,10 @@ def predict(
     device: str = "cpu",
     metadata: Mapping[str, str] | None = None,
 ) -> dict[str, int]:
-    """Write one row per image (csv, json or jsonl) to ``out`` or stdout; returns counts per decision.
+    """Write one row per image (table, csv, json or jsonl) to ``out`` or stdout; returns counts per decision.
+
+    Each row has the ``decision``, its ``reason`` (why, e.g. ``below the escape threshold``), ``confidence`` (the
+    decided class's calibrated probability) and ``drift_score`` (1.0 = the Drift line).
 
     ``runtime``, ``precision``, ``device``: as :class:`Predictor`; ``auto`` by default (the fastest runtime
     whose decisions match fp32 on this machine). ``inputs`` may include CSV manifests (see the module
@@ -93,6 +111,7 @@ def predict(
     """
     if fmt not in FORMATS:
         raise ValueError(f"unknown format {fmt!r}; use one of {', '.join(FORMATS)}")
+    model = exported_model_of(model)
     # Before the Predictor, which would call a training run "no such model file" and choke on weights.
     check_model_path(model)
     predictor = Predictor(model, threads=threads, runtime=runtime, precision=precision, device=device)
@@ -118,6 +137,8 @@ def _write(rows: Iterator[dict[str, Any]], stream: TextIO, fmt: str, classes: li
             yield row
         json.dump(collected, stream, indent=2)
         stream.write("\n")
+    elif fmt == "table":
+        yield from _write_table(rows, stream)
     else:
         writer = csv.writer(stream)
         writer.writerow(table_columns(classes))
@@ -128,15 +149,39 @@ def _write(rows: Iterator[dict[str, Any]], stream: TextIO, fmt: str, classes: li
 
 def table_columns(classes: Sequence[str]) -> list[str]:
     """The columns of a CSV row (and of the Ray archive's Parquet and CSV, :mod:`defectscope.runtime.archive`)."""
-    return ["image", "decision", "verdict", "top_class", "confidence", *(f"p_{c}" for c in classes),
-            "drift_score", "error"]
+    return [*CSV_HEAD, *(f"p_{c}" for c in classes), "drift_score", "error"]
 
 
 def table_row(row: dict[str, Any], classes: Sequence[str]) -> list[Any]:
     """One :meth:`Prediction.to_dict` as the values of :func:`table_columns` (None where there is none)."""
     probs = {p["class"]: p["probability"] for p in row["predictions"]}
-    return [row["image"], row["decision"], row.get("verdict"), row["top_class"], row["confidence"],
-            *(probs.get(c) for c in classes), row["drift_score"], row.get("error")]
+    return [*(row.get(k) for k in CSV_HEAD), *(probs.get(c) for c in classes), row["drift_score"], row.get("error")]
+
+
+def _write_table(rows: Iterator[dict[str, Any]], stream: TextIO) -> Iterator[dict[str, Any]]:
+    """Aligned columns for a person at a terminal, one line per image as it is decided."""
+    widths = (32, 14, 40, 10, 7)
+    stream.write(f"{'image':<32} {'decision':<14} {'reason':<40} {'confidence':>10} {'drift':>7}\n")
+    for row in rows:
+        image = Path(row["image"]).name if row["image"] else "<bytes>"
+        conf = "" if row["confidence"] is None else f"{row['confidence']:.3f}"
+        drift = "" if row["drift_score"] is None else f"{row['drift_score']:.2f}"
+        reason = row.get("error") or row.get("reason") or ""
+        cells = [_fit(image, widths[0]), _fit(row["decision"], widths[1]), _fit(reason, widths[2])]
+        stream.write(f"{cells[0]:<32} {cells[1]:<14} {cells[2]:<40} {conf:>10} {drift:>7}\n")
+        yield row
+
+
+def _fit(text: str, width: int) -> str:
+    return text if len(text) <= width else text[: width - 3] + "..."
+
+
+def default_format(out: str | Path | None, stream_is_terminal: bool) -> str:
+    """``--format`` when not given: a table on a terminal, JSON lines when piped, else by ``--out``'s suffix."""
+    if out is not None:
+        suffix = Path(out).suffix.lower().lstrip(".")
+        return suffix if suffix in ("csv", "json") else "jsonl"
+    return "table" if stream_is_terminal else "jsonl"
 
 
 class _stdout(io.TextIOBase):
@@ -149,5 +194,5 @@ class _stdout(io.TextIOBase):
         sys.stdout.flush()
 
 
-__all__ = ["FORMATS", "UNREADABLE", "expand_inputs", "list_items", "predict", "read_manifest", "table_columns",
-           "table_row"]
+__all__ = ["FORMATS", "UNREADABLE", "default_format", "expand_inputs", "list_items", "predict", "read_manifest",
+           "table_columns", "table_row"]

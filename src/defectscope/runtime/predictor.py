@@ -26,7 +26,7 @@ import numpy as np
 from defectscope import labels
 from defectscope.data.images import DEFAULT_MAX_PIXELS, ImageDecodeError, load_gray
 from defectscope.data.metadata_inputs import MetadataEncoder, MetadataInputError
-from defectscope.decision.policy import Policy, decide_labels
+from defectscope.decision.policy import Policy, decide_rows, relative_drift
 from defectscope.runtime import card as md
 from defectscope.runtime import engines
 from defectscope.runtime.cascade_runner import CascadeRunner, is_manifest
@@ -47,8 +47,12 @@ class WithMetadata:
 
 @dataclass
 class Prediction:
-    """One image's result. ``decision`` is the class to act on (argmax until a policy is wired).
+    """One image's result. ``decision`` is what to act on (a class, ``REVIEW`` or ``Drift``; argmax without a
+    policy) and ``reason`` why, e.g. ``below the escape threshold`` when it is not ``top_class``.
 
+    ``confidence`` is the calibrated probability of the decided class (None for REVIEW and Drift, which no class
+    probability decides); ``probabilities`` are the model's own, before the policy's temperature. ``drift_score``
+    is relative to the policy's Drift line: 1.0 is the line, above it the image is Drift.
     For an unreadable image (batch mode only) ``decision`` is ``"_unreadable"``, ``error`` says why and
     the class fields are empty. ``timing``: ``decode_ms`` for this image, ``infer_ms`` its share of its
     batch's inference time. ``features`` is set only when asked for (``return_features=True``).
@@ -65,17 +69,19 @@ class Prediction:
     features: np.ndarray | None = field(default=None, repr=False, compare=False)
     verdict: str | None = None  # PASS / REJECT / REVIEW / Drift / _unreadable (labels.verdict_of)
     heatmap: np.ndarray | None = field(default=None, repr=False, compare=False)  # (h, w) in [0, 1]
+    reason: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready, in the usual classification-API shape (predictions sorted by probability)."""
         ranked = sorted(self.probabilities.items(), key=lambda kv: kv[1], reverse=True)
         out: dict[str, Any] = {
             "image": self.path,
-            "top_class": self.top_class,
-            "confidence": self.confidence,
-            "predictions": [{"class": c, "probability": p} for c, p in ranked],
             "decision": self.decision,
+            "reason": self.reason,
             "verdict": self.verdict,
+            "confidence": self.confidence,
+            "top_class": self.top_class,
+            "predictions": [{"class": c, "probability": p} for c, p in ranked],
             "drift_score": self.drift_score,
             "timing": dict(self.timing),
         }
@@ -306,14 +312,16 @@ class Predictor:
             probs, features, drift = self.engine.run(x, metadata)
         infer_ms = (time.perf_counter() - start) * 1000 / len(x)
         has_drift = self.card.has_drift
-        decisions = decide_labels(probs, self.policy, self.classes, drift)
+        decisions, reasons, sure = decide_rows(probs, self.policy, self.classes, drift)
+        threshold = (self.policy or {}).get("drift_threshold")
+        shown = relative_drift(drift, threshold) if has_drift and threshold is not None else drift
         out = []
         for i, path in enumerate(paths):
             top = int(probs[i].argmax())
             out.append(Prediction(
-                path=path, top_class=self.classes[top], confidence=float(probs[i, top]),
+                path=path, top_class=self.classes[top], confidence=None if np.isnan(sure[i]) else float(sure[i]),
                 probabilities={c: float(p) for c, p in zip(self.classes, probs[i], strict=True)}, decision=decisions[i],
-                drift_score=float(drift[i]) if has_drift else None,
+                reason=reasons[i], drift_score=float(shown[i]) if has_drift else None,
                 timing={"decode_ms": round(decode_ms[i], 3), "infer_ms": round(infer_ms, 3)},
                 features=features[i].copy() if return_features else None,
                 heatmap=None if heat is None else heat[i].copy(),

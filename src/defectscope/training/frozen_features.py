@@ -222,9 +222,9 @@ def fit_frozen(model: Classifier, cfg: RunConfig, images: np.ndarray, labels: np
             val_m = None if val_metadata is None else torch.from_numpy(np.asarray(val_metadata)).float()
             val_logits = model.head(model.head_input(model.post(torch.from_numpy(val_feats).float()), val_m)).numpy()
         val = classification_metrics(val_labels, val_logits.argmax(1), classes)
-    log.info(f"frozen {cfg.train.frozen_head} head: C={best_c:g} (CV macro-F1 "
-             f"{', '.join(f'{c:g}: {s:.3f}' for c, s in scores.items()) or 'not run'}), "
-             f"validation macro-F1 {val['macro_f1']:.4f}" if val else "no validation images")
+    cv = ", ".join(f"C={c:g} {s:.3f}" for c, s in scores.items()) or "not run"
+    log.info(f"frozen {cfg.train.frozen_head} head: C={best_c:g} chosen by 3-fold cross-validation (macro-F1 "
+             f"{cv}); " + (f"validation macro-F1 {val['macro_f1']:.4f}" if val else "no validation images"))
     return {"views": list(model.views), "C": best_c, "cv_macro_f1": scores, "val": val,
             "landmarks": 0 if emb is None else len(emb.components_),
             "ranks": None if ranks is None else [int(r) for r in ranks],

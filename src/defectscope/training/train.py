@@ -7,6 +7,7 @@ import hashlib
 import logging
 import os
 import platform
+import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -18,7 +19,7 @@ from defectscope import rundir
 from defectscope._version import __version__
 from defectscope.config import ConfigError, RunConfig, apply_overrides, build_config, config_from_dict, load_yaml
 from defectscope.data.cache import drop_bad, load_images
-from defectscope.data.checks import cheap_checks
+from defectscope.data.checks import cheap_checks, check_classes, plural
 from defectscope.data.split import assign_splits, split_summary
 from defectscope.data.table import DataError, class_names, is_wafer_source, load_table
 from defectscope.data.wafer import is_wafer_file
@@ -127,8 +128,14 @@ def _new_config_and_table(out: Path, data, config: RunConfig | None, config_file
     cfg = _config_for(data, config, config_file, overrides, preset)
     if (out / rundir.SPEC).exists() or (out / rundir.CHECKPOINT).exists():
         raise FileExistsError(f"{out} already holds a run; choose another --out or pass --resume")
+    fresh = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
-    return cfg, _build_table(cfg, out)
+    try:
+        return cfg, _build_table(cfg, out)
+    except Exception:
+        if fresh:  # a refused dataset leaves no half-made run folder behind
+            shutil.rmtree(out, ignore_errors=True)
+        raise
 
 
 def _usable_images(table: pd.DataFrame, cfg: RunConfig, out: Path):
@@ -186,7 +193,11 @@ def _save_run(out: Path, model, cfg: RunConfig, classes: list[str], table: pd.Da
         machine=machine_info(),
     )
     rundir.save_model(model, spec, out)
-    log.info(f"best epoch {spec['best_epoch']} ({spec['monitor']} {spec['best_score']:.4f}); run saved in {out}")
+    if spec.get("recipe") == "frozen":  # no epochs: one fit of the head on fixed features
+        log.info(f"frozen-feature model kept ({spec['monitor']} {spec['best_score']:.4f}); run saved in {out}")
+    else:
+        log.info(f"best epoch {spec['best_epoch']} of {spec.get('epochs_run', '?')} ({spec['monitor']} "
+                 f"{spec['best_score']:.4f}); run saved in {out}")
 
 
 def _metadata_inputs(cfg: RunConfig, table: pd.DataFrame, split):
@@ -342,8 +353,10 @@ def _build_table(cfg: RunConfig, out: Path) -> pd.DataFrame:
     )
     if bad:
         _write_skipped(out, bad)
+    check_classes(table, d.min_class_images, where=str(d.source))
     table = assign_splits(table, d.fractions, seed=cfg.seed, stratify=d.stratify, group_column=d.group_column)
-    log.info(f"dataset: {len(table)} images, {table['label'].nunique()} classes from {d.source}")
+    log.info(f"dataset: {plural(len(table), 'image')}, {plural(table['label'].nunique(), 'class', 'classes')} "
+             f"from {d.source}")
     log.info(split_summary(table).to_string())
     for warning in cheap_checks(table):
         log.warning(f"{warning} (run `defectscope audit` for the full data audit)")

@@ -151,7 +151,7 @@ def fit_drift(run: str | Run, *, k: int = 10, model=None) -> DriftScorer:
     scorer = fit_scorer(run, model, k=k)
     weights = scorer.save(run)
     log.info(f"drift statistics of {scorer.n_train} training images ({scorer.bank.shape[1]} features, "
-             f"kNN bank {len(scorer.bank)}) written: {weights}")
+             f"Ledoit-Wolf shrinkage {scorer.shrinkage_fitted:.3f}, kNN bank {len(scorer.bank)}) written: {weights}")
     return scorer
 
 

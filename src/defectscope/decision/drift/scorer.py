@@ -37,7 +37,9 @@ from defectscope.decision.drift.member import POOLED, DriftError
 if TYPE_CHECKING:  # only for the annotations: the predictor imports this module without pandas or yaml
     from defectscope.rundir import Run
 
-DRIFT_VERSION = 1
+# 2: Ledoit-Wolf shrinkage by default (``shrinkage`` "ledoit-wolf", the fitted value in ``shrinkage_fitted``);
+# version-1 files (a fixed shrinkage) load and score as they were: the precision is stored, not refitted.
+DRIFT_VERSION = 2
 SCORES = ("msp", "energy", "mahalanobis", "knn", "vim")
 
 
@@ -64,16 +66,40 @@ def l2_normalise(features: np.ndarray) -> np.ndarray:
     return f / (np.linalg.norm(f, axis=1, keepdims=True) + 1e-12)
 
 
+LEDOIT_WOLF = "ledoit-wolf"
+
+
+def ledoit_wolf_shrinkage(centred: np.ndarray) -> float:
+    """The Ledoit-Wolf (2004) shrinkage of the covariance of ``centred`` (N, D) rows towards ``mu * I``.
+
+    The intensity that minimises the expected Frobenius error of ``(1 - s) S + s mu I``, ``mu = trace(S) / D``,
+    estimated from the data (the formula of scikit-learn's ``ledoit_wolf_shrinkage``, without its blocks).
+    With fewer images than features it is large, which is what keeps the precision well conditioned.
+    """
+    x = np.asarray(centred, dtype=np.float64)
+    n, d = x.shape
+    if n == 0:
+        return 1.0
+    x2 = x ** 2
+    trace_per_dim = x2.sum(axis=0) / n
+    mu = trace_per_dim.sum() / d
+    delta = ((x.T @ x) ** 2).sum() / n ** 2 - 2 * mu * trace_per_dim.sum() + d * mu ** 2  # ||S - mu I||_F^2
+    beta = ((x2.T @ x2).sum() / n - ((x.T @ x) ** 2).sum() / n ** 2) / n  # sum_i ||x_i x_i^T - S||_F^2 / n^2
+    beta = min(beta, delta)
+    return 0.0 if delta <= 0 else float(beta / delta)
+
+
 def fit_mahalanobis(
-    features: np.ndarray, labels: np.ndarray, *, shrinkage: float = 1e-3
-) -> tuple[np.ndarray, np.ndarray]:
-    """(class means (K, D), tied precision (D, D)), float64.
+    features: np.ndarray, labels: np.ndarray, *, shrinkage: float | str = LEDOIT_WOLF
+) -> tuple[np.ndarray, np.ndarray, float]:
+    """(class means (K, D), tied precision (D, D), shrinkage used), float64.
 
     The covariance is the pooled within-class maximum-likelihood estimate (divided by N, as sklearn's
     ``EmpiricalCovariance`` in OpenOOD's MDS), shrunk towards a scaled identity:
-    ``(1 - s) * Sigma + s * trace(Sigma) / D * I``. Penultimate features often have fewer training images
-    than dimensions or dead ReLU units, so the plain inverse would not exist; the pseudo-inverse of the
-    shrunk matrix is used. ``shrinkage=0`` gives the textbook estimate. Labels are class indices 0..K-1;
+    ``(1 - s) * Sigma + s * trace(Sigma) / D * I``. ``shrinkage="ledoit-wolf"`` (default) estimates ``s`` from
+    the data (:func:`ledoit_wolf_shrinkage`): with 1,280 features and a few hundred images the fixed 1e-3 of
+    version 1 left the matrix near singular, so normal images scored from 1e4 to 1e12 and the threshold printed
+    as 2.75e+13. ``shrinkage=0`` gives the textbook estimate (pseudo-inverse). Labels are class indices 0..K-1;
     a class without training features gets a NaN mean and is ignored when scoring.
     """
     f = np.asarray(features, dtype=np.float64)
@@ -90,10 +116,11 @@ def fit_mahalanobis(
             means[c] = f[rows].mean(axis=0)
             centred[rows] = f[rows] - means[c]
     cov = centred.T @ centred / max(len(f), 1)
-    if shrinkage:
-        cov = (1.0 - shrinkage) * cov + shrinkage * np.trace(cov) / d * np.eye(d)
+    s = ledoit_wolf_shrinkage(centred) if shrinkage == LEDOIT_WOLF else float(shrinkage)
+    if s:
+        cov = (1.0 - s) * cov + s * np.trace(cov) / d * np.eye(d)
     precision = np.linalg.pinv(cov, hermitian=True)
-    return means, precision
+    return means, precision, s
 
 
 def mahalanobis_score(features: np.ndarray, means: np.ndarray, precision: np.ndarray) -> np.ndarray:
@@ -176,11 +203,15 @@ class DriftScorer:
     scores in ``SCORES`` (all higher = more unlike training).
     """
 
-    def __init__(self, *, k: int = 10, temperature: float = 1.0, shrinkage: float = 1e-3,
+    def __init__(self, *, k: int = 10, temperature: float = 1.0, shrinkage: float | str = LEDOIT_WOLF,
                  max_bank: int = 5000, seed: int = 0):
         if not 1 <= k <= 50:
             raise DriftError(f"k must be in 1..50, got {k}")
-        self.k, self.temperature, self.shrinkage = int(k), float(temperature), float(shrinkage)
+        if shrinkage != LEDOIT_WOLF and not (isinstance(shrinkage, (int, float)) and 0 <= shrinkage <= 1):
+            raise DriftError(f"shrinkage must be {LEDOIT_WOLF!r} or a number in [0, 1], got {shrinkage!r}")
+        self.k, self.temperature = int(k), float(temperature)
+        self.shrinkage: float | str = shrinkage if shrinkage == LEDOIT_WOLF else float(shrinkage)
+        self.shrinkage_fitted: float | None = None  # the intensity used by the last fit
         self.max_bank, self.seed = int(max_bank), int(seed)
         self.means: np.ndarray | None = None
         self.precision: np.ndarray | None = None
@@ -200,7 +231,7 @@ class DriftScorer:
         f = np.asarray(features, dtype=np.float32)
         if len(f) == 0:
             raise DriftError("no training features to fit the drift scores on")
-        self.means, self.precision = fit_mahalanobis(f, labels, shrinkage=self.shrinkage)
+        self.means, self.precision, self.shrinkage_fitted = fit_mahalanobis(f, labels, shrinkage=self.shrinkage)
         idx = np.arange(len(f))
         if len(f) > self.max_bank:
             idx = np.sort(np.random.default_rng(self.seed).choice(len(f), self.max_bank, replace=False))
@@ -246,7 +277,8 @@ class DriftScorer:
     def params(self) -> dict[str, Any]:
         return {
             "version": DRIFT_VERSION, "scores": list(SCORES), "k": self.k, "temperature": self.temperature,
-            "shrinkage": self.shrinkage, "max_bank": self.max_bank, "seed": self.seed, "n_train": self.n_train,
+            "shrinkage": self.shrinkage, "shrinkage_fitted": self.shrinkage_fitted,
+            "max_bank": self.max_bank, "seed": self.seed, "n_train": self.n_train,
             "available": list(self.available) if self.fitted else [],
             "feature_dim": None if self.means is None else int(self.means.shape[1]),
         }
@@ -272,6 +304,8 @@ class DriftScorer:
             raise DriftError(f"drift statistics lack {sorted(missing)}")
         s = cls(k=params["k"], temperature=params["temperature"], shrinkage=params["shrinkage"],
                 max_bank=params["max_bank"], seed=params["seed"])
+        legacy = params["shrinkage"] if params.get("version", 1) < 2 else None  # version 1: a fixed shrinkage
+        s.shrinkage_fitted = params.get("shrinkage_fitted", legacy)
         s.means, s.precision, s.bank = arrays["mahalanobis.means"], arrays["mahalanobis.precision"], arrays["knn.bank"]
         vim = {k: v for k, v in arrays.items() if k.startswith("vim.")}
         s.vim = vim if len(vim) == 3 else None

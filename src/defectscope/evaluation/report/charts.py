@@ -46,7 +46,20 @@ def calibration(numbers: dict[str, Any], plots_dir: Path) -> str:
         "well-calibrated model, answers given with 90% confidence are right 90% of the time (bars on the "
         "diagonal). The expected calibration error (ECE) is the average gap, weighted by images per bin. "
         "Thresholds on confidence (review band, escape cap) rely on this.",
-        f"<p>ECE: <b>{num(numbers['ece'])}</b></p>" + img(rel_png, "reliability diagram"))
+        f"<p>ECE: <b>{num(numbers['ece'])}</b></p>" + ece_caution(sum(numbers["reliability"]["count"]))
+        + img(rel_png, "reliability diagram"))
+
+
+ECE_MIN_IMAGES = 20 * ECE_BINS  # about 20 images a bin before the binned gaps mean much
+
+
+def ece_caution(n: int) -> str:
+    """A note when the ECE rests on too few images to read: with a handful per bin the gap is mostly noise."""
+    if n >= ECE_MIN_IMAGES:
+        return ""
+    return (f'<p class="note">Caution: {n} images in {ECE_BINS} bins ({n / ECE_BINS:.1f} per bin on average); '
+            f"the ECE is mostly noise below about {ECE_MIN_IMAGES} images, so read it as a rough hint, not "
+            "a measurement.</p>")
 
 
 def training(run: Path | None, plots_dir: Path) -> str:

@@ -71,7 +71,9 @@ def _drift_flag_html(drift: dict[str, Any], threshold: float | None, metrics: di
     fit = drift.get("threshold_fit") or {}
     rows = [f"<tr><td>score</td><td>{esc(score)}</td><td>{_score_text(drift)}</td></tr>",
             f"<tr><td>threshold</td><td>{num(threshold, 6) if threshold is not None else 'none'}</td><td>An image "
-            f"whose {esc(score)} score is above it is decided {DRIFT} (set aside), before any other rule.</td></tr>"]
+            f"whose {esc(score)} score is above it is decided {DRIFT} (set aside), before any other rule. The "
+            f"<code>drift_score</code> that predict, the sorter and the dashboard show is relative to this line: "
+            f"1.0 is the line, 2.0 twice as far from normal, below 1.0 not flagged.</td></tr>"]
     if rate is not None:
         how = ("chosen for the least expected cost; this is the fallback rate" if fit.get("method") == "cost"
                else "guaranteed on average for parts like the calibration images")

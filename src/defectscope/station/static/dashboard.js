@@ -4,7 +4,9 @@
 "use strict";
 
 const SVGNS = "http://www.w3.org/2000/svg";
-const COLORS = ["#15803d", "#dc2626", "#f59e0b", "#7c3aed", "#0891b2", "#db2777", "#65a30d", "#ea580c", "#4b5563"];
+// Green means good, and only good: the good class is GOOD_COLOR, the defect classes take DEFECT_COLORS in turn.
+const GOOD_COLOR = "#15803d";
+const DEFECT_COLORS = ["#dc2626", "#f59e0b", "#7c3aed", "#0891b2", "#db2777", "#ea580c", "#92400e", "#be185d", "#4b5563"];
 const KIND_COLORS = { REVIEW: "#9ca3af", Drift: "#111827" };
 const $ = (id) => document.getElementById(id);
 let state = { data: null, queue: [], current: null, labels: [] };
@@ -80,22 +82,23 @@ function drawDecisions(d) {
   const totals = d.buckets.map((_, i) => kinds.reduce((s, k) => s + d.decisions_by_kind[k][i], 0));
   const labels = d.buckets.map((b) => fmtTime(b, d.bucket_minutes));
   const f = frame($("c-decisions"), n, Math.max(1, ...totals), { labels, bars: true });
-  const colorOf = (k, j) => KIND_COLORS[k] || COLORS[j % COLORS.length];
+  const defects = kinds.filter((k) => k !== d.good_class && !KIND_COLORS[k]);
+  const colorOf = (k) => KIND_COLORS[k] || (k === d.good_class ? GOOD_COLOR : DEFECT_COLORS[defects.indexOf(k) % DEFECT_COLORS.length]);
   for (let i = 0; i < n; i++) {
     let acc = 0;
     kinds.forEach((k, j) => {
       const c = d.decisions_by_kind[k][i];
       if (!c) return;
-      const rect = el("rect", { x: f.xb(i) + 1, width: Math.max(1, f.bw - 2), y: f.y(acc + c), height: f.y(acc) - f.y(acc + c), fill: colorOf(k, j) }, f.svg);
+      const rect = el("rect", { x: f.xb(i) + 1, width: Math.max(1, f.bw - 2), y: f.y(acc + c), height: f.y(acc) - f.y(acc + c), fill: colorOf(k) }, f.svg);
       el("title", {}, rect, `${labels[i]} ${k}: ${c}`);
       acc += c;
     });
   }
   const legend = $("l-decisions");
   legend.textContent = "";
-  kinds.forEach((k, j) => {
+  kinds.forEach((k) => {
     const s = html("span", {}, legend);
-    html("i", { style: `background:${colorOf(k, j)}` }, s);
+    html("i", { style: `background:${colorOf(k)}` }, s);
     s.appendChild(document.createTextNode(`${k} ${d.decisions_by_kind[k].reduce((a, b) => a + b, 0)}`));
   });
 }
@@ -273,7 +276,7 @@ function showItem(item) {
   const meta = $("rq-meta");
   meta.textContent = "";
   html("div", {}, meta, `#${item.id} ${item.file_name} - model says ${item.decision}` + (item.decision !== item.top_class ? ` (top class ${item.top_class})` : ""));
-  html("div", { class: "muted" }, meta, [item.time, item.station && `station ${item.station}`, item.lot && `lot ${item.lot}`, item.part_id && `part ${item.part_id}`, item.drift_score !== null && `drift score ${(+item.drift_score).toPrecision(3)}`].filter(Boolean).join(" - "));
+  html("div", { class: "muted" }, meta, [item.time, item.station && `station ${item.station}`, item.lot && `lot ${item.lot}`, item.part_id && `part ${item.part_id}`, item.drift_score !== null && `drift ${(+item.drift_score).toFixed(2)} (1.00 = the Drift line)`].filter(Boolean).join(" - "));
   const probs = $("rq-probs");
   probs.textContent = "";
   Object.entries(item.probabilities || {}).sort((a, b) => b[1] - a[1]).forEach(([c, p]) => {
