@@ -119,6 +119,10 @@ def main() -> None:
                 "oversubscription, so the overhead is only meaningful on an idle machine; GPU clusters: see the "
                 "module docstring",
     }
+    from defectscope.training.train import machine_info
+
+    result |= {"machine": machine_info(), "command": "python " + " ".join(sys.argv),
+               "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
     out = ROOT / "bench" / "results" / "ddp.json"
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))

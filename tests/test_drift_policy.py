@@ -121,9 +121,13 @@ def test_exported_drift_score_matches_numpy(run_copy, tmp_path, score):
         # The int8 variant quantizes the shared backbone but keeps the patch score's own nodes in float.
         from defectscope.runtime.engines import ort_session as _session
 
+        assert report["int8"]["quantization"]["kept_in_float"] > 10
+        if not (tmp_path / "m.int8.onnx").exists():
+            # The export's own acceptance test refused the int8 file on this tiny model and removed it: say so.
+            assert report["int8_checks"]["m.int8.onnx"]["accepted"] is False
+            return
         x = (images.astype(np.float32) / np.float32(255))[:, None]
         int8 = _session(tmp_path / "m.int8.onnx").run(["drift_score"], {"image": x})[0]
-        assert report["int8"]["quantization"]["kept_in_float"] > 10
         assert np.corrcoef(int8, onnx_drift)[0, 1] > 0.97
 
 

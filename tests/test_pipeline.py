@@ -59,7 +59,7 @@ def test_far_drift_image_is_flagged_by_the_predictor(calibrated_run, tmp_path):
     checker = np.indices((40, 40)).sum(0) % 2 * 255  # a checkerboard: nothing like the training images
     result = predictor.predict(checker.astype(np.uint8))
     assert result.decision == "Drift"
-    assert result.drift_score > json.loads((calibrated_run / "policy.json").read_text())["drift_threshold"]
+    assert result.drift_score > 1.0  # relative to the policy's Drift line, which is 1.0
 
 
 def test_an_image_that_fails_to_decode_is_an_error_not_drift(calibrated_run, tmp_path):

@@ -91,7 +91,7 @@ def _write_part(dest: Path, columns: list[str], rows: list[list[Any]]) -> None:
         import pyarrow as pa
         import pyarrow.parquet as pq
 
-        text = {"image", "decision", "verdict", "top_class", "error"}  # the rest are numbers
+        text = {"image", "decision", "reason", "verdict", "top_class", "error"}  # the rest are numbers
         schema = pa.schema([(c, pa.string() if c in text else pa.float64()) for c in columns])
         table = pa.table({c: [r[i] for r in rows] for i, c in enumerate(columns)}, schema=schema)
         pq.write_table(table, tmp)

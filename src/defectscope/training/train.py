@@ -410,4 +410,22 @@ def machine_info() -> dict[str, Any]:
         "python": platform.python_version(),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
+        "cpu_flags": _speed_flags(),
     }
+
+
+# The flags that decide which kernels run (bf16/AMX matrix units, VNNI int8, AVX-512): every speed result names them.
+_SPEED_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "avx_vnni", "amx_tile", "amx_bf16",
+                "amx_int8")
+
+
+def _speed_flags() -> list[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return []
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            have = set(line.split(":", 1)[1].split())
+            return [f for f in _SPEED_FLAGS if f in have]
+    return []
