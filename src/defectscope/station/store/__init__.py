@@ -313,9 +313,16 @@ class Store:
         if not self.is_sqlite:
             q = q.with_for_update(skip_locked=True, of=decisions)
         with self._tx(write=True) as conn:
-            row = conn.execute(q).mappings().first()
-            if row is None:
-                return None
+            while True:
+                row = conn.execute(q).mappings().first()
+                if row is None:
+                    return None
+                # The row lock does not re-check the claims table: a claimer that waited on this row's lock read
+                # it with the snapshot from before the other claim committed. A new statement sees that claim.
+                again = sa.select(review_claims.c.decision_id).where(review_claims.c.decision_id == row["id"],
+                                                                     review_claims.c.until > stamp)
+                if conn.execute(again).first() is None:
+                    break
             conn.execute(sa.delete(review_claims).where(review_claims.c.decision_id == row["id"]))
             conn.execute(sa.insert(review_claims).values(decision_id=row["id"], reviewer=reviewer,
                                                          until=until.isoformat(timespec="milliseconds")))
