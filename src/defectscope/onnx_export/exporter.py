@@ -172,19 +172,8 @@ def export(
                 f"max |dp| = {q['max_abs_diff_probabilities']:.3f}, decisions changed = {q['argmax_mismatches']}")
         metadata = build_metadata(run, spec, quantize, heatmap=heatmap)
         _write_onnx_with_metadata(final, out, metadata)
-        int8_path = engines.variant_path(out, "int8")
-        if quantize is None and int8 and takes_metadata:
-            log.info("no int8 variant: static quantization feeds images only, and this model takes metadata too")
-            if int8_path.exists():
-                int8_path.unlink()
-        elif quantize is None and int8:
-            q = Path(tmp) / "int8.onnx"
-            report["int8"] = {"model": str(int8_path),
-                              "quantization": quantize_model(fp32, q, "static", _calibration_inputs(run))}
-            _write_onnx_with_metadata(q, int8_path, build_metadata(run, spec, "static", heatmap=heatmap))
-            report["size_bytes"]["int8"] = int8_path.stat().st_size
-        elif int8_path.exists():
-            int8_path.unlink()  # an int8 file of an earlier export would not match this model
+        _write_int8_variant(run, spec, fp32, out, Path(tmp), report, wanted=quantize is None and int8,
+                            takes_metadata=takes_metadata, heatmap=heatmap)
         if quantize is None:  # backbone + head files: reduced precision where it is safe, views chosen at the line
             report["stages"] = write_stages(model, heads, out, Path(tmp), opset, x_test[:PARITY_IMAGES],
                                             _calibration_inputs(run) if int8 and not takes_metadata else None,
@@ -220,6 +209,24 @@ def export(
                                   indent=2))
     log.info(f"exported {out} and {sidecar.name}")
     return report
+
+
+def _write_int8_variant(run, spec: dict, fp32: Path, out: Path, tmp: Path, report: dict[str, Any], *, wanted: bool,
+                        takes_metadata: bool, heatmap) -> None:
+    """``<stem>.int8.onnx`` beside ``out`` (static quantization on the run's calibration images), or no such
+    file: an int8 file of an earlier export would not match this model."""
+    int8_path = engines.variant_path(out, "int8")
+    if wanted and takes_metadata:
+        log.info("no int8 variant: static quantization feeds images only, and this model takes metadata too")
+        int8_path.unlink(missing_ok=True)
+    elif wanted:
+        q = tmp / "int8.onnx"
+        report["int8"] = {"model": str(int8_path),
+                          "quantization": quantize_model(fp32, q, "static", _calibration_inputs(run))}
+        _write_onnx_with_metadata(q, int8_path, build_metadata(run, spec, "static", heatmap=heatmap))
+        report["size_bytes"]["int8"] = int8_path.stat().st_size
+    else:
+        int8_path.unlink(missing_ok=True)
 
 
 DRIFT_CORRUPTED = 128  # corrupted test images in the reference set's Drift images
