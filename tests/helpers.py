@@ -67,3 +67,20 @@ def train_interrupted_after(epoch: int, data: Path, out: Path, **options) -> Non
     finally:
         logger.removeHandler(handler)
         logger.setLevel(level)
+
+
+def fresh_postgres_database(server_url: str) -> str:
+    """A new, empty database on the tests' PostgreSQL server (``postgres_url``): no state shared between
+    tests, and none with the store's schema (Optuna and the store both keep an ``alembic_version`` table)."""
+    import uuid
+
+    import sqlalchemy as sa
+
+    from defectscope.station.store import database_url
+
+    name = "t" + uuid.uuid4().hex[:12]
+    engine = sa.create_engine(database_url(server_url), isolation_level="AUTOCOMMIT")
+    with engine.connect() as conn:
+        conn.exec_driver_sql(f"CREATE DATABASE {name}")
+    engine.dispose()
+    return server_url.replace("/postgres?", f"/{name}?")

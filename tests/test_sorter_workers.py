@@ -11,20 +11,18 @@ import subprocess
 import sys
 import threading
 import time
-import uuid
 from pathlib import Path
 
 import numpy as np
 import pytest
-import sqlalchemy as sa
-from helpers import CLASSES, make_image
+from helpers import CLASSES, fresh_postgres_database, make_image
 from PIL import Image
 
 from defectscope.errors import DefectscopeError
 from defectscope.runtime.predictor import Predictor
 from defectscope.station.claims import ALIVE, CLAIMS_DIR
 from defectscope.station.sorter import sort
-from defectscope.station.store import Store, database_url
+from defectscope.station.store import Store
 
 QUIET = {"settle_seconds": 0, "progress": False}
 CHILD = Path(__file__).with_name("sorter_child.py")
@@ -52,15 +50,6 @@ def filed(out: Path) -> list[str]:
 
 def left(inbox: Path) -> list[Path]:
     return [p for p in inbox.rglob("*") if (p.is_file() or p.is_symlink()) and p.name != ALIVE]
-
-
-def fresh_database(base: str) -> str:
-    name = "w" + uuid.uuid4().hex[:12]
-    engine = sa.create_engine(database_url(base), isolation_level="AUTOCOMMIT")
-    with engine.connect() as conn:
-        conn.exec_driver_sql(f"CREATE DATABASE {name}")
-    engine.dispose()
-    return base.replace("/postgres?", f"/{name}?")
 
 
 def check_each_once(out: Path, inbox: Path, log: str | Path, expected: list[str]) -> None:
@@ -103,7 +92,8 @@ def test_two_sorters_killed_again_and_again_file_each_image_once(station_model, 
     nothing twice, one row each."""
     inbox, out = tmp_path / "inbox", tmp_path / "out"
     expected = [sha(p) for p in make_inbox(inbox, 240)]
-    log = fresh_database(request.getfixturevalue("postgres_url")) if backend == "postgresql" else out / "results.db"
+    log = (fresh_postgres_database(request.getfixturevalue("postgres_url")) if backend == "postgresql"
+           else out / "results.db")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, str(CHILD), str(station_model), str(inbox), str(out), "0.01", "--log", str(log)]
     rng = random.Random(24)

@@ -9,6 +9,7 @@ import uuid
 
 import pytest
 import sqlalchemy as sa
+from helpers import fresh_postgres_database
 
 from defectscope.station import spc
 from defectscope.station import store as store_mod
@@ -20,14 +21,7 @@ from defectscope.station.store import COLUMNS, Store, StoreError, database_url, 
 def url(request, tmp_path):
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path / 'results.db'}"
-    base = request.getfixturevalue("postgres_url")
-    # A fresh database per test: the same server, no state shared between tests.
-    name = "t" + uuid.uuid4().hex[:12]
-    engine = sa.create_engine(database_url(base), isolation_level="AUTOCOMMIT")
-    with engine.connect() as conn:
-        conn.exec_driver_sql(f"CREATE DATABASE {name}")
-    engine.dispose()
-    return base.replace("/postgres?", f"/{name}?")
+    return fresh_postgres_database(request.getfixturevalue("postgres_url"))
 
 
 def record(i: int = 0, **kw) -> dict:

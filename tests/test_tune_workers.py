@@ -14,6 +14,7 @@ from pathlib import Path
 import optuna
 import pytest
 import yaml
+from helpers import fresh_postgres_database
 from optuna.storages import RetryFailedTrialCallback
 from optuna.trial import TrialState
 
@@ -44,25 +45,12 @@ def _wait_for(log: Path, pattern: str, proc: subprocess.Popen, timeout: float = 
     raise AssertionError(f"no {pattern!r} in {log}: {log.read_text()}")
 
 
-def _own_database(server_url: str) -> str:
-    """A database of the study's own on the tests' server: the store's tests keep theirs in ``postgres``, and
-    Optuna and the store both track their schema in an ``alembic_version`` table, so they cannot share one."""
-    import sqlalchemy as sa
-
-    engine = sa.create_engine("postgresql+psycopg://" + server_url.split("://", 1)[1], isolation_level="AUTOCOMMIT")
-    with engine.connect() as conn:
-        conn.execute(sa.text("DROP DATABASE IF EXISTS tune_study"))
-        conn.execute(sa.text("CREATE DATABASE tune_study"))
-    engine.dispose()
-    return server_url.replace("/postgres?", "/tune_study?", 1)
-
-
 def test_two_workers_finish_one_study_and_a_killed_workers_trial_is_retried(folder_dataset, postgres_url,
                                                                             tmp_path):
     space = tmp_path / "space.yaml"
     space.write_text(yaml.safe_dump({"train.recipe": ["finetune"], "train.lr": {"low": 1e-3, "high": 1e-2}}))
     logs = [tmp_path / "a.log", tmp_path / "b.log"]
-    postgres_url = _own_database(postgres_url)
+    postgres_url = fresh_postgres_database(postgres_url)  # not the store's: both keep alembic_version
     a = _worker(folder_dataset, tmp_path / "a", postgres_url, space, logs[0])
     try:
         _wait_for(logs[0], r"trial 0: ", a)  # worker A created the study and started trial 0
