@@ -21,6 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
+from defectscope.machine import speed_flags
+
 HERE = Path(__file__).resolve().parent
 
 
@@ -81,7 +83,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(name, json.dumps({k: result["estimates"][name][k] for k in ("shrinkage", "threshold_at_1pct",
                                                                              "normal_raw", "auroc")}), flush=True)
     result |= {"feature_seconds": round(seconds, 1), "machine": machine_info(),
-               "cpu_flags": _cpu_flags(), "command": shlex.join([sys.executable, *sys.argv]),
+               "cpu_flags": speed_flags(), "command": shlex.join([sys.executable, *sys.argv]),
                "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
     Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
     return result
@@ -89,16 +91,6 @@ def main(argv: list[str] | None = None) -> dict:
 
 def _sample(rows, n: int):
     return rows if not n or len(rows) <= n else rows.sample(n=n, random_state=0).sort_index()
-
-
-def _cpu_flags() -> list[str]:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return []
-    line = next((x for x in text.splitlines() if x.startswith("flags")), "")
-    wanted = ("avx", "avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "fma", "sse4_2")
-    return [f for f in line.split(":", 1)[-1].split() if f in wanted]
 
 
 if __name__ == "__main__":

@@ -32,6 +32,8 @@ from pathlib import Path
 import httpx
 from serve import free_port, images, load, tiny_model, wait_ready
 
+from defectscope.machine import speed_flags
+
 HERE = Path(__file__).resolve().parent
 WINDOWS = ((744, 15), (168, 5), (48, 1), (24, 1))
 
@@ -109,13 +111,6 @@ def measure(url: str, data: list[bytes], seconds: float, background: list[thread
             t.join(timeout=120)
 
 
-def cpu_flags() -> list[str]:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("flags"):
-            return line.split(":", 1)[1].split()
-    return []
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", type=int, default=100_000, help="decisions in the database (default 100k)")
@@ -179,7 +174,7 @@ def main() -> None:
         "throughput_ratio_with_4_dashboards": ratio("with_4_dashboards"),
         f"throughput_ratio_with_{args.slow}_slow_clients": ratio(f"with_{args.slow}_slow_clients"),
         "target_ratio": 0.80, "server_error_lines": errors, "rounds": rounds,
-        "cpu_count": os.cpu_count(), "cpu_flags": cpu_flags(), "load_average_at_end": os.getloadavg(),
+        "cpu_count": os.cpu_count(), "cpu_flags": speed_flags(), "load_average_at_end": os.getloadavg(),
         "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
         "command": "python bench/serve_overload.py " + " ".join(sys.argv[1:]),
         "note": "loopback only; shared 2-core machine (other sessions running): noisy, medians of 2 rounds",

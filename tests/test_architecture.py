@@ -19,7 +19,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "defectscope"
 # Lowest first. A module may import from its own package and from lower layers only; packages sharing a
 # layer (data and models) are independent of each other.
 LAYERS: list[tuple[str, ...]] = [
-    ("defectscope._version", "defectscope.errors"),
+    ("defectscope._version", "defectscope.errors", "defectscope.machine"),
     ("defectscope.config", "defectscope.progress", "defectscope.metrics", "defectscope.labels"),
     ("defectscope.data", "defectscope.models"),
     ("defectscope.rundir",),

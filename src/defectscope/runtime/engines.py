@@ -34,6 +34,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from defectscope.errors import DefectscopeError
+from defectscope.machine import cpu_flags, cpu_name  # noqa: F401  (part of this module's API: choice, benches)
 from defectscope.runtime import card as md
 
 log = logging.getLogger(__name__)
@@ -110,30 +111,6 @@ def variant_path(model_path: str | Path, precision: str) -> Path:
     """The file a precision runs from: the model itself, or ``<stem>.int8.onnx`` beside it for int8."""
     model_path = Path(model_path)
     return model_path.with_name(f"{model_path.stem}.int8.onnx") if precision == "int8" else model_path
-
-
-def cpu_flags() -> set[str]:
-    """The CPU's feature flags from /proc/cpuinfo (empty where it does not exist)."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return set()
-    for line in text.splitlines():
-        if line.startswith(("flags", "Features")):
-            return set(line.split(":", 1)[1].split())
-    return set()
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    import platform
-
-    return platform.processor() or platform.machine()
 
 
 def openvino_capabilities(device: str = "CPU") -> list[str]:

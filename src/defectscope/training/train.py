@@ -23,6 +23,7 @@ from defectscope.data.checks import cheap_checks, check_classes, plural
 from defectscope.data.split import assign_splits, split_summary
 from defectscope.data.table import DataError, class_names, is_wafer_source, load_table
 from defectscope.data.wafer import is_wafer_file
+from defectscope.machine import speed_flags
 from defectscope.progress import progress
 
 log = logging.getLogger(__name__)
@@ -410,22 +411,5 @@ def machine_info() -> dict[str, Any]:
         "python": platform.python_version(),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
-        "cpu_flags": _speed_flags(),
+        "cpu_flags": speed_flags(),
     }
-
-
-# The flags that decide which kernels run (bf16/AMX matrix units, VNNI int8, AVX-512): every speed result names them.
-_SPEED_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "avx_vnni", "amx_tile", "amx_bf16",
-                "amx_int8")
-
-
-def _speed_flags() -> list[str]:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return []
-    for line in text.splitlines():
-        if line.startswith("flags"):
-            have = set(line.split(":", 1)[1].split())
-            return [f for f in _SPEED_FLAGS if f in have]
-    return []
