@@ -185,14 +185,24 @@ class _Forward(nn.Module):
         return self.model(x, *extra) if self.cache is None else self.cache.forward(self.model, x, *extra)
 
 
-def wrap(model: nn.Module, cache: Any, device: torch.device) -> nn.Module:
+# DistributedDataParallel's options for every phase (bench/ddp.py times each against torch's defaults):
+# - forward_sync_buffers=False (broadcast_buffers before torch 2.14): torch's default broadcasts rank 0's
+#   buffers (batch-norm statistics) before every forward, one more collective per step. Only rank 0's buffers
+#   are ever used (its checkpoint; sync_buffers copies them to every rank before validation) and a batch norm
+#   in training mode normalises with the batch's own statistics, so no rank's weights or losses change;
+# - gradient_as_bucket_view=True: the gradients are views into the all-reduce buckets, no copy in and out.
+DDP_OPTIONS: dict[str, Any] = {"forward_sync_buffers": False, "gradient_as_bucket_view": True}
+
+
+def wrap(model: nn.Module, cache: Any, device: torch.device, **options: Any) -> nn.Module:
     """The phase's forward pass: plain in one process, else under DistributedDataParallel, which averages the
-    gradients of the trainable parameters across ranks (built per phase: each phase trains other parameters)."""
+    gradients of the trainable parameters across ranks (built per phase: each phase trains other parameters).
+    ``options``: DistributedDataParallel keywords over :data:`DDP_OPTIONS`."""
     forward = _Forward(model, cache)
     if not current().active:
         return forward
     ids = [device.index] if device.type == "cuda" else None
-    return nn.parallel.DistributedDataParallel(forward, device_ids=ids)
+    return nn.parallel.DistributedDataParallel(forward, device_ids=ids, **(DDP_OPTIONS | options))
 
 
 def launch(nproc: int, argv: Sequence[str], *, max_restarts: int = 0) -> int:
