@@ -10,6 +10,7 @@ import sqlite3
 import struct
 import time
 import zlib
+from pathlib import Path
 
 import httpx
 import pytest
@@ -163,7 +164,7 @@ def test_every_route_has_a_body_limit_answered_413(station_model, tmp_path):
 
 def _vm(field: str) -> int:
     """This process's VmRSS / VmHWM in kB (the server runs in it, on a thread)."""
-    line = next(x for x in open("/proc/self/status").read().splitlines() if x.startswith(field + ":"))
+    line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith(field + ":"))
     return int(line.split()[1])
 
 
@@ -190,7 +191,7 @@ def test_big_bodies_stay_out_of_memory_and_each_client_reads_413(station_model, 
             return r.status_code
 
     with running(config) as url:
-        open("/proc/self/clear_refs", "w").write("5")  # VmHWM := VmRSS: the peak below is this test's
+        Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS: the peak below is this test's
         before = _vm("VmRSS")
         jobs = [("/v1/reviews", 120, "application/json")] * 4 + [("/v1/predict", 200, "image/png")]
         with ThreadPoolExecutor(len(jobs)) as pool:
