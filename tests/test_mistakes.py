@@ -149,3 +149,33 @@ def test_train_help_states_the_defaults(capsys):
     text = " ".join(capsys.readouterr().out.split())
     for default in ("default 160", "default 12", "default 32", "default 0.001", "default 5; 1 accepts any"):
         assert default in text
+
+
+def _conflicting_manifest(tmp_path):
+    data = write_folder_dataset(tmp_path / "data", per_class=6)
+    rows = [f"{p.relative_to(data)},{p.parent.name}" for p in sorted(data.rglob("*.png"))]
+    rows.append("GOOD/GOOD_000.png,scratch")  # one image, a second label (two reviewers disagreeing)
+    manifest = data / "labels.csv"
+    manifest.write_text("path,label\n" + "\n".join(rows) + "\n")
+    return manifest
+
+
+def test_a_file_with_two_labels_is_refused_until_told_which_wins(tmp_path, capsys):
+    manifest = _conflicting_manifest(tmp_path)
+    out = tmp_path / "run"
+    assert main(["train", "--data", str(manifest), "--out", str(out), *TRAIN_FAST]) == 2
+    line = _error_line(capsys)
+    assert "1 file(s) listed with two or more labels, e.g. " in line and "GOOD_000.png as 'GOOD' and 'scratch'" in line
+    assert "--label-conflicts first|last" in line
+    assert "data.label_conflicts" in line and not out.exists()
+    for wins, n, label in (("first", 18, "GOOD"), ("last", 18, "scratch"), ("drop", 17, None)):
+        table, _ = load_table(manifest, label_conflicts=wins)
+        assert len(table) == n
+        rows = table[table["path"].str.endswith("GOOD_000.png")]
+        assert (rows["label"].tolist() == [label]) if label else rows.empty
+    assert main(["train", "--data", str(manifest), "--out", str(out), "--label-conflicts", "drop", *TRAIN_FAST]) == 0
+    written = pd.read_csv(out / "dataset.csv")
+    assert len(written) == 17 and not written["path"].str.endswith("GOOD_000.png").any()
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    assert "--label-conflicts {refuse,first,last,drop}" in capsys.readouterr().out

@@ -10,6 +10,7 @@ import sqlite3
 import struct
 import time
 import zlib
+from pathlib import Path
 
 import httpx
 import pytest
@@ -159,6 +160,44 @@ def test_every_route_has_a_body_limit_answered_413(station_model, tmp_path):
         r = client.post("/v1/predict", content=b"\0" * (20 << 20), headers={"Content-Type": "image/png"})
         assert r.status_code == 413
         assert 'defectscope_rejected_total{reason="too_large"} 4.0' in client.get("/metrics").text
+
+
+def _vm(field: str) -> int:
+    """This process's VmRSS / VmHWM in kB (the server runs in it, on a thread)."""
+    line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith(field + ":"))
+    return int(line.split()[1])
+
+
+@pytest.mark.slow
+def test_big_bodies_stay_out_of_memory_and_each_client_reads_413(station_model, tmp_path):
+    """The finding: one 120 MB review body raised memory by 556 MB, four at once by 2.1 GB, and a 200 MB upload
+    was a reset. Now four 120 MB reviews and a 200 MB upload at once: every client reads a 413 and the process
+    (server and clients: the clients send one 1 MB buffer again and again) grows by less than 50 MB."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    config = config_for(tmp_path, station_model)  # the default limits: 128 MB streamed, 64 KB elsewhere
+    chunk = b"x" * (1 << 20)
+
+    def send(job: tuple[str, int, str]) -> int:
+        path, mb, ctype = job
+
+        def body():
+            for _ in range(mb):
+                yield chunk
+
+        with httpx.Client(base_url=url, timeout=60) as c:
+            r = c.post(path, content=body(), headers={"Content-Type": ctype, "Content-Length": str(mb << 20)})
+            assert "too large" in r.json()["detail"]
+            return r.status_code
+
+    with running(config) as url:
+        Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS: the peak below is this test's
+        before = _vm("VmRSS")
+        jobs = [("/v1/reviews", 120, "application/json")] * 4 + [("/v1/predict", 200, "image/png")]
+        with ThreadPoolExecutor(len(jobs)) as pool:
+            assert list(pool.map(send, jobs)) == [413] * 5
+        grown_mb = (_vm("VmHWM") - before) / 1024
+    assert grown_mb < 50, f"memory grew by {grown_mb:.0f} MB"
 
 
 def test_idle_and_slow_clients_are_timed_out_and_connections_capped(station_model, tmp_path):

@@ -36,6 +36,8 @@ class DataConfig:
     # expected-severity score; empty: the labels are not ordered.
     class_order: list[str] = field(default_factory=list)
     skip_bad: bool = False  # skip unreadable/missing files with a report instead of stopping
+    # One file listed with two labels: refuse (default), keep the first / last row, or drop the file.
+    label_conflicts: str = "refuse"
     # A class with fewer images than this is refused (often a typo'd label); 1 accepts any class.
     min_class_images: int = 5
     max_pixels: int = 200_000_000  # decompression-bomb guard
@@ -294,6 +296,7 @@ def _validate(cfg: RunConfig) -> None:
         raise ConfigError(f"data.fractions must be 3 or 4 non-negative numbers summing to 1, got {fr}")
     choices = {
         "data.resize": (cfg.data.resize, {"squash", "pad", "nearest"}),
+        "data.label_conflicts": (cfg.data.label_conflicts, {"refuse", "first", "last", "drop"}),
         "train.loss": (cfg.train.loss, {"ce", "focal"}),
         "train.sampling": (cfg.train.sampling, {"shuffle", "balanced", "undersample"}),
         "train.monitor": (cfg.train.monitor, {"val_macro_f1", "val_loss"}),

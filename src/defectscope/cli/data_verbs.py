@@ -26,8 +26,8 @@ def add_audit(sub: argparse._SubParsersAction) -> None:
 def run_audit(args: argparse.Namespace) -> int:
     from defectscope.audit.core import AuditSettings, audit
 
-    options = {k: getattr(args, k) for k in ("image_root", "path_column", "label_column", "split_column")
-               if getattr(args, k) is not None}
+    options = {k: getattr(args, k) for k in ("image_root", "path_column", "label_column", "split_column",
+                                         "label_conflicts") if getattr(args, k) is not None}
     settings = AuditSettings(features=args.features, k=args.k, near_phash=args.near_phash,
                              near_dhash=args.near_dhash)
     result = audit(args.data, args.out, settings=settings, trust_pickle=args.trust_pickle, **options)

@@ -24,7 +24,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     from defectscope.evaluation.evaluate import evaluate
 
     # The manifest flags describe --data; the run's own table needs none.
-    options = {k: getattr(args, k) for k in ("image_root", "path_column", "label_column")
+    options = {k: getattr(args, k) for k in ("image_root", "path_column", "label_column", "label_conflicts")
                if getattr(args, k) is not None and args.data}
     if args.trust_pickle:
         options["trust_pickle"] = True

@@ -13,6 +13,9 @@ def add_manifest_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--image-root", help="folder a CSV manifest's file names are relative to (default: the CSV's)")
     p.add_argument("--path-column", help="manifest column with the image file name (auto-detected)")
     p.add_argument("--label-column", help="manifest column with the class label (auto-detected)")
+    p.add_argument("--label-conflicts", choices=["refuse", "first", "last", "drop"],
+                   help="one file listed with two labels: refuse (default), keep the first or last row, or "
+                        "drop the file (config key data.label_conflicts)")
 
 
 def add_split_options(p: argparse.ArgumentParser) -> None:
@@ -40,6 +43,7 @@ def data_overrides(args: argparse.Namespace) -> dict[str, Any]:
         "data.image_root": args.image_root, "data.path_column": args.path_column,
         "data.label_column": args.label_column, "data.split_column": args.split_column,
         "data.group_column": args.group_column, "data.stratify": args.stratify,
+        "data.label_conflicts": getattr(args, "label_conflicts", None),
     }
 
 

@@ -58,7 +58,7 @@ def load_table(
     skip_bad: bool = False,
     trust_pickle: bool = False,
     cache_dir: str | Path | None = None,
-    label_conflicts: str = "error",
+    label_conflicts: str = "refuse",
 ) -> tuple[pd.DataFrame, list[BadFile]]:
     """Read a class-per-folder tree, a CSV manifest, WM-811K's ``LSWMD.pkl`` or a named dataset into the table.
 
@@ -68,7 +68,7 @@ def load_table(
     conversion's ``unlabelled.csv``.
 
     One file given two labels is refused unless ``label_conflicts`` says which row wins (``"first"`` or
-    ``"last"``; see :func:`resolve_label_conflicts`).
+    ``"last"``) or ``"drop"`` leaves such files out (see :func:`resolve_label_conflicts`).
 
     Returns the table and the rows that were skipped (only with ``skip_bad``; otherwise the first
     problem raises :class:`DataError`). Files are checked to exist here; decoding is checked when
@@ -105,25 +105,35 @@ def load_table(
     return check_table(resolve_label_conflicts(table, label_conflicts), classes=classes, skip_bad=skip_bad)
 
 
-def resolve_label_conflicts(table: pd.DataFrame, wins: str = "error") -> pd.DataFrame:
-    """Refuse (``wins="error"``) or settle one file listed with two different labels: a model trained on
-    both learns neither. ``"first"`` / ``"last"`` keep the row that comes first / last in the source. Repeated
-    rows with the same label are left as they are."""
-    if wins not in ("error", "first", "last"):
-        raise ValueError(f"label_conflicts must be 'error', 'first' or 'last', got {wins!r}")
+LABEL_CONFLICTS = ("refuse", "first", "last", "drop")
+
+
+def resolve_label_conflicts(table: pd.DataFrame, wins: str = "refuse") -> pd.DataFrame:
+    """Refuse (``wins="refuse"``) or settle one file listed with two different labels: a model trained on
+    both learns neither. ``"first"`` / ``"last"`` keep the row that comes first / last in the source, ``"drop"``
+    leaves every row of such a file out. Repeated rows with the same label are left as they are. The CLI's
+    ``--label-conflicts`` and the config key ``data.label_conflicts`` pass ``wins``."""
+    wins = "refuse" if wins == "error" else wins  # "error": this function's first name for "refuse"
+    if wins not in LABEL_CONFLICTS:
+        raise DataError(f"label_conflicts must be one of {', '.join(LABEL_CONFLICTS)}, got {wins!r}")
     if table.empty or "path" not in table or "label" not in table:
         return table
     labels_per_path = table.groupby("path", sort=False)["label"].nunique()
     clashing = labels_per_path[labels_per_path > 1].index
     if len(clashing) == 0:
         return table
-    if wins == "error":
+    if wins == "refuse":
         example = table[table["path"] == clashing[0]]
         raise DataError(f"{len(clashing)} file(s) listed with two or more labels, e.g. {clashing[0]} as "
                         f"{' and '.join(map(repr, example['label'].unique()))} ({', '.join(example['source'])}): "
-                        "fix the manifest, or pass label_conflicts='first' or 'last' to say which row wins")
-    keep = ~table["path"].isin(clashing) | ~table.duplicated("path", keep=wins)
-    log.warning("%d file(s) listed with two labels: the %s row of each kept", len(clashing), wins)
+                        "fix the manifest, or say which row wins with --label-conflicts first|last, or leave "
+                        "such files out with --label-conflicts drop (config key data.label_conflicts)")
+    if wins == "drop":
+        keep = ~table["path"].isin(clashing)
+        log.warning("%d file(s) listed with two labels: left out (label_conflicts=drop)", len(clashing))
+    else:
+        keep = ~table["path"].isin(clashing) | ~table.duplicated("path", keep=wins)
+        log.warning("%d file(s) listed with two labels: the %s row of each kept", len(clashing), wins)
     return table[keep].reset_index(drop=True)
 
 

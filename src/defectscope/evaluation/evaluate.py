@@ -64,7 +64,8 @@ def evaluate(
 
     Without ``data`` the run's own ``split`` of its dataset table is used. With ``data`` (a folder,
     manifest or 'elpv') every image is scored; its labels must be among the run's classes.
-    ``manifest_options`` are ``image_root``, ``path_column``, ``label_column`` for a CSV. With ``report``
+    ``manifest_options`` are ``image_root``, ``path_column``, ``label_column``, ``label_conflicts`` for a
+    CSV. With ``report``
     a self-contained ``report.html`` (curves, calibration, gallery, Grad-CAM) is written beside them and
     its curve metrics (ROC/PR AUCs, ECE) are added to ``metrics.json``.
 
@@ -73,7 +74,7 @@ def evaluate(
     """
     import torch
 
-    unknown = set(manifest_options) - {"image_root", "path_column", "label_column"}
+    unknown = set(manifest_options) - {"image_root", "path_column", "label_column", "label_conflicts"}
     if unknown:
         raise TypeError(f"evaluate() got unexpected options {sorted(unknown)}; manifest options are "
                         "image_root, path_column, label_column")

@@ -350,7 +350,7 @@ def _build_table(cfg: RunConfig, out: Path) -> pd.DataFrame:
     table, bad = load_table(
         d.source, image_root=d.image_root, path_column=d.path_column, label_column=d.label_column,
         split_column=d.split_column, classes=d.classes, skip_bad=d.skip_bad,
-        trust_pickle=d.trust_pickle, cache_dir=d.cache_dir,
+        trust_pickle=d.trust_pickle, cache_dir=d.cache_dir, label_conflicts=d.label_conflicts,
     )
     if bad:
         _write_skipped(out, bad)
