@@ -81,6 +81,57 @@ def test_staged_fp32_matches_the_whole_graph(model):
     np.testing.assert_allclose(pair.run(x)[0], full.run(x)[0], atol=1e-4)
 
 
+def test_the_staged_backbone_is_called_in_bounded_chunks(model, monkeypatch):
+    # Memory: a runtime keeps the working memory of the largest call it saw, so views x batch is split.
+    out, _ = model
+    card = runtimes.read_card(out)
+    pair = selection.engine_for(out, {"runtime": "onnxruntime", "precision": "fp32", "layout": "staged",
+                                      "views": len(card.spec.get("views") or [0])})
+    x = (selection.load_reference(out)["images"][:7, None] / 255).astype(np.float32)
+    whole = pair.features_of(x)
+    sizes = []
+    run = pair.backbone.run
+    monkeypatch.setattr(pair.backbone, "run", lambda b, names: sizes.append(len(b)) or run(b, names))
+    monkeypatch.setattr(staged, "MAX_CALL", 3)
+    np.testing.assert_allclose(pair.features_of(x), whole, atol=1e-5)
+    assert max(sizes) <= 3 and sum(sizes) == 7 * len(pair.views)
+
+
+def test_the_pre_screen_refuses_only_what_the_full_check_refuses(model):
+    out, _ = model
+    ref, card = selection.load_reference(out), runtimes.read_card(out)
+    good = card.classes.index(card.policy["good_class"])
+    bad = ref["fp32_probabilities"].copy()
+    bad[:, :] = 1e-6
+    bad[:, good] = 1 - 1e-6 * (bad.shape[1] - 1)  # every image certainly good: far flips on the defective ones
+    n = len(ref["labels"]) // 2
+    defective = np.nonzero(ref["labels"][:n] != good)[0]
+    assert len(defective), "the check set's first images hold defective ones"
+    screened = acceptance.screen(bad[:n], ref["fp32_drift"][:n], ref, card.policy, card.classes)
+    full, _, _ = _check(out, bad)
+    assert screened["far"] > 0 and "pre-screen" in screened["refused"] and not full["accepted"]
+    # The same bad outputs only beyond the first n images: the screen sees nothing, the full check decides.
+    late = ref["fp32_probabilities"].copy()
+    late[n:] = bad[n:]
+    clean = acceptance.screen(late[:n], ref["fp32_drift"][:n], ref, card.policy, card.classes)
+    assert clean["far"] == 0 and "refused" not in clean
+    assert not _check(out, late)[0]["accepted"]
+
+
+def test_a_spent_budget_keeps_the_reference_and_says_what_was_left_out(model, tmp_path):
+    out, _ = model
+    for f in out.parent.glob("model.*"):
+        if f.name != "model.runtime.json":
+            shutil.copy(f, tmp_path / f.name)
+    copy = tmp_path / "model.onnx"
+    record = selection.select(copy, threads=1, bench_images=16, passes=1, choice_seconds=1e-6)
+    assert list(record["candidates"])[0] == "onnxruntime_fp32"  # the fallback is measured first
+    assert record["chosen"]["key"] == "onnxruntime_fp32"
+    left = [k for k, r in record["candidates"].items() if r.get("measured") is False]
+    assert record["budget"]["spent"] and record["budget"]["not_measured"] == left
+    assert len(left) == len(record["candidates"]) - 1 and "budget" in record["why"]
+
+
 @pytest.mark.skipif(importlib.util.find_spec("openvino") is None
                     or "BF16" not in runtimes.openvino_capabilities("CPU"), reason="no OpenVINO bf16 here")
 def test_bf16_backbone_fp32_head_agrees_away_from_thresholds(model):

@@ -80,6 +80,9 @@ def add_sort(sub: argparse._SubParsersAction) -> None:
     so.add_argument("--metadata-pattern", metavar="REGEX",
                     help="for a model with metadata inputs: a regular expression with named groups, searched in "
                          "each file's path under the inbox, e.g. '(?P<lib>Die\\d+)_(?P<window>\\d+)'")
+    so.add_argument("--choice-seconds", type=float, default=None, metavar="S",
+                    help="time budget of the first --runtime auto start on a new machine (default 60; 0: none); "
+                         "past it the best candidate accepted so far is kept")
     add_runtime_options(so)
     so.set_defaults(handler=run_sort)
 
@@ -90,7 +93,7 @@ def run_sort(args: argparse.Namespace) -> int:
     summary = sort(args.model, args.inbox, args.out, mode=args.mode or "move", log_path=args.db,
                    watch=args.watch, settle_seconds=args.settle, poll_interval=args.poll,
                    batch_size=args.batch_size, runtime=args.runtime, precision=args.precision,
-                   device=args.device, metadata_pattern=args.metadata_pattern)
+                   device=args.device, metadata_pattern=args.metadata_pattern, choice_seconds=args.choice_seconds)
     return 1 if summary.get("errors") else 0
 
 

@@ -202,7 +202,8 @@ def export(
             report["size_bytes"].pop("int8", None)
         if select:
             policy, classes = metadata[md.KEY_POLICY], list(spec["classes"])
-            selection_record = choice.select(out, decide=lambda p, d: decide_labels(p, policy, classes, d))
+            selection_record = choice.select(out, decide=lambda p, d: decide_labels(p, policy, classes, d),
+                                              choice_seconds=None)  # export: the whole choice, no budget
             log.info(f"runtime choice on this machine: {choice.summary(selection_record)}")
     sidecar.write_text(json.dumps({**metadata, "export_check": report,
                                    **({choice.SELECTION_KEY: selection_record} if selection_record else {})},

@@ -133,6 +133,44 @@ def flips(d32: list[str], d: list[str], probs32: np.ndarray, drift32: np.ndarray
     return sorted(out, key=lambda r: -(r["distance"] or 0.0))
 
 
+def screen(probs: np.ndarray, drift: np.ndarray, ref: dict[str, np.ndarray], policy_dict: dict[str, Any] | None,
+           classes: list[str]) -> dict[str, Any]:
+    """The no-far-flip rule on the first ``len(probs)`` check images only (the images a candidate's speed was
+    measured on, so its outputs there cost nothing more): ``{"images", "far", "refused"?}``.
+
+    Exact, not a sample estimate: the rule is per image, so a far flip among these images is a far flip of the
+    full check, which refuses the candidate whatever the other images do. A screen that finds none proves
+    nothing; the full :func:`check` still decides.
+    """
+    n = len(probs)
+    sub = {"labels": ref["labels"][:n], "fp32_probabilities": ref["fp32_probabilities"][:n],
+           "fp32_drift": ref["fp32_drift"][:n]}
+    listed = _differing(probs, drift, sub, policy_dict, classes)
+    far = [f for f in listed if f["distance"] is None or f["distance"] > MAX_FLIP_LOG_ODDS]
+    out: dict[str, Any] = {"images": n, "differing": len(listed), "far": len(far)}
+    if far:
+        out["refused"] = (f"pre-screen: {len(far)} of the first {n} check images change decision farther than "
+                          f"{MAX_FLIP_LOG_ODDS} log-odds from every threshold (farthest {far[0]['distance']})")
+    return out
+
+
+def _differing(probs: np.ndarray, drift: np.ndarray, ref: dict[str, np.ndarray], policy_dict: dict[str, Any] | None,
+               classes: list[str]) -> list[dict[str, Any]]:
+    """The decisions of ``probs`` that differ from fp32's on the check images, farthest first (see :func:`flips`)."""
+    p32 = ref["fp32_probabilities"]
+    if policy_dict:
+        policy = Policy.from_dict(policy_dict)
+        drift_on = bool(policy.drift) and policy.drift_threshold is not None
+        run = lambda p, d: [str(v) for v in decide(p, policy, inputs="probs",  # noqa: E731
+                                                   drift_score=d if drift_on else None).labels]
+        return flips(run(p32, ref["fp32_drift"]), run(probs, drift), p32, ref["fp32_drift"], policy, drift_on)
+    d32, d = [classes[i] for i in p32.argmax(1)], [classes[i] for i in probs.argmax(1)]
+    top2 = np.log(np.clip(np.sort(p32, axis=1)[:, -2:], EPS, None))  # argmax: the top two's log ratio
+    return sorted(({"image": int(i), "fp32": d32[i], "candidate": d[i],
+                    "distance": round(float(top2[i, 1] - top2[i, 0]), 4)}
+                   for i in range(len(d)) if d[i] != d32[i]), key=lambda r: -r["distance"])
+
+
 def check(probs: np.ndarray, drift: np.ndarray, drift_on_drift: np.ndarray, ref: dict[str, np.ndarray],
           policy_dict: dict[str, Any] | None, classes: list[str]) -> dict[str, Any]:
     """The acceptance test of one candidate's outputs on the check set (see the module doc)."""

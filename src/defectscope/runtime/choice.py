@@ -10,12 +10,17 @@ the backbone and head as two files (:mod:`defectscope.runtime.staged`). A candid
 * a staged one (``openvino_bf16_backbone_4v``): the backbone at that precision on N of the model's test-time
   views, sent as one batch, and the head, the policy's score and its thresholds in fp32.
 
-First start on a machine, bounded: every candidate's speed is measured on ``BENCH_IMAGES`` check images
-(``PASSES`` timed passes, the best kept; candidates sharing a backbone are measured together), then the
-candidates are tested in order of speed, fastest first, with
-:func:`defectscope.runtime.acceptance.check` (the policy's caps hold on the check set with the candidate's own
-outputs; accuracy, Drift AUROC and automation within stated margins; every differing decision listed with its
-distance from a threshold) until one passes; ONNX Runtime fp32 is the reference and always passes. The
+First start on a machine, bounded: the candidates are measured group by group (those sharing a backbone or
+graph together, one group compiled at a time and its memory released before the next): the speed on
+``BENCH_IMAGES`` check images (``PASSES`` timed passes, interleaved, the best kept); a pre-screen on the outputs
+of the first pass (:func:`defectscope.runtime.acceptance.screen`: a far flip among these images refuses the
+candidate exactly, without its full test); then, engine still in hand, the full
+:func:`defectscope.runtime.acceptance.check` of each candidate faster than the best accepted so far (the
+policy's caps hold on the check set with the candidate's own outputs; accuracy, Drift AUROC and automation
+within stated margins; every differing decision listed with its distance from a threshold). ONNX Runtime
+fp32, the reference, is measured first and passes without running. Past the budget (``CHOICE_SECONDS``, the
+``--choice-seconds`` of ``sort``), nothing more is measured or tested and the best accepted so far is kept;
+the record says what was left out, and ``defectscope export`` makes the whole choice without a budget. The
 record (machine: CPU model, AVX512-BF16 / AMX / VNNI flags, cores, threads, runtime versions; every candidate's
 speed and test; the choice and why; how long the choice took and its memory peak) goes in the sidecar JSON
 when measured at export, else in ``model.runtime.json`` beside the model, written the first time the model
@@ -24,7 +29,9 @@ starts on a new machine, and is read instead of measuring again. Only numpy and 
 
 from __future__ import annotations
 
+import ctypes
 import datetime as dt
+import gc
 import hashlib
 import importlib.metadata
 import json
@@ -32,6 +39,7 @@ import logging
 import os
 import resource
 import time
+from contextlib import suppress
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +54,10 @@ log = logging.getLogger(__name__)
 BATCH = 32
 BENCH_IMAGES = 64  # check images each candidate's speed is measured on
 PASSES = 2  # timed passes per candidate; the best is kept (other processes only slow one down)
+# The first start's time budget (seconds): past it, no further candidate is measured or tested once one has
+# passed (ONNX Runtime fp32, the reference, passes without running); the best accepted so far is kept. The
+# overrun is one candidate group's measurement or one full test (~15 s on a loaded 2-core machine).
+CHOICE_SECONDS = 60.0
 SELECTION_KEY = "runtime_selection"
 FORMAT = 2
 MATRIX_FLAGS = ("avx512_bf16", "amx_bf16", "amx_tile", "amx_int8", "avx512_vnni", "avx_vnni", "avx512f", "avx2")
@@ -174,39 +186,133 @@ def engine_for(model_path: str | Path, row: dict[str, Any], *, device: str = "cp
                          stages=cache)
 
 
+def _group_order(key: tuple[str, str, str]) -> tuple[int, int]:
+    """The order groups are measured in under a time budget: the fp32 reference first (the choice's fallback),
+    then reduced precision (where a line gains most), whole graphs before staged ones of the same precision,
+    fp32 alternatives last."""
+    layout, runtime, precision = key
+    if (layout, runtime, precision) == ("full", "onnxruntime", "fp32"):
+        return (0, 0)
+    # Whole graphs before staged ones: under a loaded machine's budget a staged candidate refused by its full
+    # test (bf16 4 views: automation) used the time the whole bf16 graph, which passes, needed.
+    return (2 if precision == "fp32" else 1, 0 if layout == "full" else 1)
+
+
+def _release() -> None:
+    """Give a freed candidate's memory back (compiled graphs, arenas) before the next one is built: the
+    allocator keeps freed blocks otherwise, and peaks of successive candidates would pile up."""
+    gc.collect()
+    with suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+def _rss_mb() -> float | None:
+    try:
+        return round(int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20, 1)
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+class _Trial:
+    """What the choice carries from group to group: the check set and card (for the tests), the budget,
+    and the fastest accepted candidate so far."""
+
+    def __init__(self, ref: dict[str, np.ndarray] | None, card: md.ModelCard, check_all: bool,
+                 deadline: float | None) -> None:
+        self.ref, self.card, self.check_all, self.deadline = ref, card, check_all, deadline
+        self.best: str | None = None
+        self.best_speed = -1.0
+
+    def late(self) -> bool:
+        return self.deadline is not None and time.perf_counter() > self.deadline
+
+    def screen(self, probs: np.ndarray, drift: np.ndarray) -> dict[str, Any] | None:
+        if self.ref is None:
+            return None
+        return acceptance.screen(probs, drift, self.ref, self.card.policy, self.card.classes)
+
+    def test(self, key: str, row: dict[str, Any], engine: rt.Engine) -> None:
+        """The acceptance test of one measured candidate (its engine still built), unless it cannot matter."""
+        ref, speed = self.ref, row["images_per_second"]
+        if ref is None:
+            row["accepted"] = row["precision"] == "fp32" and row["runtime"] == "onnxruntime"
+        elif key == "onnxruntime_fp32":  # the reference: its outputs are the check set's, nothing to run
+            row.update(acceptance.check(ref["fp32_probabilities"], ref["fp32_drift"], ref["fp32_drift_on_drift"],
+                                        ref, self.card.policy, self.card.classes), reference=True)
+        elif (row.get("screen") or {}).get("refused") and not self.check_all:
+            row["accepted"], row["refused"] = False, row["screen"]["refused"]  # exact: no full test needed
+        elif speed <= self.best_speed and not self.check_all:
+            row["accepted"], row["checked"] = None, False  # slower than one accepted already: not tested
+        elif self.best is not None and self.late():
+            row.update(accepted=None, checked=False, refused="not tested: the choice's time budget was spent")
+        else:
+            probs, drift = _outputs(engine, ref["images"])
+            _, drift_on_drift = _outputs(engine, ref["drift_images"])
+            row.update(acceptance.check(probs, drift, drift_on_drift, ref, self.card.policy, self.card.classes))
+        if row.get("accepted") and speed > self.best_speed:
+            self.best, self.best_speed = key, speed
+
+
 def _speeds(model_path: Path, rows: list[dict[str, Any]], x: np.ndarray, device: str, threads: int,
-            passes: int) -> dict[str, Any]:
-    """Images/s of every candidate on ``x``, measured group by group (one backbone or graph at a time, freed
-    after) so that at most one compiled model per group is held: a bounded first start."""
+            passes: int, trial: _Trial) -> dict[str, Any]:
+    """Measure and test every candidate, group by group (one backbone or graph at a time, freed after, so at
+    most one compiled model per group is held): a bounded first start.
+
+    Within a group the candidates are timed interleaved on ``x``; the outputs of the first timed pass (the
+    first check images) are the pre-screen; then each candidate faster than the best accepted so far gets its
+    full acceptance test while its engine is built (no second compile). Past the budget, no further group is
+    measured once one candidate has been accepted (those are listed as not measured).
+    """
     results: dict[str, dict[str, Any]] = {}
     groups: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
     for row in rows:
         groups.setdefault((row["layout"], row["runtime"], row["precision"]), []).append(row)
-    for group in groups.values():
-        cache: dict = {}
-        built = {}
+    for gkey in sorted(groups, key=_group_order):
+        group = groups[gkey]
+        if trial.best is not None and trial.late():
+            for row in group:
+                results[row["key"]] = {**_public(row), "accepted": None, "checked": False, "measured": False,
+                                       "refused": "not measured: the choice's time budget was spent"}
+            continue
+        _measure_group(model_path, group, x, device, threads, passes, trial, results)
+        _release()
         for row in group:
-            try:
-                built[row["key"]] = engine_for(model_path, row, device=device, threads=threads, cache=cache)
-            except (rt.RuntimeUnavailable, RuntimeError) as exc:
-                results[row["key"]] = {**_public(row), "accepted": False, "refused": f"unavailable: {exc}"}
-        for engine in built.values():
-            engine.run(x[:BATCH])  # warm-up: first-call allocations and kernel selection are not speed
-        speeds: dict[str, list[float]] = {k: [] for k in built}
-        for _ in range(passes):
-            for key, engine in built.items():  # interleaved within the group
-                start = time.perf_counter()
-                for i in range(0, len(x), BATCH):
-                    engine.run(x[i:i + BATCH])
-                speeds[key].append(len(x) / (time.perf_counter() - start))
-        for row in group:
-            if row["key"] in built:
-                engine = built[row["key"]]
-                results[row["key"]] = {**_public(row), "device": engine.device,
-                                       "images_per_second": round(max(speeds[row["key"]]), 2),
-                                       "images_per_second_passes": [round(v, 2) for v in speeds[row["key"]]]}
-        del built, cache
+            results[row["key"]]["rss_mb_after_group"] = _rss_mb()
     return results
+
+
+def _measure_group(model_path: Path, group: list[dict[str, Any]], x: np.ndarray, device: str, threads: int,
+                   passes: int, trial: _Trial, results: dict[str, dict[str, Any]]) -> None:
+    cache: dict = {}
+    built = {}
+    for row in group:
+        try:
+            built[row["key"]] = engine_for(model_path, row, device=device, threads=threads, cache=cache)
+        except (rt.RuntimeUnavailable, RuntimeError) as exc:
+            results[row["key"]] = {**_public(row), "accepted": False, "refused": f"unavailable: {exc}"}
+    for engine in built.values():
+        engine.run(x[:BATCH])  # warm-up: first-call allocations and kernel selection are not speed
+    speeds: dict[str, list[float]] = {k: [] for k in built}
+    outputs: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {k: [] for k in built}
+    for p in range(passes):
+        for key, engine in built.items():  # interleaved within the group
+            start = time.perf_counter()
+            for i in range(0, len(x), BATCH):
+                probs, _, drift = engine.run(x[i:i + BATCH])
+                if p == 0:
+                    outputs[key].append((probs, drift))
+            speeds[key].append(len(x) / (time.perf_counter() - start))
+    for key, engine in built.items():
+        row = next(r for r in group if r["key"] == key)
+        results[key] = {**_public(row), "device": engine.device, "images_per_second": round(max(speeds[key]), 2),
+                        "images_per_second_passes": [round(v, 2) for v in speeds[key]]}
+        if outputs[key] and (screened := trial.screen(np.concatenate([o[0] for o in outputs[key]]),
+                                                      np.concatenate([o[1] for o in outputs[key]]))):
+            results[key]["screen"] = screened
+    for key in sorted(built, key=lambda k: -results[k]["images_per_second"]):  # fastest first
+        trial.test(key, results[key], built[key])
+    built.clear()
+    cache.clear()
 
 
 def _public(row: dict[str, Any]) -> dict[str, Any]:
@@ -219,8 +325,13 @@ def _peak_rss_mb() -> float:
 
 def select(model_path: str | Path, *, device: str = "cpu", threads: int | None = None,
            decide: Any = None, passes: int = PASSES, bench_images: int = BENCH_IMAGES,
-           only: Any = None, check_all: bool = False) -> dict[str, Any]:
-    """Measure the candidates, test them fastest first, choose; returns the record.
+           only: Any = None, check_all: bool = False,
+           choice_seconds: float | None = CHOICE_SECONDS) -> dict[str, Any]:
+    """Measure the candidates and test those that could be chosen, group by group; returns the record.
+
+    ``choice_seconds``: the time budget (see :data:`CHOICE_SECONDS`; None or 0: none, as ``export`` and
+    the bench run it). A candidate whose outputs on the timed images already show a far flip is refused by
+    the pre-screen (:func:`acceptance.screen`) without its full test.
 
     ``only(row) -> bool`` restricts the candidates (a pinned runtime or precision). ``check_all``: test
     every candidate, not only until the first passes (the bench does). ``decide`` is ignored (the policy
@@ -244,18 +355,27 @@ def select(model_path: str | Path, *, device: str = "cpu", threads: int | None =
         x = _inputs(ref["images"][:bench_images])
     else:
         x = np.random.default_rng(0).random((2 * BATCH, 1, card.image_size, card.image_size), dtype=np.float32)
-    results = _speeds(model_path, rows, x, device, threads, passes)
+    deadline = started + choice_seconds if choice_seconds and not check_all else None
+    trial = _Trial(ref, card, check_all, deadline)
+    results = _speeds(model_path, rows, x, device, threads, passes, trial)
     measured = time.perf_counter() - started
     order = sorted((k for k, r in results.items() if "images_per_second" in r),
                    key=lambda k: -results[k]["images_per_second"])
-    best = _test_in_order(model_path, rows, results, order, ref, card, device, threads, check_all)
+    best = trial.best
     if best is None:
         raise rt.RuntimeUnavailable(f"{model_path}: no runtime passed the checks: "
                                     + "; ".join(f"{k}: {r.get('refused')}" for k, r in results.items()))
     chosen = results[best]
-    faster = [k for k in order[:order.index(best)]]
+    faster = order[:order.index(best)]
+    refused = [k for k in faster if results[k].get("accepted") is False]
+    untested = [k for k in faster if results[k].get("accepted") is None]
+    unmeasured = [k for k, r in results.items() if r.get("measured") is False]
+    spent = bool(untested or unmeasured)
     why = (f"{best}: the fastest candidate ({chosen['images_per_second']}/s on {len(x)} check images) that "
-           "passed the acceptance test" + (f"; faster but refused: {', '.join(faster)}" if faster else ""))
+           "passed the acceptance test" + (f"; faster but refused: {', '.join(refused)}" if refused else "")
+           + (f"; faster but not tested within the {choice_seconds:g} s budget: {', '.join(untested)}"
+              if untested else "")
+           + (f"; not measured within the budget: {', '.join(unmeasured)}" if unmeasured else ""))
     info = machine()
     record = {
         "format": FORMAT,
@@ -267,39 +387,14 @@ def select(model_path: str | Path, *, device: str = "cpu", threads: int | None =
         "candidates": results,
         "first_start": {"seconds_measuring": round(measured, 1),
                         "seconds_total": round(time.perf_counter() - started, 1), "peak_rss_mb": _peak_rss_mb()},
+        "budget": {"choice_seconds": choice_seconds if deadline is not None else None, "spent": spent,
+                   "not_tested": untested, "not_measured": unmeasured,
+                   "redo": "the whole choice, without a budget: defectscope export (or delete "
+                           f"{cache_path(model_path).name})" if spent else None},
         "measured": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
     }
     log.info("%s: %s", model_path.name, summary(record))
     return record
-
-
-def _test_in_order(model_path: Path, rows: list[dict[str, Any]], results: dict[str, dict[str, Any]],
-                   order: list[str], ref: dict[str, np.ndarray] | None, card: md.ModelCard, device: str,
-                   threads: int, check_all: bool) -> str | None:
-    """Run the acceptance test on the candidates in ``order`` until one passes (all with ``check_all``);
-    the key of the fastest that passed. ONNX Runtime fp32 is the reference: it passes by definition."""
-    by_key = {r["key"]: r for r in rows}
-    best = None
-    for key in order:
-        row = results[key]
-        if ref is None:
-            row["accepted"] = row["precision"] == "fp32" and row["runtime"] == "onnxruntime"
-        elif key == "onnxruntime_fp32":  # the reference: its outputs are the check set's, nothing to run
-            row.update(acceptance.check(ref["fp32_probabilities"], ref["fp32_drift"], ref["fp32_drift_on_drift"],
-                                        ref, card.policy, card.classes), reference=True)
-        elif best is not None and not check_all:
-            row["accepted"], row["checked"] = None, False  # slower than the choice: not tested
-            continue
-        else:
-            cache: dict = {}
-            engine = engine_for(model_path, by_key[key], device=device, threads=threads, cache=cache)
-            probs, drift = _outputs(engine, ref["images"])
-            _, drift_on_drift = _outputs(engine, ref["drift_images"])
-            del engine, cache
-            row.update(acceptance.check(probs, drift, drift_on_drift, ref, card.policy, card.classes))
-        if row.get("accepted") and best is None:
-            best = key
-    return best
 
 
 def summary(record: dict[str, Any]) -> str:
@@ -307,7 +402,9 @@ def summary(record: dict[str, Any]) -> str:
     def state(r: dict[str, Any]) -> str:
         if r.get("accepted"):
             return ""
-        return " (not tested: slower than the choice)" if r.get("checked") is False else f" (refused: {r['refused']})"
+        if r.get("checked") is False:
+            return f" ({r.get('refused') or 'not tested: slower than the choice'})"
+        return f" (refused: {r['refused']})"
 
     parts = [f"{k} {r.get('images_per_second', '-')}/s{state(r)}" for k, r in record["candidates"].items()]
     chosen = record["chosen"]
@@ -358,7 +455,8 @@ def remember(model_path: str | Path, record: dict[str, Any]) -> Path | None:
 
 
 def resolve(model_path: str | Path, runtime: str, precision: str, *, device: str = "cpu",
-            threads: int | None = None, decide: Any = None) -> tuple[dict[str, Any], dict[str, Any] | None]:
+            threads: int | None = None, decide: Any = None,
+            choice_seconds: float | None = CHOICE_SECONDS) -> tuple[dict[str, Any], dict[str, Any] | None]:
     """(the chosen candidate: runtime, precision, layout, views; the selection record or None) for the
     requested values, ``auto`` resolved; read from the record when this machine has one, else measured once
     and recorded. ``runtime='openvino', precision='auto'`` chooses among OpenVINO's candidates only.
@@ -377,7 +475,7 @@ def resolve(model_path: str | Path, runtime: str, precision: str, *, device: str
     if record is None:
         only = (lambda r: runtime in ("auto", r["runtime"]) and precision in ("auto", r["precision"])) if pinned \
             else None
-        record = select(model_path, device=device, threads=threads, only=only)
+        record = select(model_path, device=device, threads=threads, only=only, choice_seconds=choice_seconds)
         if pinned:
             record["pin_key"] = _pin_key(threads, device, runtime, precision)
         remember(model_path, record)

@@ -101,6 +101,8 @@ class Predictor:
     inference in :meth:`predict_batch` (default: the cores ``threads`` leaves free, else a quarter of the
     cores, at least one; raise it for large images and small models). ``providers``: ONNX Runtime
     execution providers (overrides ``device``).
+    ``choice_seconds``: the time budget of an ``auto`` choice measured at this start (default
+    :data:`defectscope.runtime.choice.CHOICE_SECONDS`; 0: none).
     ``model_path`` may also be the ``cascade.json`` of a two-file cascade export: the screen runs on every
     image, the classifier only on those the screen did not pass (see ``runtime/cascade_runner.py``; ONNX
     Runtime fp32 on the CPU only).
@@ -112,7 +114,7 @@ class Predictor:
     def __init__(self, model_path: str | Path, *, threads: int | None = None,
                  providers: list[str] | None = None, decode_threads: int | None = None,
                  max_pixels: int = DEFAULT_MAX_PIXELS, runtime: str = "onnxruntime", precision: str = "fp32",
-                 device: str = "cpu", heatmaps: bool = False) -> None:
+                 device: str = "cpu", heatmaps: bool = False, choice_seconds: float | None = None) -> None:
         self.heatmaps = heatmaps  # fetch the graph's Grad-CAM output (when it has one) into Prediction.heatmap
 
         self.model_path = Path(model_path)
@@ -137,8 +139,9 @@ class Predictor:
                 runtime = "onnxruntime" if runtime == "auto" else runtime
                 precision = "fp32" if precision == "auto" else precision
             else:
+                budget = choice.CHOICE_SECONDS if choice_seconds is None else choice_seconds
                 chosen, self.selection = choice.resolve(self.model_path, runtime, precision, device=device,
-                                                        threads=threads)
+                                                        threads=threads, choice_seconds=budget)
                 runtime, precision = chosen["runtime"], chosen["precision"]
         self.cascade = None
         if is_manifest(self.model_path):

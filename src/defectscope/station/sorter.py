@@ -426,6 +426,7 @@ def sort(
     device: str = "cpu",
     metadata_pattern: str | None = None,
     lease_seconds: float = LEASE_SECONDS,
+    choice_seconds: float | None = None,
 ) -> dict[str, Any]:
     """Classify the images under ``inbox`` (recursively) and file them into ``out/<decision>/``.
 
@@ -434,9 +435,9 @@ def sort(
 
     ``model`` is an exported ``.onnx`` file or a loaded :class:`Predictor` (``runtime``, ``precision`` and
     ``device`` apply to a file: ``auto`` is the fastest runtime that keeps the decisions, see
-    :mod:`defectscope.runtime.choice`). ``mode="move"`` empties the
-    inbox; ``"copy"`` leaves it as is (the log then keeps re-runs from filing a file twice). ``log_path``
-    defaults to ``out/results.db``.
+    :mod:`defectscope.runtime.choice`; ``choice_seconds`` bounds that choice on a machine's first start).
+    ``mode="move"`` empties the inbox; ``"copy"`` leaves it as is (the log then keeps re-runs from filing a
+    file twice). ``log_path`` defaults to ``out/results.db``.
 
     One-shot (``watch=False``): looks twice, ``settle_seconds`` apart, and files what did not change;
     files still being written are left for the next run. ``watch=True``: runs until SIGINT/SIGTERM (handlers
@@ -462,7 +463,7 @@ def sort(
     if log_path is None or "://" not in str(log_path):
         log_path = Path(log_path).absolute() if log_path is not None else out / "results.db"
     predictor = model if isinstance(model, Predictor) else Predictor(model, runtime=runtime, precision=precision,
-                                                                     device=device)
+                                                                     device=device, choice_seconds=choice_seconds)
     pattern = compile_pattern(predictor, metadata_pattern)
     stop = stop_event or threading.Event()
     started = time.perf_counter()
