@@ -327,8 +327,8 @@ def audit(
         from defectscope.audit.html import write_html
 
         write_html(result, table, out)
-    for line in result["summary"]:
-        log.info("%s", line)
+    for line in result["summary"]:  # debug: the caller shows the findings (the CLI prints them on stdout, once)
+        log.debug("%s", line)
     return result
 
 

@@ -65,8 +65,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     from defectscope import progress  # a submodule, not the package API
 
     progress.configure_cli_logging()
-    # Bars only on a terminal: a CI log or a redirected run gets the logged lines, not bar redraws.
-    progress.use_bars(sys.stderr.isatty() and not getattr(args, "no_progress", False))
+    # Bars only on a terminal: a CI log or a redirected run gets a progress line every 30 s, not bar redraws.
+    if getattr(args, "no_progress", False):
+        progress.use_bars(False)
+    elif sys.stderr.isatty():
+        progress.use_bars(True)
+    else:
+        progress.use_lines()
     try:
         return args.handler(args)
     except KeyboardInterrupt:

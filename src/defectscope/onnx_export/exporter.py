@@ -204,7 +204,7 @@ def export(
             policy, classes = metadata[md.KEY_POLICY], list(spec["classes"])
             selection_record = choice.select(out, decide=lambda p, d: decide_labels(p, policy, classes, d),
                                               choice_seconds=None)  # export: the whole choice, no budget
-            log.info(f"runtime choice on this machine: {choice.summary(selection_record)}")
+            # choice.select logs its one summary line itself
     sidecar.write_text(json.dumps({**metadata, "export_check": report,
                                    **({choice.SELECTION_KEY: selection_record} if selection_record else {})},
                                   indent=2))

@@ -111,7 +111,7 @@ def write_report(
     html_path = out_dir / REPORT_FILE
     html_path.write_text(page, encoding="utf-8")
     (out_dir / REPORT_METRICS_FILE).write_text(json.dumps(numbers, indent=2))
-    log.info(f"report written: {html_path}")
+    log.debug(f"report written: {html_path}")  # the caller (evaluate) says where, once
     return html_path
 
 
