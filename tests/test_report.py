@@ -309,3 +309,27 @@ def test_an_ece_from_few_images_carries_a_caution():
 
     assert "Caution: 35 images in 15 bins" in ece_caution(35)
     assert ece_caution(ECE_MIN_IMAGES) == ""
+
+
+def test_headline_states_one_interval_level_once():
+    import re
+
+    import numpy as np
+
+    from defectscope.evaluation.curves import raw_escape
+    from defectscope.evaluation.report.summary import headline
+
+    classes = ["GOOD", "crack"]
+    y = np.array([0] * 30 + [1] * 20)
+    probs = np.tile([0.8, 0.2], (50, 1))
+    probs[40:] = [0.1, 0.9]
+    metrics = {"n": 50, "accuracy": 0.8, "macro_f1": 0.7, "balanced_accuracy": 0.75, "worst_class": "crack",
+               "worst_class_f1": 0.6, "per_class": {c: {"support": 25} for c in classes},
+               "policy": {"n": 50, "review_rate": 0.1,
+                          "escape": {"rate": 0.1, "count": 2, "of": 20, "interval": [0.01, 0.3], "confidence": 0.9},
+                          "overkill": {"rate": 0.0, "count": 0, "of": 30, "interval": [0.0, 0.1], "confidence": 0.9}}}
+    page = headline(metrics, raw_escape(probs, y, classes))  # the raw rates come at 95%, the policy's at 90%
+    assert re.findall(r"\d+% confidence intervals", page) == ["90% confidence intervals"]
+    assert " at 9" not in page  # no level repeated per row
+    raw_row = re.search(r"escape rate, raw model</td><td>50.00% <small>\[([\d.]+)%", page)
+    assert raw_row and float(raw_row.group(1)) > 27.2  # 10 of 20 at 90%: narrower than the 95% bound 27.2%

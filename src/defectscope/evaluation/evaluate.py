@@ -28,7 +28,9 @@ def load_policy(run: Run) -> Policy | None:
 
 def format_policy_metrics(m: dict[str, Any]) -> str:
     """After the decision policy: what passes, what is rejected, what a person must look at."""
-    lines = ["after the decision policy (RUN/policy.json):"]
+    levels = {r["confidence"] for r in m.values() if isinstance(r, dict) and "confidence" in r}
+    stated = f"; [brackets]: {next(iter(levels)):.0%} confidence intervals" if len(levels) == 1 else ""
+    lines = [f"after the decision policy (RUN/policy.json{stated}):"]
     for key, what in (("automation", "automation rate (decided without a person)"),
                       ("escape", "escape rate (defective passed as good)"),
                       ("nuisance_escape", "nuisance escape rate (reported, not capped)"),

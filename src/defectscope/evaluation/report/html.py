@@ -42,10 +42,11 @@ def section(title: str, how: str, body: str) -> str:
     return f'<section><h2>{esc(title)}</h2><p class="how">How to read this: {esc(how)}</p>\n{body}</section>\n'
 
 
-def rate_row(name: str, r: dict[str, Any] | None, sentence: str) -> str:
+def rate_row(name: str, r: dict[str, Any] | None, sentence: str, *, level: bool = True) -> str:
+    """A rate with its interval; ``level=False`` when the table states the interval level once for all rows."""
     if not r or r.get("rate") is None:
         return ""
     lo, hi = r["interval"]
-    conf = int(round(100 * r.get("confidence", 0.95)))
-    value = f"{pct(r['rate'])} <small>[{pct(lo)}, {pct(hi)}] at {conf}%</small>"
+    conf = f" at {int(round(100 * r.get('confidence', 0.95)))}%" if level else ""
+    value = f"{pct(r['rate'])} <small>[{pct(lo)}, {pct(hi)}]{conf}</small>"
     return f"<tr><td>{esc(name)}</td><td>{value}</td><td>{esc(sentence)}</td></tr>"

@@ -4,10 +4,33 @@ from __future__ import annotations
 
 from typing import Any
 
-from defectscope.evaluation.report.html import esc, num, pct, rate_row
+from defectscope.decision.thresholds import cp_interval
+from defectscope.evaluation.report.html import esc, num, pct
+from defectscope.evaluation.report.html import rate_row as _rate_row
+
+DEFAULT_LEVEL = 0.95
+
+
+def headline_level(metrics: dict[str, Any]) -> float:
+    """The one interval level of the headline: the policy's confidence (its rates carry it), else 95%."""
+    pol = metrics.get("policy") or {}
+    levels = {r["confidence"] for r in pol.values() if isinstance(r, dict) and "confidence" in r}
+    return float(next(iter(levels))) if len(levels) == 1 else DEFAULT_LEVEL
+
+
+def _at_level(r: dict[str, Any] | None, level: float) -> dict[str, Any] | None:
+    """``r`` with its Clopper-Pearson interval at ``level`` (recomputed from its counts when it differs)."""
+    if not r or r.get("rate") is None or r.get("confidence") == level:
+        return r
+    return {**r, "interval": list(cp_interval(int(r["count"]), int(r["of"]), level)), "confidence": level}
 
 
 def headline(metrics: dict[str, Any], raw: dict[str, Any] | None) -> str:
+    level = headline_level(metrics)
+
+    def rate_row(name: str, r: dict[str, Any] | None, sentence: str) -> str:
+        return _rate_row(name, _at_level(r, level), sentence, level=False)
+
     n = int(metrics.get("n") or sum(v["support"] for v in metrics["per_class"].values()))
     correct = int(round(metrics["accuracy"] * n))
     rows = [
@@ -67,7 +90,9 @@ def headline(metrics: dict[str, Any], raw: dict[str, Any] | None) -> str:
                         f"{num(pol.get('expected_cost_per_image'), 2)}</td><td>Penalty-weighted accuracy (1 is "
                         f"perfect) and the expected penalty per automatically decided image under the cost "
                         f"matrix.</td></tr>")
-    return '<table class="headline big"><tr><th>figure</th><th>value</th><th>what it means</th></tr>' + \
+    caption = (f"<caption>[brackets]: {level:.0%} confidence intervals (Clopper-Pearson), the same level for "
+               f"every rate here</caption>" if any("<small>[" in r for r in rows) else "")
+    return f'<table class="headline big">{caption}<tr><th>figure</th><th>value</th><th>what it means</th></tr>' + \
         "".join(rows) + "</table>"
 
 
