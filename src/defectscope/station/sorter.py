@@ -338,7 +338,7 @@ class _Sorter:
         removed from the inbox, and its own row says so (never a silent deletion)."""
         dest = row["destination"]
         record = {k: row[k] for k in ("decision", "top_class", "confidence", "probabilities", "drift_score",
-                                      "model_id", "model_version", "destination")}
+                                      "model_id", "model_version", "destination", "reason")}
         record.update(file_name=it.name, source_path=printable(str(it.origin)), content_sha256=it.sha256,
                       size_bytes=it.size, needs_review=False, request_id=f"duplicate:{uuid.uuid4().hex[:12]}",
                       error=f"a duplicate of row {row['id']} (same name and bytes, filed as {dest}): this copy "
@@ -365,6 +365,7 @@ class _Sorter:
             "size_bytes": it.size, "decision": pred.decision, "top_class": pred.top_class,
             "confidence": pred.confidence, "probabilities": pred.probabilities or None,
             "drift_score": pred.drift_score, "model_id": self.model_id, "model_version": self.model_version,
+            "reason": pred.reason or None,
             # The image was decoded from its bytes, so the decoder's message names "<bytes>": name the file.
             "error": pred.error and pred.error.replace("<bytes>", it.name, 1),
         }

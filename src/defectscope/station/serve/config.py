@@ -5,6 +5,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,7 +40,9 @@ class ServeConfig:
     max_pixels: int = 50_000_000
     pilot: bool = False
     escape_cap: float = 0.01
-    reload_poll_seconds: float = 2.0
+    reload_poll_seconds: float = 2.0  # how often the model file is checked for a new model (0: never)
+    generation_poll_seconds: float = 2.0  # how often the store is asked which model the station runs (0: never)
+    replica: str | None = None  # this process's name in the rows and the dashboard (default: host:port)
     threads: int | None = None
     runtime: str = "onnxruntime"  # onnxruntime | openvino | auto (see defectscope.runtime.engines)
     precision: str = "fp32"  # fp32 | int8 | bf16 | fp16 | auto
@@ -56,6 +59,8 @@ class ServeConfig:
             db_file = sqlite_path(self.db)
             self.data = db_file.parent if db_file is not None else Path("station")
         self.data = Path(self.data).absolute()
+        if not self.replica:
+            self.replica = f"{socket.gethostname()}:{self.port}"
         for name in ("max_batch", "max_queue", "max_files", "max_upload_bytes", "max_request_bytes", "max_pixels",
                      "max_body_bytes", "max_connections", "max_dashboard_points"):
             if getattr(self, name) < 1:

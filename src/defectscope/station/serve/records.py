@@ -33,6 +33,7 @@ def build_records(config: ServeConfig, uploads: list[tuple[str, bytes]], paths: 
             "model_id": model.model_id, "model_version": model.model_version, "destination": str(path),
             "image_path": str(path), "heatmap_path": heatmap_path, "decode_ms": pred.timing.get("decode_ms"),
             "infer_ms": pred.timing.get("infer_ms"), "total_ms": round((time.perf_counter() - started) * 1000, 3),
+            "reason": pred.reason or None, "replica": config.replica,
             "needs_review": config.pilot or pred.decision in (REVIEW, DRIFT), **meta,
         })
     return records

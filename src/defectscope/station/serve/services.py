@@ -52,7 +52,8 @@ class Services:
         models = ModelHolder(config.model, config.threads, config.max_pixels, config.reload_poll_seconds,
                              self.metrics.on_reload,
                              runtime={"runtime": config.runtime, "precision": config.precision,
-                                      "device": config.device})
+                                      "device": config.device},
+                             store=store, replica=config.replica or "", generation_poll=config.generation_poll_seconds)
         batcher = Batcher(models, config.max_batch, config.batch_wait_ms, config.max_queue, self.metrics.on_batch)
         writer = GroupCommit(store)
         self.store, self.models, self.batcher, self.writer = store, models, batcher, writer
@@ -68,6 +69,7 @@ class Services:
         self.batcher.stop()
         self.writer.stop()
         self.store.close()
+        self.metrics.close()
 
 
 async def get_services(request: Request) -> Services:

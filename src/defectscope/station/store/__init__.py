@@ -12,8 +12,10 @@ file, the service on a row being on disk before it answers.
 
 ``decisions``: one row per image decision. The sorter's rows are keyed by ``(content_sha256, file_name)``
 (``request_id`` is ``''``) and move ``pending`` -> ``done`` / ``error``; the service's rows carry their
-request's id and are written ``done`` at once. ``reviews``: what a person said about a decision, with
-who and when; the latest review of a decision is its human label.
+request's id and the ``replica`` that made them, and are written ``done`` at once. ``reviews``: what a person
+said about a decision, with who and when; the latest review of a decision is its human label.
+``review_claims``: who holds which queue item until when (several replicas, one queue). ``model_generations``:
+the model the station was last asked to run.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ from sqlalchemy import event
 
 from defectscope import labels
 from defectscope.errors import DefectscopeError
-from defectscope.station.store.schema import TABLES, decisions, review_claims, reviews
+from defectscope.station.store.schema import TABLES, decisions, model_generations, review_claims, reviews
 
 __all__ = ["COLUMNS", "REVIEW_COLUMNS", "SOURCES", "STATUSES", "TABLES", "Store", "StoreError", "database_url",
            "export_log", "sqlite_path", "utc_now"]
@@ -49,7 +51,7 @@ SOURCES = ("sort", "api")
 COLUMNS = tuple(c.name for c in decisions.columns)
 REVIEW_COLUMNS = tuple(c.name for c in reviews.columns)
 _WRITABLE = tuple(c for c in COLUMNS if c not in ("id", "time", "status"))
-HEAD = "0003"  # the newest migration (tests check it against the scripts)
+HEAD = "0004"  # the newest migration (tests check it against the scripts)
 _MIGRATIONS = Path(__file__).with_name("migrations")
 _migrate_lock = threading.Lock()
 
@@ -251,7 +253,8 @@ class Store:
 
     def query(self, *, since: str | None = None, until: str | None = None, decision: str | None = None,
               model: str | None = None, station: str | None = None, source: str | None = None,
-              limit: int = 100, offset: int = 0, newest_first: bool = True) -> tuple[list[dict[str, Any]], int]:
+              replica: str | None = None, limit: int = 100, offset: int = 0,
+              newest_first: bool = True) -> tuple[list[dict[str, Any]], int]:
         """Decisions matching every given filter (``since`` inclusive, ``until`` exclusive, ISO times;
         ``model`` matches the model id) and the total count before paging."""
         conds = []
@@ -259,7 +262,8 @@ class Store:
             conds.append(decisions.c.time >= since)
         if until:
             conds.append(decisions.c.time < until)
-        for col, value in (("decision", decision), ("model_id", model), ("station", station), ("source", source)):
+        for col, value in (("decision", decision), ("model_id", model), ("station", station), ("source", source),
+                           ("replica", replica)):
             if value is not None:
                 conds.append(decisions.c[col] == value)
         order = decisions.c.id.desc() if newest_first else decisions.c.id
@@ -299,9 +303,12 @@ class Store:
             rows = conn.execute(sa.select(decisions).where(waiting).order_by(decisions.c.id).limit(limit))
             return [dict(r) for r in rows.mappings()], int(total)
 
-    def claim_review(self, reviewer: str, lease_seconds: float = 300.0) -> dict[str, Any] | None:
+    def claim_review(self, reviewer: str, lease_seconds: float = 300.0, *,
+                     keep: bool = False) -> dict[str, Any] | None:
         """Hand the oldest waiting queue item nobody holds to ``reviewer`` for ``lease_seconds``; None when the
-        queue is empty. Replicas on one PostgreSQL never hand one item to two people: the candidate row is
+        queue is empty. ``keep``: an item ``reviewer`` already holds comes back first, its lease renewed.
+
+        Replicas on one PostgreSQL never hand one item to two people: the candidate row is
         locked ``FOR UPDATE SKIP LOCKED`` (a concurrent claimer takes the next one), and the claim is a row
         of ``review_claims`` until it expires (SQLite: the write lock serialises claimers)."""
         now = datetime.now(timezone.utc)
@@ -313,7 +320,14 @@ class Store:
         if not self.is_sqlite:
             q = q.with_for_update(skip_locked=True, of=decisions)
         with self._tx(write=True) as conn:
-            while True:
+            own = (sa.select(decisions).join(review_claims, review_claims.c.decision_id == decisions.c.id)
+                   .where(review_claims.c.reviewer == reviewer, review_claims.c.until > stamp,
+                          ~sa.exists().where(reviews.c.decision_id == decisions.c.id))
+                   .order_by(decisions.c.id).limit(1))
+            mine = conn.execute(own).mappings().first() if keep else None
+            # Asking again (a page reload, a retry after a lost answer) gives back the item already held, its
+            # lease renewed: one person holds one item, never a growing pile of them.
+            while mine is None:
                 row = conn.execute(q).mappings().first()
                 if row is None:
                     return None
@@ -323,10 +337,18 @@ class Store:
                                                                      review_claims.c.until > stamp)
                 if conn.execute(again).first() is None:
                     break
+            row = mine or row
             conn.execute(sa.delete(review_claims).where(review_claims.c.decision_id == row["id"]))
             conn.execute(sa.insert(review_claims).values(decision_id=row["id"], reviewer=reviewer,
                                                          until=until.isoformat(timespec="milliseconds")))
         return dict(row)
+
+    def claims(self) -> dict[int, dict[str, str]]:
+        """The live review claims: decision id -> ``reviewer`` and ``until``."""
+        q = sa.select(review_claims).where(review_claims.c.until > utc_now())
+        with self._tx() as conn:
+            rows = conn.execute(q).mappings()
+            return {r["decision_id"]: {"reviewer": r["reviewer"], "until": r["until"]} for r in rows}
 
     def reviewed(self, since: str | None = None) -> list[dict[str, Any]]:
         """Reviewed decisions with their latest human label (``label``, ``reviewer``, ``reviewed_at``)."""
@@ -342,25 +364,29 @@ class Store:
         with self._tx() as conn:
             return [dict(r) for r in conn.execute(q).mappings()]
 
-    def _done_since(self, since: str, station: str | None) -> list[Any]:
+    def _done_since(self, since: str, station: str | None, replica: str | None = None) -> list[Any]:
         conds = [decisions.c.time >= since, decisions.c.status == "done"]
         if station is not None:
             conds.append(decisions.c.station == station)
+        if replica is not None:
+            conds.append(decisions.c.replica == replica)
         return conds
 
-    def minute_counts(self, since: str, station: str | None = None) -> list[tuple[str, str, int]]:
+    def minute_counts(self, since: str, station: str | None = None,
+                      replica: str | None = None) -> list[tuple[str, str, int]]:
         """Finished decisions per minute (``"YYYY-MM-DDTHH:MM"``, UTC) and decision since ``since``,
         counted in the database (ISO text times: a prefix is a minute on every backend)."""
         minute = sa.func.substr(decisions.c.time, 1, 16).label("minute")
         q = (sa.select(minute, decisions.c.decision, sa.func.count())
-             .where(*self._done_since(since, station)).group_by(minute, decisions.c.decision))
+             .where(*self._done_since(since, station, replica)).group_by(minute, decisions.c.decision))
         with self._tx() as conn:
             return [(m, d, int(n)) for m, d, n in conn.execute(q)]
 
-    def sample(self, since: str, max_rows: int = 5_000, station: str | None = None) -> list[tuple[Any, ...]]:
+    def sample(self, since: str, max_rows: int = 5_000, station: str | None = None,
+               replica: str | None = None) -> list[tuple[Any, ...]]:
         """(time, confidence, total_ms) of the finished decisions since ``since``: all of them, or every
         k-th by id when there are more than ``max_rows`` (enough for quantiles, bounded cost)."""
-        conds = self._done_since(since, station)
+        conds = self._done_since(since, station, replica)
         with self._tx() as conn:
             n = conn.execute(sa.select(sa.func.count()).select_from(decisions).where(*conds)).scalar_one()
             k = max(1, -(-int(n) // max_rows))
@@ -369,13 +395,39 @@ class Store:
             q = sa.select(decisions.c.time, decisions.c.confidence, decisions.c.total_ms).where(*conds)
             return [tuple(r) for r in conn.execute(q)]
 
-    def recent_decisions(self, n: int = 500, station: str | None = None) -> list[str]:
+    def recent_decisions(self, n: int = 500, station: str | None = None, replica: str | None = None) -> list[str]:
         """The decisions of the last ``n`` finished rows, oldest first."""
         q = sa.select(decisions.c.decision).where(decisions.c.status == "done")
         if station is not None:
             q = q.where(decisions.c.station == station)
+        if replica is not None:
+            q = q.where(decisions.c.replica == replica)
         with self._tx() as conn:
             return [d for (d,) in conn.execute(q.order_by(decisions.c.id.desc()).limit(n))][::-1]
+
+    def replica_counts(self, since: str, station: str | None = None) -> list[dict[str, Any]]:
+        """Per replica (NULL: the sorter) and model: finished decisions by kind since ``since`` and the newest row's
+        time, counted in the database."""
+        cols = (decisions.c.replica, decisions.c.model_id, decisions.c.decision)
+        q = (sa.select(*cols, sa.func.count(), sa.func.max(decisions.c.time))
+             .where(*self._done_since(since, station)).group_by(*cols))
+        with self._tx() as conn:
+            return [{"replica": r, "model_id": m, "decision": d, "n": int(n), "last": t}
+                    for r, m, d, n, t in conn.execute(q)]
+
+    # ------------------------------------------------------------------------ the station's model, shared
+    def publish_model(self, model_id: str, replica: str) -> int:
+        """Say that the station now runs ``model_id`` (loaded by ``replica``); returns the generation number."""
+        with self._tx(write=True) as conn:
+            res = conn.execute(sa.insert(model_generations).values(time=utc_now(), model_id=model_id, replica=replica))
+            return int(res.inserted_primary_key[0])
+
+    def latest_model(self) -> dict[str, Any] | None:
+        """The newest model generation (``id``, ``time``, ``model_id``, ``replica``), None before the first."""
+        q = sa.select(model_generations).order_by(model_generations.c.id.desc()).limit(1)
+        with self._tx() as conn:
+            row = conn.execute(q).mappings().first()
+        return dict(row) if row else None
 
     def window(self, since: str, until: str | None = None) -> list[dict[str, Any]]:
         """The columns the dashboard's statistics need, for finished decisions in a time window."""

@@ -37,6 +37,8 @@ decisions = sa.Table(
     sa.Column("image_path", sa.Text),
     sa.Column("heatmap_path", sa.Text),
     sa.Column("needs_review", sa.Boolean, nullable=False, server_default=sa.false()),
+    sa.Column("reason", sa.Text),
+    sa.Column("replica", sa.Text),
     sa.CheckConstraint("status IN ('pending', 'done', 'error')", name="ck_decisions_status"),
     sa.UniqueConstraint("content_sha256", "file_name", "request_id", name="uq_decisions_image"),
     sa.Index("decisions_status", "status"),
@@ -60,4 +62,12 @@ review_claims = sa.Table(
     sa.Column("decision_id", sa.Integer, sa.ForeignKey("decisions.id", ondelete="CASCADE"), primary_key=True),
     sa.Column("reviewer", sa.Text, nullable=False),
     sa.Column("until", sa.Text, nullable=False),
+)
+
+model_generations = sa.Table(
+    "model_generations", TABLES,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("time", sa.Text, nullable=False),
+    sa.Column("model_id", sa.Text, nullable=False),
+    sa.Column("replica", sa.Text, nullable=False),
 )

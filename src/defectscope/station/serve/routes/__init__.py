@@ -3,8 +3,8 @@ document lists paths in that order)."""
 
 from __future__ import annotations
 
-from defectscope.station.serve.routes import dashboard, predict, probes, results, review
+from defectscope.station.serve.routes import dashboard, model, predict, probes, results, review
 
 __all__ = ["ROUTERS"]
 
-ROUTERS = (probes.router, predict.router, results.router, review.router, dashboard.router)
+ROUTERS = (probes.router, predict.router, results.router, review.router, model.router, dashboard.router)

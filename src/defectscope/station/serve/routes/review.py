@@ -1,5 +1,10 @@
-"""The review loop: put a decision in the queue, read the queue, store a person's label, and show where people
-disagree (:mod:`defectscope.station.corrections` says what a conflict is)."""
+"""The review loop: put a decision in the queue, read the queue, take the next item to review, store a person's
+label, and show where people disagree (:mod:`defectscope.station.corrections` says what a conflict is).
+
+Several replicas share one queue: ``POST /v1/review/next`` hands each reviewer an item nobody else holds, for a
+lease (:meth:`defectscope.station.store.Store.claim_review`, row locks on PostgreSQL); a lease that runs out frees
+the item for the next person. A review may still come from anyone: two labels of one item are both kept and shown
+as a conflict."""
 
 from __future__ import annotations
 
@@ -16,7 +21,7 @@ from defectscope.station.serve.rows import MAX_ID, DecisionId, public_row
 from defectscope.station.serve.services import Services, ServicesDep
 from defectscope.station.serve.uploads import META_RE
 
-__all__ = ["ReviewIn", "router"]
+__all__ = ["ClaimIn", "ReviewIn", "router"]
 
 router = APIRouter()
 
@@ -41,6 +46,11 @@ class ReviewIn(BaseModel):
         return value
 
 
+class ClaimIn(BaseModel):
+    reviewer: str | None = Field(default=None, max_length=64)
+    lease_seconds: float = Field(default=300.0, ge=1.0, le=3600.0)
+
+
 @router.post("/v1/decisions/{decision_id}/review-request", tags=["review"])
 async def request_review(decision_id: DecisionId, services: ServicesDep) -> dict[str, Any]:
     """Put any decision in the review queue (a person picked it). A decision that already has a review is not
@@ -61,8 +71,35 @@ async def request_review(decision_id: DecisionId, services: ServicesDep) -> dict
 async def review_queue(services: ServicesDep, limit: int = Query(20, ge=0, le=500)) -> dict[str, Any]:
     """Decisions waiting for a person, oldest first, and the labels a person may give."""
     rows, total = await run_in_threadpool(services.store.review_queue, limit)
+    claims = await run_in_threadpool(services.store.claims) if rows else {}
     services.review_depth = total
-    return {"total": total, "labels": _labels(services), "items": [public_row(r) for r in rows]}
+    items = [{**public_row(r), "claimed_by": claims.get(r["id"], {}).get("reviewer"),
+              "claimed_until": claims.get(r["id"], {}).get("until")} for r in rows]
+    return {"total": total, "labels": _labels(services), "items": items}
+
+
+@router.post("/v1/review/next", tags=["review"])
+async def review_next(request: Request, services: ServicesDep, body: ClaimIn | None = None) -> dict[str, Any]:
+    """The next item for this reviewer (``reviewer``, else the caller's key id), held for ``lease_seconds``: no
+    other reviewer, on this replica or another on the same database, is handed it until the lease ends or it is
+    reviewed. Asking again gives back the item already held, its lease renewed. ``item`` is null when nothing
+    waits that nobody holds."""
+    body = body or ClaimIn()
+    reviewer = _reviewer(body.reviewer, request)
+    row = await run_in_threadpool(lambda: services.store.claim_review(reviewer, body.lease_seconds, keep=True))
+    await _recount(services)
+    until = None
+    if row is not None:
+        until = (await run_in_threadpool(services.store.claims)).get(row["id"], {}).get("until")
+    return {"reviewer": reviewer, "total": services.review_depth, "labels": _labels(services),
+            "item": public_row(row) if row is not None else None, "claimed_until": until}
+
+
+def _reviewer(given: str | None, request: Request) -> str:
+    reviewer = (given or "").strip() or caller_key(request) or "anonymous"
+    if not META_RE.match(reviewer):
+        raise HTTPException(422, "reviewer: printable characters only")
+    return reviewer
 
 
 @router.get("/v1/review/conflicts", tags=["review"])
@@ -87,12 +124,9 @@ async def _recount(services: Services) -> None:
 async def add_review(body: ReviewIn, request: Request, services: ServicesDep) -> dict[str, Any]:
     """A person's label for a decision (confirm: the model's class; relabel: another class; Drift). Every
     review is kept; when reviewers disagree the answer says so (``conflict``, with each reviewer's label)."""
-    key_id = caller_key(request)
     if body.label not in _labels(services):
         raise HTTPException(422, f"label {body.label!r} is not one of {_labels(services)}")
-    reviewer = (body.reviewer or "").strip() or key_id or "anonymous"
-    if not META_RE.match(reviewer):
-        raise HTTPException(422, "reviewer: printable characters only")
+    reviewer = _reviewer(body.reviewer, request)
     store = services.store
     try:
         rid = await run_in_threadpool(store.add_review, body.decision_id, body.label, reviewer, body.comment)
