@@ -74,6 +74,21 @@ def test_schema_from_migrations_matches_the_tables_the_code_queries(url):
     assert ScriptDirectory.from_config(cfg).get_current_head() == store_mod.HEAD
 
 
+def test_dashboard_queries_use_the_done_since_indexes(tmp_path):
+    """The dashboard's window queries (done rows since a time, per station or not) are served by the composite
+    indexes, not a scan through the status index that every done row matches."""
+    with Store(tmp_path / "log.db") as s:
+        for i in range(50):
+            s.mark_done(s.begin(record(i)))
+        with s.engine.connect() as conn:
+            def plan(where: str) -> str:
+                rows = conn.exec_driver_sql(f"EXPLAIN QUERY PLAN SELECT count(*) FROM decisions WHERE {where}")
+                return " ".join(str(r[-1]) for r in rows)
+            assert "decisions_status_time" in plan("status = 'done' AND time >= '2026-01-01'")
+            assert "decisions_station_status_time" in plan(
+                "status = 'done' AND time >= '2026-01-01' AND station = 'line-1'")
+
+
 def test_service_rows_queries_and_reviews(url):
     with Store(url) as s:
         sort_id = s.begin(record(0))

@@ -44,6 +44,10 @@ decisions = sa.Table(
     sa.Index("decisions_status", "status"),
     sa.Index("decisions_time", "time"),
     sa.Index("decisions_review", "needs_review"),
+    # The dashboard asks for done rows since a time (per station): with status alone SQLite picks the status
+    # index, which every done row matches, and scans the table.
+    sa.Index("decisions_status_time", "status", "time"),
+    sa.Index("decisions_station_status_time", "station", "status", "time"),
 )
 
 reviews = sa.Table(

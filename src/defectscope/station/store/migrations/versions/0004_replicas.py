@@ -6,8 +6,9 @@ the decision is simply the top class. ``replica``: the ``serve`` process (``host
 for the sorter. A generation row is written by the replica that loaded a new model (its file changed, or
 ``POST /v1/model/reload``); the others load their own file when it holds that model.
 
-The dashboard filters on ``time`` (and ``status``): revision 0002's ``decisions_time`` index serves it on both
-databases (``tests/test_replicas.py`` checks the query plans), so no new index on ``time``.
+The dashboard asks for ``status = 'done' AND time >= since`` (and a station): with only single-column indexes
+SQLite picks ``decisions_status``, which every done row matches, and scans; two composite indexes serve those
+queries (``tests/test_store.py`` checks SQLite's plan).
 
 Revision ID: 0004
 Revises: 0003
@@ -33,9 +34,13 @@ def upgrade() -> None:
         sa.Column("model_id", sa.Text, nullable=False),
         sa.Column("replica", sa.Text, nullable=False),
     )
+    op.create_index("decisions_status_time", "decisions", ["status", "time"])
+    op.create_index("decisions_station_status_time", "decisions", ["station", "status", "time"])
 
 
 def downgrade() -> None:
+    op.drop_index("decisions_station_status_time", "decisions")
+    op.drop_index("decisions_status_time", "decisions")
     op.drop_table("model_generations")
     with op.batch_alter_table("decisions") as b:
         b.drop_column("replica")
