@@ -226,7 +226,9 @@ def main() -> None:
     parser.add_argument("--worker")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--rotate", type=int, default=0)
-    parser.add_argument("--out", type=Path)
+    parser.add_argument("--out", type=Path)  # a worker's own result file
+    parser.add_argument("--json", type=Path, default=ROOT / "bench" / "results" / "ddp.json",
+                        help="where the result goes (default bench/results/ddp.json)")
     args = parser.parse_args()
     if args.worker:
         return _worker(args.worker, args.threads, args.steps, args.warmup, args.out, args.rotate)
@@ -265,7 +267,7 @@ def main() -> None:
         "machine": machine_record(), "command": "python " + " ".join(sys.argv),
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
     }
-    (ROOT / "bench" / "results" / "ddp.json").write_text(json.dumps(result, indent=2) + "\n")
+    args.json.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps({m: v["summary"] for m, v in result["models"].items()}, indent=2))
 
 
