@@ -81,6 +81,9 @@ def test_dashboard_review_in_the_browser(browser, station_model, tmp_path):
         page.wait_for_function("() => document.getElementById('pilot').textContent.includes('2 / 2') || "
                                "document.getElementById('pilot').textContent.includes('/ 2')")
 
+        replicas = page.locator("#replicas").inner_text()  # this process's own row, with its decisions
+        assert f"{config.replica} (this one)" in replicas and "sorter" not in replicas
+
         out = tmp_path / "corrections.csv"
         assert export_corrections(config.db, out) == 2
         with open(out, newline="") as f:

@@ -196,6 +196,27 @@ function drawPilot(d) {
   }
 }
 
+function drawReplicas(d) {
+  // One row per process writing to this database (serve replicas by name, the sorter as "sorter"): its share of
+  // the window, its decisions by kind, the models that made them and its newest row.
+  const box = $("replicas");
+  box.textContent = "";
+  const reps = d.replicas || [];
+  if (!reps.length) { html("p", { class: "muted" }, box, "No decisions in this window."); return; }
+  const table = html("table", { class: "pilot" }, box);
+  const head = html("tr", {}, table);
+  for (const h of ["replica", "decisions", "by kind", "models", "last"]) html("th", {}, head, h);
+  for (const r of reps) {
+    const tr = html("tr", {}, table);
+    const name = r.replica === null ? "sorter" : r.replica;
+    html("td", {}, tr, name + (r.replica !== null && r.replica === d.replica ? " (this one)" : ""));
+    html("td", {}, tr, String(r.total));
+    html("td", {}, tr, Object.entries(r.decisions).map(([k, v]) => `${k} ${v}`).join(", "));
+    html("td", {}, tr, Object.keys(r.models).join(", "));
+    html("td", {}, tr, r.last || "-");
+  }
+}
+
 function drawTiles(d) {
   $("t-total").textContent = d.total;
   $("t-automation").textContent = d.automation && d.automation.total_rate !== null ? pct(d.automation.total_rate) : "-";
@@ -248,7 +269,7 @@ async function refresh() {
   try {
     const d = await getJSON(`/v1/dashboard?hours=${$("hours").value}&bucket_minutes=${$("bucket").value}`);
     state.data = d;
-    drawTiles(d); drawDecisions(d); drawAutomation(d); drawPChart(d); drawDrift(d); drawConfidence(d); drawThroughput(d); drawPilot(d);
+    drawTiles(d); drawDecisions(d); drawAutomation(d); drawPChart(d); drawDrift(d); drawConfidence(d); drawThroughput(d); drawPilot(d); drawReplicas(d);
     await refreshQueue();
     $("status").textContent = "updated " + new Date().toLocaleTimeString();
   } catch (e) {
