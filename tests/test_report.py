@@ -333,3 +333,18 @@ def test_headline_states_one_interval_level_once():
     assert " at 9" not in page  # no level repeated per row
     raw_row = re.search(r"escape rate, raw model</td><td>50.00% <small>\[([\d.]+)%", page)
     assert raw_row and float(raw_row.group(1)) > 27.2  # 10 of 20 at 90%: narrower than the 95% bound 27.2%
+
+
+def test_a_run_fitted_once_shows_its_validation_scores_not_a_dot_on_an_epoch_axis():
+    import pandas as pd
+    from matplotlib import pyplot as plt
+
+    from defectscope.evaluation import plots
+
+    once = plots.training_curves(pd.DataFrame({"epoch": [0], "val_macro_f1": [0.56], "val_accuracy": [0.78]}))
+    assert len(once.axes) == 1 and "no epochs" in once.axes[0].get_title()
+    assert sorted(t.get_text() for t in once.axes[0].texts) == ["0.560", "0.780"]
+    curve = plots.training_curves(pd.DataFrame({"epoch": [0, 1, 2], "train_loss": [1.0, 0.8, 0.6],
+                                                "val_macro_f1": [0.3, 0.5, 0.6], "best_epoch": [2, 2, 2]}))
+    assert len(curve.axes) == 2 and len(curve.axes[1].get_lines()) >= 1
+    plt.close("all")

@@ -116,7 +116,11 @@ def reliability(bins: dict[str, list], ece: float) -> Figure:
 
 
 def training_curves(history: Any) -> Figure:
-    """Loss and validation macro-F1 per epoch from a ``history.csv`` DataFrame; the best epoch marked."""
+    """Loss and validation macro-F1 per epoch from a ``history.csv`` DataFrame; the best epoch marked. A run
+    with one row (the frozen-feature head, fitted once) has no curve: its validation scores are shown as bars,
+    not as a dot on an epoch axis that means nothing."""
+    if len(history) <= 1:
+        return _fitted_once(history)
     fig, (ax_loss, ax_f1) = plt.subplots(1, 2, figsize=(10, 4))
     epoch = history["epoch"]
     for col, label in (("train_loss", "train loss"), ("val_loss", "validation loss")):
@@ -141,6 +145,23 @@ def training_curves(history: Any) -> Figure:
     ax_f1.set_ylim(0, 1.02)
     ax_f1.legend(fontsize=8)
     ax_f1.grid(alpha=0.3)
+    return fig
+
+
+def _fitted_once(history: Any) -> Figure:
+    fig, ax = plt.subplots(figsize=(7, 2.4))
+    scores = [(label, float(history[col].iloc[0])) for col, label in
+              (("val_macro_f1", "validation macro-F1"), ("val_accuracy", "validation accuracy"))
+              if col in history and len(history) and history[col].notna().all()]
+    if scores:
+        names, values = zip(*scores, strict=True)
+        ax.barh(names, values, color=["#2563eb", "#f59e0b"][:len(values)])
+        for i, v in enumerate(values):
+            ax.text(min(v + 0.01, 0.9), i, f"{v:.3f}", va="center", fontsize=9)
+    ax.set_xlim(0, 1)
+    ax.invert_yaxis()
+    ax.set_title("fitted once (frozen-feature head): no epochs, so no training curve", fontsize=10)
+    ax.grid(alpha=0.3, axis="x")
     return fig
 
 

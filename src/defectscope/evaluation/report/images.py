@@ -58,6 +58,11 @@ def grid(indices: Sequence[int], thumbs: Thumbs, captions: Sequence[str], path: 
     return plots.save(fig, path)
 
 
+# A Grad-CAM map is min-max scaled per image; one whose maximum stays below this had no positive evidence at all
+# (grad-cam returns zeros), which reads as a plain blue tile and needs saying in words.
+FLAT_MAP = 0.05
+
+
 def gradcam_section(
     model: Any, probs: np.ndarray, y_true: np.ndarray, classes: Sequence[str], thumbs: Thumbs,
     mistakes: np.ndarray, per_class: int, plots_dir: Path,
@@ -75,7 +80,9 @@ def gradcam_section(
         per = [i for k in range(len(classes)) for i in
                np.nonzero(y_true == k)[0][np.argsort(-probs[y_true == k, k], kind="stable")][:per_class]]
         body = [f"<p>Layer used: <code>{esc(layer_name)}</code> (the last convolution of the backbone). Warm "
-                f"colours mark the regions that pushed the model towards the named class.</p>"]
+                f"colours mark the regions that pushed the model towards the named class. A plain blue tile (captioned "
+                f"<i>no region stands out</i>) means no region pushed it that way: for a good class that is the "
+                f"expected answer, nothing in the image looked like a defect, so the evidence is an absence.</p>"]
         for what, idx in (("classes", per), ("mistakes", list(mistakes))):
             idx = [int(i) for i in idx if thumbs(int(i)) is not None]
             if not idx:
@@ -83,12 +90,13 @@ def gradcam_section(
             targets = [int(y_true[i]) for i in idx] if what == "classes" else [int(probs[i].argmax()) for i in idx]
             maps = gradcam_maps(model, np.stack([thumbs(i) for i in idx]), targets, layer=layer)
             info["images"] += len(idx)
+            flat = ["\n(no region stands out)" if float(m.max()) < FLAT_MAP else "" for m in maps]
             if what == "classes":
-                captions = [f"{classes[t]} p={probs[i, t]:.2f}" for i, t in zip(idx, targets, strict=True)]
+                captions = [f"{classes[t]} p={probs[i, t]:.2f}{f}" for i, t, f in zip(idx, targets, flat, strict=True)]
                 title, ncols = "Grad-CAM towards the true class", max(per_class, 1) * max(1, 6 // max(per_class, 1))
             else:
-                captions = [f"true {classes[y_true[i]]}\n-> {classes[t]} p={probs[i, t]:.2f}"
-                            for i, t in zip(idx, targets, strict=True)]
+                captions = [f"true {classes[y_true[i]]}\n-> {classes[t]} p={probs[i, t]:.2f}{f}"
+                            for i, t, f in zip(idx, targets, flat, strict=True)]
                 title, ncols = "Grad-CAM of the most confident mistakes, towards the predicted class", 6
             png = grid(idx, thumbs, captions, plots_dir / f"gradcam_{what}.png", title, overlays=list(maps),
                         ncols=ncols)
