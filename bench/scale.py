@@ -23,12 +23,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import io
 import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -37,35 +35,17 @@ import time
 from pathlib import Path
 
 import httpx
-import numpy as np
-from PIL import Image
+from serve import free_port, images  # the serve bench's synthetic camera images and port picker
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "tests"))
 
 
-def png(i: int, size: int, rng: np.random.Generator) -> bytes:
-    """A gray inspection-like image: texture, every third with a bright line, every third with a blob."""
-    img = rng.normal(90, 12, (size, size))
-    w, m = max(3, size // 13), size // 10
-    if i % 3 == 1:
-        r = rng.integers(m, size - m)
-        img[r:r + w, m:-m] = 230
-    elif i % 3 == 2:
-        cy, cx = rng.integers(size // 4, size - size // 4, 2)
-        yy, xx = np.mgrid[:size, :size]
-        img[(yy - cy) ** 2 + (xx - cx) ** 2 < (size // 8) ** 2] = 230
-    buf = io.BytesIO()
-    Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(buf, format="PNG")
-    return buf.getvalue()
-
-
 def write_archive(root: Path, n: int, size: int) -> Path:
-    rng = np.random.default_rng(0)
-    for i in range(n):
+    for i, data in enumerate(images(n, size, seed=0)):
         p = root / f"tool{i % 3}" / f"img_{i:04d}.png"
         p.parent.mkdir(parents=True, exist_ok=True)
-        p.write_bytes(png(i, size, rng))
+        p.write_bytes(data)
     return root
 
 
@@ -184,12 +164,6 @@ def postgres_server():
         shutil.rmtree(root, ignore_errors=True)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def start_replica(model: Path, db: str, work: Path, name: str) -> tuple[subprocess.Popen, str]:
     port = free_port()
     env = {**os.environ, "OMP_NUM_THREADS": "1",
@@ -243,9 +217,8 @@ def bench_replicas(model: Path, work: Path, args: argparse.Namespace) -> dict:
 
     from defectscope.station.store import Store
 
-    rng = np.random.default_rng(1)
     data = ([f.read_bytes() for f in elpv_files(32)] if args.source == "elpv"
-            else [png(i, args.size, rng) for i in range(32)])
+            else images(32, args.size, seed=1))
     out: dict = {"store": "postgresql (one server started by the bench, fsync on)", "clients": args.clients,
                  "seconds_per_measurement": args.seconds, "threads_per_replica": 1,
                  "1_replica": [], "2_replicas": []}
