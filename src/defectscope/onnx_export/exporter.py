@@ -195,11 +195,7 @@ def export(
         choice.write_reference(out, to_u8(x_test), y_test, drift_x)
         report["reference_set"] = {"file": str(choice.reference_path(out)), "split": split,
                                    "images": len(x_test), "drift_images": len(drift_x)}
-        # An int8 file the runtime's own acceptance test refuses is not left beside the model.
-        report["int8_checks"] = drop_refused_int8(out, os.cpu_count())
-        if "int8" in report and not engines.variant_path(out, "int8").is_file():
-            report["int8"]["written"] = False
-            report["size_bytes"].pop("int8", None)
+        _drop_refused_int8(out, report)
         if select:
             policy, classes = metadata[md.KEY_POLICY], list(spec["classes"])
             selection_record = choice.select(out, decide=lambda p, d: decide_labels(p, policy, classes, d),
@@ -210,6 +206,14 @@ def export(
                                   indent=2))
     log.info(f"exported {out} and {sidecar.name}")
     return report
+
+
+def _drop_refused_int8(out: Path, report: dict[str, Any]) -> None:
+    """An int8 file the runtime's own acceptance test refuses is not left beside the model; the report says so."""
+    report["int8_checks"] = drop_refused_int8(out, os.cpu_count())
+    if "int8" in report and not engines.variant_path(out, "int8").is_file():
+        report["int8"]["written"] = False
+        report["size_bytes"].pop("int8", None)
 
 
 def _write_int8_variant(run, spec: dict, fp32: Path, out: Path, tmp: Path, report: dict[str, Any], *, wanted: bool,
