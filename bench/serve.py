@@ -110,27 +110,84 @@ def summary(latencies: list[float], n_images: int, seconds: float) -> dict:
             "p50_ms": round(float(np.percentile(ms, 50)), 2), "p99_ms": round(float(np.percentile(ms, 99)), 2)}
 
 
+def proc_cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of process ``pid`` (every thread) so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class CpuMeter:
+    """CPU taken during a measurement by the server (``pid``) and by this bench process (the clients), in
+    cores (CPU seconds per wall second) and in ms per unit of work: on 2 shared cores the clients' own cost is
+    part of what the service competes with."""
+
+    def __init__(self, pid: int | None) -> None:
+        self.pid = pid
+        self.server0 = proc_cpu_seconds(pid) if pid else 0.0
+        self.client0, self.wall0 = time.process_time(), time.perf_counter()
+
+    def read(self, units: int) -> dict:
+        wall = time.perf_counter() - self.wall0
+        client = time.process_time() - self.client0
+        out = {"client_cpu_cores": round(client / wall, 3),
+               "client_cpu_ms_per_unit": round(1000 * client / max(units, 1), 2), "load_average": os.getloadavg()[0]}
+        if self.pid:
+            server = proc_cpu_seconds(self.pid) - self.server0
+            out.update({"server_cpu_cores": round(server / wall, 3),
+                        "server_cpu_ms_per_unit": round(1000 * server / max(units, 1), 2)})
+        return out
+
+
+def trivial(url: str, seconds: float, clients: int, pid: int | None) -> dict:
+    """``clients`` closed-loop clients on ``GET /healthz`` (no body, no model, no store): what one HTTP round
+    trip costs the clients and the server's framework (uvicorn, middlewares, FastAPI), the floor under every
+    prediction."""
+    count = [0]
+    lock = threading.Lock()
+    stop = time.perf_counter() + seconds
+
+    def client(_: int) -> None:
+        with httpx.Client(base_url=url, timeout=60) as c:
+            while time.perf_counter() < stop:
+                c.get("/healthz").raise_for_status()
+                with lock:
+                    count[0] += 1
+
+    meter = CpuMeter(pid)
+    start = time.perf_counter()
+    with ThreadPoolExecutor(clients) as pool:
+        list(pool.map(client, range(clients)))
+    return {"requests_per_second": round(count[0] / (time.perf_counter() - start), 1), "requests": count[0],
+            **{k.replace("unit", "request"): v for k, v in meter.read(count[0]).items()}}
+
+
 def bench_predictor(p, data: list[bytes], seconds: float) -> dict:
     p.predict(data[0])
-    lat, n, start = [], 0, time.perf_counter()
+    lat, n, start, meter = [], 0, time.perf_counter(), CpuMeter(None)
     while time.perf_counter() - start < seconds:
         t = time.perf_counter()
         p.predict(data[n % len(data)])
         lat.append(time.perf_counter() - t)
         n += 1
-    single = summary(lat, n, time.perf_counter() - start)
-    lat, n, start = [], 0, time.perf_counter()
+    single = {**summary(lat, n, time.perf_counter() - start), **_own_cpu(meter.read(n))}
+    lat, n, start, meter = [], 0, time.perf_counter(), CpuMeter(None)
     while time.perf_counter() - start < seconds:
         t = time.perf_counter()
         p.predict_batch(data[(n % 4) * 16:(n % 4) * 16 + 16], batch_size=16)
         lat.append(time.perf_counter() - t)
         n += 1
-    batched = summary(lat, n * 16, time.perf_counter() - start)
+    batched = {**summary(lat, n * 16, time.perf_counter() - start), **_own_cpu(meter.read(n * 16))}
     return {"single": single, "batch16": batched}
 
 
+def _own_cpu(read: dict) -> dict:
+    """The Predictor runs in this process: its CPU is the 'client' side of the meter."""
+    return {"cpu_cores": read["client_cpu_cores"], "cpu_ms_per_image": read["client_cpu_ms_per_unit"],
+            "load_average": read["load_average"]}
+
+
 def load(url: str, data: list[bytes], seconds: float, clients: int, per_request: int,
-         timings: list[dict] | None = None) -> dict:
+         timings: list[dict] | None = None, pid: int | None = None) -> dict:
     """``clients`` closed-loop clients sending ``per_request`` images a request (1: a raw PNG body, more: a
     multipart form); ``timings`` collects the service's own per-image timing of each answer."""
     lat: list[float] = []
@@ -157,10 +214,22 @@ def load(url: str, data: list[bytes], seconds: float, clients: int, per_request:
                         timings.extend({**x["timing"], "client_ms": 1000 * lat[-1]} for x in r.json()["results"])
                 i += clients
 
+    meter, batches = CpuMeter(pid), batch_totals(url)
     start = time.perf_counter()
     with ThreadPoolExecutor(clients) as pool:
         list(pool.map(client, range(clients)))
-    return summary(lat, count[0], time.perf_counter() - start)
+    cpu = {k.replace("unit", "image"): v for k, v in meter.read(count[0]).items()}
+    calls, images = (after - before for after, before in zip(batch_totals(url), batches, strict=True))
+    return {**summary(lat, count[0], time.perf_counter() - start), **(cpu if pid else {}),
+            "mean_inference_batch": round(images / calls, 2) if calls else None}
+
+
+def batch_totals(url: str) -> tuple[float, float]:
+    """(inference calls, images in them) so far, from the server's /metrics."""
+    lines = httpx.get(url + "/metrics", timeout=30).text.splitlines()
+    count = next((float(x.split()[-1]) for x in lines if x.startswith("defectscope_batch_size_count ")), 0.0)
+    total = next((float(x.split()[-1]) for x in lines if x.startswith("defectscope_batch_size_sum ")), 0.0)
+    return count, total
 
 
 def paced(url: str, data: list[bytes], seconds: float, rate: float, workers: int = 8,
@@ -298,15 +367,17 @@ def throughput(url: str, model: Path, args: argparse.Namespace, data: list[bytes
     from defectscope.runtime.predictor import Predictor
 
     predictor = Predictor(model, threads=args.threads, runtime=args.runtime, precision=args.precision)
-    rounds: dict = {"predictor": [], "service": []}
+    rounds: dict = {"predictor": [], "service": [], "trivial_endpoint_8_clients": []}
+    pid = args.server_pid
     for _ in range(2):  # interleaved: A, B, A, B
         rounds["predictor"].append(bench_predictor(predictor, data, args.seconds))
         rounds["service"].append({
-            "single_1_client": load(url, data, args.seconds, 1, 1),
-            "single_4_clients": load(url, data, args.seconds, 4, 1),
-            "single_8_clients": load(url, data, args.seconds, 8, 1),
-            "multipart16_2_clients": load(url, data, args.seconds, 2, 16),
+            "single_1_client": load(url, data, args.seconds, 1, 1, pid=pid),
+            "single_4_clients": load(url, data, args.seconds, 4, 1, pid=pid),
+            "single_8_clients": load(url, data, args.seconds, 8, 1, pid=pid),
+            "multipart16_2_clients": load(url, data, args.seconds, 2, 16, pid=pid),
         })
+        rounds["trivial_endpoint_8_clients"].append(trivial(url, min(args.seconds, 3.0), 8, pid))
     chosen = {"runtime": predictor.runtime, "precision": predictor.precision, "layout": predictor.layout,
               "views": predictor.views}
     del predictor
@@ -324,10 +395,28 @@ def throughput(url: str, model: Path, args: argparse.Namespace, data: list[bytes
         "service_fraction_of_bound": {k: round(v["images_per_second"] / bound, 3) for k, v in service.items()},
         "half_load_single_images": half,
         "half_load_where_the_time_goes_ms": where_time_goes(timings),
+        "trivial_endpoint_8_clients": med(rounds["trivial_endpoint_8_clients"]),
+        "cpu_ms_per_image": cpu_split(rounds, service),
         "targets": {"best_concurrent_fraction_of_bound": round(best / bound, 3), "fraction_target": 0.80,
                     "p99_ms_at_half_load": half["p99_ms"], "p99_target_ms": 100},
         "rounds": rounds,
     }
+
+
+def cpu_split(rounds: dict, service: dict) -> dict:
+    """Where the CPU of an image goes at 8 single-image clients, against the Predictor's own batched cost: the
+    server's whole process (inference, decode, HTTP, filing, heatmap, store), the clients' (this process), and
+    the HTTP round trip alone (the trivial endpoint's server and client cost per request)."""
+    eight = service["single_8_clients"]
+    floor = med(rounds["trivial_endpoint_8_clients"])
+    batch16 = med(rounds["predictor"], "batch16")["cpu_ms_per_image"]
+    return {"predictor_batch16": batch16, "predictor_single": med(rounds["predictor"], "single")["cpu_ms_per_image"],
+            "server_8_clients": eight.get("server_cpu_ms_per_image"),
+            "server_8_clients_beyond_predictor_batch16": round(eight["server_cpu_ms_per_image"] - batch16, 2)
+            if eight.get("server_cpu_ms_per_image") else None,
+            "clients_8_clients": eight.get("client_cpu_ms_per_image"),
+            "trivial_request_server": floor.get("server_cpu_ms_per_request"),
+            "trivial_request_client": floor.get("client_cpu_ms_per_request")}
 
 
 def where_time_goes(timings: list[dict]) -> dict:
@@ -555,6 +644,7 @@ def main() -> None:
     try:
         t = time.perf_counter()
         wait_ready(url, server)
+        args.server_pid = server.pid
         report["server_ready_seconds"] = round(time.perf_counter() - t, 1)
         report["server_runtime"] = httpx.get(url + "/readyz").json()
         for name, run in (("throughput", lambda: throughput(url, model, args, data)),
@@ -598,7 +688,7 @@ def summary_of(report: dict) -> dict:
         t = report["throughput"]
         out["throughput"] = {k: t[k] for k in ("predictor_runtime", "predictor_alone", "service",
                                                "half_load_single_images", "half_load_where_the_time_goes_ms",
-                                               "targets")}
+                                               "trivial_endpoint_8_clients", "cpu_ms_per_image", "targets")}
     if "overload" in report:
         out["overload"] = {k: v for k, v in report["overload"].items() if k != "rounds"}
     if "bodies" in report:

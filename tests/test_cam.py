@@ -109,7 +109,7 @@ def test_station_saves_a_viewable_heatmap(tmp_path):
 
     path = _save_heatmap(tmp_path, np.array([[0.0, 1.0], [0.5, 0.25]]), "ab" * 32, "m1")
     with Image.open(path) as im:
-        assert im.size == (HEATMAP_PIXELS, HEATMAP_PIXELS) and im.mode == "RGB"
-        rgb = np.asarray(im)
+        assert im.size == (HEATMAP_PIXELS, HEATMAP_PIXELS) and im.format == "PNG"
+        rgb = np.asarray(im.convert("RGB"))
     assert rgb[0, -1, 0] > 200 and rgb[0, -1, 2] < 50  # the hot corner is red
     assert rgb[0, 0, 2] > 200 and rgb[0, 0, 0] < 50  # the cold corner is blue

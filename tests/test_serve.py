@@ -435,3 +435,60 @@ def test_group_commit_isolates_a_bad_request(tmp_path):
         with pytest.raises(StoreError):
             bad.result()
         assert store.counts() == {"done": 4}
+
+
+def _pipeline(station_model: Path, store: Store):
+    from defectscope.station.serve.batching import Batcher, GroupCommit
+    from defectscope.station.serve.model_holder import ModelHolder
+
+    models = ModelHolder(station_model, 1, 10_000_000, 0, lambda result: None)
+    writer = GroupCommit(store)
+    batcher = Batcher(models, 8, 200, 64, lambda n, seconds: None, deliver=writer.gate)
+    return models, writer, batcher
+
+
+def test_one_inference_batch_is_one_transaction_and_its_places_come_back(station_model, tmp_path):
+    """Four single-image requests in one inference batch: their rows go to the store together, each request gets
+    its own ids, and the queue's places are given back once the rows are durable."""
+    from defectscope.station.serve.batching import PendingRequest
+
+    with Store(tmp_path / "r.db") as store:
+        transactions: list[int] = []
+        add = store.add_decisions
+        store.add_decisions = lambda records: transactions.append(len(records)) or add(records)
+        models, writer, batcher = _pipeline(station_model, store)
+        writer.start()  # running first: without the batch's gate it could commit the first request alone
+        pending = []
+        for i in range(4):
+            data = png("spot", i)
+            batcher.reserve(1)
+
+            def build(paths, results, i=i, data=data):
+                return [{"request_id": f"r{i}", "file_name": f"{i}.png", "source_path": "api", "size_bytes": len(data),
+                         "content_sha256": f"{i:064x}", "decision": results[0][0].decision, "destination": "d"}]
+
+            p = PendingRequest(1, batcher, writer, build)
+            p.submit(data, models.current.predictor.preprocess(data), 1.0, None)
+            p.filed([("sha", tmp_path / "d")])
+            pending.append(p)
+        batcher.start()
+        answers = [p.done.result(timeout=60) for p in pending]
+        batcher.stop()
+        writer.stop()
+        assert transactions == [4]
+        assert sorted(ids[0] for _, _, ids in answers) == [1, 2, 3, 4]
+        assert (batcher.depth, batcher.incoming) == (0, 0)
+        assert store.counts() == {"done": 4}
+
+
+def test_a_request_that_fails_before_inference_gives_its_places_back(station_model, tmp_path):
+    from defectscope.station.serve.batching import PendingRequest
+
+    with Store(tmp_path / "r.db") as store:
+        models, writer, batcher = _pipeline(station_model, store)
+        batcher.reserve(3)
+        p = PendingRequest(3, batcher, writer, lambda paths, results: [])
+        p.failed(ValueError("3.png: not an image"))  # decoding refused the request: nothing was submitted
+        with pytest.raises(ValueError, match="not an image"):
+            p.done.result(timeout=5)
+        assert (batcher.depth, batcher.incoming) == (0, 0) and store.counts() == {}

@@ -7,7 +7,9 @@ Torch-free (onnxruntime through :class:`defectscope.runtime.predictor.Predictor`
   queue for the inference thread, which gathers up to ``max_batch`` images (or what arrived within
   ``batch_wait_ms``) into one ONNX Runtime call. The upload is filed content-addressed under
   ``DATA/images`` and its row committed to the store *before* the answer leaves: an acknowledged request
-  is never lost, even to ``kill -9``. A full queue answers 503 with ``Retry-After``.
+  is never lost, even to ``kill -9``. The rows of the requests one batch answered are built and committed
+  together on the store-writer thread (one transaction, one fsync), without a hop through the event loop
+  in between. A full queue answers 503 with ``Retry-After``.
 * ``GET /v1/results``, ``/v1/decisions/{id}``, the review queue and ``POST /v1/reviews``: the review loop.
 * ``GET /v1/dashboard``: every statistic the page at ``/`` draws (:mod:`defectscope.station.spc`).
 * ``/healthz``, ``/readyz``, ``/metrics`` (Prometheus) and ``/openapi.json``. No ``/docs``: Swagger UI would be

@@ -1,4 +1,10 @@
-"""Micro-batching of inference and group commit of the rows: one thread each, shared by every request."""
+"""Micro-batching of inference and group commit of the rows: one thread each, shared by every request.
+
+A request's images go from the thread that decoded them to its committed rows without a hop through the event
+loop in between (:class:`PendingRequest`): the inference thread hands each batch's results on, the store-writer
+thread builds the rows (and their heatmaps) and commits every request that is ready in one transaction; the
+event loop only sees the request again when its rows are durable.
+"""
 
 from __future__ import annotations
 
@@ -17,7 +23,7 @@ import numpy as np
 from defectscope.station.serve.model_holder import ModelHolder
 from defectscope.station.store import Store
 
-__all__ = ["Batcher", "GroupCommit", "QueueFull"]
+__all__ = ["Batcher", "GroupCommit", "PendingRequest", "QueueFull"]
 
 log = logging.getLogger(__name__)
 
@@ -43,9 +49,12 @@ class Batcher:
     """
 
     def __init__(self, models: ModelHolder, max_batch: int, wait_ms: float, max_queue: int,
-                 on_batch: Callable[[int, float], None]) -> None:
+                 on_batch: Callable[[int, float], None], deliver: threading.Lock | None = None) -> None:
         self.models, self.max_batch, self.wait, self.max_queue = models, max_batch, wait_ms / 1000, max_queue
         self.on_batch = on_batch
+        # Held while a batch's results are handed out (GroupCommit.gate): the writer then sees the whole batch
+        # at once and commits its rows in one transaction instead of the first request's alone.
+        self._deliver = deliver or threading.Lock()
         self.depth = 0
         self.incoming = 0  # reserved, not yet submitted (being decoded)
         self._lock = threading.Lock()
@@ -120,18 +129,24 @@ class Batcher:
             for job in batch:
                 job.future.set_exception(exc)
             return
-        for job, pred in zip(batch, preds, strict=True):
-            job.future.set_result((pred, model))
+        with self._deliver:
+            for job, pred in zip(batch, preds, strict=True):
+                job.future.set_result((pred, model))
+
+
+Rows = list[dict[str, Any]]
 
 
 class GroupCommit:
     """One thread writes every request's rows: what gathered while the previous commit ran goes in one
     transaction, so concurrent requests share one fsync instead of queueing for one each. A failed group is
-    retried request by request, so one bad request cannot fail the others."""
+    retried request by request, so one bad request cannot fail the others. A request may hand over a function
+    that builds its rows: it runs here, off the event loop and off the inference thread."""
 
     def __init__(self, store: Store, max_requests: int = 64) -> None:
         self.store, self.max_requests = store, max_requests
-        self._q: queue.Queue[tuple[list[dict[str, Any]], Future] | None] = queue.Queue()
+        self.gate = threading.Lock()  # the Batcher's deliver lock: a batch's requests arrive together
+        self._q: queue.Queue[tuple[Rows | Callable[[], Rows], Future] | None] = queue.Queue()
         self._thread = threading.Thread(target=self._run, name="store-writer", daemon=True)
 
     def start(self) -> None:
@@ -141,7 +156,8 @@ class GroupCommit:
         self._q.put(None)
         self._thread.join(timeout=30)
 
-    def submit(self, records: list[dict[str, Any]]) -> Future:
+    def submit(self, records: Rows | Callable[[], Rows]) -> Future:
+        """Commit ``records`` (or what the function returns); the future holds their ids once durable."""
         future: Future = Future()
         self._q.put((records, future))
         return future
@@ -152,6 +168,8 @@ class GroupCommit:
             if item is None:
                 return
             group = [item]
+            with self.gate:  # the rest of an inference batch being handed out: wait for it
+                pass
             while len(group) < self.max_requests:
                 try:
                     nxt = self._q.get_nowait()
@@ -161,9 +179,9 @@ class GroupCommit:
                     self._q.put(None)
                     break
                 group.append(nxt)
-            self._write(group)
+            self._write(_built(group))
 
-    def _write(self, group: list[tuple[list[dict[str, Any]], Future]]) -> None:
+    def _write(self, group: list[tuple[Rows, Future]]) -> None:
         try:
             ids = self.store.add_decisions([r for records, _ in group for r in records])
         except Exception:
@@ -177,3 +195,92 @@ class GroupCommit:
         for records, future in group:
             future.set_result(ids[start:start + len(records)])
             start += len(records)
+
+
+def _built(group: list[tuple[Rows | Callable[[], Rows], Future]]) -> list[tuple[Rows, Future]]:
+    """The group's rows, built now where a request handed over a builder; a builder that fails fails its own
+    request only."""
+    out = []
+    for records, future in group:
+        if callable(records):
+            try:
+                records = records()
+            except Exception as exc:
+                log.exception("building the rows of a request failed")
+                future.set_exception(exc)
+                continue
+        out.append((records, future))
+    return out
+
+
+class PendingRequest:
+    """One request's images on their way from its decode thread to its committed rows.
+
+    :meth:`submit` puts each decoded image into the batcher; each result arrives on the inference thread,
+    :meth:`filed` (or :meth:`failed`) comes from the decode thread. When every piece is in, ``build(paths,
+    results)`` makes the rows on the store-writer thread, which commits them. ``done`` resolves with
+    ``(records, results, ids)``, or with the first error, only once every submitted image has left the batcher:
+    then, and not before, the request's places in the queue are given back.
+    """
+
+    def __init__(self, n: int, batcher: Batcher, writer: GroupCommit,
+                 build: Callable[[list[Any], list[tuple[Any, Any]]], Rows]) -> None:
+        self.n, self.batcher, self.writer, self.build = n, batcher, writer, build
+        self.submitted = 0
+        self.done: Future = Future()
+        self._results: list[Any] = [None] * n
+        self._paths: list[Any] = []
+        self._records: Rows = []
+        self._error: BaseException | None = None
+        self._left = n + 1  # each image's result, and the filing
+        self._lock = threading.Lock()
+
+    def submit(self, data: bytes, x: np.ndarray, decode_ms: float, metadata: dict[str, str] | None) -> None:
+        i = self.submitted
+        future = self.batcher.submit(data, x, decode_ms, metadata)
+        self.submitted += 1
+        future.add_done_callback(lambda f: self._image(i, f))
+
+    def filed(self, paths: list[Any]) -> None:
+        self._paths = paths
+        self._piece(None)
+
+    def failed(self, exc: BaseException) -> None:
+        """Decoding or filing failed: the images not submitted yet never will be."""
+        with self._lock:
+            self._left -= self.n - self.submitted
+        self._piece(exc)
+
+    def _image(self, i: int, future: Future) -> None:
+        exc = future.exception()
+        if exc is None:
+            self._results[i] = future.result()
+        self._piece(exc)
+
+    def _piece(self, exc: BaseException | None) -> None:
+        with self._lock:
+            if exc is not None and self._error is None:
+                self._error = exc
+            self._left -= 1
+            last = self._left == 0
+        if not last:
+            return
+        if self._error is not None:
+            self._settle(None, self._error)
+            return
+        self.writer.submit(self._build).add_done_callback(self._committed)
+
+    def _build(self) -> Rows:
+        self._records = self.build(self._paths, self._results)
+        return self._records
+
+    def _committed(self, future: Future) -> None:
+        exc = future.exception()
+        self._settle(None if exc else (self._records, self._results, future.result()), exc)
+
+    def _settle(self, result: Any, exc: BaseException | None) -> None:
+        self.batcher.release(self.n, self.n - self.submitted)
+        if exc is not None:
+            self.done.set_exception(exc)
+        else:
+            self.done.set_result(result)

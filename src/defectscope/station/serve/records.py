@@ -42,17 +42,30 @@ def build_records(config: ServeConfig, uploads: list[tuple[str, bytes]], paths: 
 HEATMAP_PIXELS = 160
 
 
+def _heatmap_palette() -> list[int]:
+    """256 colours, blue cold to red hot through green: the PNG's palette, so that an index is one byte."""
+    v = np.arange(256, dtype=np.float32) / 255
+    rgb = np.stack([v, 1.0 - np.abs(2.0 * v - 1.0), 1.0 - v], axis=-1)
+    return (np.clip(rgb, 0, 1) * 255).round().astype(np.uint8).reshape(-1).tolist()
+
+
+_PALETTE = _heatmap_palette()
+
+
 def _save_heatmap(folder: Path, heatmap: Any, sha: str, model_id: str) -> str:
     from PIL import Image
 
     h = np.asarray(heatmap, dtype=np.float32)
     h = np.nan_to_num((h - h.min()) / (np.ptp(h) or 1.0))
     # The graph's map is the last convolution's grid (5 x 5 at 160 px): smooth it to a viewable size and
-    # colour it (blue cold, red hot) so it reads beside the grey image.
+    # colour it (blue cold, red hot) so it reads beside the grey image. A palette image with light compression:
+    # an RGB PNG at the default level cost 4 ms of CPU per image, taken from inference on a 2-core station.
     size = HEATMAP_PIXELS
     h = np.asarray(Image.fromarray(h).resize((size, size), Image.Resampling.BILINEAR), dtype=np.float32)
-    rgb = np.stack([h, 1.0 - np.abs(2.0 * h - 1.0), 1.0 - h], axis=-1)
+    index = Image.fromarray(np.clip(h * 255 + 0.5, 0, 255).astype(np.uint8), mode="L")
+    im = Image.frombytes("P", index.size, index.tobytes())
+    im.putpalette(_PALETTE)
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{sha}-{model_id}.png"
-    Image.fromarray((np.clip(rgb, 0, 1) * 255).astype(np.uint8), mode="RGB").save(path)
+    im.save(path, compress_level=1)
     return str(path)

@@ -5,6 +5,7 @@ parameter typed :data:`ServicesDep`."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 from typing import Annotated, Any
 
@@ -54,14 +55,18 @@ class Services:
                              runtime={"runtime": config.runtime, "precision": config.precision,
                                       "device": config.device},
                              store=store, replica=config.replica or "", generation_poll=config.generation_poll_seconds)
-        batcher = Batcher(models, config.max_batch, config.batch_wait_ms, config.max_queue, self.metrics.on_batch)
         writer = GroupCommit(store)
+        batcher = Batcher(models, config.max_batch, config.batch_wait_ms, config.max_queue, self.metrics.on_batch,
+                          deliver=writer.gate)
         self.store, self.models, self.batcher, self.writer = store, models, batcher, writer
         self.review_depth = store.review_queue(limit=0)[1]
         (config.data / "images").mkdir(parents=True, exist_ok=True)
         batcher.start()
         writer.start()
         models.start()
+        # What startup made (the model, the app, the libraries: over 100k objects) lives as long as the process:
+        # out of the collector's reach, a full collection no longer walks it (30 ms, a p99 spike at half load).
+        gc.freeze()
         log.info("station ready: model %s, store %r, data %s", models.current.model_id, store, config.data)
 
     def close(self) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from concurrent.futures import Future
+from pathlib import Path
 from typing import Any
 
 from fastapi import APIRouter, HTTPException, Query, Request
@@ -13,6 +13,7 @@ from starlette.concurrency import run_in_threadpool
 
 from defectscope.runtime.predictor import Prediction, Predictor
 from defectscope.station.serve.auth import caller_key
+from defectscope.station.serve.batching import PendingRequest
 from defectscope.station.serve.limits import reserve
 from defectscope.station.serve.model_holder import LoadedModel
 from defectscope.station.serve.records import build_records
@@ -115,27 +116,29 @@ async def _classify_and_store(services: Services, uploads: list[tuple[str, bytes
                               started: float,
                               ) -> tuple[list[dict[str, Any]], list[tuple[Prediction, LoadedModel]], list[int]]:
     """Decode, infer in the shared batches, file the uploads and commit their rows: (rows, predictions, ids).
-    The images hold their places in the queue until the rows are committed."""
-    config, batcher = services.config, services.batcher
-    reserve(batcher, len(uploads), services.metrics)
-    futures: list[Future] = []
+    The images hold their places in the queue until the rows are committed (:class:`PendingRequest`)."""
+    config = services.config
+    reserve(services.batcher, len(uploads), services.metrics)
+
+    def build(paths: list[tuple[str, Path]], results: list[tuple[Prediction, LoadedModel]]) -> list[dict[str, Any]]:
+        return build_records(config, uploads, paths, results, request_id, meta, started)
+
+    pending = PendingRequest(len(uploads), services.batcher, services.writer, build)
+    # One worker thread decodes, hands the images to the batcher, then files them (an fsync) while the batch
+    # is in inference; from there the rows are built and committed off the event loop.
+    await run_in_threadpool(_decode_submit_file, services, uploads, model_metadata, pending)
+    return await asyncio.wrap_future(pending.done)
+
+
+def _decode_submit_file(services: Services, uploads: list[tuple[str, bytes]], model_metadata: dict[str, str] | None,
+                        pending: PendingRequest) -> None:
     try:
-        predictor = services.models.current.predictor
-        decoded = await run_in_threadpool(decode_all, predictor, uploads)
+        decoded = decode_all(services.models.current.predictor, uploads)
         for (_, data), (x, ms) in zip(uploads, decoded, strict=True):
-            futures.append(batcher.submit(data, x, ms, model_metadata))
-        # Only decodable images are filed (junk never reaches the disk), and filing (an fsync) runs
-        # while the batch is in inference.
-        filing = asyncio.ensure_future(run_in_threadpool(file_uploads, config.data / "images", uploads))
-        try:
-            results = await asyncio.gather(*(asyncio.wrap_future(f) for f in futures))
-        finally:
-            paths = await filing
-        args = (config, uploads, paths, results, request_id, meta, started)
-        # Building rows is cheap unless a heatmap has to be written: only then a worker thread.
-        heatmaps = any(getattr(pred, "heatmap", None) is not None for pred, _ in results)
-        records = await run_in_threadpool(build_records, *args) if heatmaps else build_records(*args)
-        ids = await asyncio.wrap_future(services.writer.submit(records))
-    finally:
-        batcher.release(len(uploads), len(uploads) - len(futures))
-    return records, results, ids
+            pending.submit(data, x, ms, model_metadata)
+        # Only decodable images are filed: junk never reaches the disk.
+        paths = file_uploads(services.config.data / "images", uploads)
+    except BaseException as exc:
+        pending.failed(exc)
+        raise
+    pending.filed(paths)
