@@ -83,6 +83,17 @@ def _naive_fails(policy: Policy, logits: np.ndarray, y: np.ndarray, target: floa
                if e["threshold"] is not None)
 
 
+def test_the_readme_states_the_images_a_target_needs():
+    from pathlib import Path
+
+    from defectscope.decision.reject_purity import class_purity
+
+    needed = class_purity(np.zeros(0), np.zeros(0, dtype=bool), 0.9, confidence=1 - 0.05 / 3,
+                          policy_confidence=0.95).needed
+    readme = " ".join((Path(__file__).resolve().parents[1] / "README.md").read_text().split())
+    assert f"a 90% target needs at least {needed} calibration REJECTs" in readme
+
+
 def test_fallback_levels_pass_a_certified_level_on_and_restart_after_a_failure():
     certified, levels = fallback_levels(np.array([1.0, 0.001, 0.015, 1.0, 0.009]), 0.05)
     assert certified.tolist() == [False, True, True, False, True]
@@ -218,3 +229,10 @@ def test_calibrate_with_purity_then_export_then_predictor_decides_as_python(trai
     decisions = {r.decision for r in results}
     assert "spot" not in decisions and REVIEW in decisions
     assert PURITY_REASON in {r.reason for r in results}
+    from defectscope.evaluation.evaluate import evaluate
+
+    metrics = evaluate(run)  # evaluate's metrics and the report's policy section carry the per-class purity
+    assert set(metrics["policy"]["reject_purity"]) == {"scratch", "spot"}
+    assert metrics["policy"]["reject_purity"]["spot"]["of"] == 0
+    html = (run / "evaluation" / "report.html").read_text()
+    assert "REJECT purity" in html and "every REJECT as it goes to REVIEW" in html
