@@ -236,3 +236,20 @@ def test_calibrate_with_purity_then_export_then_predictor_decides_as_python(trai
     assert metrics["policy"]["reject_purity"]["spot"]["of"] == 0
     html = (run / "evaluation" / "report.html").read_text()
     assert "REJECT purity" in html and "every REJECT as it goes to REVIEW" in html
+
+
+def test_acceptance_measures_a_flip_across_a_purity_threshold_from_that_threshold():
+    """An int8 candidate moving a REJECT as crack to REVIEW near crack's purity threshold is rounding, not a change
+    of behaviour: its distance is to that threshold, not to the (far) escape-score thresholds."""
+    from defectscope.runtime.acceptance import MAX_FLIP_LOG_ODDS, flips
+
+    policy = Policy(classes=CLASSES, good_class="good", three_way={
+        "pass_threshold": 0.9, "reject_threshold": 0.5,
+        "reject_purity": {"score": "probability", "classes": {"crack": {"threshold": 0.8}}}})
+    fp32 = np.array([[0.05, 0.81, 0.07, 0.07]])
+    candidate = np.array([[0.05, 0.79, 0.08, 0.08]])
+    d32, d = (list(decide(p, policy, inputs="probs").labels) for p in (fp32, candidate))
+    assert (d32, d) == (["crack"], [REVIEW])
+    row = flips(d32, d, fp32, np.zeros(1), policy, drift_on=False)[0]
+    assert row["log_odds_from_purity_threshold"] == pytest.approx(0.0645, abs=1e-3)
+    assert row["distance"] < MAX_FLIP_LOG_ODDS < row["log_odds_from_threshold"]
