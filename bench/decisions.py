@@ -14,7 +14,10 @@ Default run: the demo's recipe and split (src/defectscope/demo.py), trained into
 2 cores) unless ``--run`` names a finished ELPV run. The model's logits are computed once; every policy costs
 milliseconds.
 
-    python bench/decisions.py [--run RUN_DIR]
+``--reject-purity 0.9`` (or ``CLASS=TARGET,...``) adds a row per setting: the ``auto`` three-way policy with that
+per-class REJECT purity (decision/reject_purity.py), beside the same policy without it.
+
+    python bench/decisions.py [--run RUN_DIR] [--reject-purity 0.9]
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
+from defectscope.cli.options import per_class_numbers
 from defectscope.decision.calibrate import calibrate_from_logits, calibration_split, split_info
 from defectscope.decision.escape_scores import binary_auroc, class_ranks_from_order, goodness
 from defectscope.decision.outcomes import apply_policy_metrics
@@ -65,6 +69,8 @@ def rates(m: dict) -> dict:
     out = {k: {"rate": m[k]["rate"], "interval": m[k]["interval"], "count": m[k]["count"], "of": m[k]["of"]}
            for k in keep if k in m}
     out["review_rate"] = m["review_rate"]
+    if m.get("reject_purity"):
+        out["reject_purity"] = m["reject_purity"]
     if m.get("auto"):
         out["class_accuracy_of_automatic_decisions"] = round(m["auto"]["accuracy"], 4)
     return out
@@ -77,11 +83,26 @@ def argmax_rates(y: np.ndarray, logits: np.ndarray, g: int) -> dict:
             "overkill_rate": float((~passed & good).sum() / good.sum()), "automation_rate": 1.0}
 
 
+def purity_row(calib_logits, calib_y, held_logits, held_y, classes, common: dict, setting: tuple, purity) -> dict:
+    """The ``auto`` three-way policy of ``setting`` with a per-class REJECT purity, measured on the held-out cells."""
+    max_escape, max_overkill, confidence = setting
+    policy, _ = calibrate_from_logits(calib_logits, calib_y, classes, max_escape=max_escape, max_overkill=max_overkill,
+                                      confidence=confidence, escape_score="auto", reject_purity=purity, **common)
+    m = apply_policy_metrics(held_y, held_logits, policy, classes, inputs="logits")
+    tw = policy.three_way
+    return {"escape_score": policy.escape_score, "pass_threshold": tw["pass_threshold"],
+            "reject_threshold": tw["reject_threshold"], "on_test": rates(m),
+            "calibration": {"reject_purity": tw["reject_purity"]["classes"]},
+            "verdict": verdict_lines(ThreeWay.from_dict(tw), m)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", help="a finished ELPV run (default: train the demo's recipe into bench/runs/)")
     parser.add_argument("--results", default=str(HERE / "results" / "decisions.json"))
+    parser.add_argument("--reject-purity", help="also a row with this per-class REJECT purity, e.g. 0.9")
     args = parser.parse_args()
+    purity = None if args.reject_purity is None else per_class_numbers("--reject-purity", args.reject_purity)
     source = Path(args.run) if args.run else demo_run()
     run = Run(source)
     classes, table = run.classes, run.table
@@ -116,6 +137,10 @@ def main() -> None:
                 "reject_threshold": tw["reject_threshold"], "on_test": rates(m),
                 "calibration": {side: tw[side] for side in ("escape", "overkill")},
                 "verdict": verdict_lines(ThreeWay.from_dict(tw), m)}
+        if purity is not None:
+            entry[f"three_way_auto_reject_purity_{args.reject_purity}"] = purity_row(
+                calib_logits, calib_y, held_logits, held_y, classes, common, (max_escape, max_overkill, confidence),
+                purity)
         try:  # the baseline: today's single threshold at the same escape cap, everything else rejected
             base, _ = calibrate_from_logits(calib_logits, calib_y, classes, max_escape=max_escape,
                                             confidence=confidence, escape_score="auto", **common)
@@ -133,6 +158,11 @@ def main() -> None:
     for key, entry in out["settings"].items():
         tw = entry["three_way_auto"]["on_test"]
         single = entry["single_threshold"].get("on_test")
+        gated = next((v["on_test"] for k, v in entry.items() if k.startswith("three_way_auto_reject_purity")), None)
+        if gated:
+            print(f"{key}: with REJECT purity {args.reject_purity}: automation {gated['automation']['rate']:.3f}, "
+                  f"purity " + ", ".join(f"{c} {v['rate'] if v['rate'] is None else round(v['rate'], 3)} of {v['of']}"
+                                         for c, v in gated["reject_purity"].items()))
         print(f"{key}: three-way automation {tw['automation']['rate']:.3f}, escape {tw['escape']['rate']:.3f}, "
               f"overkill {tw['overkill']['rate']:.3f} | single threshold: "
               + (f"overkill {single['overkill']['rate']:.3f}, escape {single['escape']['rate']:.3f}" if single

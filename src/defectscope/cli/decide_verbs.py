@@ -18,6 +18,12 @@ def add_calibrate(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--critical", type=lambda v: [x.strip() for x in v.split(",") if x.strip()],
                    help="comma-separated defect classes the escape cap covers (default: all); the others are "
                         "nuisance classes whose escapes are reported, not capped")
+    c.add_argument("--reject-purity", metavar="TARGETS",
+                   help="with the two caps: REJECT as a defect class only where the calibration images certify "
+                        "that such REJECTs are right at least this often, e.g. 0.9 (every defect class) or "
+                        "scratch=0.95,particle=0.8; the others go to REVIEW")
+    c.add_argument("--purity-score", default="probability", choices=["probability", "margin"],
+                   help="what the purity threshold compares: calibrated P(class) or its margin over the next class")
     c.add_argument("--escape-share", type=float, default=0.5,
                    help="with two caps: the share of 1 - confidence spent on the escape cap (0.5)")
     c.add_argument("--confidence", type=float, default=0.95,
@@ -43,13 +49,17 @@ def add_calibrate(sub: argparse._SubParsersAction) -> None:
 
 
 def run_calibrate(args: argparse.Namespace) -> int:
+    from defectscope.cli.options import per_class_numbers
     from defectscope.decision.calibrate import calibrate
 
     calibrate(args.run, good_class=args.good_class, max_escape=args.max_escape, confidence=args.confidence,
               cost_matrix=args.cost_matrix, review_rate=args.review_rate, target_purity=args.target_purity,
               review_score=args.review_score, drift_rate=None if args.no_drift else args.drift_rate,
               drift_score=args.drift_score, drift_examples=args.drift_examples, escape_score=args.escape_score,
-              max_overkill=args.max_overkill, critical_classes=args.critical, escape_share=args.escape_share)
+              max_overkill=args.max_overkill, critical_classes=args.critical, escape_share=args.escape_share,
+              reject_purity=None if args.reject_purity is None else per_class_numbers("--reject-purity",
+                                                                                       args.reject_purity),
+              purity_score=args.purity_score)
     return 0
 
 

@@ -1,4 +1,5 @@
-"""Flags several verbs share, and the parsers of their values (``--set``, ``--budget``, ``--metadata``)."""
+"""Flags several verbs share, and the parsers of their values (``--set``, ``--budget``, ``--metadata``,
+per-class numbers such as ``--reject-purity``)."""
 
 from __future__ import annotations
 
@@ -83,3 +84,22 @@ def name_values(items: Sequence[str]) -> dict[str, str] | None:
             raise UsageError(f"--metadata {item!r}: give NAME=VALUE, e.g. --metadata type=mono")
         out[name.strip()] = value.strip()
     return out or None
+
+
+def per_class_numbers(flag: str, text: str) -> float | dict[str, float]:
+    """A per-class setting: ``0.9`` (every class), ``scratch=0.95,particle=0.8`` (those classes), or both
+    (``0.9,scratch=0.95``: the bare number for every class not named, returned under the key ``*``). The class
+    names are checked by the verb, which knows the model's classes."""
+    out: dict[str, float] = {}
+    for item in (part.strip() for part in text.split(",")):
+        name, sep, value = item.rpartition("=") if "=" in item else ("*", "", item)
+        name = name.strip()
+        if not item or (sep and not name) or name in out:
+            raise UsageError(f"{flag} {text!r}: give a number for every class, CLASS=NUMBER pairs separated by "
+                             f"commas, or both (e.g. {flag} 0.9,scratch=0.95); each class once")
+        try:
+            out[name] = float(value)
+        except ValueError:
+            raise UsageError(f"{flag} {text!r}: {value.strip()!r} is not a number"
+                             + (f" (for class {name!r})" if sep else "")) from None
+    return out["*"] if list(out) == ["*"] else out

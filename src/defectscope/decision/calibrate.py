@@ -12,7 +12,7 @@ import math
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +28,8 @@ from defectscope.decision.drift.rule import NOT_POOLED, PATCH, PHOTOMETRIC, Drif
 from defectscope.decision.drift.support import support_message, threshold_with_support
 from defectscope.decision.escape_scores import choose_escape_score, class_ranks_from_order, goodness
 from defectscope.decision.outcomes import apply_policy_metrics
-from defectscope.decision.policy import Policy, decide, review_scores, softmax
+from defectscope.decision.policy import REVIEW, Policy, decide, purity_scores, review_scores, softmax
+from defectscope.decision.reject_purity import fit_reject_purity, resolve_targets
 from defectscope.decision.three_way import ThreeWay, fit_three_way, verdict_lines
 from defectscope.decision.thresholds import (
     CalibrationError,
@@ -115,6 +116,8 @@ def calibrate_from_logits(
     max_overkill: float | None = None,
     critical_classes: Sequence[str] | None = None,
     escape_share: float = 0.5,
+    reject_purity: float | Mapping[str, float] | None = None,
+    purity_score: str = "probability",
 ) -> tuple[Policy, dict[str, Any]]:
     """The policy for calibration ``logits`` (N, K) with labels ``y`` (class indices); pure numpy.
 
@@ -123,7 +126,10 @@ def calibrate_from_logits(
     severity in [0, 1]) or ``auto``: the one with the higher binary AUROC on ``temperature_data`` (the
     validation split; ``p_good`` without it). With ``max_overkill`` beside ``max_escape`` the policy is three-way
     (PASS / REJECT / REVIEW, both caps held together at ``confidence``, :mod:`defectscope.decision.three_way`);
-    ``critical_classes`` are the defect classes the escape cap covers (default: all). Returns (policy, extras)
+    ``critical_classes`` are the defect classes the escape cap covers (default: all). ``reject_purity``: a target
+    for every defect class (a number) or per class (a mapping; key ``*`` for the classes not named): a REJECT as
+    a class stays automatic only above its certified purity threshold on ``purity_score`` (``probability`` or
+    ``margin``), else it goes to REVIEW (:mod:`defectscope.decision.reject_purity`). Returns (policy, extras)
     where extras holds the review trade-off curve, the policy's metrics on the calibration images and, for a
     three-way policy, ``verdict`` (what the data supports, in plain lines).
     """
@@ -160,6 +166,9 @@ def calibrate_from_logits(
             tw = fit_three_way(score, names, classes, good_class, max_escape=max_escape, max_overkill=max_overkill,
                                confidence=confidence, escape_share=escape_share, critical=critical_classes)
             policy.three_way = {**tw.to_dict(), "score": escape_score, **({"score_choice": choice} if choice else {})}
+            if reject_purity is not None:
+                policy.three_way["reject_purity"] = _fit_purity(logits, probs, names, policy, reject_purity,
+                                                                purity_score, confidence)
         else:
             guarantee = escape_threshold(score, y != g, max_escape=max_escape, confidence=confidence)
             policy.escape_threshold = guarantee.threshold
@@ -168,6 +177,9 @@ def calibrate_from_logits(
         Policy.from_dict(policy.to_dict())  # checks escape_score against class_ranks
     elif max_overkill is not None:
         raise CalibrationError("an overkill cap (--max-overkill) is set together with an escape cap (--max-escape)")
+    if reject_purity is not None and policy.three_way is None:
+        raise CalibrationError("a REJECT purity (--reject-purity) applies to a three-way policy: give --max-escape "
+                               "and --max-overkill too")
 
     # The review band ranks the decisions the rest of the policy would make.
     correct = decide(logits, policy, inputs="logits").labels == np.array(classes, dtype=object)[y]
@@ -187,6 +199,17 @@ def calibrate_from_logits(
     return policy, extras
 
 
+def _fit_purity(logits: np.ndarray, probs: np.ndarray, names: np.ndarray, policy: Policy,
+                spec: float | Mapping[str, float], score: str, confidence: float) -> dict[str, Any]:
+    """``three_way["reject_purity"]``: the REJECTs of the policy as it stands (the same :func:`decide` the line
+    runs, before any review band), each class's threshold certified on them."""
+    targets = resolve_targets(spec, policy.classes, policy.good_class)
+    decided = decide(logits, policy, inputs="logits").labels
+    rejected = (decided != policy.good_class) & (decided != REVIEW) & np.isin(decided, policy.classes)
+    q = purity_scores(probs, policy.classes, decided, score)
+    return fit_reject_purity(q, decided, rejected, names, targets, confidence=confidence, score=score)
+
+
 def calibrate(
     run: str | Path | Run,
     *,
@@ -204,6 +227,8 @@ def calibrate(
     max_overkill: float | None = None,
     critical_classes: Sequence[str] | None = None,
     escape_share: float = 0.5,
+    reject_purity: float | Mapping[str, float] | None = None,
+    purity_score: str = "probability",
 ) -> dict[str, Any]:
     """Fit the run's decision policy and write ``RUN/policy.json``; returns a dict with ``policy`` (as
     written), ``path``, ``review_curve`` (arrays for the report) and ``calibration_metrics``.
@@ -219,7 +244,9 @@ def calibrate(
     Three-way decisions: with ``max_overkill`` beside ``max_escape``, images are PASSed, REJECTed or sent to
     REVIEW, and both caps hold together with probability ``confidence`` (``escape_share`` of the error budget
     to the escape cap); ``critical_classes``: the defect classes the escape cap covers (default: all of them;
-    the others are nuisance classes whose escapes are reported, not capped).
+    the others are nuisance classes whose escapes are reported, not capped). ``reject_purity`` (a number for every
+    defect class, or {class: target}): REJECT as a class only where its purity is certified, else REVIEW (see
+    :func:`calibrate_from_logits`).
 
     Drift: the statistics of the training features are fitted (RUN/drift.safetensors; with a ``patch``
     member also the per-position Gaussians of the feature maps, RUN/patch_drift.safetensors) and the
@@ -237,6 +264,8 @@ def calibrate(
     good_class = good_class or default_good_class(classes)
     if good_class is not None and good_class not in classes:
         raise CalibrationError(f"good class {good_class!r} is not one of the run's classes {classes}")
+    if reject_purity is not None:  # a misspelt class is refused before the model runs
+        resolve_targets(reject_purity, classes, good_class or "")
     table = run.table
     calib_mask, _ = calibration_split(table, run.seed)
     if not calib_mask.any():
@@ -247,7 +276,8 @@ def calibrate(
         return _calibrate_run(run, good_class, calib_mask, dict(
             max_escape=max_escape, confidence=confidence, cost_matrix=cost_matrix, review_rate=review_rate,
             target_purity=target_purity, review_score=review_score, escape_score=escape_score,
-            max_overkill=max_overkill, critical_classes=critical_classes, escape_share=escape_share),
+            max_overkill=max_overkill, critical_classes=critical_classes, escape_share=escape_share,
+            reject_purity=reject_purity, purity_score=purity_score),
             drift_rate, drift_score, drift_examples)
 
 
@@ -459,7 +489,8 @@ def _log_summary(policy: Policy, m: dict[str, Any]) -> None:
                  f"calibration images; escape {m['escape']['count']}/{m['escape']['of']}, overkill "
                  f"{m['overkill']['count']}/{m['overkill']['of']}, review {m['review_rate']:.4f}")
         for line in tw.get("verdict", []):
-            (log.warning if line.startswith(("the ", "verdict: the policy decides only")) else log.info)(line)
+            unmet = line.startswith(("the ", "verdict: the policy decides only")) or "every REJECT as" in line
+            (log.warning if unmet else log.info)(line)
     if policy.review_threshold is not None:
         r = policy.review_target
         log.info(f"review band: {policy.review_score} < {policy.review_threshold:.6f}; review rate "

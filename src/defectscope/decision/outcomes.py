@@ -41,7 +41,8 @@ def apply_policy_metrics(
     decided GOOD / all defective (with a three-way policy: its critical classes; ``nuisance_escape`` the
     others); overkill = GOOD decided as a defect automatically / all GOOD. REVIEW and Drift images are
     neither: they count in ``review_rate`` / ``drift_rate``, and accuracy,
-    macro-F1, cost and PWA cover the auto-decided images only (``n_auto``).
+    macro-F1, cost and PWA cover the auto-decided images only (``n_auto``). With a REJECT purity in the policy,
+    ``reject_purity`` holds each gated class's purity (images truly it / images decided as it).
     """
     classes = list(classes)
     if classes != policy.classes:
@@ -72,6 +73,9 @@ def apply_policy_metrics(
             nuisance = ~good & ~at_risk
             out["nuisance_escape"] = _rate(int((nuisance & passed).sum()), int(nuisance.sum()), confidence)
         out["overkill"] = _rate(int((good & auto & ~passed).sum()), int(good.sum()), confidence)
+    purity = (policy.three_way or {}).get("reject_purity")
+    if purity:
+        out["reject_purity"] = reject_purity_rates(names, labels, purity, confidence)
     if auto.any():
         index = {c: i for i, c in enumerate(classes)}
         m = classification_metrics(
@@ -87,4 +91,16 @@ def apply_policy_metrics(
         out["expected_cost_per_image"] = float(e[np.arange(len(col)), col].mean())
         out["realised_cost_per_image"] = float(penalties(names[auto], labels[auto], policy.cost_matrix).mean())
         out["pwa"] = penalty_weighted_accuracy(names[auto], labels[auto], policy.cost_matrix)
+    return out
+
+
+def reject_purity_rates(names: np.ndarray, labels: np.ndarray, purity: dict[str, Any], confidence: float
+                        ) -> dict[str, Any]:
+    """Per class with a purity target: the share of the images decided as it (automatic REJECTs) that truly are
+    it, with its interval, beside the target and the certified threshold."""
+    out = {}
+    for c, entry in purity["classes"].items():
+        decided = labels == c
+        out[c] = {"target": entry["target"], "threshold": entry["threshold"],
+                  **_rate(int((decided & (names == c)).sum()), int(decided.sum()), confidence)}
     return out

@@ -27,9 +27,11 @@ from defectscope.errors import DefectscopeError
 log = logging.getLogger(__name__)
 
 # 2: the three-way PASS / REJECT / REVIEW rule (``three_way``); version-1 files load unchanged.
-POLICY_VERSION = 2
+# 3: per-class REJECT purity (``three_way["reject_purity"]``); an older reader refuses a file it would misread.
+POLICY_VERSION = 3
 REVIEW = labels.REVIEW
 REVIEW_SCORES = ("top", "margin")
+PURITY_SCORES = ("probability", "margin")  # what a REJECT class's purity threshold compares against
 
 
 class PolicyError(DefectscopeError, ValueError):
@@ -66,6 +68,10 @@ class Policy:
     ``three_way``: PASS as ``good_class`` iff the escape score >= ``three_way["pass_threshold"]``, REJECT as the
     best defect decision iff it is < ``three_way["reject_threshold"]``, REVIEW otherwise (a None threshold: that
     side decides nothing); it replaces ``escape_threshold`` (see :mod:`defectscope.decision.three_way`).
+    ``three_way["reject_purity"]`` (optional): a REJECT as defect class c stays automatic only when the image's
+    purity score for c (``score``: calibrated P(c), or its margin over the next class) is at least
+    ``classes[c]["threshold"]``; otherwise it goes to REVIEW (a None threshold: every REJECT as c does). Classes
+    it does not name are not gated (see :mod:`defectscope.decision.reject_purity`).
     ``drift_threshold``: an image whose drift score (``drift["score"]``, computed from the model's features
     with the statistics in RUN/drift.safetensors) exceeds it is ``Drift``, before any other rule.
     """
@@ -104,6 +110,7 @@ class Policy:
                 value = self.three_way.get(key, "missing")
                 if value is not None and not isinstance(value, (int, float)):
                     raise PolicyError(f"three_way.{key} must be a number or null, got {value!r}")
+            _check_purity(self.three_way.get("reject_purity"), self.classes, self.good_class)
         if self.escape_score not in ESCAPE_SCORES:
             raise PolicyError(f"escape_score must be one of {ESCAPE_SCORES}, got {self.escape_score!r}")
         if self.class_ranks is not None and len(self.class_ranks) != len(self.classes):
@@ -227,6 +234,59 @@ def review_scores(probs: np.ndarray, kind: str = "top") -> np.ndarray:
     raise ValueError(f"review score must be one of {REVIEW_SCORES}, got {kind!r}")
 
 
+def _check_purity(purity: Any, classes: list[str], good_class: str | None) -> None:
+    """Refuse a ``three_way.reject_purity`` the decision rule could not apply (None: purity off)."""
+    if purity is None:
+        return
+    if not isinstance(purity, dict) or not isinstance(purity.get("classes"), dict):
+        raise PolicyError("three_way.reject_purity must be an object with 'score' and 'classes'")
+    if purity.get("score") not in PURITY_SCORES:
+        raise PolicyError(f"three_way.reject_purity.score must be one of {PURITY_SCORES}, got {purity.get('score')!r}")
+    for name, entry in purity["classes"].items():
+        if name not in classes or name == good_class:
+            raise PolicyError(f"three_way.reject_purity names {name!r}, which is not a defect class of {classes}")
+        value = (entry or {}).get("threshold", "missing") if isinstance(entry, dict) else "missing"
+        if value is not None and not isinstance(value, (int, float)):
+            raise PolicyError(f"three_way.reject_purity.classes.{name}.threshold must be a number or null, "
+                              f"got {value!r}")
+
+
+def purity_scores(probs: np.ndarray, classes: list[str], decided: np.ndarray, kind: str) -> np.ndarray:
+    """Per image, how sure the model is of the class it ``decided``: calibrated P(decided) (``probability``) or
+    P(decided) minus the largest other class probability (``margin``); NaN where the decision is not a class."""
+    probs = np.asarray(probs, dtype=np.float64)
+    index = {c: i for i, c in enumerate(classes)}
+    col = np.array([index.get(d, -1) for d in decided], dtype=int)
+    rows = np.arange(len(col))
+    out = np.full(len(col), np.nan)
+    ok = col >= 0
+    out[ok] = probs[rows[ok], col[ok]]
+    if kind == "margin":
+        others = probs.copy()
+        others[rows[ok], col[ok]] = -np.inf
+        out[ok] -= others[ok].max(axis=1) if probs.shape[1] > 1 else 0.0
+    elif kind != "probability":
+        raise ValueError(f"purity score must be one of {PURITY_SCORES}, got {kind!r}")
+    return out
+
+
+def purity_kept(probs: np.ndarray, classes: list[str], decided: np.ndarray, purity: dict[str, Any] | None
+                ) -> np.ndarray:
+    """Mask of decisions the REJECT-purity rule leaves automatic: every decision of a class it does not gate,
+    and one of a gated class only at or above that class's certified threshold (none when it has no threshold).
+    The one implementation of the rule: calibration, evaluate and the deployed predictor all call it."""
+    decided = np.asarray(decided, dtype=object)
+    keep = np.ones(len(decided), dtype=bool)
+    if not purity:
+        return keep
+    q = purity_scores(probs, classes, decided, purity["score"])
+    for name, entry in purity["classes"].items():
+        mine = decided == name
+        t = entry.get("threshold")
+        keep[mine] = False if t is None else q[mine] >= t
+    return keep
+
+
 def verdicts(score: np.ndarray, t_pass: float | None, t_reject: float | None) -> np.ndarray:
     """Per image: "PASS", "REJECT" or "REVIEW" from the escape score and the two thresholds."""
     score = np.asarray(score, dtype=np.float64)
@@ -280,6 +340,8 @@ def decide(
             labels = np.where(verdict == "PASS", policy.good_class, np.where(verdict == "REJECT", defect, REVIEW))
             reasons[:] = np.where(verdict == "PASS", PASS_REASON,
                                   np.where(verdict == "REJECT", REJECT_REASON, BETWEEN_REASON))
+            unsure = (verdict == "REJECT") & ~purity_kept(probs, classes, defect, policy.three_way.get("reject_purity"))
+            labels[unsure], reasons[unsure] = REVIEW, PURITY_REASON
         else:
             labels = np.where(score >= policy.escape_threshold, policy.good_class, defect)
             reasons[(labels != policy.good_class) & (first == policy.good_class)] = ESCAPE_REASON
@@ -307,6 +369,7 @@ ESCAPE_REASON = "below the escape threshold"  # GOOD was the top class, but not 
 PASS_REASON = "above the PASS threshold"
 REJECT_REASON = "below the REJECT threshold"
 BETWEEN_REASON = "between the PASS and REJECT thresholds"
+PURITY_REASON = "defect class below its purity threshold"  # rejectable, but which defect is not sure enough
 REVIEW_REASON = "review band"
 DRIFT_REASON = "Drift: unlike the training images"
 

@@ -23,7 +23,9 @@ Assumptions: calibration images are exchangeable with production images, and the
 the calibration images were looked at (temperature and score choice on the validation split). A cap whose
 side cannot be certified at all (too few images even with zero errors) switches that side off: nothing is
 PASSed (or REJECTed) automatically, which holds the cap trivially, and :func:`verdict_lines` says so.
-Pure numpy/scipy: the deployed predictor needs only the two thresholds.
+Optionally each REJECT class also carries a purity threshold (:mod:`defectscope.decision.reject_purity`): a
+REJECT whose defect class is not certain enough goes to REVIEW instead. Pure numpy/scipy: the deployed
+predictor needs only the thresholds.
 """
 
 from __future__ import annotations
@@ -33,21 +35,22 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
-from scipy import stats
 
 from defectscope.decision.policy import verdicts  # the rule itself, torch- and scipy-free for the line
-from defectscope.decision.thresholds import CalibrationError, cp_interval, cp_upper, min_defective_for_cap
+from defectscope.decision.reject_purity import purity_lines
+from defectscope.decision.thresholds import (
+    CalibrationError,
+    binomial_p_value,
+    cp_interval,
+    cp_upper,
+    min_defective_for_cap,
+)
 
 METHOD = ("Learn-Then-Test: Bonferroni split of the confidence between the two caps, fixed-sequence "
           "binomial (Clopper-Pearson) tests along each cap's threshold")
 __all__ = ["CapCheck", "ThreeWay", "binomial_p_value", "fit_three_way", "outcomes", "pass_threshold",
            "reject_threshold", "verdict_lines", "verdicts"]
 PValue = Callable[[np.ndarray, np.ndarray, float], np.ndarray]
-
-
-def binomial_p_value(errors: np.ndarray, n: np.ndarray | int, cap: float) -> np.ndarray:
-    """Exact p-value of "true rate > cap" after ``errors`` in ``n``: P(Binomial(n, cap) <= errors)."""
-    return stats.binom.cdf(np.asarray(errors), np.asarray(n), cap)
 
 
 @dataclass
@@ -150,6 +153,7 @@ class ThreeWay:
     nuisance_classes: list[str]
     method: str = METHOD
     notes: list[str] = field(default_factory=list)
+    reject_purity: dict[str, Any] | None = None  # decision.reject_purity.fit_reject_purity(); None: purity off
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -258,6 +262,7 @@ def verdict_lines(tw: ThreeWay, result: dict[str, Any] | None = None, *, low_aut
             lines.append(f"{name} cap {check.cap:.1%}: {check.errors}/{check.n} {who} images on the wrong side "
                          f"(upper bound {check.upper_bound:.2%} at {check.confidence:.4g}); {check.n} images "
                          f"could certify caps down to {_cap_text(check.certifiable_cap)}.")
+    lines += purity_lines(tw.reject_purity)
     if result is not None:
         auto = result["automation"]["rate"] or 0.0
         if auto < low_automation:

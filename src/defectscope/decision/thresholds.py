@@ -57,6 +57,11 @@ def cp_upper(k: np.ndarray | int, n: int, confidence: float) -> np.ndarray | flo
     return float(ub) if ub.ndim == 0 else ub
 
 
+def binomial_p_value(errors: np.ndarray, n: np.ndarray | int, cap: float) -> np.ndarray:
+    """Exact p-value of "true rate > cap" after ``errors`` in ``n``: P(Binomial(n, cap) <= errors)."""
+    return stats.binom.cdf(np.asarray(errors), np.asarray(n), cap)
+
+
 def cp_interval(k: int, n: int, confidence: float) -> tuple[float, float]:
     """Two-sided Clopper-Pearson interval at ``confidence``; (0, 1) when n = 0."""
     if n == 0:

@@ -13,8 +13,9 @@ policy, not by how many decisions differ from fp32:
   views may hold the caps by sending more images to REVIEW, which costs people;
 * **no far flip**: every decision that differs from fp32 is listed with how far the fp32 image was from the
   threshold it crossed, in log-odds of the escape score (``log(s / (1 - s))``, where 0.983 and 0.99 are 0.53
-  apart instead of 0.007) or in log of the Drift score. A flip farther than ``MAX_FLIP_LOG_ODDS`` from every
-  threshold is a change of behaviour, not rounding, and refuses the candidate.
+  apart instead of 0.007), of a REJECT class's purity score (for its purity threshold) or in log of the Drift
+  score. A flip farther than ``MAX_FLIP_LOG_ODDS`` from every threshold is a change of behaviour, not rounding,
+  and refuses the candidate.
 
 numpy only (the policy's :func:`~defectscope.decision.policy.decide`): this runs on a line PC.
 """
@@ -27,7 +28,7 @@ import numpy as np
 
 from defectscope import labels
 from defectscope.decision.escape_scores import goodness
-from defectscope.decision.policy import Policy, calibrated_probs, decide
+from defectscope.decision.policy import Policy, calibrated_probs, decide, purity_scores
 
 MAX_ACCURACY_DROP = 0.005
 MAX_DRIFT_AUROC_DROP = 0.005
@@ -106,6 +107,22 @@ def _rate(pair: list[int]) -> float:
     return pair[0] / pair[1] if pair[1] else 0.0
 
 
+def purity_gap(probs: np.ndarray, a: str, b: str, policy: Policy) -> float | None:
+    """Log-odds distance of one image's purity score to the purity threshold of the gated class one of its two
+    decisions names (None: neither is a gated class with a threshold). A margin in [-1, 1] is read as
+    (1 + margin) / 2 so it has log-odds too."""
+    purity = (policy.three_way or {}).get("reject_purity")
+    gated = [c for c in (a, b) if purity and (purity["classes"].get(c) or {}).get("threshold") is not None]
+    if not gated:
+        return None
+    c = gated[0]
+    q = float(purity_scores(probs[None, :], policy.classes, np.array([c], dtype=object), purity["score"])[0])
+    t = float(purity["classes"][c]["threshold"])
+    if purity["score"] == "margin":
+        q, t = (1 + q) / 2, (1 + t) / 2
+    return round(abs(float(log_odds(q)) - float(log_odds(t))), 4)
+
+
 def flips(d32: list[str], d: list[str], probs32: np.ndarray, drift32: np.ndarray, policy: Policy,
           drift_on: bool) -> list[dict[str, Any]]:
     """Every image whose decision differs, with the fp32 image's log-odds distance to the nearest threshold
@@ -123,6 +140,10 @@ def flips(d32: list[str], d: list[str], probs32: np.ndarray, drift32: np.ndarray
             row.update({"escape_score": round(float(score[i]), 6), "nearest_threshold": near[0],
                         "log_odds_from_threshold": round(abs(lo - float(log_odds(near[1]))), 4)})
             distances.append(row["log_odds_from_threshold"])
+        gap = purity_gap(calibrated[i], d32[i], d[i], policy)
+        if gap is not None:  # a REJECT class crossing its purity threshold (REJECT as c <-> REVIEW)
+            row["log_odds_from_purity_threshold"] = gap
+            distances.append(gap)
         if drift_on and policy.drift_threshold:
             gap = abs(np.log(max(float(drift32[i]), EPS)) - np.log(max(float(policy.drift_threshold), EPS)))
             row["log_from_drift_threshold"] = round(float(gap), 4)

@@ -20,7 +20,7 @@ from defectscope.evaluation.report import charts
 from defectscope.evaluation.report.drift import drift_section
 from defectscope.evaluation.report.html import STYLE, esc, section
 from defectscope.evaluation.report.images import Thumbs, gallery, gradcam_section
-from defectscope.evaluation.report.summary import headline, per_class_table
+from defectscope.evaluation.report.summary import headline, per_class_table, purity_table
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +90,7 @@ def write_report(
         "8. Grad-CAM: where the model looked", "a heatmap on a defect means the model decided for the right "
         "reason; a heatmap on the background or image border means it may rely on something that will not hold "
         "on the line.", cam_html))
-    sections.append(charts.review(probs, y_true, policy, plots_dir))
+    sections.append(charts.review(probs, y_true, policy, plots_dir, purity_table(policy, metrics)))
     drift_html, drift_info = drift_section(run, metrics, policy, plots_dir)
     sections.append(section(
         "10. Drift: images unlike the training images", "a Drift score says how unlike the training images a "

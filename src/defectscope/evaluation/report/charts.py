@@ -77,7 +77,8 @@ def training(run: Path | None, plots_dir: Path) -> str:
         "memorise the training images; the dashed line marks the epoch whose weights were kept.", body)
 
 
-def review(probs: np.ndarray, y_true: np.ndarray, policy: Any, plots_dir: Path) -> str:
+def review(probs: np.ndarray, y_true: np.ndarray, policy: Any, plots_dir: Path, extra: str = "") -> str:
+    """The policy section: the review trade-off, then ``extra`` (the REJECT purity table, when there is one)."""
     temperature = float(getattr(policy, "temperature", 1.0) or 1.0)
     kind = getattr(policy, "review_score", "top") or "top"
     cal = calibrated_probs(probs, temperature, "probs")
@@ -102,4 +103,5 @@ def review(probs: np.ndarray, y_true: np.ndarray, policy: Any, plots_dir: Path) 
                 + img(png, "review trade-off"))
     return section(
         "9. Review band trade-off", "sending the least confident images to a person raises the accuracy of what "
-        "the machine decides alone; read off how much review buys how much accuracy.", body or "<p>no images</p>")
+        "the machine decides alone; read off how much review buys how much accuracy.",
+        (body or "<p>no images</p>") + extra)

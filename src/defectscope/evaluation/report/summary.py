@@ -115,3 +115,29 @@ def auc_table(numbers: dict[str, Any]) -> str:
                 f"<th>{num(numbers['macro_average_precision'])}</th><th>{num(numbers['macro_pr_auc'])}</th>"
                 f"<th></th></tr>")
     return f"<table>{head}{''.join(rows)}</table>"
+
+
+def purity_table(policy: Any, metrics: dict[str, Any]) -> str:
+    """The REJECT purity of each gated class: its target, the certified threshold, the purity on the calibration
+    images and on these test images, with intervals (empty without a purity in the policy)."""
+    purity = ((getattr(policy, "three_way", None) or {}).get("reject_purity")) or {}
+    if not purity:
+        return ""
+    tested = (metrics.get("policy") or {}).get("reject_purity") or {}
+    head = ("<tr><th>REJECT class</th><th>target</th><th>threshold</th><th>calibration: REJECTs kept, purity</th>"
+            "<th>test: decided as it, purity</th></tr>")
+    rows = []
+    for name, e in purity["classes"].items():
+        lo, hi = e["interval"]
+        calib = (f"{e['n']} of {e['n_rejected']}, {pct(e['purity'])} <small>[{pct(lo)}, {pct(hi)}]</small>"
+                 if e["threshold"] is not None else f"none of {e['n_rejected']}: every REJECT as it goes to REVIEW")
+        t = tested.get(name) or {}
+        test = (f"{t['of']}, {pct(t['rate'])} <small>[{pct(t['interval'][0])}, {pct(t['interval'][1])}]</small>"
+                if t.get("of") else "none")
+        rows.append(f"<tr><td>{esc(name)}</td><td>{pct(e['target'])}</td>"
+                    f"<td>{'none' if e['threshold'] is None else num(e['threshold'])}</td><td>{calib}</td>"
+                    f"<td>{test}</td></tr>")
+    what = "P(class)" if purity["score"] == "probability" else "the margin of the class over the next"
+    return (f"<p>REJECT purity: a part is rejected as its defect class only when {esc(what)} reaches the class's "
+            f"threshold, certified on the calibration images at {pct(purity['confidence'])} for all classes "
+            f"together; the others go to REVIEW.</p><table>{head}{''.join(rows)}</table>")
