@@ -314,12 +314,12 @@ class Crash(BaseException):
     """Stands for the process dying: not an Exception, so no handler in the sorter catches it."""
 
 
-def _crash_after_link(src, dest, mode, sha256, part):
+def _crash_after_link(src, dest, mode, sha256, part, *later):
     os.link(src, dest)
     raise Crash
 
 
-def _crash_in_copy(src, dest, mode, sha256, part):
+def _crash_in_copy(src, dest, mode, sha256, part, *later):
     part.write_bytes(src.read_bytes()[:10])
     raise Crash
 
@@ -328,17 +328,18 @@ def _crash_in_copy(src, dest, mode, sha256, part):
 def test_restart_after_a_crash_at_each_step(predictor, tmp_path, monkeypatch, point):
     inbox, out = tmp_path / "inbox", tmp_path / "out"
     shas = sorted(sha(p) for p in make_inbox(inbox, 3))
-    if point == "before_done":
-        monkeypatch.setattr(Store, "mark_done", lambda self, row_id: (_ for _ in ()).throw(Crash()))
-    else:
+    if point == "before_done":  # every file placed, the batch's outcome not committed
+        monkeypatch.setattr(Store, "settle_many", lambda self, *a: (_ for _ in ()).throw(Crash()))
+    else:  # the first file of the batch half placed
         monkeypatch.setattr(sorter, "place_file", _crash_after_link if point == "after_link" else _crash_in_copy)
     with pytest.raises(Crash):
         sort(predictor, inbox, out, **QUIET)
-    assert [r["status"] for r in rows(out / "results.db")] == ["pending"]
+    # The batch's pending rows were committed before any file was touched: all three are there.
+    assert [r["status"] for r in rows(out / "results.db")] == ["pending"] * 3
     monkeypatch.undo()
 
     summary = sort(predictor, inbox, out, **QUIET)
-    assert summary["recovered"] == 1
+    assert summary["recovered"] == 3
     assert inbox_files(inbox) == [] and sorted(filed(out).values()) == shas
     log = rows(out / "results.db")
     assert len(log) == 3 and {r["status"] for r in log} == {"done"}
