@@ -490,7 +490,9 @@ def main() -> None:
     cold = median(rows["end_to_end"], "images_per_second")
     e2e_old = median(rows["steady_ort_fp32"], "images_per_second")
     steady = {k: round(median(rows["steady"], k), 3) for k in rows["steady"][0] if k != "runtime"}
-    compare = ({"src": str(Path(args.compare_src).resolve()),
+    commit = (subprocess.run(["git", "-C", args.compare_src, "rev-parse", "HEAD"], capture_output=True,
+                             text=True).stdout.strip() if args.compare_src else None)
+    compare = ({"src": str(Path(args.compare_src).resolve()), "commit": commit,
                 **{k: round(median(rows["steady_compare"], k), 3) for k in rows["steady_compare"][0]
                    if k != "runtime"}} if rows["steady_compare"] else None)
     bound_new = per_runtime[chosen]["bound_images_per_second"]
