@@ -14,7 +14,10 @@ Guarantees, in the order the code keeps them:
   Any number of move-mode sorters (processes, machines on one share, with one PostgreSQL store) run side by side;
   a copy-mode sorter cannot claim and runs alone per output folder (a one-line error otherwise).
 * **Write-ahead log.** For each file: hash it; look its row up; write a ``pending`` row holding the intended
-  destination; place the file; mark the row ``done``. Pending rows are settled at start and after a takeover:
+  destination; place the file; mark the row ``done``. A batch shares the steps' commits and fsyncs, never their
+  order: its pending rows are one transaction committed before any of its files is touched; each file's bytes
+  are fsynced, each folder once; a move's source is removed only after its folder's fsync; the outcomes are
+  one transaction after that. Pending rows are settled at start and after a takeover:
   destination present with the right hash -> ``done``; otherwise (no other worker alive) ``error``, and the file
   is filed again, the row reused. A worker killed at any instant thus files every input exactly once.
 * **One image per content and name** (``content_sha256``, ``file_name``): a copy-mode re-run skips it; in move
@@ -219,10 +222,11 @@ class _Sorter:
     def process(self, paths: list[Path], sigs: dict[Path, tuple[int, int, int]], progress: Any = None) -> None:
         """Hash, classify and file ``paths``; stops between files once ``stop`` is set.
 
-        Three stages overlap so the runtime is never idle: this thread reads and hashes the files and feeds
-        them to the predictor (which decodes the next batch in its pool while the runtime runs this one,
-        batches spanning files of any folder), and a filing thread places each classified file and writes
-        its log rows while the next batch is inferred. Files are filed in the order they were read.
+        Three stages overlap so the runtime is never idle: this thread reads and hashes the files (their rows
+        looked up a batch at a time) and feeds them to the predictor (which decodes the next batch in its pool
+        while the runtime runs this one, batches spanning files of any folder), and a filing thread places
+        each batch of classified files and writes its log rows (:meth:`_file_batch`) while the next batch is
+        inferred. Files are filed in the order they were read.
         """
         waiting: deque[Item] = deque()  # read and sent to the predictor, in order
 
