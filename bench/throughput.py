@@ -428,6 +428,10 @@ def main() -> None:
                                                                   "plain_loop", "decode", "batched", "one",
                                                                   "loadavg")}
         for r in range(args.repeats):
+            # The bound's pieces first, right beside the sorter runs they are compared with (the load drifts).
+            rows["decode"].append(measure_decode(files, size, mode, args.threads))
+            rows["batched"].append({k: measure_batched(batch_engines[k], x)  # the chosen one last: nearest the sorter
+                                    for k in sorted(batch_engines, key=lambda k: k == auto_key)})
             rows["steady"].append(measure_steady(onnx, sorter_files, root, "auto", "auto"))
             if args.compare_src:
                 rows["steady_compare"].append(measure_steady_elsewhere(Path(args.compare_src), onnx, sorter_files,
@@ -438,8 +442,6 @@ def main() -> None:
                 rows["components"].append(measure_components(onnx, files, root))
             if "plain_loop" not in skip:
                 rows["plain_loop"].append(measure_plain_loop(run, files, args.threads))
-            rows["decode"].append(measure_decode(files, size, mode, args.threads))
-            rows["batched"].append({k: measure_batched(e, x) for k, e in batch_engines.items()})
             rows["loadavg"].append(list(os.getloadavg()))
             rows["one"].append({k: measure_one_at_a_time(p, files[:ONE_AT_A_TIME]) for k, p in predictors.items()})
             print(f"repeat {r + 1}/{args.repeats}: sorter steady {rows['steady'][-1]['images_per_second']:.1f}/s "
@@ -487,6 +489,15 @@ def main() -> None:
     matrix = selection.machine()["matrix"]
     gain_target = TARGET_CHOICE_GAIN_MATRIX if matrix["amx"] or matrix["avx512_bf16"] else TARGET_CHOICE_GAIN_PLAIN
     e2e = median(rows["steady"], "images_per_second")
+    chosen_key = sorter_config["choice"]
+
+    def per_repeat_fraction(kind: str) -> list[float]:
+        """The sorter's rate over the bound measured in the same repeat, just before it."""
+        return [round(r["images_per_second"] * (1 / d["images_per_second"] + 1 / b[chosen_key]), 3)
+                for r, d, b in zip(rows[kind], rows["decode"], rows["batched"], strict=True)]
+
+    fractions = per_repeat_fraction("steady")
+    fractions_compare = per_repeat_fraction("steady_compare") if rows["steady_compare"] else []
     cold = median(rows["end_to_end"], "images_per_second")
     e2e_old = median(rows["steady_ort_fp32"], "images_per_second")
     steady = {k: round(median(rows["steady"], k), 3) for k in rows["steady"][0] if k != "runtime"}
@@ -499,7 +510,9 @@ def main() -> None:
     bound_old = fp32["bound_images_per_second"]
     stages = {k: median(rows["components"], k) if rows["components"] else float("nan") for k in STAGES}
     total = sum(stages.values())
-    fraction, fraction_old, gain = e2e / bound_new, e2e_old / bound_old, bound_new / bound_old
+    # The target is checked on the median over repeats of (sorter / the bound measured just before it): the load
+    # drifts between repeats, a ratio of medians taken minutes apart would mix two machines.
+    fraction, fraction_old, gain = statistics.median(fractions), e2e_old / bound_old, bound_new / bound_old
 
     results = {
         "benchmark": "line throughput per runtime and precision: PNG files on disk -> decision -> fsynced log row",
@@ -533,11 +546,21 @@ def main() -> None:
                           "images_per_second": round(cold, 2),
                           "seconds": round(median(rows["end_to_end"], "seconds"), 2),
                           "fraction_of_bound": round(cold / bound_new, 3)},
+            "fraction_of_bound_per_repeat": fractions,
+            "fraction_of_bound_median_of_repeats": statistics.median(fractions),
             "compared_tree": compare and {**compare, "fraction_of_bound": round(compare["images_per_second"]
-                                                                                / bound_new, 3)},
+                                                                                / bound_new, 3),
+                                          "fraction_of_bound_per_repeat": fractions_compare,
+                                          "fraction_of_bound_median_of_repeats": statistics.median(fractions_compare),
+                                          "new_over_compared_per_repeat": [
+                                              round(a["images_per_second"] / b["images_per_second"], 3)
+                                              for a, b in zip(rows["steady"], rows["steady_compare"], strict=True)]},
             "sorter": sorter_config,
             "bound_images_per_second": bound_new,
             "fraction_of_bound": round(fraction, 3),
+            "fraction_of_bound_what": "median over repeats of the steady rate / the bound measured just before it in "
+                                      "the same repeat (what the target is checked on); ratio of the medians: "
+                                      f"{e2e / bound_new:.3f}",
             "onnxruntime_fp32": {"what": "the same steady state with runtime onnxruntime fp32 (the old default)",
                                  "images_per_second": round(e2e_old, 2), "bound_images_per_second": bound_old,
                                  "fraction_of_bound": round(fraction_old, 3)},
