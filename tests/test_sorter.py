@@ -314,12 +314,12 @@ class Crash(BaseException):
     """Stands for the process dying: not an Exception, so no handler in the sorter catches it."""
 
 
-def _crash_after_link(src, dest, mode, sha256, part):
+def _crash_after_link(src, dest, mode, sha256, part, *later):
     os.link(src, dest)
     raise Crash
 
 
-def _crash_in_copy(src, dest, mode, sha256, part):
+def _crash_in_copy(src, dest, mode, sha256, part, *later):
     part.write_bytes(src.read_bytes()[:10])
     raise Crash
 
@@ -328,17 +328,18 @@ def _crash_in_copy(src, dest, mode, sha256, part):
 def test_restart_after_a_crash_at_each_step(predictor, tmp_path, monkeypatch, point):
     inbox, out = tmp_path / "inbox", tmp_path / "out"
     shas = sorted(sha(p) for p in make_inbox(inbox, 3))
-    if point == "before_done":
-        monkeypatch.setattr(Store, "mark_done", lambda self, row_id: (_ for _ in ()).throw(Crash()))
-    else:
+    if point == "before_done":  # every file placed, the batch's outcome not committed
+        monkeypatch.setattr(Store, "settle_many", lambda self, *a: (_ for _ in ()).throw(Crash()))
+    else:  # the first file of the batch half placed
         monkeypatch.setattr(sorter, "place_file", _crash_after_link if point == "after_link" else _crash_in_copy)
     with pytest.raises(Crash):
         sort(predictor, inbox, out, **QUIET)
-    assert [r["status"] for r in rows(out / "results.db")] == ["pending"]
+    # The batch's pending rows were committed before any file was touched: all three are there.
+    assert [r["status"] for r in rows(out / "results.db")] == ["pending"] * 3
     monkeypatch.undo()
 
     summary = sort(predictor, inbox, out, **QUIET)
-    assert summary["recovered"] == 1
+    assert summary["recovered"] == 3
     assert inbox_files(inbox) == [] and sorted(filed(out).values()) == shas
     log = rows(out / "results.db")
     assert len(log) == 3 and {r["status"] for r in log} == {"done"}
@@ -373,6 +374,36 @@ def test_kill_9_at_random_points_loses_nothing_and_files_each_image_once(model_p
     assert sorted(r["content_sha256"] for r in log) == expected
     for r in log:
         assert sha(Path(r["destination"])) == r["content_sha256"]
+
+
+@pytest.mark.parametrize("step", ["begin_many", "settle_many"])
+def test_kill_9_between_inference_and_commit_files_every_image_once(model_path, tmp_path, step):
+    """The batched, threaded sorter killed (a real SIGKILL) in its second batch: after its inference, before its
+    pending rows are committed (begin_many) or after its files are placed but before their outcome is committed
+    (settle_many). A second run files every image exactly once and every row ends done."""
+    inbox, out = tmp_path / "inbox", tmp_path / "out"
+    images = make_inbox(inbox, 14)
+    expected = sorted(sha(p) for p in images)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, str(CHILD), str(model_path), str(inbox), str(out)]
+    killed = subprocess.run([*cmd, "--kill-at", f"{step}:2"], capture_output=True, text=True, env=env, timeout=120)
+    assert killed.returncode == -signal.SIGKILL and f"killed {step}" in killed.stdout, killed.stderr
+    log = rows(out / "results.db")
+    assert [r["status"] for r in log] == ["done"] * 4 + (["pending"] * 4 if step == "settle_many" else [])
+    assert len(filed(out)) == (8 if step == "settle_many" else 4)  # batch 2's files placed before the kill, or not
+
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
+    # Filed now: the 14 but the first batch's 4, and but batch 2's 4 when recovery found them in place (done).
+    assert done.returncode == 0, done.stderr
+    assert f"done {6 if step == 'settle_many' else 10}" in done.stdout
+    assert inbox_files(inbox) == []
+    assert sorted(filed(out).values()) == expected  # every input, exactly once
+    log = rows(out / "results.db")
+    assert len(log) == 14 and {r["status"] for r in log} == {"done"}
+    assert sorted(r["content_sha256"] for r in log) == expected
+    for r in log:
+        assert sha(Path(r["destination"])) == r["content_sha256"]
+    assert not [p for p in out.rglob("*.part")]
 
 
 def test_export_log_writes_every_row(predictor, tmp_path):

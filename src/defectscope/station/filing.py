@@ -23,7 +23,7 @@ from pathlib import Path
 
 from defectscope.errors import DefectscopeError
 
-__all__ = ["MAX_BYTES", "SortError", "check_inside", "part_path", "place_file", "printable", "read_regular",
+__all__ = ["MAX_BYTES", "DirSync", "SortError", "check_inside", "part_path", "place_file", "printable", "read_regular",
            "safe_file_name", "safe_folder_name", "sha256_file", "unique_path"]
 
 MAX_BYTES = 1 << 30  # larger files are hashed in chunks and filed as unreadable, never read into memory
@@ -56,12 +56,13 @@ def safe_file_name(name: str) -> str:
     return "_" if name in ("", ".", "..") else name
 
 
-def unique_path(folder: Path, name: str) -> Path:
-    """``folder/name``, or ``folder/name (1).ext``, ``(2)``... whichever does not exist yet."""
+def unique_path(folder: Path, name: str, taken: set[Path] | frozenset[Path] = frozenset()) -> Path:
+    """``folder/name``, or ``folder/name (1).ext``, ``(2)``... whichever does not exist yet (nor is in ``taken``,
+    the names a batch has given out but not placed yet)."""
     candidate = folder / name
     stem, suffix = (name[: -len(Path(name).suffix)], Path(name).suffix) if Path(name).suffix else (name, "")
     i = 0
-    while os.path.lexists(candidate):
+    while candidate in taken or os.path.lexists(candidate):
         i += 1
         candidate = folder / f"{stem} ({i}){suffix}"
     return candidate
@@ -126,13 +127,43 @@ def part_path(dest: Path, row_id: int) -> Path:
     return dest.parent / f".defectscope-{row_id}.part"
 
 
-def place_file(src: Path, dest: Path, mode: str, sha256: str, part: Path) -> None:
+class DirSync:
+    """The last two steps of several :func:`place_file` calls, done once for all of them: fsync each folder
+    that got a new name (once per folder, not once per file), then - only then - remove the sources of moves.
+
+    The order is the guarantee: no source is unlinked before its new name is durable, so a power cut in
+    between leaves the image in both places (recovery finishes the move), never in none.
+    """
+
+    def __init__(self) -> None:
+        self.folders: set[Path] = set()
+        self.sources: list[Path] = []
+
+    def finish(self) -> dict[Path, OSError]:
+        """fsync the folders, unlink the sources; the sources that could not be removed -> why."""
+        for folder in sorted(self.folders):
+            _fsync_dir(folder)
+        failed: dict[Path, OSError] = {}
+        for src in self.sources:
+            try:
+                os.unlink(src)
+            except OSError as exc:
+                failed[src] = exc
+        self.folders.clear()
+        self.sources.clear()
+        return failed
+
+
+def place_file(src: Path, dest: Path, mode: str, sha256: str, part: Path, later: DirSync | None = None) -> None:
     """Put ``src`` at ``dest`` (which must not exist) and, in move mode, remove ``src``. Never overwrites.
 
     Same filesystem: a hard link then unlink, atomic per step and refusing an existing ``dest`` (plain
     ``os.rename`` would silently replace it). Otherwise, or in copy mode: copy to ``part``, fsync, verify
     size and SHA-256 against ``sha256``, link to ``dest``, and only then delete the source. Raises OSError
     (disk full, permission) or SortError (the source changed since it was hashed).
+
+    ``later``: the folder's fsync and the source's removal are left to ``later.finish()`` (a batch of files
+    shares them); the file's own bytes are still fsynced here.
     """
     if mode == "move":
         try:
@@ -141,8 +172,7 @@ def place_file(src: Path, dest: Path, mode: str, sha256: str, part: Path) -> Non
             if exc.errno not in _NO_HARDLINK:
                 raise
         else:
-            _fsync_dir(dest.parent)
-            os.unlink(src)
+            _finish(src, dest, mode, later)
             return
     with suppress(FileNotFoundError):
         part.unlink()  # a leftover of an interrupted copy of this same row
@@ -157,6 +187,15 @@ def place_file(src: Path, dest: Path, mode: str, sha256: str, part: Path) -> Non
     finally:
         with suppress(FileNotFoundError):
             part.unlink()
+    _finish(src, dest, mode, later)
+
+
+def _finish(src: Path, dest: Path, mode: str, later: DirSync | None) -> None:
+    if later is not None:
+        later.folders.add(dest.parent)
+        if mode == "move":
+            later.sources.append(src)
+        return
     _fsync_dir(dest.parent)
     if mode == "move":
         os.unlink(src)

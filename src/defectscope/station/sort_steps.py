@@ -34,21 +34,24 @@ class FilingSorter(Protocol):
     batch_size: int
     stop: threading.Event
 
-    def _file(self, it: Item, pred: Prediction, sig: tuple[int, int, int]) -> None: ...
+    def _file_batch(self, jobs: list[tuple[Item, Prediction]], sigs: dict[Path, tuple[int, int, int]]) -> None: ...
 
 
 class Filer:
-    """The filing thread: places each classified file and logs it, in order, while inference goes on.
+    """The filing thread: places the classified files and logs them, a batch at a time and in order, while
+    inference goes on (its fsyncs wait with the GIL released).
 
-    Once ``stop`` is set it files nothing more (those files have no row yet: the next run takes them). An
-    exception escaping :meth:`_Sorter._file` (a bug, or a test's simulated crash) stops it; :meth:`close`
-    re-raises it in the caller's thread.
+    :meth:`put` gathers the files of a batch; the thread files each batch with one commit for its pending rows
+    and one for their outcome (:meth:`_Sorter._file_batch`). Once ``stop`` is set it files nothing more (those
+    files have no row yet: the next run takes them). An exception escaping the filing (a bug, or a test's
+    simulated crash) stops it; :meth:`close` re-raises it in the caller's thread.
     """
 
     def __init__(self, sorter: FilingSorter, sigs: dict[Path, tuple[int, int, int]], progress: Any) -> None:
         self.sorter, self.sigs, self.progress = sorter, sigs, progress
+        self.batch: list[tuple[Item, Prediction]] = []
         # Bounded: inference may run at most a couple of batches ahead of the disk.
-        self.queue: queue.Queue[tuple[Item, Prediction] | None] = queue.Queue(maxsize=2 * sorter.batch_size)
+        self.queue: queue.Queue[list[tuple[Item, Prediction]] | None] = queue.Queue(maxsize=2)
         self.error: BaseException | None = None
         self.thread = threading.Thread(target=self._work, name="defectscope-filer", daemon=True)
         self.thread.start()
@@ -58,26 +61,33 @@ class Filer:
         return self.error is not None
 
     def put(self, item: Item, pred: Prediction) -> None:
-        while not self.failed:
+        self.batch.append((item, pred))
+        if len(self.batch) >= self.sorter.batch_size:
+            self.flush()
+
+    def flush(self) -> None:
+        """Hand the files gathered so far to the thread."""
+        batch, self.batch = self.batch, []
+        while batch and not self.failed:
             try:
-                self.queue.put((item, pred), timeout=0.1)
+                self.queue.put(batch, timeout=0.1)
                 return
             except queue.Full:
                 continue
 
     def _work(self) -> None:
-        while (job := self.queue.get()) is not None:
+        while (jobs := self.queue.get()) is not None:
             if self.failed or self.sorter.stop.is_set():
-                continue  # drain without filing, so put() never blocks
-            item, pred = job
+                continue  # drain without filing, so flush() never blocks
             try:
-                self.sorter._file(item, pred, self.sigs[item.path])
+                self.sorter._file_batch(jobs, self.sigs)
             except BaseException as exc:  # noqa: BLE001 - handed to the caller's thread by close()
                 self.error = exc
             if self.progress is not None:
-                self.progress.update(1)
+                self.progress.update(len(jobs))
 
     def close(self) -> None:
+        self.flush()
         self.queue.put(None)
         self.thread.join()
         if self.error is not None:

@@ -14,7 +14,10 @@ Guarantees, in the order the code keeps them:
   Any number of move-mode sorters (processes, machines on one share, with one PostgreSQL store) run side by side;
   a copy-mode sorter cannot claim and runs alone per output folder (a one-line error otherwise).
 * **Write-ahead log.** For each file: hash it; look its row up; write a ``pending`` row holding the intended
-  destination; place the file; mark the row ``done``. Pending rows are settled at start and after a takeover:
+  destination; place the file; mark the row ``done``. A batch shares the steps' commits and fsyncs, never their
+  order: its pending rows are one transaction committed before any of its files is touched; each file's bytes
+  are fsynced, each folder once; a move's source is removed only after its folder's fsync; the outcomes are
+  one transaction after that. Pending rows are settled at start and after a takeover:
   destination present with the right hash -> ``done``; otherwise (no other worker alive) ``error``, and the file
   is filed again, the row reused. A worker killed at any instant thus files every input exactly once.
 * **One image per content and name** (``content_sha256``, ``file_name``): a copy-mode re-run skips it; in move
@@ -59,6 +62,7 @@ from defectscope.station.claims import TAKEN_PREFIX, Claims
 # place_file is looked up in this module's namespace at each call: tests replace ``sorter.place_file`` to
 # simulate a full disk or a crash mid-placement.
 from defectscope.station.filing import (
+    DirSync,
     SortError,
     check_inside,
     part_path,
@@ -218,25 +222,22 @@ class _Sorter:
     def process(self, paths: list[Path], sigs: dict[Path, tuple[int, int, int]], progress: Any = None) -> None:
         """Hash, classify and file ``paths``; stops between files once ``stop`` is set.
 
-        Three stages overlap so the runtime is never idle: this thread reads and hashes the files and feeds
-        them to the predictor (which decodes the next batch in its pool while the runtime runs this one,
-        batches spanning files of any folder), and a filing thread places each classified file and writes
-        its log rows while the next batch is inferred. Files are filed in the order they were read.
+        Three stages overlap so the runtime is never idle: this thread reads and hashes the files (their rows
+        looked up a batch at a time) and feeds them to the predictor (which decodes the next batch in its pool
+        while the runtime runs this one, batches spanning files of any folder), and a filing thread places
+        each batch of classified files and writes its log rows (:meth:`_file_batch`) while the next batch is
+        inferred. Files are filed in the order they were read.
         """
         waiting: deque[Item] = deque()  # read and sent to the predictor, in order
 
         def sources() -> Iterator[bytes]:
-            for path in paths:
+            for start in range(0, len(paths), self.batch_size):
                 if self.stop.is_set() or filer.failed:
                     return
-                it = self._take(path, sigs)
-                if it is None or self._already_done(it, sigs[it.path]) or self._refused(it):
-                    if progress is not None:
-                        progress.update(1)
-                    continue
-                waiting.append(it)
-                if it.data is not None:
-                    yield WithMetadata(it.data, self.metadata_of(it.origin)) if self.metadata_pattern else it.data
+                for it in self._take_batch(paths[start:start + self.batch_size], sigs, progress):
+                    waiting.append(it)
+                    if it.data is not None:
+                        yield WithMetadata(it.data, self.metadata_of(it.origin)) if self.metadata_pattern else it.data
 
         filer = Filer(self, sigs, progress)
         try:
@@ -252,6 +253,26 @@ class _Sorter:
                 filer.put(it, too_large(it))
         finally:
             filer.close()  # waits for the files in hand; re-raises what stopped the filing thread
+
+    def _take_batch(self, paths: list[Path], sigs: dict[Path, tuple[int, int, int]], progress: Any) -> list[Item]:
+        """Claim and read ``paths``; the files that need filing (their log rows looked up in one query)."""
+        items = []
+        for path in paths:
+            it = self._take(path, sigs)
+            if it is not None:
+                items.append(it)
+            elif progress is not None:
+                progress.update(1)
+        rows = self.reader.find_many([(it.sha256, it.name) for it in items]) if items else {}
+        wanted = []
+        for it in items:
+            if self._already_done(it, sigs[it.path], row=rows.get((it.sha256, it.name)), looked_up=True) \
+                    or self._refused(it):
+                if progress is not None:
+                    progress.update(1)
+            else:
+                wanted.append(it)
+        return wanted
 
     def _take(self, path: Path, sigs: dict[Path, tuple[int, int, int]]) -> Item | None:
         """Claim ``path`` (move mode; None when another worker took it) and read it."""
@@ -296,11 +317,12 @@ class _Sorter:
         return Item(path, origin, printable(path.name), size, sha, data)
 
     def _already_done(self, it: Item, sig: tuple[int, int, int], db: Store | None = None,
-                      row: dict[str, Any] | None = None) -> bool:
+                      row: dict[str, Any] | None = None, looked_up: bool = False) -> bool:
         """Whether this file needs no filing now: logged and filed already (a duplicate, recorded and removed;
-        or the leftover link of a move interrupted after its link), or a twin another worker has in hand."""
+        or the leftover link of a move interrupted after its link), or a twin another worker has in hand.
+        ``looked_up``: ``row`` is the result of a look-up already made (None: no row)."""
         db = db or self.reader
-        row = row or db.find(it.sha256, it.name)
+        row = row if row is not None or looked_up else db.find(it.sha256, it.name)
         if row is None:
             return False
         if self.mode == "copy":
@@ -355,12 +377,9 @@ class _Sorter:
         self.skipped["duplicate_removed"] += 1
         self.say(f"{it.origin}: already filed as {dest}; removed the inbox copy (row {row_id} says so)")
 
-    def _file(self, it: Item, pred: Prediction, sig: tuple[int, int, int]) -> None:
-        row = self.db.find(it.sha256, it.name)
-        if row is not None and self._already_done(it, sig, self.db, row):
-            return  # e.g. a twin (same name and bytes) in another inbox folder was filed earlier in this batch
-        folder = self.out / safe_folder_name(pred.decision)
-        record = {
+    def _record(self, it: Item, pred: Prediction) -> dict[str, Any]:
+        """The log row of a classified file, but its destination."""
+        return {
             "file_name": it.name, "source_path": printable(str(it.origin)), "content_sha256": it.sha256,
             "size_bytes": it.size, "decision": pred.decision, "top_class": pred.top_class,
             "confidence": pred.confidence, "probabilities": pred.probabilities or None,
@@ -369,6 +388,79 @@ class _Sorter:
             # The image was decoded from its bytes, so the decoder's message names "<bytes>": name the file.
             "error": pred.error and pred.error.replace("<bytes>", it.name, 1),
         }
+
+    def _file_batch(self, jobs: list[tuple[Item, Prediction]], sigs: dict[Path, tuple[int, int, int]]) -> None:
+        """File classified files as :meth:`_file` does each, with the write-ahead log kept batch-wide: every
+        ``pending`` row is committed (one transaction) before any file is touched, each file placed and its
+        bytes fsynced, each folder fsynced once, the moves' sources removed only then, and the outcomes
+        committed (one transaction). A crash anywhere leaves pending rows that :meth:`recover` settles.
+
+        What cannot share the batch is filed image by image after it: a second file with the same name and
+        bytes (it must see the first one's row), a name another worker took meanwhile, and the whole batch
+        when its pending rows cannot be written (a twin's row written by another worker, a full disk).
+        """
+        rows = self.db.find_many([(it.sha256, it.name) for it, _ in jobs])
+        plan: list[tuple[Item, Prediction, dict[str, Any], int | None]] = []
+        after, seen, reserved = [], set(), set()
+        for it, pred in jobs:
+            key = (it.sha256, it.name)
+            if key in seen:
+                after.append((it, pred))
+                continue
+            seen.add(key)
+            row = rows.get(key)
+            if row is not None and self._already_done(it, sigs[it.path], self.db, row):
+                continue
+            folder = self.out / safe_folder_name(pred.decision)
+            dest = unique_path(folder, safe_file_name(it.path.name), reserved)
+            reserved.add(dest)
+            plan.append((it, pred, {**self._record(it, pred), "destination": str(dest)},
+                         None if row is None else row["id"]))
+        if plan:
+            try:
+                ids = self.db.begin_many([(record, row_id) for _, _, record, row_id in plan])
+            except sqlite3.Error:
+                after = [(it, pred) for it, pred, _, _ in plan] + after  # _file reports or skips each
+            else:
+                after += self._place_batch(plan, ids, sigs)
+        for it, pred in after:
+            self._file(it, pred, sigs[it.path])
+
+    def _place_batch(self, plan: list[tuple[Item, Prediction, dict[str, Any], int | None]], ids: list[int],
+                     sigs: dict[Path, tuple[int, int, int]]) -> list[tuple[Item, Prediction]]:
+        """Place the files of a batch whose pending rows are written; the files to file again one by one."""
+        later, placed, errors, again = DirSync(), [], {}, []
+        for (it, pred, record, _), row_id in zip(plan, ids, strict=True):
+            dest = Path(record["destination"])
+            try:
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                check_inside(dest, self.out_real)
+                place_file(it.path, dest, self.mode, it.sha256, part_path(dest, row_id), later)
+            except FileExistsError:
+                again.append((it, pred))  # another worker took the name: its row (still pending) is reused
+            except (OSError, SortError) as exc:
+                errors[row_id] = f"{type(exc).__name__}: {exc}"
+                self._report_error(it.origin, errors[row_id], sigs[it.path])
+            else:
+                placed.append((it, pred, row_id))
+        kept = later.finish()  # folders fsynced, then the moves' sources removed
+        for it, _, row_id in placed:
+            if it.path in kept:
+                errors[row_id] = f"{type(kept[it.path]).__name__}: {kept[it.path]}"
+                self._report_error(it.origin, errors[row_id], sigs[it.path])
+        self.db.settle_many([row_id for _, _, row_id in placed if row_id not in errors], errors)
+        for it, pred, row_id in placed:
+            if row_id not in errors:
+                self._filed(it, pred, sigs[it.path])
+        return again
+
+    def _file(self, it: Item, pred: Prediction, sig: tuple[int, int, int]) -> None:
+        """File one classified file: its pending row, the file placed, the row done (each step committed)."""
+        row = self.db.find(it.sha256, it.name)
+        if row is not None and self._already_done(it, sig, self.db, row):
+            return  # e.g. a twin (same name and bytes) in another inbox folder was filed earlier in this batch
+        folder = self.out / safe_folder_name(pred.decision)
+        record = self._record(it, pred)
         row_id = None if row is None else row["id"]
         for _ in range(_NAME_TRIES):  # another worker may take the free name between looking and linking
             dest = unique_path(folder, safe_file_name(it.path.name))
@@ -397,6 +489,9 @@ class _Sorter:
             self._report_error(it.origin, f"no free name in {folder}", sig)
             return
         self.db.mark_done(row_id)
+        self._filed(it, pred, sig)
+
+    def _filed(self, it: Item, pred: Prediction, sig: tuple[int, int, int]) -> None:
         self.failed.pop(it.path, None)
         if self.mode == "copy":
             self.known[it.path] = sig
