@@ -174,3 +174,29 @@ def test_class_weight_power():
     assert torch.allclose(full, torch.tensor([60 / 90, 60 / 30, 0.0, 60 / 60]))
     assert torch.allclose(inverse_frequency_weights(labels, 4, 0.5), full.sqrt())
     assert torch.equal(inverse_frequency_weights(labels, 4, 0.0)[[0, 1, 3]], torch.ones(3))
+
+
+def test_auto_fine_tune_has_the_plain_fine_tunes_config_but_its_time_limit():
+    from defectscope.config import build_config
+    from defectscope.training.train import auto_finetune_config
+
+    cfg = build_config(preset="wafer", overrides={"train.recipe": "auto", "train.time_limit_minutes": 10})
+    tuned = auto_finetune_config(cfg, 7.5).to_dict()
+    plain = cfg.to_dict()
+    assert tuned["train"].pop("recipe") == "finetune" and plain["train"].pop("recipe") == "auto"
+    assert tuned["train"].pop("time_limit_minutes") == 7.5 and plain["train"].pop("time_limit_minutes") == 10
+    assert tuned == plain  # the wafer preset's image size, augmentation, epochs and patience are all kept
+    assert tuned["model"]["image_size"] == 64
+
+
+@pytest.mark.slow
+def test_auto_fine_tunes_exactly_as_the_plain_fine_tune(folder_dataset, tmp_path):
+    recipe = {**FAST, "train.epochs": 3, "train.frozen_c": [1.0]}
+    plain = train(folder_dataset, tmp_path / "plain", **quiet, **recipe)
+    auto = train(folder_dataset, tmp_path / "auto", **quiet, **recipe, **{"train.recipe": "auto"})
+    epochs = json.loads((auto / "model.json").read_text())["auto"]["finetune_epochs"]
+    history = (plain / "history.csv").read_text().splitlines()
+    header = history[0].split(",")
+    plain_f1 = [float(row.split(",")[header.index("val_macro_f1")]) for row in history[1:]]
+    # same initial weights, batches and dropout as the plain run: the same validation score epoch by epoch
+    assert [e["val_macro_f1"] for e in epochs] == plain_f1 and len(plain_f1) == 3
