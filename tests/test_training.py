@@ -200,3 +200,26 @@ def test_auto_fine_tunes_exactly_as_the_plain_fine_tune(folder_dataset, tmp_path
     plain_f1 = [float(row.split(",")[header.index("val_macro_f1")]) for row in history[1:]]
     # same initial weights, batches and dropout as the plain run: the same validation score epoch by epoch
     assert [e["val_macro_f1"] for e in epochs] == plain_f1 and len(plain_f1) == 3
+
+
+def _wait_policy_in_a_fresh_process(load: float, env: dict[str, str]) -> str:
+    """(returned policy, OMP_WAIT_POLICY after) of wait_passively_if_busy in a process without torch loaded."""
+    import os
+    import subprocess
+    import sys
+
+    code = (f"import os, sys; os.getloadavg = lambda: ({load!r}, 0.0, 0.0)\n"
+            "from defectscope.training.train import wait_passively_if_busy\n"
+            "assert 'torch' not in sys.modules\n"
+            "print(wait_passively_if_busy(), os.environ.get('OMP_WAIT_POLICY'))")
+    clean = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+    return subprocess.run([sys.executable, "-c", code], env={**clean, **env}, capture_output=True, text=True,
+                          check=True).stdout.strip()
+
+
+def test_training_threads_sleep_instead_of_spinning_only_on_a_busy_machine():
+    assert _wait_policy_in_a_fresh_process(6.0, {}) == "PASSIVE PASSIVE"
+    assert _wait_policy_in_a_fresh_process(0.2, {}) == "None None"  # idle: spinning is the faster
+    # the user's own choice wins
+    assert _wait_policy_in_a_fresh_process(6.0, {"OMP_WAIT_POLICY": "ACTIVE"}) == "None ACTIVE"
+    assert _wait_policy_in_a_fresh_process(6.0, {"GOMP_SPINCOUNT": "300000"}) == "None None"
