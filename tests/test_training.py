@@ -174,3 +174,52 @@ def test_class_weight_power():
     assert torch.allclose(full, torch.tensor([60 / 90, 60 / 30, 0.0, 60 / 60]))
     assert torch.allclose(inverse_frequency_weights(labels, 4, 0.5), full.sqrt())
     assert torch.equal(inverse_frequency_weights(labels, 4, 0.0)[[0, 1, 3]], torch.ones(3))
+
+
+def test_auto_fine_tune_has_the_plain_fine_tunes_config_but_its_time_limit():
+    from defectscope.config import build_config
+    from defectscope.training.train import auto_finetune_config
+
+    cfg = build_config(preset="wafer", overrides={"train.recipe": "auto", "train.time_limit_minutes": 10})
+    tuned = auto_finetune_config(cfg, 7.5).to_dict()
+    plain = cfg.to_dict()
+    assert tuned["train"].pop("recipe") == "finetune" and plain["train"].pop("recipe") == "auto"
+    assert tuned["train"].pop("time_limit_minutes") == 7.5 and plain["train"].pop("time_limit_minutes") == 10
+    assert tuned == plain  # the wafer preset's image size, augmentation, epochs and patience are all kept
+    assert tuned["model"]["image_size"] == 64
+
+
+@pytest.mark.slow
+def test_auto_fine_tunes_exactly_as_the_plain_fine_tune(folder_dataset, tmp_path):
+    recipe = {**FAST, "train.epochs": 3, "train.frozen_c": [1.0]}
+    plain = train(folder_dataset, tmp_path / "plain", **quiet, **recipe)
+    auto = train(folder_dataset, tmp_path / "auto", **quiet, **recipe, **{"train.recipe": "auto"})
+    epochs = json.loads((auto / "model.json").read_text())["auto"]["finetune_epochs"]
+    history = (plain / "history.csv").read_text().splitlines()
+    header = history[0].split(",")
+    plain_f1 = [float(row.split(",")[header.index("val_macro_f1")]) for row in history[1:]]
+    # same initial weights, batches and dropout as the plain run: the same validation score epoch by epoch
+    assert [e["val_macro_f1"] for e in epochs] == plain_f1 and len(plain_f1) == 3
+
+
+def _wait_policy_in_a_fresh_process(load: float, env: dict[str, str]) -> str:
+    """(returned policy, OMP_WAIT_POLICY after) of wait_passively_if_busy in a process without torch loaded."""
+    import os
+    import subprocess
+    import sys
+
+    code = (f"import os, sys; os.getloadavg = lambda: ({load!r}, 0.0, 0.0)\n"
+            "from defectscope.training.train import wait_passively_if_busy\n"
+            "assert 'torch' not in sys.modules\n"
+            "print(wait_passively_if_busy(), os.environ.get('OMP_WAIT_POLICY'))")
+    clean = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+    return subprocess.run([sys.executable, "-c", code], env={**clean, **env}, capture_output=True, text=True,
+                          check=True).stdout.strip()
+
+
+def test_training_threads_sleep_instead_of_spinning_only_on_a_busy_machine():
+    assert _wait_policy_in_a_fresh_process(6.0, {}) == "PASSIVE PASSIVE"
+    assert _wait_policy_in_a_fresh_process(0.2, {}) == "None None"  # idle: spinning is the faster
+    # the user's own choice wins
+    assert _wait_policy_in_a_fresh_process(6.0, {"OMP_WAIT_POLICY": "ACTIVE"}) == "None ACTIVE"
+    assert _wait_policy_in_a_fresh_process(6.0, {"GOMP_SPINCOUNT": "300000"}) == "None None"

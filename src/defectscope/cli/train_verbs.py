@@ -23,8 +23,8 @@ def add_train(sub: argparse._SubParsersAction) -> None:
                                    "default tf_efficientnet_lite0)")
     t.add_argument("--pretrained", help="auto | none | package | hub[:name] | path to a weights file")
     t.add_argument("--image-size", type=int, help="input size in pixels (default 160)")
-    t.add_argument("--epochs", type=int, help="most fine-tuning epochs (default 12; early stopping after 5 "
-                                              "without improvement)")
+    t.add_argument("--epochs", type=int, help="most fine-tuning epochs (default 12; early stopping after 3 "
+                                              "without a better validation macro-F1, train.patience)")
     t.add_argument("--batch-size", type=int, help="images per step (default 32)")
     t.add_argument("--lr", type=float, help="peak learning rate (default 0.001, cosine schedule)")
     t.add_argument("--seed", type=int, help="seed of the split and of training (default 0)")

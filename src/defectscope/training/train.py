@@ -58,6 +58,7 @@ def train(
 
     >>> run = train("path/to/class_folders", "runs/first", epochs=5)  # doctest: +SKIP
     """
+    wait_passively_if_busy()  # before torch is imported: OpenMP reads its wait policy once, when it loads
     import torch
 
     from defectscope.training import distributed
@@ -107,6 +108,35 @@ def train(
         _save_run(out, model, cfg, classes, table, history, extra, source, seconds)
     ctx.barrier()  # the run is complete on disk before any rank returns
     return out
+
+
+BUSY_LOAD = 1.0  # 1-minute load average (other processes' runnable threads) from which a machine is busy
+
+
+def wait_passively_if_busy() -> str | None:
+    """On a busy machine, have OpenMP's threads sleep instead of spinning while they wait; returns the policy set.
+
+    Why: torch's CPU kernels end every parallel region at a barrier, and by default a thread spins there. When
+    other processes hold the cores, the thread being waited for is off the CPU while its peers burn their time
+    slices spinning: on 2 shared cores (load 4-11) a training step of EfficientNet-Lite0 at 128 px took 4-18 s
+    spinning against 0.5-1.3 s sleeping; idle, spinning is the faster (bench/generality.py, README). Decided once
+    per process, from the load before training; the results are the same bits either way (same thread count and
+    partition). OMP_WAIT_POLICY or GOMP_SPINCOUNT set by the user wins; nothing is done once torch is loaded.
+    """
+    import sys
+
+    if "OMP_WAIT_POLICY" in os.environ or "GOMP_SPINCOUNT" in os.environ:
+        return None
+    if "torch" in sys.modules:
+        log.debug("torch already loaded: OpenMP keeps its wait policy")
+        return None
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    if load < BUSY_LOAD:
+        return None
+    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+    log.info(f"machine busy (load {load:.1f} on {os.cpu_count()} cores): training threads wait passively "
+             f"(OMP_WAIT_POLICY=PASSIVE; set OMP_WAIT_POLICY or GOMP_SPINCOUNT to choose)")
+    return "PASSIVE"
 
 
 def _resumed_config_and_table(out: Path, data, config: RunConfig | None, config_file,
@@ -283,8 +313,12 @@ def _fit_auto(model, cfg: RunConfig, data: tuple, classes: list[str], source: st
     if (left is not None and left < AUTO_MIN_FINETUNE_MINUTES) or len(val_labels) == 0:
         log.info("auto: keeping the frozen-feature model (no time left for a fine-tune, or no validation images)")
         return frozen, history, {**extra, "auto": {"chosen": "frozen", "finetune_minutes": 0}}
-    ft_cfg = apply_overrides(config_from_dict(cfg.to_dict()),
-                             {"train.recipe": "finetune", "train.time_limit_minutes": left})
+    import torch
+
+    ft_cfg = auto_finetune_config(cfg, left)
+    # The same initial weights and dropout stream as `train --recipe finetune`: the frozen fit above drew
+    # from the global generator, so without this the fine-tune inside auto is another run than the plain one.
+    torch.manual_seed(cfg.training_seed)
     tuned = create_model(cfg.model.name, len(classes), image_size=cfg.model.image_size,
                          pretrained=cfg.model.pretrained, drop_rate=cfg.model.drop_rate)
     if frozen.metadata_dim:
@@ -300,10 +334,22 @@ def _fit_auto(model, cfg: RunConfig, data: tuple, classes: list[str], source: st
     log.info(f"auto: the fine-tune beats the frozen model in {wins:.0%} of validation resamples; keeping {chosen}")
     report = {"chosen": chosen, "finetune_win_share": round(wins, 3),
               "finetune_minutes": None if left is None else round(left, 2),
-              "frozen_val_macro_f1": extra["best_score"], "finetune_val_macro_f1": ft_extra["best_score"]}
+              "frozen_val_macro_f1": extra["best_score"], "finetune_val_macro_f1": ft_extra["best_score"],
+              # what the fine-tune did in its budget: a slow machine shows here as few, long epochs
+              "finetune_epochs": [{k: h.get(k) for k in ("epoch", "val_macro_f1", "seconds")} for h in ft_history]}
     if chosen == "finetune":
         return tuned, ft_history, {**ft_extra, "auto": report}
     return frozen, history, {**extra, "auto": report}
+
+
+def auto_finetune_config(cfg: RunConfig, minutes_left: float | None) -> RunConfig:
+    """The config of the fine-tune that ``auto`` tries: the run's own (its preset, image size, augmentation,
+    epochs, patience) with only the recipe and the time limit (the budget left after the frozen fit) changed."""
+    tuned = apply_overrides(config_from_dict(cfg.to_dict()), {"train.recipe": "finetune"})
+    # Set directly: an override is coerced to the type of the value it replaces, and a budget given as a whole
+    # number (10) would cut 7.5 minutes left to 7.
+    tuned.train.time_limit_minutes = minutes_left
+    return tuned
 
 
 def _bootstrap_wins(pred_a, pred_b, labels, k: int, seed: int, n: int = 500) -> float:
