@@ -156,6 +156,17 @@ def test_config_errors_are_clear(folder_dataset, tmp_path):
         train(folder_dataset, tmp_path / "r", **quiet, **{"train.epochs": "many"})
 
 
+def test_numbers_follow_the_declared_type_not_the_current_value():
+    from defectscope.config import apply_overrides, build_config
+
+    cfg = build_config(overrides={"train.time_limit_minutes": 10})
+    # a float field that once held a whole number keeps the fraction of a later value (7.5 was cut to 7)
+    assert apply_overrides(cfg, {"train.time_limit_minutes": 7.5}).train.time_limit_minutes == 7.5
+    assert apply_overrides(cfg, {"train.epochs": "12"}).train.epochs == 12
+    with pytest.raises(ConfigError, match="train.epochs: expected a whole number, got '7.5'"):
+        apply_overrides(cfg, {"train.epochs": "7.5"})
+
+
 def test_time_limit_stops_between_epochs(folder_dataset, tmp_path):
     import pandas as pd
 

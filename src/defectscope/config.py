@@ -225,10 +225,15 @@ def _coerce(value: Any, current: Any, fld: dataclasses.Field, path: str) -> Any:
         raise ConfigError(f"{path}: expected true/false, got {value!r}")
     if expected in (int, float):
         try:
-            number = float(value) if expected is float else int(value)
+            number = float(value)
         except (TypeError, ValueError):
             raise ConfigError(f"{path}: expected a number, got {value!r}") from None
-        return number
+        # The declared type decides, not the current value's: a float field set to 10 earlier still takes 7.5.
+        if expected is float or "float" in str(fld.type):
+            return number
+        if not number.is_integer():
+            raise ConfigError(f"{path}: expected a whole number, got {value!r}")
+        return int(number)
     if expected is list and not isinstance(value, list):
         if isinstance(value, str):
             return [v.strip() for v in value.split(",") if v.strip()]
