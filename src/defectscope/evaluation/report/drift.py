@@ -36,7 +36,7 @@ DRIFT_HINT = ("Drift is not measured for this run: <code>defectscope drift-eval 
 DRIFT_SCALE = ("<code>drift_score</code> is the image's Drift score relative to the policy's line (the score "
                "divided by the line the calibration images set): 1.0 is the line, 2.0 twice as far from normal, "
                "below 1.0 not flagged. It is the figure predict, the sorter, the dashboard and evaluate's "
-               "predictions.csv show, and the scale of the histograms below; the raw line stays in policy.json "
+               "predictions.csv show, and the scale of this section's histograms; the raw line stays in policy.json "
                "(<code>drift_threshold</code>) for the model file.")
 # A histogram scored by retrained models has no policy line: its 1.0 is the line flagging this share of its own
 # normal images (the policy's target rate when there is one), so its scale reads like the policy's.
