@@ -145,7 +145,7 @@ def test_review_queue_item_without_its_image_shows_a_placeholder(browser, statio
             gone = store.get(ids[0])
             Path(gone["image_path"]).unlink()  # the file is gone from the station
             keep = ("file_name", "source_path", "content_sha256", "size_bytes", "decision", "top_class", "confidence",
-                    "probabilities", "model_id", "station")
+                    "probabilities", "model_id", "station", "replica")
             record = {k: gone[k] for k in keep}  # a row stored without its image (destination empty, no image_path)
             record |= {"request_id": "no-image", "destination": "", "needs_review": True}
             never, = store.add_decisions([record])
