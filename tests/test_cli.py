@@ -94,6 +94,36 @@ def test_sort_then_log_export(exported, folder_dataset, tmp_path):
     assert len(rows) == n and {r["status"] for r in rows} == {"done"}
 
 
+def test_sort_takes_a_run_folder_as_predict_does(cli_run, exported, folder_dataset, tmp_path, capsys):
+    """README: `predict RUN` uses RUN/export/model.onnx; `sort RUN` did say "no such model file"."""
+    inbox = tmp_path / "inbox"
+    shutil.copytree(folder_dataset / "spot", inbox)
+    out = tmp_path / "sorted"
+    assert main(["sort", str(cli_run), "--inbox", str(inbox), "--out", str(out), "--copy", "--settle", "0"]) == 0
+    assert len(list(out.rglob("*.png"))) == len(list(inbox.glob("*.png")))
+    assert f"its export {exported}" in capsys.readouterr().err
+    weights = cli_run / "model.safetensors"
+    assert main(["sort", str(weights), "--inbox", str(inbox), "--out", str(tmp_path / "s2")]) == 2
+    line, = capsys.readouterr().err.strip().splitlines()
+    assert line == (f"defectscope: error: {weights} is training weights, not an exported model (.onnx); run "
+                    f"`defectscope export {cli_run}` and pass the .onnx file")
+    bare = shutil.copytree(cli_run, tmp_path / "bare", ignore=shutil.ignore_patterns("export"))
+    assert main(["sort", str(bare), "--inbox", str(inbox), "--out", str(tmp_path / "s3")]) == 2
+    line, = capsys.readouterr().err.strip().splitlines()
+    assert f"{bare} is a training run, not an exported model; export it first" in line
+    assert not (tmp_path / "s2").exists() and not (tmp_path / "s3").exists()  # refused before anything is made
+
+
+def test_calibrate_states_the_drift_line_on_the_drift_score_scale(trained_run, tmp_path, capsys):
+    run = shutil.copytree(trained_run, tmp_path / "run")
+    assert main(["calibrate", str(run), "--review-rate", "0.1", "--drift-rate", "0.2"]) == 0
+    threshold = json.loads((run / "policy.json").read_text())["drift_threshold"]
+    err = capsys.readouterr().err
+    line, = [x for x in err.splitlines() if x.startswith("Drift: ")]
+    assert "drift_score > 1.00" in line and "relative to the line" in line
+    assert f"{threshold:.6g}" not in err and f"{threshold:.4g}" not in err  # the raw line reaches no person
+
+
 def test_drift_eval_writes_its_json(cli_run):
     assert main(["drift-eval", str(cli_run), "--kinds", "far"]) == 0
     result = json.loads((cli_run / "drift_eval.json").read_text())

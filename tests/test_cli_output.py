@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 from helpers import write_folder_dataset
 
 from defectscope.cli import main
@@ -61,6 +62,33 @@ def test_a_piped_training_log_gets_progress_lines(tmp_path):
     epoch = [line for line in done.stderr.splitlines() if line.startswith("epoch 1: ") and "batch" in line]
     assert len(epoch) >= 5 and "about" in epoch[0] and "s left" in epoch[0], done.stderr
     assert any(line.startswith("decode+resize: ") for line in done.stderr.splitlines()), done.stderr
+
+
+def test_a_piped_frozen_training_log_shows_the_feature_extraction(tmp_path):
+    """The frozen recipe spends its time extracting features (minutes in the demo): a piped log says so."""
+    data = write_folder_dataset(tmp_path / "data", per_class=12)
+    env = {**os.environ, "PYTHONPATH": SRC, "DEFECTSCOPE_PROGRESS_SECONDS": "0"}
+    done = subprocess.run([sys.executable, "-m", "defectscope", "train", "--data", str(data), "--out",
+                           str(tmp_path / "run"), "--recipe", "frozen", "--model", "seed_cnn2", "--image-size", "32",
+                           "--batch-size", "4"], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "\r" not in done.stderr
+    lines = done.stderr.splitlines()
+    train_lines = [x for x in lines if x.startswith("frozen features (training images): ")]
+    assert len(train_lines) >= 3 and "images (" in train_lines[0] and "s left" in train_lines[0], done.stderr
+    assert any(x.startswith("frozen features (validation images): ") for x in lines), done.stderr
+    # The library caller (no CLI) stays silent: progress is the CLI's choice.
+    from defectscope import progress
+    from defectscope.models.factory import create_model
+    from defectscope.training.frozen_features import pooled_features
+
+    before = progress._bar_factory  # in-process CLI tests may have chosen lines already
+    try:
+        progress.use_bars(False)  # what a library caller has
+        model = create_model("seed_cnn2", num_classes=2, image_size=32)
+        assert pooled_features(model, np.zeros((5, 32, 32), np.uint8), batch_size=2).shape[0] == 5
+    finally:
+        progress._bar_factory = before
 
 
 def test_progress_lines_are_rate_limited():

@@ -129,3 +129,53 @@ def test_dashboard_with_keys_in_the_browser(browser, station_model, tmp_path):
             assert len(store.reviews(first["id"])) == 1
         page.close()
         assert problems == []
+
+
+@pytest.mark.slow
+def test_review_queue_item_without_its_image_shows_a_placeholder(browser, station_model, tmp_path):
+    """A queued decision whose image file is gone, or was never stored, shows 'image not available' (no
+    broken-image box, no heatmap over nothing); the next item with an image shows it again."""
+    from pathlib import Path
+
+    config = config_for(tmp_path, station_model, pilot=True)
+    with running(config) as url, httpx.Client(base_url=url, timeout=30) as client:
+        ids = [client.post("/v1/predict", files=[("file", (f"{i}.png", png("scratch", i), "image/png"))]).json()
+               ["results"][0]["id"] for i in range(2)]
+        with Store(config.db) as store:
+            gone = store.get(ids[0])
+            Path(gone["image_path"]).unlink()  # the file is gone from the station
+            keep = ("file_name", "source_path", "content_sha256", "size_bytes", "decision", "top_class", "confidence",
+                    "probabilities", "model_id", "station", "replica")
+            record = {k: gone[k] for k in keep}  # a row stored without its image (destination empty, no image_path)
+            record |= {"request_id": "no-image", "destination": "", "needs_review": True}
+            never, = store.add_decisions([record])
+        page = browser.new_page(viewport={"width": 1400, "height": 1200})
+        problems: list[str] = []
+        page.on("pageerror", lambda e: problems.append(f"page error: {e}"))
+        page.goto(url + "/")
+        page.wait_for_selector("#rq-item:not([hidden])")
+        assert f"#{ids[0]} " in page.locator("#rq-meta").inner_text()
+        page.wait_for_selector("#rq-noimage:not([hidden])")
+        assert page.locator("#rq-noimage").inner_text() == "image not available"
+        assert not page.locator("#rq-image").is_visible() and not page.locator("#rq-heatmap").is_visible()
+        assert page.locator("#rq-noimage").get_attribute("title") == "the image file is no longer on the station"
+
+        page.fill("#reviewer", "ann")
+        page.locator("body").click(position={"x": 5, "y": 300})
+        page.keyboard.press("Enter")  # confirm: the next item (with its image) comes up
+        page.wait_for_function(f"() => document.getElementById('rq-meta').textContent.includes('#{ids[1]} ')")
+        page.wait_for_function("() => document.getElementById('rq-image').complete && "
+                               "document.getElementById('rq-image').naturalWidth === 40")
+        assert page.locator("#rq-image").is_visible() and not page.locator("#rq-noimage").is_visible()
+
+        page.locator("body").click(position={"x": 5, "y": 300})
+        page.keyboard.press("Enter")
+        page.wait_for_function(f"() => document.getElementById('rq-meta').textContent.includes('#{never} ')")
+        page.wait_for_selector("#rq-noimage:not([hidden])")
+        assert page.locator("#rq-noimage").get_attribute("title") == "this decision's image was not stored"
+        assert not page.locator("#rq-image").is_visible()
+        shot = os.environ.get("DEFECTSCOPE_SCREENSHOT")  # the committed screenshots: this one beside the other
+        page.screenshot(path=str(Path(shot).with_name(Path(shot).stem + "_no_image.png") if shot
+                                 else tmp_path / "no_image.png"), full_page=True)
+        page.close()
+        assert problems == []

@@ -142,3 +142,20 @@ def test_cli_budget_parses_units():
     assert _minutes("15m") == 15 and _minutes("1h") == 60 and _minutes("90s") == 1.5 and _minutes("7") == 7
     with pytest.raises(ValueError, match="budget"):
         _minutes("soon")
+
+
+def test_a_channel_dead_on_the_training_images_does_not_blow_up_a_new_image():
+    """A channel constant on training (dead at a small input size) was divided by 1e-6: a new image lighting it
+    up landed 1e5 standard deviations away (one class for everything, a Mahalanobis Drift line of 1e13)."""
+    from defectscope.training.frozen_features import power_norm
+
+    rng = np.random.default_rng(0)
+    feats = rng.uniform(0, 6, (40, 8))
+    feats[:, 3] = 0.0  # dead on every training image
+    shift, scale = power_norm(feats)
+    live = np.sign(feats) * np.sqrt(np.abs(feats))
+    assert np.allclose(scale[[0, 1, 2, 4, 5, 6, 7]], live[:, [0, 1, 2, 4, 5, 6, 7]].std(0))
+    assert scale[3] == pytest.approx(np.median(scale[[0, 1, 2, 4, 5, 6, 7]]))
+    new = np.full(8, 1.0)  # an image that lights the dead channel a little
+    z = (np.sqrt(new) - shift) / scale
+    assert abs(z[3]) < 10 and abs(z[3]) <= 3 * np.abs(z).max()

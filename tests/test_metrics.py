@@ -30,3 +30,13 @@ def test_majority_class_trap_is_visible():
     assert m["worst_class"] == "defect" and m["worst_class_f1"] == 0.0
     assert m["balanced_accuracy"] == 0.5
     assert "defect" in format_metrics(m)
+
+
+def test_the_printed_confusion_matrix_names_every_class_whole():
+    classes = ["defective", "functional", "likely_defective", "possibly_defective"]
+    y = np.array([0, 1, 2, 3, 3])
+    text = format_metrics(classification_metrics(y, np.array([0, 1, 2, 3, 1]), classes))
+    head = text.splitlines()[text.splitlines().index("confusion matrix (rows true, columns predicted):") + 1]
+    assert head.split() == classes
+    rows = text.splitlines()[-4:]
+    assert all(len(r) == len(head) for r in rows) and rows[-1].split() == ["possibly_defective", "0", "1", "0", "1"]

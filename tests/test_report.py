@@ -225,7 +225,12 @@ def test_report_drift_section_from_synthetic_files(tmp_path):
     assert "10. Drift" in page and "Drift is not measured" not in page
     # What the threshold flags.
     assert "1% false-flag rate: about 1 in 100 normal parts will be set aside as Drift" in page
-    assert "14.000000" in page and "3 of 150 normal calibration images" in page
+    # The line on the drift_score scale that predict, the sorter and the dashboard print; its raw value is
+    # policy.json's business (a Mahalanobis line can be 2.75e13), explained once.
+    assert "<td>threshold</td><td>drift_score 1.00</td>" in page
+    assert "14.000000" not in page and "threshold 14" not in page
+    assert page.count("1.0 is the line, 2.0 twice as far from normal") == 1
+    assert "3 of 150 normal calibration images" in page
     assert "about 100 normal parts a day set aside per 10,000" in page
     assert "20 of 200 evaluated images were set aside as Drift" in page
     # The AUROC / FPR@95 table, best score marked.
@@ -235,7 +240,7 @@ def test_report_drift_section_from_synthetic_files(tmp_path):
     for kind in kinds:
         assert (out / "plots" / f"drift_{kind}.png").stat().st_size > 0
         assert re.search(rf'<img alt="drift histogram {kind}" src="data:image/png;base64,', page)
-    assert "threshold does not apply" in page
+    assert "threshold does not apply: 1.0 here is the line flagging 1% of these normal images" in page
     numbers = json.loads((out / "report_metrics.json").read_text())["drift"]
     assert numbers["histograms"] == list(kinds) and numbers["drift_eval"]
     flags = numbers["threshold_flags"]
@@ -266,6 +271,22 @@ def test_report_drift_section_from_a_real_drift_eval(tmp_path, trained_run):
     # The chosen score per kind, in its own table; one kind leaves nothing out, and the page says so.
     assert f"The chosen Drift score: {best}" in page.replace("&#x27;", "'")
     assert "one kind only" in page
+
+
+def test_drift_histogram_on_the_drift_score_scale():
+    from defectscope.decision.policy import relative_drift
+    from defectscope.evaluation import plots
+
+    rng = np.random.default_rng(0)
+    line = 2.75e13  # a raw Mahalanobis line of the kind the issue met
+    normal = relative_drift(rng.uniform(1e10, 2e13, 100), line)
+    drift = relative_drift(rng.uniform(3e13, 9e13, 30), line)
+    fig = plots.drift_histogram(normal, drift, score="mahalanobis", kind="far", threshold=1.0,
+                                threshold_label="the policy's line (drift_score 1.00)", relative=True)
+    ax = fig.axes[0]
+    assert ax.get_xlabel().startswith("drift_score (mahalanobis; 1.0 = the Drift line")
+    assert max(abs(t) for t in ax.get_xlim()) < 10  # the axis is read in multiples of the line, not in 1e13
+    assert [tuple(ln.get_xdata()) for ln in ax.get_lines()] == [(1.0, 1.0)]
 
 
 def test_report_drift_small_calibration_and_chosen_score(tmp_path):
@@ -348,3 +369,23 @@ def test_a_run_fitted_once_shows_its_validation_scores_not_a_dot_on_an_epoch_axi
                                                 "val_macro_f1": [0.3, 0.5, 0.6], "best_epoch": [2, 2, 2]}))
     assert len(curve.axes) == 2 and len(curve.axes[1].get_lines()) >= 1
     plt.close("all")
+
+
+def test_grid_captions_clear_the_row_above():
+    """Grad-CAM of mistakes: a three-line caption of the second row overlapped the first row's images."""
+    from defectscope.evaluation import plots
+
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 255, (160, 160), dtype=np.uint8) for _ in range(12)]
+    captions = ["true Crack_heavy\n-> functional p=0.93\n(no region stands out)"] * 12
+    fig = plots.image_grid(images, captions, overlays=[rng.uniform(0, 1, (160, 160)) for _ in range(12)], ncols=6,
+                           title="Grad-CAM of the most confident mistakes, towards the predicted class")
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    axes = np.array(fig.axes).reshape(2, 6)
+    for col in range(6):
+        above = axes[0, col].get_window_extent(renderer)
+        title = axes[1, col].title.get_window_extent(renderer)
+        assert title.y1 <= above.y0, (col, title, above)  # display coordinates grow upwards
+    top_titles = max(ax.title.get_window_extent(renderer).y1 for ax in axes[0])
+    assert top_titles <= fig._suptitle.get_window_extent(renderer).y0

@@ -77,8 +77,9 @@ def format_metrics(metrics: dict[str, Any]) -> str:
             f"{name:<{width}}{m['precision']:>10.4f}{m['recall']:>10.4f}{m['f1']:>10.4f}{m['support']:>10d}"
         )
     lines += ["", "confusion matrix (rows true, columns predicted):"]
-    short = [c[:10] for c in classes]
-    lines.append(" " * width + "".join(f"{s:>11}" for s in short))
+    # Columns as wide as the longest class name: a cut header (likely_def, Crack_heav) names no class.
+    col = max(10, *(len(c) for c in classes)) + 1
+    lines.append(" " * width + "".join(f"{c:>{col}}" for c in classes))
     for name, row in zip(classes, metrics["confusion_matrix"], strict=True):
-        lines.append(f"{name:<{width}}" + "".join(f"{v:>11d}" for v in row))
+        lines.append(f"{name:<{width}}" + "".join(f"{v:>{col}d}" for v in row))
     return "\n".join(lines)

@@ -11,7 +11,7 @@ from defectscope.cli.options import add_runtime_options, name_values
 
 def add_predict(sub: argparse._SubParsersAction) -> None:
     pr = sub.add_parser("predict", help="classify images with an exported model (no PyTorch needed)")
-    pr.add_argument("model", help="exported .onnx file")
+    pr.add_argument("model", help="exported .onnx file, or a run folder that has been exported")
     pr.add_argument("images", nargs="+", help="image files and/or folders, or CSV manifests (a path column and, "
                                                 "for a model with metadata inputs, their columns)")
     pr.add_argument("--metadata", action="append", default=[], metavar="NAME=VALUE",
@@ -64,7 +64,7 @@ def run_predict(args: argparse.Namespace) -> int:
 
 def add_sort(sub: argparse._SubParsersAction) -> None:
     so = sub.add_parser("sort", help="file every image of an inbox into OUT/<decision>/ and log each decision")
-    so.add_argument("model", help="exported .onnx file")
+    so.add_argument("model", help="exported .onnx file, or a run folder that has been exported")
     so.add_argument("--inbox", required=True, help="folder where new images arrive")
     so.add_argument("--out", required=True, help="folder that receives OUT/<decision>/ sub-folders")
     how = so.add_mutually_exclusive_group()
@@ -88,9 +88,13 @@ def add_sort(sub: argparse._SubParsersAction) -> None:
 
 
 def run_sort(args: argparse.Namespace) -> int:
+    from defectscope.runtime.engines import check_model_path
+    from defectscope.runtime.predict import exported_model_of
     from defectscope.station.sorter import sort
 
-    summary = sort(args.model, args.inbox, args.out, mode=args.mode or "move", log_path=args.db,
+    # A run folder sorts with its own export, as predict does; weights or an unexported run get predict's one line.
+    model = check_model_path(exported_model_of(args.model))
+    summary = sort(model, args.inbox, args.out, mode=args.mode or "move", log_path=args.db,
                    watch=args.watch, settle_seconds=args.settle, poll_interval=args.poll,
                    batch_size=args.batch_size, runtime=args.runtime, precision=args.precision,
                    device=args.device, metadata_pattern=args.metadata_pattern, choice_seconds=args.choice_seconds)

@@ -182,11 +182,12 @@ def review_tradeoff(curve: dict[str, np.ndarray], point: tuple[float, float] | N
 
 def drift_histogram(
     normal: np.ndarray, drift: np.ndarray, *, score: str, kind: str, threshold: float | None = None,
-    threshold_label: str = "", bins: int = 40,
+    threshold_label: str = "", bins: int = 40, relative: bool = False,
 ) -> Figure:
     """Histograms (share of images per bin) of one Drift score on normal images and on one Drift kind;
     ``threshold``: the policy's flag threshold as a vertical line. Higher scores mean "less like training".
-    Non-finite scores are left out; positive scores spanning more than two decades get a log axis."""
+    Non-finite scores are left out; positive scores spanning more than two decades get a log axis.
+    ``relative``: the scores are ``drift_score`` values (1.0 = the Drift line), and the axis says so."""
     normal = np.asarray(normal, dtype=np.float64).reshape(-1)
     drift = np.asarray(drift, dtype=np.float64).reshape(-1)
     normal, drift = normal[np.isfinite(normal)], drift[np.isfinite(drift)]
@@ -207,7 +208,8 @@ def drift_histogram(
                         color=color, edgecolor=color, lw=0.5, label=label)
     if threshold is not None:
         ax.axvline(threshold, color="black", ls="--", lw=1.2, label=threshold_label or f"threshold {threshold:.4g}")
-    ax.set_xlabel(f"{score} score (higher = less like the training images)")
+    ax.set_xlabel(f"drift_score ({score}; 1.0 = the Drift line, higher = less like the training images)"
+                  if relative else f"{score} score (higher = less like the training images)")
     ax.set_ylabel("share of images")
     ax.set_title(f"{score}: normal vs {kind}")
     ax.legend(fontsize=8)
@@ -223,7 +225,11 @@ def image_grid(
     n = max(len(images), 1)
     ncols = min(ncols, n)
     nrows = int(np.ceil(n / ncols))
-    fig, axes = plt.subplots(nrows, ncols, figsize=(1.9 * ncols, 2.1 * nrows), squeeze=False)
+    # Each row gets the height of its tile plus its longest caption (a mistake's caption has three lines), and
+    # the constrained layout keeps a row's captions clear of the images above (tight_layout let them overlap).
+    lines = max((c.count("\n") + 1 for c in captions), default=1)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(1.9 * ncols, (1.9 + 0.13 * lines) * nrows + 0.3 * bool(title)),
+                             squeeze=False, layout="constrained")
     for i, ax in enumerate(axes.flat):
         ax.axis("off")
         if i >= len(images):
@@ -234,5 +240,4 @@ def image_grid(
         ax.set_title(captions[i], fontsize=7)
     if title:
         fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
     return fig

@@ -25,6 +25,7 @@ from defectscope.metrics import classification_metrics
 from defectscope.models.factory import Classifier
 from defectscope.models.heads import KernelHead, OrdinalHead, symmetry_views
 from defectscope.models.inference import to_input
+from defectscope.progress import progress
 from defectscope.training.distributed import current
 
 log = logging.getLogger(__name__)
@@ -34,25 +35,39 @@ MISSING_CLASS_BIAS = -30.0  # logit of a class with no training images: never pr
 
 
 @torch.no_grad()
-def pooled_features(model: Classifier, images: np.ndarray, *, batch_size: int = 32) -> np.ndarray:
-    """``model.forward_features`` of uint8 images (N, H, W) as float64 (N, D), in eval mode."""
+def pooled_features(model: Classifier, images: np.ndarray, *, batch_size: int = 32, desc: str = "frozen features",
+                    show: bool = True) -> np.ndarray:
+    """``model.forward_features`` of uint8 images (N, H, W) as float64 (N, D), in eval mode.
+
+    Progress goes to :func:`defectscope.progress.progress` (the demo spends minutes here): a bar on the CLI's
+    terminal, a logged line every so often in a piped log, nothing for a library caller."""
     model.eval()
     x = torch.as_tensor(np.asarray(images))
-    out = [model.forward_features(to_input(x[i:i + batch_size], torch.device("cpu"), True)).double().numpy()
-           for i in range(0, len(x), batch_size)]
+    out = []
+    counter = progress(desc=desc, total=len(x), unit="images", enabled=show)
+    try:
+        for i in range(0, len(x), batch_size):
+            batch = to_input(x[i:i + batch_size], torch.device("cpu"), True)
+            out.append(model.forward_features(batch).double().numpy())
+            counter.update(len(out[-1]))
+    finally:
+        counter.close()
     return np.concatenate(out) if out else np.empty((0, model.num_features))
 
 
-def _sharded_features(model: Classifier, images: np.ndarray, val_images: np.ndarray, batch_size: int):
+def _sharded_features(model: Classifier, images: np.ndarray, val_images: np.ndarray, batch_size: int,
+                      show: bool = True):
     """(training features, validation features or None); under torchrun each rank extracts its share and
     rank 0 gets them all (the other ranks get (None, None))."""
     dist = current()
-    feats = dist.gather_rows(pooled_features(model, images[dist.rows(len(images))], batch_size=batch_size),
-                             len(images))
+    show = show and dist.main
+    feats = dist.gather_rows(pooled_features(model, images[dist.rows(len(images))], batch_size=batch_size,
+                                             desc="frozen features (training images)", show=show), len(images))
     val_feats = None
     if len(val_images):
         val_feats = dist.gather_rows(pooled_features(model, val_images[dist.rows(len(val_images))],
-                                                     batch_size=batch_size), len(val_images))
+                                                     batch_size=batch_size, desc="frozen features (validation "
+                                                     "images)", show=show), len(val_images))
     return (feats, val_feats) if dist.main else (None, None)
 
 
@@ -156,10 +171,20 @@ def fit_head(z: np.ndarray, labels: np.ndarray, kind: str, grid: list[float], se
             "seconds": {"cv": round(t_cv, 1), "fit": round(time.perf_counter() - started, 1)}}
 
 
+# Below this share of the median spread a feature counts as constant on the training images.
+DEAD_SPREAD = 0.01
+
+
 def power_norm(feats: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(shift, scale) of :class:`~defectscope.models.heads.FeatureNorm` fitted on training features."""
     p = np.sign(feats) * np.sqrt(np.abs(feats))
-    return p.mean(0), p.std(0) + 1e-6  # constant features (dead channels) must not divide by zero
+    std = p.std(0)
+    # A channel (nearly) constant on the training images, often dead at a small input size, must not be divided
+    # by its tiny spread: a new image that lights it up would land 1e5 standard deviations away, outside every
+    # RBF landmark (one class for everything) and with a Mahalanobis Drift score of 1e13. Such a channel gets
+    # the typical spread of the others, so it counts like any feature.
+    typical = float(np.median(std[std > 0])) if (std > 0).any() else 1.0
+    return p.mean(0), np.where(std < DEAD_SPREAD * typical, typical, std)
 
 
 def class_ranks(classes: list[str], order: list[str]) -> np.ndarray:
@@ -192,7 +217,7 @@ def fit_frozen(model: Classifier, cfg: RunConfig, images: np.ndarray, labels: np
         p.requires_grad_(False)
     model.views = symmetry_views(cfg.augment.hflip, cfg.augment.vflip, cfg.augment.rot90)
     started = time.perf_counter()
-    feats, val_feats = _sharded_features(model, images, val_images, cfg.train.batch_size)
+    feats, val_feats = _sharded_features(model, images, val_images, cfg.train.batch_size, cfg.train.progress)
     if feats is None:  # under torchrun: rank 0 alone fits the head, once, on every rank's features
         return None
     t_features = time.perf_counter() - started

@@ -11,6 +11,7 @@ import numpy as np
 
 from defectscope.decision.costs import DRIFT
 from defectscope.decision.drift.support import per_day_words
+from defectscope.decision.policy import relative_drift
 from defectscope.decision.thresholds import cp_interval
 from defectscope.evaluation.drift_eval import load_scores
 from defectscope.evaluation.report.html import esc, img, num, pct
@@ -29,6 +30,17 @@ KIND_TEXT = {
 DRIFT_HINT = ("Drift is not measured for this run: <code>defectscope drift-eval RUN</code> measures how well each "
               "score separates normal images from unlike ones, and <code>defectscope calibrate RUN</code> sets the "
               "Drift flag in the policy.")
+
+
+# The one place the Drift score's scale is explained; every other figure and plot of the section refers to it.
+DRIFT_SCALE = ("<code>drift_score</code> is the image's Drift score relative to the policy's line (the score "
+               "divided by the line the calibration images set): 1.0 is the line, 2.0 twice as far from normal, "
+               "below 1.0 not flagged. It is the figure predict, the sorter, the dashboard and evaluate's "
+               "predictions.csv show, and the scale of this section's histograms; the raw line stays in policy.json "
+               "(<code>drift_threshold</code>) for the model file.")
+# A histogram scored by retrained models has no policy line: its 1.0 is the line flagging this share of its own
+# normal images (the policy's target rate when there is one), so its scale reads like the policy's.
+DEFAULT_LINE_RATE = 0.01
 
 
 def _one_in(rate: float) -> str:
@@ -70,10 +82,9 @@ def _drift_flag_html(drift: dict[str, Any], threshold: float | None, metrics: di
     score, rate = drift.get("score"), drift.get("target_false_flag_rate")
     fit = drift.get("threshold_fit") or {}
     rows = [f"<tr><td>score</td><td>{esc(score)}</td><td>{_score_text(drift)}</td></tr>",
-            f"<tr><td>threshold</td><td>{num(threshold, 6) if threshold is not None else 'none'}</td><td>An image "
-            f"whose {esc(score)} score is above it is decided {DRIFT} (set aside), before any other rule. The "
-            f"<code>drift_score</code> that predict, the sorter and the dashboard show is relative to this line: "
-            f"1.0 is the line, 2.0 twice as far from normal, below 1.0 not flagged.</td></tr>"]
+            f"<tr><td>threshold</td><td>{'drift_score 1.00' if threshold is not None else 'none'}</td><td>An "
+            f"image whose <code>drift_score</code> is above 1.00 is decided {DRIFT} (set aside), before any other "
+            f"rule. {DRIFT_SCALE}</td></tr>"]
     if rate is not None:
         how = ("chosen for the least expected cost; this is the fallback rate" if fit.get("method") == "cost"
                else "guaranteed on average for parts like the calibration images")
@@ -166,8 +177,6 @@ def _drift_auroc_table(ev: dict[str, Any], policy_score: str | None) -> str:
 def drift_section(run: Path | None, metrics: dict[str, Any], policy: Any,
                   plots_dir: Path) -> tuple[str, dict[str, Any]]:
     """HTML of the Drift section and its numbers; a damaged drift_eval file becomes a note."""
-    from defectscope.evaluation import plots
-
     drift = getattr(policy, "drift", None) or None
     threshold = getattr(policy, "drift_threshold", None) if drift else None
     policy_score = drift.get("score") if drift else None
@@ -203,52 +212,74 @@ def drift_section(run: Path | None, metrics: dict[str, Any], policy: Any,
         notes.append("The scores were not measured on Drift images: <code>defectscope drift-eval RUN</code> "
                      "does it (AUROC table and histograms).")
     if raw is not None:
-        available = set(raw["normal"] or {}) | {s for e in raw["kinds"].values() for s in e["drift"]}
-        score = next((s for s in (policy_score, (ev or {}).get("best_score"), "mahalanobis") if s in available),
-                     None) or (sorted(available)[0] if available else None)
-        order = [k for k in (ev or {}).get("kinds") or {} if k in raw["kinds"]]
-        order += [k for k in raw["kinds"] if k not in order]
-        figs, flags = [], []
-        for kind in order:
-            entry = raw["kinds"].get(kind)
-            if score is None or entry is None or score not in entry["drift"]:
-                continue
-            own = entry["normal"] is None  # scored by the run's own model: the policy's threshold applies
-            normal = (raw["normal"] or {}).get(score) if own else entry["normal"].get(score)
-            if normal is None:
-                continue
-            line = threshold if (own and threshold is not None and score == policy_score) else None
-            label = f"policy threshold {line:.4g}" if line is not None else ""
-            fig = plots.drift_histogram(normal, entry["drift"][score], score=score, kind=kind, threshold=line,
-                                        threshold_label=label)
-            png = plots.save(fig, plots_dir / f"drift_{kind}.png")
-            info["histograms"].append(kind)
-            caption = "" if own else ("<p><small>Scored by the models retrained for this test, so the policy's "
-                                      "threshold does not apply.</small></p>")
-            figs.append(f"<h4>normal vs {esc(kind)}</h4>{caption}{img(png, f'drift histogram {kind}')}")
-            if line is not None:
-                share = float(np.mean(entry["drift"][score] > line)) if len(entry["drift"][score]) else None
-                info["threshold_flags"][kind] = share
-                flags.append(f"<tr><td>{esc(kind)}</td><td>{pct(share)}</td></tr>")
-        normal_policy = (raw["normal"] or {}).get(policy_score) if threshold is not None else None
-        if normal_policy is not None:
-            share = float(np.mean(normal_policy > threshold)) if len(normal_policy) else None
-            info["threshold_flags"]["normal"] = share
-            flags.insert(0, f"<tr><td>normal (test split)</td><td>{pct(share)}</td></tr>")
-        if figs:
-            if score == policy_score:
-                what = f"the policy's score ({esc(score)}), with its threshold dashed where it applies"
-            elif ev is not None and score == ev.get("best_score"):
-                what = f"the best score of the drift evaluation ({esc(score)})"
-            else:
-                what = f"the {esc(score)} score"
-            body.append(f"<h3>Score histograms: normal vs each Drift kind</h3><p>Each plot shows {what}. Bars "
-                        f"are shares of each set, so sets of different size compare. Little overlap means the "
-                        f"score tells the two apart.</p>" + "".join(figs))
-        if flags:
-            body.append("<h3>What the policy's threshold flags on the drift evaluation images</h3><p>The test "
-                        "split includes the calibration images, so its normal rate is not an independent "
-                        "check.</p><table><tr><th>images</th><th>flagged as Drift</th></tr>" + "".join(flags)
-                        + "</table>")
+        rate = drift.get("target_false_flag_rate") if drift else None
+        body.extend(_histograms_html(raw, ev, policy_score, threshold, rate, plots_dir, info))
     body.extend(f'<p class="note">{n}</p>' for n in notes)
     return "\n".join(body), info
+
+
+def _histograms_html(raw: dict[str, Any], ev: dict[str, Any] | None, policy_score: str | None,
+                     threshold: float | None, rate: float | None, plots_dir: Path, info: dict[str, Any]) -> list[str]:
+    """The score histograms per Drift kind on the drift_score scale, and what the policy's line flags."""
+    from defectscope.evaluation import plots
+
+    available = set(raw["normal"] or {}) | {s for e in raw["kinds"].values() for s in e["drift"]}
+    score = next((s for s in (policy_score, (ev or {}).get("best_score"), "mahalanobis") if s in available),
+                 None) or (sorted(available)[0] if available else None)
+    order = [k for k in (ev or {}).get("kinds") or {} if k in raw["kinds"]]
+    order += [k for k in raw["kinds"] if k not in order]
+    line_rate = rate or DEFAULT_LINE_RATE
+    body, figs, flags = [], [], []
+    for kind in order:
+        entry = raw["kinds"].get(kind)
+        if score is None or entry is None or score not in entry["drift"]:
+            continue
+        own = entry["normal"] is None  # scored by the run's own model: the policy's threshold applies
+        normal = (raw["normal"] or {}).get(score) if own else entry["normal"].get(score)
+        if normal is None:
+            continue
+        line = threshold if (own and threshold is not None and score == policy_score) else None
+        # Without the policy's line, the line flagging line_rate of these normal images gives the scale its 1.0.
+        scale = line if line is not None else _own_line(normal, line_rate)
+        fig = plots.drift_histogram(relative_drift(normal, scale), relative_drift(entry["drift"][score], scale),
+                                    score=score, kind=kind, threshold=1.0 if line is not None else None,
+                                    threshold_label="the policy's line (drift_score 1.00)", relative=True)
+        png = plots.save(fig, plots_dir / f"drift_{kind}.png")
+        info["histograms"].append(kind)
+        why = ("Scored by the models retrained for this test, so the policy's threshold does not apply"
+               if not own else "The policy has no line on this score")
+        caption = "" if line is not None else (f"<p><small>{why}: 1.0 here is the line flagging "
+                                                f"{100 * line_rate:g}% of these normal images.</small></p>")
+        figs.append(f"<h4>normal vs {esc(kind)}</h4>{caption}{img(png, f'drift histogram {kind}')}")
+        if line is not None:
+            share = float(np.mean(entry["drift"][score] > line)) if len(entry["drift"][score]) else None
+            info["threshold_flags"][kind] = share
+            flags.append(f"<tr><td>{esc(kind)}</td><td>{pct(share)}</td></tr>")
+    normal_policy = (raw["normal"] or {}).get(policy_score) if threshold is not None else None
+    if normal_policy is not None:
+        share = float(np.mean(normal_policy > threshold)) if len(normal_policy) else None
+        info["threshold_flags"]["normal"] = share
+        flags.insert(0, f"<tr><td>normal (test split)</td><td>{pct(share)}</td></tr>")
+    if figs:
+        if score == policy_score:
+            what = f"the policy's score ({esc(score)}) as <code>drift_score</code>, its line dashed where it applies"
+        elif ev is not None and score == ev.get("best_score"):
+            what = f"the best score of the drift evaluation ({esc(score)})"
+        else:
+            what = f"the {esc(score)} score"
+        body.append(f"<h3>Score histograms: normal vs each Drift kind</h3><p>Each plot shows {what}. Bars "
+                    f"are shares of each set, so sets of different size compare. Little overlap means the "
+                    f"score tells the two apart.</p>" + "".join(figs))
+    if flags:
+        body.append("<h3>What the policy's threshold flags on the drift evaluation images</h3><p>The test "
+                    "split includes the calibration images, so its normal rate is not an independent "
+                    "check.</p><table><tr><th>images</th><th>flagged as Drift</th></tr>" + "".join(flags)
+                    + "</table>")
+    return body
+
+
+def _own_line(normal: np.ndarray, rate: float) -> float:
+    """The score above which ``rate`` of these normal images lie (1.0 of their relative scale)."""
+    finite = np.asarray(normal, dtype=np.float64)
+    finite = finite[np.isfinite(finite)]
+    return float(np.quantile(finite, 1 - rate)) if finite.size else 1.0

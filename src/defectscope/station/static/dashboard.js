@@ -259,10 +259,24 @@ async function getJSON(url) {
 
 async function showImage(img, url) {
   if (img.src.startsWith("blob:")) URL.revokeObjectURL(img.src);
-  if (!url) { img.removeAttribute("src"); return; }
+  if (!url) { img.removeAttribute("src"); return false; }
   const r = await fetch(url, { headers: authHeaders() });
-  if (!r.ok) { img.removeAttribute("src"); return; }
+  if (!r.ok) { img.removeAttribute("src"); return false; }
   img.src = URL.createObjectURL(await r.blob());
+  return true;
+}
+
+// A queued decision whose image was never stored, or whose file is gone, shows a plain placeholder instead of
+// the browser's broken-image box; the heatmap is only drawn over an image.
+async function showReviewImage(item) {
+  const img = $("rq-image"), hm = $("rq-heatmap"), none = $("rq-noimage");
+  const ok = await showImage(img, item.image_url).catch(() => false);
+  if (state.current !== item) return; // a newer item was shown while this one loaded
+  img.hidden = !ok;
+  none.hidden = ok;
+  none.title = item.image_url ? "the image file is no longer on the station" : "this decision's image was not stored";
+  hm.hidden = true;
+  if (ok && item.heatmap_url) hm.hidden = !(await showImage(hm, item.heatmap_url).catch(() => false)) || state.current !== item;
 }
 
 async function refresh() {
@@ -290,10 +304,7 @@ function showItem(item) {
   $("rq-empty").hidden = !!item;
   $("rq-item").hidden = !item;
   if (!item) return;
-  showImage($("rq-image"), item.image_url).catch(() => {});
-  const hm = $("rq-heatmap");
-  hm.hidden = !item.heatmap_url;
-  showImage(hm, item.heatmap_url).catch(() => {});
+  showReviewImage(item);
   const meta = $("rq-meta");
   meta.textContent = "";
   html("div", {}, meta, `#${item.id} ${item.file_name} - model says ${item.decision}` + (item.decision !== item.top_class ? ` (top class ${item.top_class})` : ""));
