@@ -287,7 +287,8 @@ def _run_trials(study, base: RunConfig, space: dict[str, Any], out: Path, budget
         left = budget_minutes * 60 - spent
         durations = [t.user_attrs["seconds"] for t in finished if "seconds" in t.user_attrs]
         # The quickest trial so far is the least a new one needs; starting one that cannot fit wastes the rest.
-        if left <= 0 or (durations and left < min(durations)):
+        # The first trial always starts: a budget smaller than the study's own set-up must still give a result.
+        if finished and (left <= 0 or (durations and left < min(durations))):
             log.info(f"budget of {budget_minutes:g} min used ({spent / 60:.1f} min): no further trial fits")
             break
         trial = study.ask()
