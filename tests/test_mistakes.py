@@ -141,6 +141,9 @@ def test_a_review_rate_short_of_the_one_asked_is_said():
     said = review_shortfall({"review_rate": 0.05, "achieved_review_rate": 0.028, "n": 36})
     assert said.startswith("review rate 2.8% (1 of 36 calibration images), not the 5.0% asked")
     assert review_shortfall({"review_rate": 0.05, "achieved_review_rate": 0.049, "n": 1000}) is None
+    # 5% of 6 images is under one image: the band reviews none, and says so
+    assert "review rate 0.0% (0 of 6 calibration images), not the 5.0% asked" in review_shortfall(
+        {"review_rate": 0.05, "achieved_review_rate": 0.0, "n": 6})
 
 
 def test_train_help_states_the_defaults(capsys):

@@ -510,7 +510,11 @@ def review_shortfall(target: dict[str, Any]) -> str | None:
     The band is the largest threshold whose review rate stays <= the asked rate; with few calibration images or
     tied scores the next step up would overshoot, so the achieved rate can fall well short."""
     asked, got, n = target.get("review_rate"), target.get("achieved_review_rate"), target.get("n") or 0
-    if asked is None or got is None or n == 0 or asked - got < max(0.5 / n, 0.1 * asked):
+    if asked is None or got is None or n == 0:
+        return None
+    # Within half an image of the asked rate is as close as n images allow, except nothing at all: a band that
+    # reviews no image is not the band that was asked for.
+    if asked - got < max(0.5 / n, 0.1 * asked) and not (got == 0 < asked):
         return None
     return (f"review rate {got:.1%} ({round(got * n)} of {n} calibration images), not the {asked:.1%} asked: the "
             f"next score up would send more than {asked:.1%} to review (few images or tied scores); ask for a "
