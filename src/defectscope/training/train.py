@@ -345,11 +345,8 @@ def _fit_auto(model, cfg: RunConfig, data: tuple, classes: list[str], source: st
 def auto_finetune_config(cfg: RunConfig, minutes_left: float | None) -> RunConfig:
     """The config of the fine-tune that ``auto`` tries: the run's own (its preset, image size, augmentation,
     epochs, patience) with only the recipe and the time limit (the budget left after the frozen fit) changed."""
-    tuned = apply_overrides(config_from_dict(cfg.to_dict()), {"train.recipe": "finetune"})
-    # Set directly: an override is coerced to the type of the value it replaces, and a budget given as a whole
-    # number (10) would cut 7.5 minutes left to 7.
-    tuned.train.time_limit_minutes = minutes_left
-    return tuned
+    return apply_overrides(config_from_dict(cfg.to_dict()),
+                           {"train.recipe": "finetune", "train.time_limit_minutes": minutes_left})
 
 
 def _bootstrap_wins(pred_a, pred_b, labels, k: int, seed: int, n: int = 500) -> float:
