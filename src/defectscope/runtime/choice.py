@@ -398,18 +398,23 @@ def select(model_path: str | Path, *, device: str = "cpu", threads: int | None =
 
 
 def summary(record: dict[str, Any]) -> str:
-    """One line: every candidate's speed (and why it was refused), then the choice."""
-    def state(r: dict[str, Any]) -> str:
+    """One line: every candidate's speed (and why it was refused), then the choice, then the candidates left
+    untested, each reason said once with the candidates it concerns (several share "slower than the choice")."""
+    untested: dict[str, list[str]] = {}
+
+    def state(k: str, r: dict[str, Any]) -> str:
         if r.get("accepted"):
             return ""
         if r.get("checked") is False:
-            return f" ({r.get('refused') or 'not tested: slower than the choice'})"
+            untested.setdefault(r.get("refused") or "not tested, slower than the choice", []).append(k)
+            return ""
         return f" (refused: {r['refused']})"
 
-    parts = [f"{k} {r.get('images_per_second', '-')}/s{state(r)}" for k, r in record["candidates"].items()]
+    parts = [f"{k} {r.get('images_per_second', '-')}/s{state(k, r)}" for k, r in record["candidates"].items()]
     chosen = record["chosen"]
     key = chosen.get("key", f"{chosen['runtime']}_{chosen['precision']}")
-    return f"{', '.join(parts)} -> {key} ({chosen['device']})"
+    notes = "".join(f"; {', '.join(keys)}: {why}" for why, keys in untested.items())
+    return f"{', '.join(parts)} -> {key} ({chosen['device']}){notes}"
 
 
 # ------------------------------------------------------------------------------------------- records
