@@ -114,7 +114,8 @@ def tune(
     (default ``sqlite:///OUT/study.db``, one process per study). A server database (``postgresql://...``) takes
     any number of workers on any number of machines running the same command on one ``study_name``: each trial
     sends a heartbeat every ``heartbeat_seconds``; a trial silent for 3 heartbeats (its worker was killed) is
-    marked FAILED by another worker and its configuration tried again (Optuna's ``RetryFailedTrialCallback``).
+    marked FAILED by another worker and its configuration tried again, at most twice (Optuna's
+    ``RetryHeartbeatStaleTrialCallback``; ``RetryFailedTrialCallback`` before Optuna 4.9).
     The budget, ``n_trials`` and the best trial are the study's. ``pruner``: hyperband | halving | none.
 
     >>> run = tune("elpv", "runs/tune", budget_minutes=60)  # doctest: +SKIP
@@ -170,9 +171,21 @@ def _storage(url: str, heartbeat_seconds: int | None = None):
         # must make the tuner wait, not fail with "database is locked" after the default 5 seconds.
         return optuna.storages.RDBStorage(url, engine_kwargs={"connect_args": {"timeout": 60}})
     beat = max(1, int(heartbeat_seconds or 60))
-    return optuna.storages.RDBStorage(
-        url, heartbeat_interval=beat, grace_period=3 * beat,
-        failed_trial_callback=optuna.storages.RetryFailedTrialCallback(max_retry=2))
+    return optuna.storages.RDBStorage(url, heartbeat_interval=beat, grace_period=3 * beat, **_retry_stale_trials(2))
+
+
+def _retry_stale_trials(max_retry: int) -> dict[str, Any]:
+    """RDBStorage's keyword that re-queues a trial whose worker stopped beating, at most ``max_retry`` times.
+
+    Optuna 4.9 renamed it (``heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback``) and made the
+    old names (``failed_trial_callback=RetryFailedTrialCallback``) warn; the Optuna versions pyproject allows
+    (>= 3.4) below 4.9 have only the old ones. Same callback, same behaviour."""
+    import optuna
+
+    new = getattr(optuna.storages, "RetryHeartbeatStaleTrialCallback", None)
+    if new is not None:
+        return {"heartbeat_stale_trial_callback": new(max_retry=max_retry)}
+    return {"failed_trial_callback": optuna.storages.RetryFailedTrialCallback(max_retry=max_retry)}
 
 
 def _check_space(space: dict[str, Any]) -> None:
