@@ -8,6 +8,10 @@ const SVGNS = "http://www.w3.org/2000/svg";
 const GOOD_COLOR = "#15803d";
 const DEFECT_COLORS = ["#dc2626", "#f59e0b", "#7c3aed", "#0891b2", "#db2777", "#ea580c", "#92400e", "#be185d", "#4b5563"];
 const KIND_COLORS = { REVIEW: "#9ca3af", Drift: "#111827" };
+// Another model's good class: still green (it passed), a lighter one; a class whose model's good class the
+// station cannot tell: a neutral stone, neither good nor defect.
+const OTHER_GOOD_COLOR = "#86efac";
+const UNKNOWN_COLOR = "#a8a29e";
 const $ = (id) => document.getElementById(id);
 let state = { data: null, queue: [], current: null, labels: [] };
 
@@ -82,22 +86,37 @@ function drawDecisions(d) {
   const totals = d.buckets.map((_, i) => kinds.reduce((s, k) => s + d.decisions_by_kind[k][i], 0));
   const labels = d.buckets.map((b) => fmtTime(b, d.bucket_minutes));
   const f = frame($("c-decisions"), n, Math.max(1, ...totals), { labels, bars: true });
-  const defects = kinds.filter((k) => k !== d.good_class && !KIND_COLORS[k]);
-  const colorOf = (k) => KIND_COLORS[k] || (k === d.good_class ? GOOD_COLOR : DEFECT_COLORS[defects.indexOf(k) % DEFECT_COLORS.length]);
+  // Colours from each kind's verdict, which the server took from the row's own model (d.kinds), not its name.
+  const verdictOf = (k) => (d.kinds && d.kinds[k] ? d.kinds[k].verdict : (k === d.good_class ? "PASS" : "REJECT"));
+  const defects = kinds.filter((k) => !KIND_COLORS[k] && verdictOf(k) === "REJECT");
+  const colorOf = (k) => {
+    if (KIND_COLORS[k]) return KIND_COLORS[k];
+    const v = verdictOf(k);
+    if (v === "PASS") return k === d.good_class ? GOOD_COLOR : OTHER_GOOD_COLOR;
+    if (v === "REJECT") return DEFECT_COLORS[defects.indexOf(k) % DEFECT_COLORS.length];
+    return UNKNOWN_COLOR;
+  };
+  const about = (k) => {
+    const e = d.kinds && d.kinds[k];
+    if (!e || KIND_COLORS[k]) return k;
+    const models = e.models.filter((m) => m !== d.model.id);
+    const whose = models.length ? `, decided by model ${models.join(", ")}` : "";
+    return `${k}: ${e.verdict || "verdict unknown (that model's good class is not known here)"}${whose}`;
+  };
   for (let i = 0; i < n; i++) {
     let acc = 0;
     kinds.forEach((k, j) => {
       const c = d.decisions_by_kind[k][i];
       if (!c) return;
       const rect = el("rect", { x: f.xb(i) + 1, width: Math.max(1, f.bw - 2), y: f.y(acc + c), height: f.y(acc) - f.y(acc + c), fill: colorOf(k) }, f.svg);
-      el("title", {}, rect, `${labels[i]} ${k}: ${c}`);
+      el("title", {}, rect, `${labels[i]} ${about(k)}: ${c}`);
       acc += c;
     });
   }
   const legend = $("l-decisions");
   legend.textContent = "";
   kinds.forEach((k) => {
-    const s = html("span", {}, legend);
+    const s = html("span", { title: about(k), "data-kind": k, "data-verdict": verdictOf(k) || "unknown" }, legend);
     html("i", { style: `background:${colorOf(k)}` }, s);
     s.appendChild(document.createTextNode(`${k} ${d.decisions_by_kind[k].reduce((a, b) => a + b, 0)}`));
   });
@@ -121,6 +140,11 @@ function drawPChart(d) {
     const why = broken.map((r) => `rule ${r}: ${p.rules[r]}`).join("; ");
     el("title", {}, dot, `${pct(v)} (${p.defects[i]}/${p.n[i]}), limits ${pct(p.lcl[i])}..${pct(p.ucl[i])}${why ? " - " + why : ""}`);
   });
+  const u = d.verdict_unknown;
+  $("pchart-note").textContent = u && u.decisions
+    ? `${u.decisions} automatic decision(s) of model(s) ${u.models.join(", ")} left out of the defect rate: the ` +
+      `station cannot tell which of that model's classes passes (${Object.keys(u.kinds).join(", ")}).`
+    : "";
 }
 
 function drawDrift(d) {
@@ -185,6 +209,7 @@ function drawPilot(d) {
     html("td", {}, tr, r.n ? `${pct(r.low, 1)} - ${pct(r.high, 1)}` : "-");
     html("td", {}, tr, `${r.k} / ${r.n}`);
   }
+  if (p.verdict_unknown) html("p", { class: "muted" }, box, `${p.verdict_unknown} reviewed decision(s) of a model whose good class the station cannot tell are not counted here.`);
   const verdict = html("p", {}, box);
   if (p.can_stop_reviewing_good) {
     verdict.className = "ok";

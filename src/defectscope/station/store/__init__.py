@@ -432,6 +432,39 @@ class Store:
         with self._tx() as conn:
             return [(m, d, int(n)) for m, d, n in conn.execute(q)]
 
+    def minute_model_counts(self, since: str, station: str | None = None,
+                            replica: str | None = None) -> list[tuple[str, str, str | None, int]]:
+        """:meth:`minute_counts` per model too: (minute, decision, model_id, n). A class name means what the model
+        that decided it says (its good class passes), so a store written by several models is counted per model."""
+        minute = sa.func.substr(decisions.c.time, 1, 16).label("minute")
+        cols = (minute, decisions.c.decision, decisions.c.model_id)
+        q = sa.select(*cols, sa.func.count()).where(*self._done_since(since, station, replica)).group_by(*cols)
+        with self._tx() as conn:
+            return [(m, d, model, int(n)) for m, d, model, n in conn.execute(q)]
+
+    def model_classes(self, since: str, station: str | None = None,
+                      replica: str | None = None) -> dict[str | None, list[str]]:
+        """The classes of each model that decided a finished row since ``since``: the keys of its newest row's
+        ``probabilities`` (every row stores its own model's distribution). A model none of whose rows there
+        carries probabilities (only unreadable images) is absent."""
+        newest = (sa.select(sa.func.max(decisions.c.id))
+                  .where(*self._done_since(since, station, replica), decisions.c.probabilities.is_not(None))
+                  .group_by(decisions.c.model_id))
+        q = sa.select(decisions.c.model_id, decisions.c.probabilities).where(decisions.c.id.in_(newest))
+        out: dict[str | None, list[str]] = {}
+        with self._tx() as conn:
+            for model_id, probs in conn.execute(q):
+                try:
+                    parsed = json.loads(probs)
+                except (TypeError, ValueError):
+                    parsed = None
+                if isinstance(parsed, dict):
+                    out[model_id] = [str(c) for c in parsed]
+                else:
+                    log.warning("%s: model %s: its newest row's probabilities are not a JSON object; its classes "
+                                "are unknown", self, model_id)
+        return out
+
     def sample(self, since: str, max_rows: int = 5_000, station: str | None = None,
                replica: str | None = None) -> list[tuple[Any, ...]]:
         """(time, confidence, total_ms) of the finished decisions since ``since``: all of them, or every

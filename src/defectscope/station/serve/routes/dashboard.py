@@ -12,6 +12,7 @@ from fastapi import APIRouter, HTTPException, Query
 from fastapi.responses import HTMLResponse
 from starlette.concurrency import run_in_threadpool
 
+from defectscope import labels
 from defectscope.station import spc
 from defectscope.station.serve.rows import utc_iso
 from defectscope.station.serve.services import Services, ServicesDep
@@ -83,19 +84,28 @@ def _dashboard(services: Services, hours: float, bucket_minutes: int, station: s
     since = end - step * max(1, round(timedelta(hours=hours) / step))
     store = services.store
     start = utc_iso(since)
-    # Counted in the database; only a bounded sample comes back for the quantiles.
-    out = spc.dashboard(store.minute_counts(start, station, replica), store.sample(start, station=station,
-                                                                                  replica=replica),
-                        store.recent_decisions(500, station, replica), classes=model.predictor.classes,
+    # Counted in the database, per model: a class name means what the model that decided it says. Only a
+    # bounded sample comes back for the quantiles.
+    counts = store.minute_model_counts(start, station, replica)
+    reviewed = store.reviewed(start)
+    others = {m for _, _, m, _ in counts} | {r["model_id"] for r in reviewed}
+    kinds = _Kinds(model, store.model_classes(start) if others - {model.model_id} else {})
+    shown = [(minute, kinds.name(decision, model_id), n) for minute, decision, model_id, n in counts]
+    out = spc.dashboard(shown, store.sample(start, station=station, replica=replica),
+                        store.recent_decisions(500, station, replica), classes=kinds.chart_names(),
                         good_class=model.good_class, since=since, until=end, bucket_minutes=bucket_minutes,
                         drift_rate=model.drift_rate)
-    reviewed = store.reviewed(utc_iso(since))
+    kinds.redo_p_chart(out)
     # A three-way policy carries its own caps: the pilot measures exactly those against people.
     three_way = (model.predictor.policy or {}).get("three_way") or {}
     escape_cap = (three_way.get("escape") or {}).get("cap", config.escape_cap)
     overkill_cap = (three_way.get("overkill") or {}).get("cap")
-    out["pilot"] = spc.pilot_stats(reviewed, model.good_class, escape_cap, overkill_cap=overkill_cap)
+    judged, unknown = kinds.pilot_rows(reviewed)
+    out["pilot"] = spc.pilot_stats(judged, model.good_class, escape_cap, overkill_cap=overkill_cap)
     out["pilot"]["enabled"] = config.pilot
+    out["pilot"]["verdict_unknown"] = unknown
+    # The page's review tile and queue panel both show GET /v1/review/queue's total (one answer, no cache);
+    # this figure is as fresh as the rest of this answer (up to CACHE_SECONDS old).
     _, out["review_queue"] = store.review_queue(0)
     out["model"] = model.info()  # no server path in it
     out["replica"] = config.replica  # the one answering
@@ -104,6 +114,89 @@ def _dashboard(services: Services, hours: float, bucket_minutes: int, station: s
     out["queue_depth"] = services.batcher.depth
     out["auth_required"] = bool(config.api_keys)
     return out
+
+
+class _Kinds:
+    """What each (model, decision) of a window is on the dashboard: the name it is shown under and its verdict.
+
+    A row's verdict comes from its own decision and its own model, never from the current model's class list:
+    REVIEW, Drift and unreadable as recorded; a class is PASS when it is its model's good class, else REJECT.
+    The current model's good class is the station's; another model's is the one class named like GOOD among the
+    classes its rows record (:meth:`Store.model_classes`, :func:`labels.good_class_of`): the store keeps no
+    calibrated good class per row, so a model whose good class is named otherwise has verdict ``None`` (unknown):
+    its rows are automatic decisions but stay out of the defect rate and the pilot, and the answer says how many.
+    A class is shown under its own name, qualified by its model when that name already means another verdict."""
+
+    def __init__(self, current: Any, classes_of: dict[str | None, list[str]]) -> None:
+        self.current, self.classes_of = current, classes_of
+        self.kinds: dict[str, dict[str, Any]] = {}
+        self._names: dict[tuple[str | None, str], str] = {}
+        for c in current.predictor.classes:  # the current model's panels first, in its order, even when empty
+            self.name(c, current.model_id)
+        for k in (labels.REVIEW, labels.DRIFT):
+            self.name(k, current.model_id)
+
+    def good_of(self, model_id: str | None) -> str | None:
+        if model_id == self.current.model_id:
+            return self.current.good_class
+        classes = self.classes_of.get(model_id)
+        return labels.good_class_of(classes) if classes else None
+
+    def verdict(self, decision: str, model_id: str | None) -> str | None:
+        if decision in labels.NOT_AUTOMATIC or decision in (labels.PASS, labels.REJECT):
+            return decision
+        return labels.verdict_of(decision, self.good_of(model_id))
+
+    def name(self, decision: str, model_id: str | None) -> str:
+        key = (model_id, decision)
+        if key in self._names:
+            return self._names[key]
+        verdict = self.verdict(decision, model_id)
+        name = decision
+        if name in self.kinds and self.kinds[name]["verdict"] != verdict:
+            name = f"{decision} (model {(model_id or 'unknown')[:8]})"
+        entry = self.kinds.setdefault(name, {"class": decision, "verdict": verdict, "models": []})
+        if decision not in labels.NOT_AUTOMATIC and model_id not in entry["models"]:
+            entry["models"].append(model_id)
+        self._names[key] = name
+        return name
+
+    def chart_names(self) -> list[str]:
+        return [k for k in self.kinds if k not in (labels.REVIEW, labels.DRIFT)]  # spc adds those two itself
+
+    def redo_p_chart(self, out: dict[str, Any]) -> None:
+        """The defect rate from verdicts: REJECT among PASS + REJECT per bucket, unknown verdicts left out."""
+        by_kind, nb = out["decisions_by_kind"], len(out["buckets"])
+
+        def per_bucket(verdicts: tuple[str, ...]) -> list[int]:
+            names = [k for k, e in self.kinds.items() if e["verdict"] in verdicts and k in by_kind]
+            return [sum(by_kind[k][b] for k in names) for b in range(nb)]
+
+        out["p_chart"] = spc.p_chart(per_bucket((labels.REJECT,)), per_bucket((labels.PASS, labels.REJECT)))
+        out["kinds"] = self.kinds
+        unknown = {k: sum(by_kind[k]) for k, e in self.kinds.items() if e["verdict"] is None and sum(by_kind[k])}
+        out["verdict_unknown"] = {"decisions": sum(unknown.values()), "kinds": unknown,
+                                  "models": sorted({m or "" for k in unknown for m in self.kinds[k]["models"]})}
+
+    def pilot_rows(self, reviewed: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], int]:
+        """Reviewed rows in the current model's terms for :func:`spc.pilot_stats` (which compares names with one
+        good class): another model's PASS becomes the current good class, a label that was that model's good
+        class too. Rows whose verdict is unknown are left out; their count is the second value."""
+        good, out, unknown = self.current.good_class, [], 0
+        for r in reviewed:
+            verdict = self.verdict(r["decision"], r["model_id"])
+            if verdict is None:
+                unknown += 1
+                continue
+            if r["model_id"] == self.current.model_id or r["decision"] in labels.NOT_AUTOMATIC:
+                out.append(r)
+                continue
+            decision = good if verdict == labels.PASS else r["decision"]
+            if verdict == labels.REJECT and decision == good:
+                decision = f"{decision} (another model)"
+            label = good if r["label"] == self.good_of(r["model_id"]) else r["label"]
+            out.append({**r, "decision": decision, "label": label})
+        return out, unknown
 
 
 def _per_replica(counts: list[dict[str, Any]]) -> list[dict[str, Any]]:
