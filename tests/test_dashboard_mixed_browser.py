@@ -48,3 +48,29 @@ def test_another_models_rows_in_the_browser(browser, station_model, tmp_path):  
         d = httpx.get(url + "/v1/dashboard", timeout=30).json()
         assert d["model"]["id"] != OLD and d["kinds"]["ok"]["verdict"] == "PASS"
     assert problems == []
+
+
+def _review_row(i: int) -> dict:
+    return {"request_id": f"rq-{i}", "file_name": f"rq{i}.png", "source_path": "api:rq", "content_sha256": f"rq{i}",
+            "size_bytes": 1, "decision": "REVIEW", "top_class": "ok", "confidence": 0.5,
+            "probabilities": {"ok": 0.5, "crack": 0.5}, "model_id": OLD, "model_version": "old", "destination": "-"}
+
+
+@pytest.mark.slow
+def test_the_review_tile_and_the_queue_panel_agree_after_an_insert(browser, station_model, tmp_path):  # noqa: F811
+    """The tile came from /v1/dashboard (shared for 2 s), the panel from /v1/review/queue: a row queued between
+    two refreshes showed 1 in one and 2 in the other."""
+    config = config_for(tmp_path, station_model)
+    with Store(config.db) as store:
+        store.add_decisions([_review_row(0)])
+    with running(config) as url, Store(config.db) as store:
+        page = browser.new_page(viewport={"width": 1400, "height": 1200})
+        page.goto(url + "/")
+        page.wait_for_function("() => document.getElementById('rq-count').textContent === '(1 waiting)'")
+        page.evaluate("refresh()")  # the dashboard's answer, now cached for the next 2 s
+        store.add_decisions([_review_row(1)])
+        page.evaluate("refresh()")
+        shown = page.evaluate("() => [document.getElementById('t-queue').textContent, "
+                              "document.getElementById('rq-count').textContent]")
+        assert shown == ["2", "(2 waiting)"]
+        page.close()

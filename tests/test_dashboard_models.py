@@ -78,6 +78,8 @@ def test_each_row_counts_by_its_own_models_verdict(mixed):
     # Automation counts every class decision of every model; review load every REVIEW row.
     assert d["automation"]["total_rate"] == pytest.approx(17 / 21, abs=1e-6)
     assert sum(d["automation"]["review"]) == 3 and _total(d, "Drift") == 1
+    # The queue's depth here is as fresh as the answer, which says so (the page shows the queue's own total).
+    assert d["review_queue"] == 3 + 1 and d["cache_seconds"] == 2.0 and d["as_of"].endswith("+00:00")
 
 
 def test_a_model_whose_good_class_cannot_be_told_is_shown_apart_and_left_out_of_the_defect_rate(mixed):

@@ -248,7 +248,6 @@ function drawTiles(d) {
   $("t-pbar").textContent = pct(d.p_chart.pbar);
   const a = d.drift.alarm;
   $("t-drift").textContent = a && a.n ? pct(a.rate) : "-";
-  $("t-queue").textContent = d.review_queue;
   const p50 = d.latency_ms.p50.filter((v) => v !== null), p99 = d.latency_ms.p99.filter((v) => v !== null);
   $("t-latency").textContent = p50.length ? `${p50[p50.length - 1].toFixed(0)} / ${p99[p99.length - 1].toFixed(0)} ms` : "-";
   $("model").textContent = `model ${d.model.id} (${d.model.version}) - classes ${d.model.classes.join(", ")}`;
@@ -320,7 +319,10 @@ async function refreshQueue() {
   const q = await getJSON("/v1/review/queue?limit=20");
   state.queue = q.items;
   state.labels = q.labels;
+  // The tile and the panel's count are one figure from one answer (the queue's, never cached); the dashboard's
+  // own review_queue may be up to its cache's 2 s old and would disagree with the panel after a change.
   $("rq-count").textContent = `(${q.total} waiting)`;
+  $("t-queue").textContent = q.total;
   if (!state.current || !q.items.some((it) => it.id === state.current.id)) showItem(q.items[0] || null);
 }
 

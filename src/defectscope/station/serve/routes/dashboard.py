@@ -39,7 +39,8 @@ async def dashboard(services: ServicesDep, hours: float = Query(24, gt=0, le=24 
 
     Bounded so that dashboards cannot starve predictions: at most ``max_dashboard_points`` buckets (422
     beyond), one computation at a time and at most :data:`SHARE` of the time in them (a busy dashboard waits,
-    the line does not), and an answer is shared by every tab asking the same within :data:`CACHE_SECONDS`.
+    the line does not), and an answer is shared by every tab asking the same within :data:`CACHE_SECONDS` (``as_of``
+    and ``cache_seconds`` say so; the page takes the review queue's depth from ``/v1/review/queue``, uncached).
 
     Every replica on the database answers for the whole station; ``replica`` (a name from ``replicas``) narrows
     the statistics to the decisions one replica made, and ``replicas`` always lists each one's counts and models."""
@@ -105,8 +106,10 @@ def _dashboard(services: Services, hours: float, bucket_minutes: int, station: s
     out["pilot"]["enabled"] = config.pilot
     out["pilot"]["verdict_unknown"] = unknown
     # The page's review tile and queue panel both show GET /v1/review/queue's total (one answer, no cache);
-    # this figure is as fresh as the rest of this answer (up to CACHE_SECONDS old).
+    # this figure is as fresh as the rest of this answer, which says when it was computed and for how long it is
+    # shared.
     _, out["review_queue"] = store.review_queue(0)
+    out["as_of"], out["cache_seconds"] = utc_iso(until), CACHE_SECONDS
     out["model"] = model.info()  # no server path in it
     out["replica"] = config.replica  # the one answering
     out["replica_filter"] = replica
