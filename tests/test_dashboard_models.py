@@ -55,8 +55,10 @@ def test_the_store_counts_per_model_and_reads_each_models_classes(mixed):
     counts = {(d, m): n for _, d, m, n in store.minute_model_counts(since)}
     assert counts[("functional", NEW)] == 6 and counts[("functional", ODD)] == 3 and counts[("GOOD", OLD)] == 5
     assert sum(counts.values()) == 21
-    assert store.model_classes(since) == CLASSES
-    assert store.model_classes(since, replica="elsewhere") == {}
+    assert store.model_classes([NEW, OLD, ODD]) == CLASSES
+    assert store.model_classes(["later", None]) == {}
+    store.add_decisions([{**_rows(OLD, "GOOD", 1)[0], "model_id": "later", "request_id": "later"}])
+    assert store.model_classes(["later"]) == {"later": CLASSES[OLD]}  # a miss is not remembered
 
 
 def _total(d: dict, kind: str) -> int:

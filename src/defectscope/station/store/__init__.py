@@ -25,7 +25,7 @@ import json
 import logging
 import sqlite3
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -114,6 +114,7 @@ class Store:
                 raise FileNotFoundError(f"{self.path}: no such results database")
             self.path.parent.mkdir(parents=True, exist_ok=True)
         self.is_sqlite = self.url.startswith("sqlite")
+        self._classes: dict[str | None, list[str]] = {}  # model id -> its classes (model_classes)
         kwargs: dict[str, Any] = {"pool_pre_ping": not self.is_sqlite}
         if self.is_sqlite:
             kwargs["connect_args"] = {"check_same_thread": False, "timeout": 30.0}
@@ -442,28 +443,28 @@ class Store:
         with self._tx() as conn:
             return [(m, d, model, int(n)) for m, d, model, n in conn.execute(q)]
 
-    def model_classes(self, since: str, station: str | None = None,
-                      replica: str | None = None) -> dict[str | None, list[str]]:
-        """The classes of each model that decided a finished row since ``since``: the keys of its newest row's
-        ``probabilities`` (every row stores its own model's distribution). A model none of whose rows there
-        carries probabilities (only unreadable images) is absent."""
-        newest = (sa.select(sa.func.max(decisions.c.id))
-                  .where(*self._done_since(since, station, replica), decisions.c.probabilities.is_not(None))
-                  .group_by(decisions.c.model_id))
-        q = sa.select(decisions.c.model_id, decisions.c.probabilities).where(decisions.c.id.in_(newest))
-        out: dict[str | None, list[str]] = {}
-        with self._tx() as conn:
-            for model_id, probs in conn.execute(q):
-                try:
-                    parsed = json.loads(probs)
-                except (TypeError, ValueError):
-                    parsed = None
-                if isinstance(parsed, dict):
-                    out[model_id] = [str(c) for c in parsed]
-                else:
-                    log.warning("%s: model %s: its newest row's probabilities are not a JSON object; its classes "
-                                "are unknown", self, model_id)
-        return out
+    def model_classes(self, model_ids: Iterable[str | None]) -> dict[str | None, list[str]]:
+        """The classes of each of ``model_ids``: the keys of its newest row's ``probabilities`` (every row stores
+        its own model's distribution). A model none of whose rows carries probabilities (only unreadable images) is
+        absent. Remembered per store: a model id is its file's hash, so its classes do not change (rows without a
+        model id, from old writers, are remembered as first found)."""
+        wanted = [m for m in dict.fromkeys(model_ids) if m not in self._classes]
+        found: dict[str | None, list[str] | None] = {}
+        if wanted:
+            with self._tx() as conn:
+                for model_id in wanted:
+                    same = decisions.c.model_id.is_(None) if model_id is None else decisions.c.model_id == model_id
+                    # Newest first by primary key: no index on model_id is needed, and the scan stops at its
+                    # first row (once per model, then remembered).
+                    probs = conn.execute(sa.select(decisions.c.probabilities)
+                                         .where(same, decisions.c.probabilities.is_not(None))
+                                         .order_by(decisions.c.id.desc()).limit(1)).scalar()
+                    found[model_id] = _class_names(probs, self, model_id)
+            if len(self._classes) > 1024:
+                self._classes.clear()
+            # Only what was found is remembered: a model with no readable row yet is asked again next time.
+            self._classes.update((m, c) for m, c in found.items() if c is not None)
+        return {m: c for m in dict.fromkeys(model_ids) if (c := self._classes.get(m, found.get(m))) is not None}
 
     def sample(self, since: str, max_rows: int = 5_000, station: str | None = None,
                replica: str | None = None) -> list[tuple[Any, ...]]:
@@ -521,6 +522,21 @@ class Store:
             q = q.where(decisions.c.time < until)
         with self._tx() as conn:
             return [dict(r) for r in conn.execute(q).mappings()]
+
+
+def _class_names(probabilities: str | None, store: Store, model_id: str | None) -> list[str] | None:
+    """The class names of one stored ``probabilities`` (JSON object text), None when there is none to read."""
+    if probabilities is None:
+        return None
+    try:
+        parsed = json.loads(probabilities)
+    except ValueError:
+        parsed = None
+    if not isinstance(parsed, dict):
+        log.warning("%s: model %s: its newest row's probabilities are not a JSON object; its classes are unknown",
+                    store, model_id)
+        return None
+    return [str(c) for c in parsed]
 
 
 def _values(record: dict[str, Any], status: str) -> dict[str, Any]:

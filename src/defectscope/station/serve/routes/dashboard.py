@@ -89,8 +89,8 @@ def _dashboard(services: Services, hours: float, bucket_minutes: int, station: s
     # bounded sample comes back for the quantiles.
     counts = store.minute_model_counts(start, station, replica)
     reviewed = store.reviewed(start)
-    others = {m for _, _, m, _ in counts} | {r["model_id"] for r in reviewed}
-    kinds = _Kinds(model, store.model_classes(start) if others - {model.model_id} else {})
+    others = ({m for _, _, m, _ in counts} | {r["model_id"] for r in reviewed}) - {model.model_id}
+    kinds = _Kinds(model, store.model_classes(others) if others else {})
     shown = [(minute, kinds.name(decision, model_id), n) for minute, decision, model_id, n in counts]
     out = spc.dashboard(shown, store.sample(start, station=station, replica=replica),
                         store.recent_decisions(500, station, replica), classes=kinds.chart_names(),
