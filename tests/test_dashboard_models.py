@@ -52,7 +52,7 @@ def mixed(request, tmp_path):
 def test_the_store_counts_per_model_and_reads_each_models_classes(mixed):
     store, _ = mixed
     since = "2000-01-01T00:00:00.000+00:00"
-    counts = {(d, m): n for _, d, m, n in store.minute_model_counts(since)}
+    counts = {(d, m): n for _, d, m, _, n in store.minute_model_counts(since)}
     assert counts[("functional", NEW)] == 6 and counts[("functional", ODD)] == 3 and counts[("GOOD", OLD)] == 5
     assert sum(counts.values()) == 21
     assert store.model_classes([NEW, OLD, ODD]) == CLASSES

@@ -13,9 +13,10 @@ file, the service on a row being on disk before it answers.
 ``decisions``: one row per image decision. The sorter's rows are keyed by ``(content_sha256, file_name)``
 (``request_id`` is ``''``) and move ``pending`` -> ``done`` / ``error``; the service's rows carry their
 request's id and the ``replica`` that made them, and are written ``done`` at once. ``reviews``: what a person
-said about a decision, with who and when; the latest review of a decision is its human label.
-``review_claims``: who holds which queue item until when (several replicas, one queue). ``model_generations``:
-the model the station was last asked to run.
+said about a decision, with who and when; the latest review of a decision is its human label. A decision's
+``verdict`` (PASS / REJECT / REVIEW / Drift / _unreadable) is its writer's, by the good class of the model that
+decided it; NULL when not given. ``review_claims``: who holds which queue item until when (several replicas, one
+queue). ``model_generations``: the model the station was last asked to run.
 """
 
 from __future__ import annotations
@@ -40,18 +41,19 @@ from defectscope import labels
 from defectscope.errors import DefectscopeError
 from defectscope.station.store.schema import TABLES, decisions, model_generations, review_claims, reviews
 
-__all__ = ["COLUMNS", "REVIEW_COLUMNS", "SOURCES", "STATUSES", "TABLES", "Store", "StoreError", "database_url",
-           "export_log", "sqlite_path", "utc_now"]
+__all__ = ["COLUMNS", "REVIEW_COLUMNS", "SOURCES", "STATUSES", "TABLES", "VERDICTS", "Store", "StoreError",
+           "database_url", "export_log", "sqlite_path", "utc_now"]
 
 log = logging.getLogger(__name__)
 
 STATUSES = ("pending", "done", "error")
+VERDICTS = frozenset({labels.PASS, labels.REJECT, *labels.NOT_AUTOMATIC, None})
 SOURCES = ("sort", "api")
 # The sorter's original columns first, in their order: CSV exports of old and new logs line up.
 COLUMNS = tuple(c.name for c in decisions.columns)
 REVIEW_COLUMNS = tuple(c.name for c in reviews.columns)
 _WRITABLE = tuple(c for c in COLUMNS if c not in ("id", "time", "status"))
-HEAD = "0004"  # the newest migration (tests check it against the scripts)
+HEAD = "0005"  # the newest migration (tests check it against the scripts)
 _MIGRATIONS = Path(__file__).with_name("migrations")
 _migrate_lock = threading.Lock()
 
@@ -434,14 +436,15 @@ class Store:
             return [(m, d, int(n)) for m, d, n in conn.execute(q)]
 
     def minute_model_counts(self, since: str, station: str | None = None,
-                            replica: str | None = None) -> list[tuple[str, str, str | None, int]]:
-        """:meth:`minute_counts` per model too: (minute, decision, model_id, n). A class name means what the model
-        that decided it says (its good class passes), so a store written by several models is counted per model."""
+                            replica: str | None = None) -> list[tuple[str, str, str | None, str | None, int]]:
+        """:meth:`minute_counts` per model and recorded verdict too: (minute, decision, model_id, verdict, n). A
+        class name means what the model that decided it says (its good class passes), so a store written by
+        several models is counted per model."""
         minute = sa.func.substr(decisions.c.time, 1, 16).label("minute")
-        cols = (minute, decisions.c.decision, decisions.c.model_id)
+        cols = (minute, decisions.c.decision, decisions.c.model_id, decisions.c.verdict)
         q = sa.select(*cols, sa.func.count()).where(*self._done_since(since, station, replica)).group_by(*cols)
         with self._tx() as conn:
-            return [(m, d, model, int(n)) for m, d, model, n in conn.execute(q)]
+            return [(m, d, model, v, int(n)) for m, d, model, v, n in conn.execute(q)]
 
     def model_classes(self, model_ids: Iterable[str | None]) -> dict[str | None, list[str]]:
         """The classes of each of ``model_ids``: the keys of its newest row's ``probabilities`` (every row stores
@@ -550,6 +553,13 @@ def _values(record: dict[str, Any], status: str) -> dict[str, Any]:
     values.setdefault("source", "sort")
     # REVIEW and Drift decisions wait for a person whoever made them (the sorter does not say so itself).
     values.setdefault("needs_review", values.get("decision") in (labels.REVIEW, labels.DRIFT))
+    # A decision that is not a class is its own verdict; a class's verdict is its writer's to give (PASS / REJECT
+    # by the good class of the model that decided it), else NULL.
+    if values.get("verdict") is None and values.get("decision") in labels.NOT_AUTOMATIC:
+        values["verdict"] = values["decision"]
+    if values.get("verdict") not in VERDICTS:
+        raise ValueError(f"verdict {values['verdict']!r} of decision {values.get('decision')!r}: not one of "
+                         f"{sorted(v for v in VERDICTS if v)} or None")
     values.update(time=utc_now(), status=status)
     return values
 

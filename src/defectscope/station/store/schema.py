@@ -39,6 +39,7 @@ decisions = sa.Table(
     sa.Column("needs_review", sa.Boolean, nullable=False, server_default=sa.false()),
     sa.Column("reason", sa.Text),
     sa.Column("replica", sa.Text),
+    sa.Column("verdict", sa.Text),  # PASS / REJECT / REVIEW / Drift / _unreadable as its writer saw it, or NULL
     sa.CheckConstraint("status IN ('pending', 'done', 'error')", name="ck_decisions_status"),
     sa.UniqueConstraint("content_sha256", "file_name", "request_id", name="uq_decisions_image"),
     sa.Index("decisions_status", "status"),

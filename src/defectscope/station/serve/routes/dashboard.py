@@ -89,9 +89,10 @@ def _dashboard(services: Services, hours: float, bucket_minutes: int, station: s
     # bounded sample comes back for the quantiles.
     counts = store.minute_model_counts(start, station, replica)
     reviewed = store.reviewed(start)
-    others = ({m for _, _, m, _ in counts} | {r["model_id"] for r in reviewed}) - {model.model_id}
+    others = ({c[2] for c in counts if c[3] is None} | {r["model_id"] for r in reviewed if r["verdict"] is None}) \
+        - {model.model_id}
     kinds = _Kinds(model, store.model_classes(others) if others else {})
-    shown = [(minute, kinds.name(decision, model_id), n) for minute, decision, model_id, n in counts]
+    shown = [(minute, kinds.name(decision, model_id, verdict), n) for minute, decision, model_id, verdict, n in counts]
     out = spc.dashboard(shown, store.sample(start, station=station, replica=replica),
                         store.recent_decisions(500, station, replica), classes=kinds.chart_names(),
                         good_class=model.good_class, since=since, until=end, bucket_minutes=bucket_minutes,
@@ -123,11 +124,12 @@ class _Kinds:
     """What each (model, decision) of a window is on the dashboard: the name it is shown under and its verdict.
 
     A row's verdict comes from its own decision and its own model, never from the current model's class list:
-    REVIEW, Drift and unreadable as recorded; a class is PASS when it is its model's good class, else REJECT.
-    The current model's good class is the station's; another model's is the one class named like GOOD among the
-    classes its rows record (:meth:`Store.model_classes`, :func:`labels.good_class_of`): the store keeps no
-    calibrated good class per row, so a model whose good class is named otherwise has verdict ``None`` (unknown):
-    its rows are automatic decisions but stay out of the defect rate and the pilot, and the answer says how many.
+    the ``verdict`` its writer recorded; else REVIEW, Drift and unreadable as they are, and a class PASS when it is
+    its model's good class, REJECT otherwise. The current model's good class is the station's; another model's is
+    the one class named like GOOD among the classes its rows record (:meth:`Store.model_classes`,
+    :func:`labels.good_class_of`). A row without a recorded verdict of a model whose good class is named otherwise
+    has verdict ``None`` (unknown): an automatic decision, but out of the defect rate and the pilot, and the answer
+    says how many.
     A class is shown under its own name, qualified by its model when that name already means another verdict."""
 
     def __init__(self, current: Any, classes_of: dict[str | None, list[str]]) -> None:
@@ -145,16 +147,18 @@ class _Kinds:
         classes = self.classes_of.get(model_id)
         return labels.good_class_of(classes) if classes else None
 
-    def verdict(self, decision: str, model_id: str | None) -> str | None:
+    def verdict(self, decision: str, model_id: str | None, recorded: str | None = None) -> str | None:
+        if recorded is not None:
+            return recorded
         if decision in labels.NOT_AUTOMATIC or decision in (labels.PASS, labels.REJECT):
             return decision
         return labels.verdict_of(decision, self.good_of(model_id))
 
-    def name(self, decision: str, model_id: str | None) -> str:
-        key = (model_id, decision)
+    def name(self, decision: str, model_id: str | None, recorded: str | None = None) -> str:
+        key = (model_id, decision, recorded)
         if key in self._names:
             return self._names[key]
-        verdict = self.verdict(decision, model_id)
+        verdict = self.verdict(decision, model_id, recorded)
         name = decision
         if name in self.kinds and self.kinds[name]["verdict"] != verdict:
             name = f"{decision} (model {(model_id or 'unknown')[:8]})"
@@ -187,7 +191,7 @@ class _Kinds:
         class too. Rows whose verdict is unknown are left out; their count is the second value."""
         good, out, unknown = self.current.good_class, [], 0
         for r in reviewed:
-            verdict = self.verdict(r["decision"], r["model_id"])
+            verdict = self.verdict(r["decision"], r["model_id"], r.get("verdict"))
             if verdict is None:
                 unknown += 1
                 continue
