@@ -44,6 +44,7 @@ def test_another_models_rows_in_the_browser(browser, station_model, tmp_path):  
         green = ok.locator("i").evaluate("e => getComputedStyle(e).backgroundColor")
         assert green == "rgb(134, 239, 172)"  # another model's good class: a lighter green, never a defect colour
         assert page.locator("#pchart-note").inner_text() == ""
+        page.screenshot(path=str(tmp_path / "mixed.png"), full_page=True)
         page.close()
         d = httpx.get(url + "/v1/dashboard", timeout=30).json()
         assert d["model"]["id"] != OLD and d["kinds"]["ok"]["verdict"] == "PASS"
