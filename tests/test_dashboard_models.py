@@ -115,3 +115,17 @@ def test_a_store_of_one_model_is_counted_as_before(tmp_path):
         d = _dashboard(_services(store), 1, 60, None, None)
     assert list(d["kinds"]) == ["functional", "crack", "finger", "REVIEW", "Drift"]
     assert sum(d["p_chart"]["defects"]) == 1 and sum(d["p_chart"]["n"]) == 5 and d["verdict_unknown"]["decisions"] == 0
+
+
+def test_a_name_that_means_two_verdicts_is_shown_twice_apart(tmp_path):
+    from defectscope.station.serve.routes.dashboard import _Kinds
+
+    with Store(tmp_path / "results.db") as store:
+        kinds = _Kinds(_services(store).models.current, {OLD: CLASSES[OLD]})
+    assert kinds.name("crack", NEW) == "crack" and kinds.name("crack", NEW, "REJECT") == "crack"
+    assert kinds.name("crack", NEW, "PASS") == f"crack (model {NEW[:8]})"  # a writer that disagreed with itself
+    assert kinds.name("crack", NEW, None) == "crack"
+    assert kinds.name("GOOD", OLD) == "GOOD" and kinds.kinds["GOOD"]["verdict"] == "PASS"
+    assert kinds.name("functional", ODD) == f"functional (model {ODD[:8]})"  # its classes unread: no verdict
+    assert kinds.kinds[f"functional (model {ODD[:8]})"]["verdict"] is None
+    assert kinds.name("functional", ODD, "PASS") == "functional"  # recorded: the same verdict, the same panel

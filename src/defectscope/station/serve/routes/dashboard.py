@@ -135,7 +135,7 @@ class _Kinds:
     def __init__(self, current: Any, classes_of: dict[str | None, list[str]]) -> None:
         self.current, self.classes_of = current, classes_of
         self.kinds: dict[str, dict[str, Any]] = {}
-        self._names: dict[tuple[str | None, str], str] = {}
+        self._names: dict[tuple[str | None, str, str | None], str] = {}
         for c in current.predictor.classes:  # the current model's panels first, in its order, even when empty
             self.name(c, current.model_id)
         for k in (labels.REVIEW, labels.DRIFT):
@@ -160,8 +160,11 @@ class _Kinds:
             return self._names[key]
         verdict = self.verdict(decision, model_id, recorded)
         name = decision
+        short = (model_id or "unknown")[:8]
         if name in self.kinds and self.kinds[name]["verdict"] != verdict:
-            name = f"{decision} (model {(model_id or 'unknown')[:8]})"
+            name = f"{decision} (model {short})"
+        if name in self.kinds and self.kinds[name]["verdict"] != verdict:  # one model, two recorded verdicts
+            name = f"{decision} (model {short}, {verdict or 'verdict unknown'})"
         entry = self.kinds.setdefault(name, {"class": decision, "verdict": verdict, "models": []})
         if decision not in labels.NOT_AUTOMATIC and model_id not in entry["models"]:
             entry["models"].append(model_id)
