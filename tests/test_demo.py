@@ -23,6 +23,10 @@ def test_demo_on_real_elpv(tmp_path, monkeypatch, caplog):
     text = "\n".join(lines)
     assert "accuracy" in text and "macro-F1" in text and str(tmp_path / "run") in text
     assert "automation rate" in text and "verdict" in text
+    # each silent stage says it started (a piped log is otherwise quiet for minutes)
+    for stage in ("evaluating on the test split", "calibrating the decision policy", "evaluating again",
+                  "exporting the ONNX model"):
+        assert stage in text, stage
     assert (tmp_path / "run" / "evaluation" / "report.html").is_file()
     assert (tmp_path / "run" / "export" / "model.onnx").is_file()
     assert (tmp_path / "run" / "policy.json").is_file()

@@ -63,14 +63,19 @@ def demo(out: str | Path = "defectscope_demo", *, epochs: int | None = None) -> 
         recipe["train.epochs"] = epochs
     started = time.perf_counter()
     train("elpv", run, **recipe)
-    # The headline below says it all.
+    # The stages below log only warnings (the headline says it all), so each says it has started: minutes of
+    # silence in a piped log read as a hang.
+    log.info(f"evaluating on the test split ({_minutes(started)} so far)")
     with _quiet("defectscope.evaluation", "defectscope.onnx_export", "defectscope.runtime"):
         metrics = evaluate(run, out=run / "evaluation_before_policy", report=False)
     policy_metrics, verdict = None, []
     try:
+        log.info(f"calibrating the decision policy on the calib split, and Drift on the training images "
+                 f"({_minutes(started)} so far)")
         with _quiet("defectscope.decision"):
             calibrated = calibrate(run, good_class=GOOD, max_escape=MAX_ESCAPE, max_overkill=MAX_OVERKILL,
                                    confidence=CONFIDENCE, drift_rate=0.01)
+        log.info(f"evaluating again, with the policy ({_minutes(started)} so far)")
         with _quiet("defectscope.evaluation"):
             policy_metrics = evaluate(run).get("policy")
         three_way = calibrated["policy"].get("three_way")
@@ -81,6 +86,7 @@ def demo(out: str | Path = "defectscope_demo", *, epochs: int | None = None) -> 
         with _quiet("defectscope.evaluation"):
             evaluate(run)
     onnx_path = run / "export" / "model.onnx"
+    log.info(f"exporting the ONNX model ({_minutes(started)} so far)")
     with _quiet("defectscope.onnx_export", "defectscope.runtime"):
         # The runtime choice (--runtime auto) is measured where the model runs: on the line PC's first start,
         # not in the demo's time budget.
@@ -103,6 +109,10 @@ def demo(out: str | Path = "defectscope_demo", *, epochs: int | None = None) -> 
     log.info(f"  deployable model   {onnx_path} (+ {onnx_path.with_suffix('.json').name})")
     log.info("=" * 78)
     return metrics
+
+
+def _minutes(started: float) -> str:
+    return f"{(time.perf_counter() - started) / 60:.1f} min"
 
 
 def _log_policy_headline(m: dict[str, Any], verdict: list[str]) -> None:

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from defectscope.errors import DefectscopeError
+from defectscope.models import feature_memo
 from defectscope.models.ensemble import ARCHITECTURE as ENSEMBLE
 from defectscope.models.ensemble import AveragedHeads, MemberFeatures
 from defectscope.models.heads import IDENTITY_VIEW, FeatureNorm, KernelHead, OrdinalHead, dihedral
@@ -76,7 +77,10 @@ class Classifier(nn.Module):
         self.register_buffer("metadata_scale", torch.tensor(value))
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """Pooled penultimate features (B, num_features): what Drift scores and feature banks use."""
+        """Pooled penultimate features (B, num_features): what Drift scores and feature banks use. At inference
+        on the CPU an image already seen by the same weights is not computed again (:mod:`feature_memo`)."""
+        if feature_memo.enabled(self, x):
+            return self.post(feature_memo.pooled(self, x))
         return self.post(self.pooled_over_views((x - self.mean) / self.std))
 
     def pooled_over_views(self, xn: torch.Tensor, identity: torch.Tensor | None = None) -> torch.Tensor:
