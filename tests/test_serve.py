@@ -113,6 +113,9 @@ def test_predict_stores_each_decision_before_answering(station):
             assert Path(row["image_path"]).parent.parent == config.data / "images"
             assert row["needs_review"] == (res["decision"] in ("REVIEW", "Drift"))
             assert row["total_ms"] > 0 and row["infer_ms"] >= 0
+            # the writer's verdict: a later model's dashboard counts the row by it, not by class names
+            assert row["verdict"] in ("PASS", "REJECT", "REVIEW", "Drift")
+            assert (row["verdict"] in ("REVIEW", "Drift")) == (res["decision"] in ("REVIEW", "Drift"))
 
 
 def test_raw_body_names_are_labels_never_paths(station):

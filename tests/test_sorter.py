@@ -80,6 +80,7 @@ def test_one_shot_files_every_image_and_logs_it(predictor, tmp_path):
     images = make_inbox(inbox, 9)
     (inbox / "broken.png").write_bytes(b"\x89PNG not really")
     expected = {p.name: (sha(p), predictor.predict(p).decision) for p in images}
+    verdicts = {p.name: predictor.predict(p).verdict for p in images}
     expected["broken.png"] = (sha(inbox / "broken.png"), UNREADABLE)
 
     summary = sort(predictor, inbox, out, **QUIET)
@@ -96,6 +97,8 @@ def test_one_shot_files_every_image_and_logs_it(predictor, tmp_path):
         assert r["decision"] == want_decision and dest.parent == out / want_decision and dest.name == r["file_name"]
         assert r["size_bytes"] == dest.stat().st_size and len(r["model_id"]) == 16
         assert r["time"].endswith("+00:00") and "model created" in r["model_version"]
+        # the verdict as the sorter saw it, so a later model's dashboard counts this row right
+        assert r["verdict"] == verdicts.get(r["file_name"], UNREADABLE) and r["verdict"] is not None
     broken = next(r for r in log if r["file_name"] == "broken.png")
     assert broken["top_class"] is None and "broken.png" in broken["error"]
 
@@ -151,6 +154,7 @@ def test_duplicate_content_rule(predictor, tmp_path):
     (dup,) = [r for r in log if r["request_id"].startswith("duplicate:")]
     first = next(r for r in log if r["file_name"] == src.name and r["request_id"] == "")
     assert dup["destination"] == first["destination"] and dup["decision"] == first["decision"]
+    assert dup["verdict"] == first["verdict"] is not None
     assert f"duplicate of row {first['id']}" in dup["error"] and "removed from the inbox" in dup["error"]
     assert dup["source_path"] != first["source_path"] and not dup["needs_review"]
 

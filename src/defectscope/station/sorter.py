@@ -359,7 +359,7 @@ class _Sorter:
         """Same name, same bytes as an image already filed and still in place: one image, filed once. The copy is
         removed from the inbox, and its own row says so (never a silent deletion)."""
         dest = row["destination"]
-        record = {k: row[k] for k in ("decision", "top_class", "confidence", "probabilities", "drift_score",
+        record = {k: row.get(k) for k in ("decision", "verdict", "top_class", "confidence", "probabilities", "drift_score",
                                       "model_id", "model_version", "destination", "reason")}
         record.update(file_name=it.name, source_path=printable(str(it.origin)), content_sha256=it.sha256,
                       size_bytes=it.size, needs_review=False, request_id=f"duplicate:{uuid.uuid4().hex[:12]}",
@@ -381,7 +381,7 @@ class _Sorter:
         """The log row of a classified file, but its destination."""
         return {
             "file_name": it.name, "source_path": printable(str(it.origin)), "content_sha256": it.sha256,
-            "size_bytes": it.size, "decision": pred.decision, "top_class": pred.top_class,
+            "size_bytes": it.size, "decision": pred.decision, "verdict": pred.verdict, "top_class": pred.top_class,
             "confidence": pred.confidence, "probabilities": pred.probabilities or None,
             "drift_score": pred.drift_score, "model_id": self.model_id, "model_version": self.model_version,
             "reason": pred.reason or None,
