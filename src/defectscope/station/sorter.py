@@ -359,8 +359,8 @@ class _Sorter:
         """Same name, same bytes as an image already filed and still in place: one image, filed once. The copy is
         removed from the inbox, and its own row says so (never a silent deletion)."""
         dest = row["destination"]
-        record = {k: row.get(k) for k in ("decision", "verdict", "top_class", "confidence", "probabilities", "drift_score",
-                                      "model_id", "model_version", "destination", "reason")}
+        record = {k: row.get(k) for k in ("decision", "verdict", "top_class", "confidence", "probabilities",
+                                          "drift_score", "model_id", "model_version", "destination", "reason")}
         record.update(file_name=it.name, source_path=printable(str(it.origin)), content_sha256=it.sha256,
                       size_bytes=it.size, needs_review=False, request_id=f"duplicate:{uuid.uuid4().hex[:12]}",
                       error=f"a duplicate of row {row['id']} (same name and bytes, filed as {dest}): this copy "

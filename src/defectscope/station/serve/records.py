@@ -29,7 +29,8 @@ def build_records(config: ServeConfig, uploads: list[tuple[str, bytes]], paths: 
         records.append({
             "request_id": request_id, "source": "api", "file_name": fname, "source_path": f"api:{request_id}",
             "content_sha256": sha, "size_bytes": len(data), "decision": pred.decision, "verdict": pred.verdict,
-            "top_class": pred.top_class, "confidence": pred.confidence, "probabilities": pred.probabilities, "drift_score": pred.drift_score,
+            "top_class": pred.top_class, "confidence": pred.confidence, "probabilities": pred.probabilities,
+            "drift_score": pred.drift_score,
             "model_id": model.model_id, "model_version": model.model_version, "destination": str(path),
             "image_path": str(path), "heatmap_path": heatmap_path, "decode_ms": pred.timing.get("decode_ms"),
             "infer_ms": pred.timing.get("infer_ms"), "total_ms": round((time.perf_counter() - started) * 1000, 3),
