@@ -16,7 +16,8 @@ Targets: the service with concurrent clients >= 80% of the Predictor's batched b
 
 ``overload`` (issue 26): 4 prediction clients alone, while 4 dashboards refresh without pause (31 days / 15 min,
 7 days / 5 min, 48 h / 1 min, 24 h / 1 min: the largest windows the station allows, so its cache is no help),
-and while ``--slow`` clients hold connections (half idle, half trickling a request head a byte every 0.5 s);
+and while ``--slow`` clients hold connections (half idle, half trickling a request head, a header's value a byte
+every 0.5 s);
 interleaved, 2 rounds. Target: predictions keep >= 80% of their throughput alone. Also: each dashboard
 window's answer time on the idle server, the query plans of its queries, and what the issue's hostile query
 (``hours=744&bucket_minutes=1``) gets.
@@ -447,11 +448,12 @@ def slow_clients(url: str, n: int, stop: threading.Event, lives: list[float]) ->
 
     def run(k: int) -> None:
         while not stop.is_set():
-            s, t = socket.create_connection((host, int(port)), timeout=30), time.perf_counter()
+            s, t, sent = socket.create_connection((host, int(port)), timeout=30), time.perf_counter(), 0
             try:
                 while not stop.is_set():
-                    if k % 2:
-                        s.sendall(b"G")  # a head trickling in
+                    if k % 2:  # a valid head trickling in, one header value growing (a parser cannot refuse it)
+                        s.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Slow: " if sent == 0 else b"a")
+                        sent += 1
                         time.sleep(0.5)
                     elif s.recv(1) == b"":  # idle: wait to be closed
                         break

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import importlib.util
 import io
 import os
 import shutil
@@ -27,6 +28,9 @@ from defectscope.station.serve.uploads import safe_name
 from defectscope.station.store import Store
 
 KEY = "k-0123456789abcdef0123"
+# The HTTP parsers the station can run on: the guards' tests run on each one installed.
+HTTP_IMPLEMENTATIONS = ["h11", pytest.param("httptools", marks=pytest.mark.skipif(
+    importlib.util.find_spec("httptools") is None, reason="httptools is not installed"))]
 
 
 def free_port() -> int:

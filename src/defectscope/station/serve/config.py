@@ -11,11 +11,15 @@ from pathlib import Path
 
 from defectscope.station.store import sqlite_path
 
-__all__ = ["KEY_RE", "ServeConfig", "is_loopback", "load_api_keys", "load_read_keys"]
+__all__ = ["HTTP_CHOICES", "KEY_RE", "LOOP_CHOICES", "ServeConfig", "is_loopback", "load_api_keys", "load_read_keys"]
 
 # What a key may hold: the RFC 6750 bearer-token characters. No blank of any kind, so a key is compared
 # byte for byte and a pasted key with a trailing space is refused, not trimmed into a match.
 KEY_RE = re.compile(r"^[A-Za-z0-9._~+/=-]{16,256}$")
+# The HTTP parser and the event loop (see defectscope.station.serve.connections): "auto" takes the C ones
+# (httptools, uvloop) when they are installed, else h11 and asyncio's own loop.
+HTTP_CHOICES = ("auto", "httptools", "h11")
+LOOP_CHOICES = ("auto", "uvloop", "asyncio")
 
 
 @dataclass
@@ -51,6 +55,8 @@ class ServeConfig:
     header_timeout: float = 10.0  # seconds a connection may take to send a request's headers
     body_timeout: float = 60.0  # seconds a request may take to send its whole body (408 after)
     keep_alive: float = 5.0  # seconds an idle keep-alive connection stays open
+    http: str = "auto"  # auto | httptools | h11: the HTTP parser
+    loop: str = "auto"  # auto | uvloop | asyncio: the event loop
     max_dashboard_points: int = 3_000  # window / bucket at most (the dashboard's bounded cost)
 
     def __post_init__(self) -> None:
@@ -68,6 +74,10 @@ class ServeConfig:
         for name in ("header_timeout", "body_timeout", "keep_alive"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0 seconds, got {getattr(self, name)}")
+        if self.http not in HTTP_CHOICES:
+            raise ValueError(f"http must be one of {', '.join(HTTP_CHOICES)}, got {self.http!r}")
+        if self.loop not in LOOP_CHOICES:
+            raise ValueError(f"loop must be one of {', '.join(LOOP_CHOICES)}, got {self.loop!r}")
         both = self.api_keys & self.read_keys
         if both:
             raise ValueError(f"{len(both)} key(s) given both as a full and as a read-only key; give each once")
