@@ -57,6 +57,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
@@ -111,6 +112,129 @@ def summary(latencies: list[float], n_images: int, seconds: float) -> dict:
             "p50_ms": round(float(np.percentile(ms, 50)), 2), "p99_ms": round(float(np.percentile(ms, 99)), 2)}
 
 
+class RawClient:
+    """A minimal HTTP/1.1 keep-alive client on one socket: a request is one ``sendall``, an answer is read by its
+    Content-Length. About a tenth of httpx's CPU per request (bench/results/serve_protocol.json), which matters
+    where the clients share the station's 2 cores: the clients' own cost and their GIL are then not what the
+    latency tail measures. It sends what the bench sends (raw PNG bodies, multipart forms, GETs) and nothing
+    more; an answer it cannot read (chunked, a status line it does not know) fails the run loudly."""
+
+    def __init__(self, url: str, timeout: float = 60.0) -> None:
+        host, port = url.removeprefix("http://").rstrip("/").split(":")
+        self.addr, self.timeout, self.host = (host, int(port)), timeout, f"{host}:{port}".encode()
+        self.sock: socket.socket | None = None
+        self.buf = b""
+
+    def __enter__(self) -> RawClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+
+    def request(self, method: str, path: str, body: bytes = b"", ctype: str | None = None,
+                params: dict | None = None) -> tuple[int, bytes]:
+        """(status, body) of one request; reconnects once when the server had closed an idle connection."""
+        if params:
+            from urllib.parse import urlencode
+            path = f"{path}?{urlencode(params)}"
+        head = [f"{method} {path} HTTP/1.1", "Host: " + self.host.decode(), f"Content-Length: {len(body)}"]
+        if ctype:
+            head.append(f"Content-Type: {ctype}")
+        data = ("\r\n".join(head) + "\r\n\r\n").encode() + body
+        for attempt in (0, 1):
+            fresh = self.sock is None
+            if fresh:
+                self.sock = socket.create_connection(self.addr, timeout=self.timeout)
+                self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                self.buf = b""
+            try:
+                self.sock.sendall(data)
+                return self._answer()
+            except (ConnectionError, EOFError):
+                self.close()
+                if fresh or attempt:  # a new connection that failed, or the retry: a real error
+                    raise
+        raise AssertionError("unreachable")
+
+    def _answer(self) -> tuple[int, bytes]:
+        assert self.sock is not None
+        while b"\r\n\r\n" not in self.buf:
+            self._fill()
+        head, self.buf = self.buf.split(b"\r\n\r\n", 1)
+        lines = head.split(b"\r\n")
+        status = int(lines[0].split()[1])
+        fields = {k.strip().lower(): v.strip() for k, _, v in (x.partition(b":") for x in lines[1:])}
+        if b"content-length" not in fields:
+            raise RuntimeError(f"answer without Content-Length (status {status}): RawClient reads no other")
+        n = int(fields[b"content-length"])
+        while len(self.buf) < n:
+            self._fill()
+        body, self.buf = self.buf[:n], self.buf[n:]
+        if fields.get(b"connection", b"").lower() == b"close":
+            self.close()
+        return status, body
+
+    def _fill(self) -> None:
+        assert self.sock is not None
+        chunk = self.sock.recv(1 << 16)
+        if not chunk:
+            raise EOFError("the server closed the connection")
+        self.buf += chunk
+
+
+class BenchClient:
+    """One bench client, on :class:`RawClient` (default) or on httpx (``--client httpx``, the client of the
+    figures before 2026-12-07): a raw PNG body, a multipart form of several images, a GET."""
+
+    def __init__(self, url: str, kind: str) -> None:
+        self.kind = kind
+        self.c: Any = RawClient(url) if kind == "raw" else httpx.Client(base_url=url, timeout=60)
+
+    def __enter__(self) -> BenchClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.c.close()
+
+    def get(self, path: str) -> None:
+        status = self.c.request("GET", path)[0] if self.kind == "raw" else self.c.get(path).status_code
+        if status != 200:
+            raise RuntimeError(f"GET {path}: {status}")
+
+    def predict(self, images: list[bytes], params: dict) -> list[dict]:
+        """The results of one ``POST /v1/predict``: one image as a raw body, several as a multipart form."""
+        if self.kind == "raw":
+            if len(images) == 1:
+                status, body = self.c.request("POST", "/v1/predict", images[0], "image/png", params)
+            else:
+                status, body = self.c.request("POST", "/v1/predict", *_multipart(images, params))
+        elif len(images) == 1:
+            r = self.c.post("/v1/predict", content=images[0], headers={"Content-Type": "image/png"}, params=params)
+            status, body = r.status_code, r.content
+        else:
+            r = self.c.post("/v1/predict", files=[("file", (f"{j}.png", x, "image/png")) for j, x in enumerate(images)],
+                            data=params)
+            status, body = r.status_code, r.content
+        if status != 200:
+            raise RuntimeError(f"POST /v1/predict: {status} {body[:200]!r}")
+        return json.loads(body)["results"]
+
+
+def _multipart(images: list[bytes], fields: dict) -> tuple[bytes, str]:
+    boundary = "benchboundary7d1f0c"
+    parts = [f'--{boundary}\r\nContent-Disposition: form-data; name="{k}"\r\n\r\n{v}\r\n'.encode()
+             for k, v in fields.items()]
+    for j, x in enumerate(images):
+        parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="{j}.png"\r\n'
+                     "Content-Type: image/png\r\n\r\n".encode() + x + b"\r\n")
+    return b"".join(parts) + f"--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"
+
+
 def proc_cpu_seconds(pid: int) -> float:
     """User + system CPU seconds of process ``pid`` (every thread) so far."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
@@ -139,7 +263,7 @@ class CpuMeter:
         return out
 
 
-def trivial(url: str, seconds: float, clients: int, pid: int | None) -> dict:
+def trivial(url: str, seconds: float, clients: int, pid: int | None, kind: str = "raw") -> dict:
     """``clients`` closed-loop clients on ``GET /healthz`` (no body, no model, no store): what one HTTP round
     trip costs the clients and the server's framework (uvicorn, middlewares, FastAPI), the floor under every
     prediction."""
@@ -148,9 +272,9 @@ def trivial(url: str, seconds: float, clients: int, pid: int | None) -> dict:
     stop = time.perf_counter() + seconds
 
     def client(_: int) -> None:
-        with httpx.Client(base_url=url, timeout=60) as c:
+        with BenchClient(url, kind) as c:
             while time.perf_counter() < stop:
-                c.get("/healthz").raise_for_status()
+                c.get("/healthz")
                 with lock:
                     count[0] += 1
 
@@ -188,7 +312,7 @@ def _own_cpu(read: dict) -> dict:
 
 
 def load(url: str, data: list[bytes], seconds: float, clients: int, per_request: int,
-         timings: list[dict] | None = None, pid: int | None = None) -> dict:
+         timings: list[dict] | None = None, pid: int | None = None, kind: str = "raw") -> dict:
     """``clients`` closed-loop clients sending ``per_request`` images a request (1: a raw PNG body, more: a
     multipart form); ``timings`` collects the service's own per-image timing of each answer."""
     lat: list[float] = []
@@ -197,22 +321,16 @@ def load(url: str, data: list[bytes], seconds: float, clients: int, per_request:
     stop = time.perf_counter() + seconds
 
     def client(k: int) -> None:
-        with httpx.Client(base_url=url, timeout=60) as c:
+        with BenchClient(url, kind) as c:
             i = k
             while time.perf_counter() < stop:
                 t = time.perf_counter()
-                if per_request == 1:
-                    r = c.post("/v1/predict", content=data[i % len(data)], headers={"Content-Type": "image/png"},
-                               params={"station": f"bench-{k}"})
-                else:
-                    files = [("file", (f"{j}.png", data[(i + j) % len(data)], "image/png")) for j in range(per_request)]
-                    r = c.post("/v1/predict", files=files, data={"station": f"bench-{k}"})
-                r.raise_for_status()
+                results = c.predict([data[(i + j) % len(data)] for j in range(per_request)], {"station": f"bench-{k}"})
                 with lock:
                     lat.append(time.perf_counter() - t)
                     count[0] += per_request
                     if timings is not None:
-                        timings.extend({**x["timing"], "client_ms": 1000 * lat[-1]} for x in r.json()["results"])
+                        timings.extend({**x["timing"], "client_ms": 1000 * lat[-1]} for x in results)
                 i += clients
 
     meter, batches = CpuMeter(pid), batch_totals(url)
@@ -225,6 +343,24 @@ def load(url: str, data: list[bytes], seconds: float, clients: int, per_request:
             "mean_inference_batch": round(images / calls, 2) if calls else None}
 
 
+def server_latency(url: str, since: dict | None = None) -> dict:
+    """How many ``POST /v1/predict`` requests the server answered within each bound of its latency histogram
+    (``defectscope_request_seconds``: from the request's arrival in the app to its answer's last byte), as
+    counts, or with ``since`` as shares of the requests since then. The server's own view of the tail, beside
+    the client's: what lies between them is parsing, the socket and the client itself."""
+    counts = {}
+    for line in httpx.get(url + "/metrics", timeout=30).text.splitlines():
+        if line.startswith("defectscope_request_seconds_bucket") and 'route="/v1/predict"' in line:
+            le = line.split('le="', 1)[1].split('"', 1)[0]
+            counts[le] = float(line.split()[-1])
+    if since is None:
+        return counts
+    delta = {le: counts[le] - since.get(le, 0.0) for le in counts}
+    total = delta.get("+Inf", 0.0)
+    return {f"{1000 * float(le):g}": round(n / total, 4) for le, n in delta.items() if le != "+Inf" and total} \
+        | {"requests": total}
+
+
 def batch_totals(url: str) -> tuple[float, float]:
     """(inference calls, images in them) so far, from the server's /metrics."""
     lines = httpx.get(url + "/metrics", timeout=30).text.splitlines()
@@ -234,25 +370,26 @@ def batch_totals(url: str) -> tuple[float, float]:
 
 
 def paced(url: str, data: list[bytes], seconds: float, rate: float, workers: int = 8,
-          timings: list[dict] | None = None) -> dict:
+          timings: list[dict] | None = None, kind: str = "raw") -> dict:
     """Open loop, the way a camera line feeds a station: request i is due at ``i / rate`` whatever the answers
     do. Persistent clients on worker threads send them; latency counts from the due time, so a late send
     (every worker busy) counts against the service instead of hiding (no coordinated omission)."""
     lat: list[float] = []
+    late: list[float] = []  # how long after its due time each request left (every worker busy, or the client slow)
     lock = threading.Lock()
     jobs: queue.Queue[tuple[int, float] | None] = queue.Queue()
 
     def worker() -> None:
-        with httpx.Client(base_url=url, timeout=60) as c:
+        with BenchClient(url, kind) as c:
             while (job := jobs.get()) is not None:
                 i, due = job
-                r = c.post("/v1/predict", content=data[i % len(data)], headers={"Content-Type": "image/png"},
-                           params={"station": "bench-paced"})
-                r.raise_for_status()
+                sent = time.perf_counter()
+                result = c.predict([data[i % len(data)]], {"station": "bench-paced"})[0]
                 with lock:
                     lat.append(time.perf_counter() - due)
+                    late.append(sent - due)
                     if timings is not None:
-                        timings.append({**r.json()["results"][0]["timing"], "client_ms": 1000 * lat[-1]})
+                        timings.append({**result["timing"], "client_ms": 1000 * lat[-1]})
 
     threads = [threading.Thread(target=worker) for _ in range(workers)]
     for t in threads:
@@ -268,7 +405,26 @@ def paced(url: str, data: list[bytes], seconds: float, rate: float, workers: int
     for t in threads:
         t.join()
     out = summary(lat, len(lat), time.perf_counter() - start)
-    return {**out, "offered_per_second": round(rate, 1)}
+    late_ms = sorted(1000 * x for x in late)
+    return {**out, "offered_per_second": round(rate, 1), "workers": workers, "client": kind,
+            "sent_late_ms": {"p50": round(float(np.percentile(late_ms, 50)), 2),
+                             "p99": round(float(np.percentile(late_ms, 99)), 2)} if late_ms else None}
+
+
+def server_stack() -> dict:
+    """The HTTP parser and event loop the server runs (it starts from this environment), with their versions."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    from defectscope.station.serve.connections import http_implementation, loop_implementation
+
+    def ver(name: str) -> str | None:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return None
+
+    http, loop = http_implementation("auto"), loop_implementation("auto")
+    return {"http": http, "loop": loop, "versions": {k: ver(k) for k in ("uvicorn", http, loop) if k != "asyncio"}}
 
 
 def wait_ready(url: str, server: subprocess.Popen, timeout: float = 300.0) -> None:
@@ -370,22 +526,25 @@ def throughput(url: str, model: Path, args: argparse.Namespace, data: list[bytes
     predictor = Predictor(model, threads=args.threads, runtime=args.runtime, precision=args.precision)
     rounds: dict = {"predictor": [], "service": [], "trivial_endpoint_8_clients": []}
     pid = args.server_pid
+    kind = args.client
     for _ in range(2):  # interleaved: A, B, A, B
         rounds["predictor"].append(bench_predictor(predictor, data, args.seconds))
         rounds["service"].append({
-            "single_1_client": load(url, data, args.seconds, 1, 1, pid=pid),
-            "single_4_clients": load(url, data, args.seconds, 4, 1, pid=pid),
-            "single_8_clients": load(url, data, args.seconds, 8, 1, pid=pid),
-            "multipart16_2_clients": load(url, data, args.seconds, 2, 16, pid=pid),
+            "single_1_client": load(url, data, args.seconds, 1, 1, pid=pid, kind=kind),
+            "single_4_clients": load(url, data, args.seconds, 4, 1, pid=pid, kind=kind),
+            "single_8_clients": load(url, data, args.seconds, 8, 1, pid=pid, kind=kind),
+            "multipart16_2_clients": load(url, data, args.seconds, 2, 16, pid=pid, kind=kind),
         })
-        rounds["trivial_endpoint_8_clients"].append(trivial(url, min(args.seconds, 3.0), 8, pid))
+        rounds["trivial_endpoint_8_clients"].append(trivial(url, min(args.seconds, 3.0), 8, pid, kind))
     chosen = {"runtime": predictor.runtime, "precision": predictor.precision, "layout": predictor.layout,
               "views": predictor.views}
     del predictor
     service = {k: med(rounds["service"], k) for k in rounds["service"][0]}
     saturating = max(service[k]["images_per_second"] for k in ("single_4_clients", "single_8_clients"))
     timings: list[dict] = []
-    half = paced(url, data, max(args.seconds, 8.0), saturating / 2, timings=timings)
+    before = server_latency(url)
+    half = paced(url, data, max(args.seconds, 8.0), saturating / 2, timings=timings, kind=kind)
+    half["server_answered_within_ms"] = server_latency(url, before)
     bound = med(rounds["predictor"], "batch16")["images_per_second"]
     best = max(v["images_per_second"] for k, v in service.items() if k != "single_1_client")
     return {
@@ -610,6 +769,8 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--slow", type=int, default=40, help="slow clients in the overload scenario (default 40)")
     ap.add_argument("--rss-bound-mb", type=float, default=50.0, help="bodies: the memory growth allowed (50 MB)")
     ap.add_argument("--scenarios", default="throughput,overload,bodies")
+    ap.add_argument("--client", choices=["raw", "httpx"], default="raw",
+                    help="the throughput scenario's clients: a raw-socket HTTP/1.1 client (default, light) or httpx")
     ap.add_argument("--no-screenshot", action="store_true", help="skip the dashboard screenshot")
     ap.add_argument("--out", default=str(HERE / "results" / "serve.json"))
     return ap.parse_args()
@@ -642,6 +803,7 @@ def main() -> None:
         "command": "python bench/serve.py " + " ".join(sys.argv[1:]),
         "note": "loopback only; shared 2-core machine (other sessions running): noisy; medians of 2 interleaved "
                 "rounds; the clients run on the same 2 cores as the server",
+        "client": args.client, "server_http": server_stack(),
     }
     try:
         t = time.perf_counter()
