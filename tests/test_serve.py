@@ -496,3 +496,49 @@ def test_a_request_that_fails_before_inference_gives_its_places_back(station_mod
         with pytest.raises(ValueError, match="not an image"):
             p.done.result(timeout=5)
         assert (batcher.depth, batcher.incoming) == (0, 0) and store.counts() == {}
+
+
+def test_two_inference_streams_run_batches_side_by_side_with_the_same_answers(station_model, tmp_path):
+    """``inference_streams=2``: two Predictors of one model, one thread each; a batch that arrives while the
+    other stream is busy runs at once, and both streams answer alike."""
+    import threading as th
+
+    from defectscope.station.serve.batching import Batcher
+    from defectscope.station.serve.model_holder import ModelHolder
+
+    models = ModelHolder(station_model, 2, 10_000_000, 0, lambda result: None, streams=2)
+    first, second = models.current.streams
+    assert first is models.current.predictor and second is not first
+    running, overlapped, used = [0], [False], set()
+    lock = th.Lock()
+
+    def slow(p):
+        infer = p.infer_arrays
+
+        def run(*a, **kw):
+            with lock:
+                running[0] += 1
+                overlapped[0] |= running[0] > 1
+                used.add(id(p))
+            time.sleep(0.3)  # long enough that the second image arrives while the first is in inference
+            try:
+                return infer(*a, **kw)
+            finally:
+                with lock:
+                    running[0] -= 1
+        p.infer_arrays = run
+
+    for p in (first, second):
+        slow(p)
+    batcher = Batcher(models, 8, 0, 64, lambda n, seconds: None, streams=2)
+    batcher.start()
+    data = [png("spot", 7), png("spot", 7)]
+    futures = []
+    for d in data:
+        batcher.reserve(1)
+        futures.append(batcher.submit(d, first.preprocess(d), 1.0))
+        time.sleep(0.05)
+    answers = [f.result(timeout=60)[0] for f in futures]
+    batcher.stop()
+    assert overlapped[0] and used == {id(first), id(second)}
+    assert answers[0].probabilities == pytest.approx(answers[1].probabilities, abs=1e-5)

@@ -48,6 +48,7 @@ class ServeConfig:
     generation_poll_seconds: float = 2.0  # how often the store is asked which model the station runs (0: never)
     replica: str | None = None  # this process's name in the rows and the dashboard (default: host:port)
     threads: int | None = None
+    inference_streams: int = 1  # inference threads, each its own Predictor sharing ``threads`` between them
     runtime: str = "onnxruntime"  # onnxruntime | openvino | auto (see defectscope.runtime.engines)
     precision: str = "fp32"  # fp32 | int8 | bf16 | fp16 | auto
     device: str = "cpu"  # cpu | gpu (falls back to the CPU)
@@ -68,7 +69,7 @@ class ServeConfig:
         if not self.replica:
             self.replica = f"{socket.gethostname()}:{self.port}"
         for name in ("max_batch", "max_queue", "max_files", "max_upload_bytes", "max_request_bytes", "max_pixels",
-                     "max_body_bytes", "max_connections", "max_dashboard_points"):
+                     "max_body_bytes", "max_connections", "max_dashboard_points", "inference_streams"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("header_timeout", "body_timeout", "keep_alive"):

@@ -54,10 +54,11 @@ class Services:
                              self.metrics.on_reload,
                              runtime={"runtime": config.runtime, "precision": config.precision,
                                       "device": config.device},
-                             store=store, replica=config.replica or "", generation_poll=config.generation_poll_seconds)
+                             store=store, replica=config.replica or "", generation_poll=config.generation_poll_seconds,
+                             streams=config.inference_streams)
         writer = GroupCommit(store)
         batcher = Batcher(models, config.max_batch, config.batch_wait_ms, config.max_queue, self.metrics.on_batch,
-                          deliver=writer.gate)
+                          deliver=writer.gate, streams=config.inference_streams)
         self.store, self.models, self.batcher, self.writer = store, models, batcher, writer
         self.review_depth = store.review_queue(limit=0)[1]
         (config.data / "images").mkdir(parents=True, exist_ok=True)
