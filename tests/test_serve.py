@@ -542,3 +542,16 @@ def test_two_inference_streams_run_batches_side_by_side_with_the_same_answers(st
     batcher.stop()
     assert overlapped[0] and used == {id(first), id(second)}
     assert answers[0].probabilities == pytest.approx(answers[1].probabilities, abs=1e-5)
+
+
+def test_the_default_inference_streams(tmp_path):
+    from defectscope.station.serve.config import inference_streams
+
+    def streams(**kw) -> int:
+        return inference_streams(ServeConfig(model=tmp_path / "m.onnx", **kw))
+
+    assert streams(threads=2) == 2 and streams(threads=4) == 2 and streams(threads=1) == 1
+    assert streams(threads=2, device="gpu") == 1
+    assert streams(threads=2, inference_streams=1) == 1 and streams(threads=1, inference_streams=2) == 1
+    with pytest.raises(ValueError, match="inference_streams must be >= 1"):
+        streams(inference_streams=0)
