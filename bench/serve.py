@@ -27,6 +27,18 @@ chunked review body, and a 200 MB ``POST /v1/predict`` upload: each client must 
 the server's resident memory (``/proc/<pid>/status`` VmRSS sampled every 5 ms, and VmHWM after resetting it)
 grows by less than ``--rss-bound-mb``.
 
+``stacks`` (not in the default list): the same service on several HTTP parsers, event loops and inference
+stream counts (``--stacks h11:asyncio:1,httptools:uvloop:1,httptools:uvloop:2``), one server each, interleaved
+rounds; written to bench/results/serve_protocol.json by
+``python bench/serve.py --model M --scenarios stacks --no-screenshot --out bench/results/serve_protocol.json``.
+
+The clients (``--client``, default ``raw``): a minimal keep-alive HTTP/1.1 client on raw sockets (about 0.1 ms of
+CPU a request against httpx's 1.3-1.6 ms on this machine), so that on 2 shared cores the clients neither take
+the server's CPU nor hold their own GIL long enough to become the tail; ``--client httpx`` gives the figures made
+before 2026-12-07. The open loop also reports how late each request left (``sent_late_ms``: every worker busy, or
+the client slow) and the share of requests the server itself answered within each bound of its latency
+histogram (``server_answered_within_ms``), so that a tail outside the server shows as such.
+
 Every prediction is a real PNG upload that is decoded, classified, filed content-addressed and committed to the
 store (WAL, synchronous=FULL) before its answer: the service numbers include all of that.
 
@@ -427,6 +439,13 @@ def server_stack() -> dict:
     return {"http": http, "loop": loop, "versions": {k: ver(k) for k in ("uvicorn", http, loop) if k != "asyncio"}}
 
 
+def server_streams(model: Path, threads: int) -> int:
+    """The inference streams the CLI's server runs with ``--threads threads`` (its default rule)."""
+    from defectscope.station.serve.config import ServeConfig, inference_streams
+
+    return inference_streams(ServeConfig(model=model, threads=threads))
+
+
 def wait_ready(url: str, server: subprocess.Popen, timeout: float = 300.0) -> None:
     """Until /readyz answers 200; a server that exits or never gets ready stops the benchmark loudly."""
     deadline = time.perf_counter() + timeout
@@ -677,6 +696,68 @@ def overload(url: str, args: argparse.Namespace, data: list[bytes], db: Path) ->
             "target_ratio": 0.80, "rounds": rounds}
 
 
+# ------------------------------------------------------------------------------------------- stacks
+
+STACKS = ("h11:asyncio:1", "httptools:uvloop:1", "httptools:uvloop:2")
+
+
+def stack_server(model: Path, db: Path, port: int, args: argparse.Namespace, stack: str, log: Path
+                 ) -> subprocess.Popen:
+    """A server like :func:`start_server`'s, on the HTTP parser, event loop and inference streams of ``stack``
+    (``http:loop:streams``): the CLI has no switch for them, so the same ServeConfig is built here."""
+    http, loop, streams = stack.split(":")
+    kw = {"model": str(model), "db": str(db), "port": port, "threads": args.threads, "runtime": args.runtime,
+          "precision": args.precision, "pilot": True, "max_queue": 256, "http": http, "loop": loop,
+          "inference_streams": int(streams)}
+    code = ("import json, sys; from defectscope.station.serve import ServeConfig, serve; "
+            "serve(ServeConfig(**json.loads(sys.argv[1])), log_level='warning')")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE.parent / "src"), os.environ.get("PYTHONPATH", "")])}
+    return subprocess.Popen([sys.executable, "-c", code, json.dumps(kw)], env=env, stdout=subprocess.DEVNULL,
+                            stderr=log.open("w"))  # noqa: SIM115 - the server's stderr for its whole life
+
+
+def stacks(model: Path, args: argparse.Namespace, data: list[bytes], db: Path) -> dict:
+    """The same service on each of :data:`STACKS` (``--stacks``), one live server each on its own copy of the
+    store, measured in interleaved rounds: the trivial endpoint (the HTTP floor), 1 and 8 single-image clients,
+    and the open loop at one fixed rate for all (``--stack-rate``, default half the first stack's 8-client rate).
+    Each figure with the CPU per request of the server's whole process."""
+    servers = []
+    try:
+        for k, stack in enumerate(args.stacks.split(",")):
+            copy = db.parent / f"stack{k}.db"
+            shutil.copy(db, copy)
+            port = free_port()
+            servers.append((stack, f"http://127.0.0.1:{port}",
+                            stack_server(model, copy, port, args, stack, db.parent / f"stack{k}.log")))
+        for _, url, proc in servers:
+            wait_ready(url, proc)
+            load(url, data, 2.0, 4, 1)  # warm up
+        rate, rounds = args.stack_rate, {stack: [] for stack, *_ in servers}
+        for _ in range(args.stack_rounds):
+            for stack, url, proc in servers:
+                row = {"load_average": os.getloadavg()[0],
+                       "trivial_8_clients": trivial(url, min(args.seconds, 3.0), 8, proc.pid, args.client),
+                       "single_1_client": load(url, data, args.seconds, 1, 1, pid=proc.pid, kind=args.client),
+                       "single_8_clients": load(url, data, args.seconds, 8, 1, pid=proc.pid, kind=args.client)}
+                rate = rate or round(row["single_8_clients"]["images_per_second"] / 2, 1)
+                before = server_latency(url)
+                row["paced"] = paced(url, data, max(args.seconds, 8.0), rate, kind=args.client)
+                row["paced"]["server_answered_within_ms"] = server_latency(url, before)
+                rounds[stack].append(row)
+    finally:
+        for _, _, proc in servers:
+            proc.terminate()
+        for _, _, proc in servers:
+            proc.wait(timeout=30)
+    keys = ("requests_per_second", "images_per_second", "p50_ms", "p99_ms", "server_cpu_ms_per_request",
+            "server_cpu_ms_per_image", "client_cpu_ms_per_request", "client_cpu_ms_per_image", "mean_inference_batch")
+    medians = {stack: {m: {k: statistics.median(r[m][k] for r in rows) for k in keys if k in rows[0][m]}
+                       for m in ("trivial_8_clients", "single_1_client", "single_8_clients", "paced")}
+               for stack, rows in rounds.items()}
+    return {"stacks": list(rounds), "paced_rate": rate, "rounds_each": args.stack_rounds, "medians": medians,
+            "rounds": rounds}
+
+
 # -------------------------------------------------------------------------------------- big bodies
 
 def proc_status(pid: int) -> dict[str, int]:
@@ -768,7 +849,13 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--rows", type=int, default=100_000, help="decisions in the store before the run (default 100k)")
     ap.add_argument("--slow", type=int, default=40, help="slow clients in the overload scenario (default 40)")
     ap.add_argument("--rss-bound-mb", type=float, default=50.0, help="bodies: the memory growth allowed (50 MB)")
-    ap.add_argument("--scenarios", default="throughput,overload,bodies")
+    ap.add_argument("--scenarios", default="throughput,overload,bodies",
+                    help="any of throughput,overload,bodies,stacks")
+    ap.add_argument("--stacks", default=",".join(STACKS),
+                    help="stacks scenario: http:loop:streams servers compared (default %(default)s)")
+    ap.add_argument("--stack-rounds", type=int, default=3, help="stacks scenario: interleaved rounds (default 3)")
+    ap.add_argument("--stack-rate", type=float, default=0.0,
+                    help="stacks scenario: the open loop's rate for every stack (default: half the first's 8-client)")
     ap.add_argument("--client", choices=["raw", "httpx"], default="raw",
                     help="the throughput scenario's clients: a raw-socket HTTP/1.1 client (default, light) or httpx")
     ap.add_argument("--no-screenshot", action="store_true", help="skip the dashboard screenshot")
@@ -804,6 +891,7 @@ def main() -> None:
         "note": "loopback only; shared 2-core machine (other sessions running): noisy; medians of 2 interleaved "
                 "rounds; the clients run on the same 2 cores as the server",
         "client": args.client, "server_http": server_stack(),
+        "server_inference_streams": server_streams(model, args.threads),
     }
     try:
         t = time.perf_counter()
@@ -813,7 +901,8 @@ def main() -> None:
         report["server_runtime"] = httpx.get(url + "/readyz").json()
         for name, run in (("throughput", lambda: throughput(url, model, args, data)),
                           ("overload", lambda: overload(url, args, data, db)),
-                          ("bodies", lambda: bodies(url, server.pid, args.rss_bound_mb))):
+                          ("bodies", lambda: bodies(url, server.pid, args.rss_bound_mb)),
+                          ("stacks", lambda: stacks(model, args, data, db))):
             if name in scenarios:
                 report[name] = run()
                 Path(args.out).write_text(json.dumps(report, indent=2) + "\n")  # what is done so far
@@ -857,6 +946,8 @@ def summary_of(report: dict) -> dict:
         out["overload"] = {k: v for k, v in report["overload"].items() if k != "rounds"}
     if "bodies" in report:
         out["bodies"] = report["bodies"]
+    if "stacks" in report:
+        out["stacks"] = report["stacks"]["medians"]
     return out
 
 
