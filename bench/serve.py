@@ -5,18 +5,20 @@ decisions over 31 days; scenarios (``--scenarios``, default all), in this order:
 
 ``throughput`` (issue 22's service targets), interleaved (Predictor, service, Predictor, service) because the
 machine is shared:
-* the Predictor alone, in process, same model and runtime: one image per call, and batches of 16 (the
-  service's largest batch): the bound;
+* the Predictor alone, in process, same model and runtime: one image per call, batches of 16 (the service's
+  largest batch), and batches of 16 on the service's inference streams at once (one Predictor of
+  threads/streams threads each, as the service runs them): the bound is the best of these;
 * the service over HTTP on 127.0.0.1: single-image requests from 1, 4 and 8 concurrent clients (micro-batching
   merges the concurrent ones), and 16-image multipart requests from 2 clients;
 * then an open-loop client at half the rate the service sustained (its best single-image rate): p50/p99, and
   where a request's time goes (decode and inference as the service reports them, the rest: HTTP, parsing,
   filing, the store's commit, the event loop).
-Targets: the service with concurrent clients >= 80% of the Predictor's batched bound; p99 < 100 ms at half load.
+Targets: the service with concurrent clients >= 80% of the Predictor's bound; p99 < 100 ms at half load.
 
 ``overload`` (issue 26): 4 prediction clients alone, while 4 dashboards refresh without pause (31 days / 15 min,
 7 days / 5 min, 48 h / 1 min, 24 h / 1 min: the largest windows the station allows, so its cache is no help),
-and while ``--slow`` clients hold connections (half idle, half trickling a request head a byte every 0.5 s);
+and while ``--slow`` clients hold connections (half idle, half trickling a request head, a header's value a byte
+every 0.5 s);
 interleaved, 2 rounds. Target: predictions keep >= 80% of their throughput alone. Also: each dashboard
 window's answer time on the idle server, the query plans of its queries, and what the issue's hostile query
 (``hours=744&bucket_minutes=1``) gets.
@@ -25,6 +27,18 @@ window's answer time on the idle server, the query plans of its queries, and wha
 chunked review body, and a 200 MB ``POST /v1/predict`` upload: each client must read a 413 (not a reset) while
 the server's resident memory (``/proc/<pid>/status`` VmRSS sampled every 5 ms, and VmHWM after resetting it)
 grows by less than ``--rss-bound-mb``.
+
+``stacks`` (not in the default list): the same service on several HTTP parsers, event loops and inference
+stream counts (``--stacks h11:asyncio:1,httptools:uvloop:1,httptools:uvloop:2``), one server each, interleaved
+rounds; written to bench/results/serve_protocol.json by
+``python bench/serve.py --model M --scenarios stacks --no-screenshot --out bench/results/serve_protocol.json``.
+
+The clients (``--client``, default ``raw``): a minimal keep-alive HTTP/1.1 client on raw sockets (about 0.1 ms of
+CPU a request against httpx's 1.3-1.6 ms on this machine), so that on 2 shared cores the clients neither take
+the server's CPU nor hold their own GIL long enough to become the tail; ``--client httpx`` gives the figures made
+before 2026-12-07. The open loop also reports how late each request left (``sent_late_ms``: every worker busy, or
+the client slow) and the share of requests the server itself answered within each bound of its latency
+histogram (``server_answered_within_ms``), so that a tail outside the server shows as such.
 
 Every prediction is a real PNG upload that is decoded, classified, filed content-addressed and committed to the
 store (WAL, synchronous=FULL) before its answer: the service numbers include all of that.
@@ -56,6 +70,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
@@ -110,6 +125,129 @@ def summary(latencies: list[float], n_images: int, seconds: float) -> dict:
             "p50_ms": round(float(np.percentile(ms, 50)), 2), "p99_ms": round(float(np.percentile(ms, 99)), 2)}
 
 
+class RawClient:
+    """A minimal HTTP/1.1 keep-alive client on one socket: a request is one ``sendall``, an answer is read by its
+    Content-Length. About a tenth of httpx's CPU per request (bench/results/serve_protocol.json), which matters
+    where the clients share the station's 2 cores: the clients' own cost and their GIL are then not what the
+    latency tail measures. It sends what the bench sends (raw PNG bodies, multipart forms, GETs) and nothing
+    more; an answer it cannot read (chunked, a status line it does not know) fails the run loudly."""
+
+    def __init__(self, url: str, timeout: float = 60.0) -> None:
+        host, port = url.removeprefix("http://").rstrip("/").split(":")
+        self.addr, self.timeout, self.host = (host, int(port)), timeout, f"{host}:{port}".encode()
+        self.sock: socket.socket | None = None
+        self.buf = b""
+
+    def __enter__(self) -> RawClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+
+    def request(self, method: str, path: str, body: bytes = b"", ctype: str | None = None,
+                params: dict | None = None) -> tuple[int, bytes]:
+        """(status, body) of one request; reconnects once when the server had closed an idle connection."""
+        if params:
+            from urllib.parse import urlencode
+            path = f"{path}?{urlencode(params)}"
+        head = [f"{method} {path} HTTP/1.1", "Host: " + self.host.decode(), f"Content-Length: {len(body)}"]
+        if ctype:
+            head.append(f"Content-Type: {ctype}")
+        data = ("\r\n".join(head) + "\r\n\r\n").encode() + body
+        for attempt in (0, 1):
+            fresh = self.sock is None
+            if fresh:
+                self.sock = socket.create_connection(self.addr, timeout=self.timeout)
+                self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                self.buf = b""
+            try:
+                self.sock.sendall(data)
+                return self._answer()
+            except (ConnectionError, EOFError):
+                self.close()
+                if fresh or attempt:  # a new connection that failed, or the retry: a real error
+                    raise
+        raise AssertionError("unreachable")
+
+    def _answer(self) -> tuple[int, bytes]:
+        assert self.sock is not None
+        while b"\r\n\r\n" not in self.buf:
+            self._fill()
+        head, self.buf = self.buf.split(b"\r\n\r\n", 1)
+        lines = head.split(b"\r\n")
+        status = int(lines[0].split()[1])
+        fields = {k.strip().lower(): v.strip() for k, _, v in (x.partition(b":") for x in lines[1:])}
+        if b"content-length" not in fields:
+            raise RuntimeError(f"answer without Content-Length (status {status}): RawClient reads no other")
+        n = int(fields[b"content-length"])
+        while len(self.buf) < n:
+            self._fill()
+        body, self.buf = self.buf[:n], self.buf[n:]
+        if fields.get(b"connection", b"").lower() == b"close":
+            self.close()
+        return status, body
+
+    def _fill(self) -> None:
+        assert self.sock is not None
+        chunk = self.sock.recv(1 << 16)
+        if not chunk:
+            raise EOFError("the server closed the connection")
+        self.buf += chunk
+
+
+class BenchClient:
+    """One bench client, on :class:`RawClient` (default) or on httpx (``--client httpx``, the client of the
+    figures before 2026-12-07): a raw PNG body, a multipart form of several images, a GET."""
+
+    def __init__(self, url: str, kind: str) -> None:
+        self.kind = kind
+        self.c: Any = RawClient(url) if kind == "raw" else httpx.Client(base_url=url, timeout=60)
+
+    def __enter__(self) -> BenchClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.c.close()
+
+    def get(self, path: str) -> None:
+        status = self.c.request("GET", path)[0] if self.kind == "raw" else self.c.get(path).status_code
+        if status != 200:
+            raise RuntimeError(f"GET {path}: {status}")
+
+    def predict(self, images: list[bytes], params: dict) -> list[dict]:
+        """The results of one ``POST /v1/predict``: one image as a raw body, several as a multipart form."""
+        if self.kind == "raw":
+            if len(images) == 1:
+                status, body = self.c.request("POST", "/v1/predict", images[0], "image/png", params)
+            else:
+                status, body = self.c.request("POST", "/v1/predict", *_multipart(images, params))
+        elif len(images) == 1:
+            r = self.c.post("/v1/predict", content=images[0], headers={"Content-Type": "image/png"}, params=params)
+            status, body = r.status_code, r.content
+        else:
+            r = self.c.post("/v1/predict", files=[("file", (f"{j}.png", x, "image/png")) for j, x in enumerate(images)],
+                            data=params)
+            status, body = r.status_code, r.content
+        if status != 200:
+            raise RuntimeError(f"POST /v1/predict: {status} {body[:200]!r}")
+        return json.loads(body)["results"]
+
+
+def _multipart(images: list[bytes], fields: dict) -> tuple[bytes, str]:
+    boundary = "benchboundary7d1f0c"
+    parts = [f'--{boundary}\r\nContent-Disposition: form-data; name="{k}"\r\n\r\n{v}\r\n'.encode()
+             for k, v in fields.items()]
+    for j, x in enumerate(images):
+        parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="{j}.png"\r\n'
+                     "Content-Type: image/png\r\n\r\n".encode() + x + b"\r\n")
+    return b"".join(parts) + f"--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"
+
+
 def proc_cpu_seconds(pid: int) -> float:
     """User + system CPU seconds of process ``pid`` (every thread) so far."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
@@ -138,7 +276,7 @@ class CpuMeter:
         return out
 
 
-def trivial(url: str, seconds: float, clients: int, pid: int | None) -> dict:
+def trivial(url: str, seconds: float, clients: int, pid: int | None, kind: str = "raw") -> dict:
     """``clients`` closed-loop clients on ``GET /healthz`` (no body, no model, no store): what one HTTP round
     trip costs the clients and the server's framework (uvicorn, middlewares, FastAPI), the floor under every
     prediction."""
@@ -147,9 +285,9 @@ def trivial(url: str, seconds: float, clients: int, pid: int | None) -> dict:
     stop = time.perf_counter() + seconds
 
     def client(_: int) -> None:
-        with httpx.Client(base_url=url, timeout=60) as c:
+        with BenchClient(url, kind) as c:
             while time.perf_counter() < stop:
-                c.get("/healthz").raise_for_status()
+                c.get("/healthz")
                 with lock:
                     count[0] += 1
 
@@ -180,6 +318,30 @@ def bench_predictor(p, data: list[bytes], seconds: float) -> dict:
     return {"single": single, "batch16": batched}
 
 
+def bench_streams(predictors: list, data: list[bytes], seconds: float) -> dict:
+    """Batches of 16 on several Predictors at once, one thread each (the service's inference streams): the
+    bound of the layout the service runs, next to one Predictor with every thread."""
+    for p in predictors:
+        p.predict(data[0])
+    count, lock, stop = [0], threading.Lock(), time.perf_counter() + seconds
+
+    def run(k: int) -> None:
+        n = k
+        while time.perf_counter() < stop:
+            predictors[k].predict_batch(data[(n % 4) * 16:(n % 4) * 16 + 16], batch_size=16)
+            n += 1
+            with lock:
+                count[0] += 16
+
+    meter, start = CpuMeter(None), time.perf_counter()
+    threads = [threading.Thread(target=run, args=(k,)) for k in range(len(predictors))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return {"images_per_second": round(count[0] / (time.perf_counter() - start), 1), **_own_cpu(meter.read(count[0]))}
+
+
 def _own_cpu(read: dict) -> dict:
     """The Predictor runs in this process: its CPU is the 'client' side of the meter."""
     return {"cpu_cores": read["client_cpu_cores"], "cpu_ms_per_image": read["client_cpu_ms_per_unit"],
@@ -187,7 +349,7 @@ def _own_cpu(read: dict) -> dict:
 
 
 def load(url: str, data: list[bytes], seconds: float, clients: int, per_request: int,
-         timings: list[dict] | None = None, pid: int | None = None) -> dict:
+         timings: list[dict] | None = None, pid: int | None = None, kind: str = "raw") -> dict:
     """``clients`` closed-loop clients sending ``per_request`` images a request (1: a raw PNG body, more: a
     multipart form); ``timings`` collects the service's own per-image timing of each answer."""
     lat: list[float] = []
@@ -196,22 +358,16 @@ def load(url: str, data: list[bytes], seconds: float, clients: int, per_request:
     stop = time.perf_counter() + seconds
 
     def client(k: int) -> None:
-        with httpx.Client(base_url=url, timeout=60) as c:
+        with BenchClient(url, kind) as c:
             i = k
             while time.perf_counter() < stop:
                 t = time.perf_counter()
-                if per_request == 1:
-                    r = c.post("/v1/predict", content=data[i % len(data)], headers={"Content-Type": "image/png"},
-                               params={"station": f"bench-{k}"})
-                else:
-                    files = [("file", (f"{j}.png", data[(i + j) % len(data)], "image/png")) for j in range(per_request)]
-                    r = c.post("/v1/predict", files=files, data={"station": f"bench-{k}"})
-                r.raise_for_status()
+                results = c.predict([data[(i + j) % len(data)] for j in range(per_request)], {"station": f"bench-{k}"})
                 with lock:
                     lat.append(time.perf_counter() - t)
                     count[0] += per_request
                     if timings is not None:
-                        timings.extend({**x["timing"], "client_ms": 1000 * lat[-1]} for x in r.json()["results"])
+                        timings.extend({**x["timing"], "client_ms": 1000 * lat[-1]} for x in results)
                 i += clients
 
     meter, batches = CpuMeter(pid), batch_totals(url)
@@ -224,6 +380,24 @@ def load(url: str, data: list[bytes], seconds: float, clients: int, per_request:
             "mean_inference_batch": round(images / calls, 2) if calls else None}
 
 
+def server_latency(url: str, since: dict | None = None) -> dict:
+    """How many ``POST /v1/predict`` requests the server answered within each bound of its latency histogram
+    (``defectscope_request_seconds``: from the request's arrival in the app to its answer's last byte), as
+    counts, or with ``since`` as shares of the requests since then. The server's own view of the tail, beside
+    the client's: what lies between them is parsing, the socket and the client itself."""
+    counts = {}
+    for line in httpx.get(url + "/metrics", timeout=30).text.splitlines():
+        if line.startswith("defectscope_request_seconds_bucket") and 'route="/v1/predict"' in line:
+            le = line.split('le="', 1)[1].split('"', 1)[0]
+            counts[le] = float(line.split()[-1])
+    if since is None:
+        return counts
+    delta = {le: counts[le] - since.get(le, 0.0) for le in counts}
+    total = delta.get("+Inf", 0.0)
+    return {f"{1000 * float(le):g}": round(n / total, 4) for le, n in delta.items() if le != "+Inf" and total} \
+        | {"requests": total}
+
+
 def batch_totals(url: str) -> tuple[float, float]:
     """(inference calls, images in them) so far, from the server's /metrics."""
     lines = httpx.get(url + "/metrics", timeout=30).text.splitlines()
@@ -233,25 +407,26 @@ def batch_totals(url: str) -> tuple[float, float]:
 
 
 def paced(url: str, data: list[bytes], seconds: float, rate: float, workers: int = 8,
-          timings: list[dict] | None = None) -> dict:
+          timings: list[dict] | None = None, kind: str = "raw") -> dict:
     """Open loop, the way a camera line feeds a station: request i is due at ``i / rate`` whatever the answers
     do. Persistent clients on worker threads send them; latency counts from the due time, so a late send
     (every worker busy) counts against the service instead of hiding (no coordinated omission)."""
     lat: list[float] = []
+    late: list[float] = []  # how long after its due time each request left (every worker busy, or the client slow)
     lock = threading.Lock()
     jobs: queue.Queue[tuple[int, float] | None] = queue.Queue()
 
     def worker() -> None:
-        with httpx.Client(base_url=url, timeout=60) as c:
+        with BenchClient(url, kind) as c:
             while (job := jobs.get()) is not None:
                 i, due = job
-                r = c.post("/v1/predict", content=data[i % len(data)], headers={"Content-Type": "image/png"},
-                           params={"station": "bench-paced"})
-                r.raise_for_status()
+                sent = time.perf_counter()
+                result = c.predict([data[i % len(data)]], {"station": "bench-paced"})[0]
                 with lock:
                     lat.append(time.perf_counter() - due)
+                    late.append(sent - due)
                     if timings is not None:
-                        timings.append({**r.json()["results"][0]["timing"], "client_ms": 1000 * lat[-1]})
+                        timings.append({**result["timing"], "client_ms": 1000 * lat[-1]})
 
     threads = [threading.Thread(target=worker) for _ in range(workers)]
     for t in threads:
@@ -267,7 +442,33 @@ def paced(url: str, data: list[bytes], seconds: float, rate: float, workers: int
     for t in threads:
         t.join()
     out = summary(lat, len(lat), time.perf_counter() - start)
-    return {**out, "offered_per_second": round(rate, 1)}
+    late_ms = sorted(1000 * x for x in late)
+    return {**out, "offered_per_second": round(rate, 1), "workers": workers, "client": kind,
+            "sent_late_ms": {"p50": round(float(np.percentile(late_ms, 50)), 2),
+                             "p99": round(float(np.percentile(late_ms, 99)), 2)} if late_ms else None}
+
+
+def server_stack() -> dict:
+    """The HTTP parser and event loop the server runs (it starts from this environment), with their versions."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    from defectscope.station.serve.connections import http_implementation, loop_implementation
+
+    def ver(name: str) -> str | None:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return None
+
+    http, loop = http_implementation("auto"), loop_implementation("auto")
+    return {"http": http, "loop": loop, "versions": {k: ver(k) for k in ("uvicorn", http, loop) if k != "asyncio"}}
+
+
+def server_streams(model: Path, threads: int) -> int:
+    """The inference streams the CLI's server runs with ``--threads threads`` (its default rule)."""
+    from defectscope.station.serve.config import ServeConfig, inference_streams
+
+    return inference_streams(ServeConfig(model=model, threads=threads))
 
 
 def wait_ready(url: str, server: subprocess.Popen, timeout: float = 300.0) -> None:
@@ -367,30 +568,45 @@ def throughput(url: str, model: Path, args: argparse.Namespace, data: list[bytes
     from defectscope.runtime.predictor import Predictor
 
     predictor = Predictor(model, threads=args.threads, runtime=args.runtime, precision=args.precision)
+    n_streams = server_streams(model, args.threads)
+    # The service's own layout (inference streams of threads // streams each) measured as a bound too: the
+    # bound is the best the Predictor does in any layout measured, never one the service beats by its layout.
+    streamed = [Predictor(model, threads=max(1, args.threads // n_streams), runtime=args.runtime,
+                          precision=args.precision) for _ in range(n_streams)] if n_streams > 1 else []
     rounds: dict = {"predictor": [], "service": [], "trivial_endpoint_8_clients": []}
     pid = args.server_pid
+    kind = args.client
     for _ in range(2):  # interleaved: A, B, A, B
         rounds["predictor"].append(bench_predictor(predictor, data, args.seconds))
+        if streamed:
+            rounds["predictor"][-1][f"batch16_{n_streams}_streams"] = bench_streams(streamed, data, args.seconds)
         rounds["service"].append({
-            "single_1_client": load(url, data, args.seconds, 1, 1, pid=pid),
-            "single_4_clients": load(url, data, args.seconds, 4, 1, pid=pid),
-            "single_8_clients": load(url, data, args.seconds, 8, 1, pid=pid),
-            "multipart16_2_clients": load(url, data, args.seconds, 2, 16, pid=pid),
+            "single_1_client": load(url, data, args.seconds, 1, 1, pid=pid, kind=kind),
+            "single_4_clients": load(url, data, args.seconds, 4, 1, pid=pid, kind=kind),
+            "single_8_clients": load(url, data, args.seconds, 8, 1, pid=pid, kind=kind),
+            "multipart16_2_clients": load(url, data, args.seconds, 2, 16, pid=pid, kind=kind),
         })
-        rounds["trivial_endpoint_8_clients"].append(trivial(url, min(args.seconds, 3.0), 8, pid))
+        rounds["trivial_endpoint_8_clients"].append(trivial(url, min(args.seconds, 3.0), 8, pid, kind))
     chosen = {"runtime": predictor.runtime, "precision": predictor.precision, "layout": predictor.layout,
               "views": predictor.views}
-    del predictor
+    if streamed:
+        chosen["streams"] = {"count": n_streams, "runtime": streamed[0].runtime, "precision": streamed[0].precision,
+                             "threads_each": max(1, args.threads // n_streams)}
+    del predictor, streamed
     service = {k: med(rounds["service"], k) for k in rounds["service"][0]}
     saturating = max(service[k]["images_per_second"] for k in ("single_4_clients", "single_8_clients"))
     timings: list[dict] = []
-    half = paced(url, data, max(args.seconds, 8.0), saturating / 2, timings=timings)
-    bound = med(rounds["predictor"], "batch16")["images_per_second"]
+    before = server_latency(url)
+    half = paced(url, data, max(args.seconds, 8.0), saturating / 2, timings=timings, kind=kind)
+    half["server_answered_within_ms"] = server_latency(url, before)
+    alone = {k: med(rounds["predictor"], k) for k in rounds["predictor"][0]}
+    bound_from = max(alone, key=lambda k: alone[k]["images_per_second"])
+    bound = alone[bound_from]["images_per_second"]
     best = max(v["images_per_second"] for k, v in service.items() if k != "single_1_client")
     return {
         "predictor_runtime": chosen,
-        "predictor_alone": {"single": med(rounds["predictor"], "single"),
-                            "batch16": med(rounds["predictor"], "batch16")},
+        "predictor_alone": alone,
+        "bound": {"images_per_second": bound, "from": bound_from},
         "service": service,
         "service_fraction_of_bound": {k: round(v["images_per_second"] / bound, 3) for k, v in service.items()},
         "half_load_single_images": half,
@@ -447,11 +663,12 @@ def slow_clients(url: str, n: int, stop: threading.Event, lives: list[float]) ->
 
     def run(k: int) -> None:
         while not stop.is_set():
-            s, t = socket.create_connection((host, int(port)), timeout=30), time.perf_counter()
+            s, t, sent = socket.create_connection((host, int(port)), timeout=30), time.perf_counter(), 0
             try:
                 while not stop.is_set():
-                    if k % 2:
-                        s.sendall(b"G")  # a head trickling in
+                    if k % 2:  # a valid head trickling in, one header value growing (a parser cannot refuse it)
+                        s.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Slow: " if sent == 0 else b"a")
+                        sent += 1
                         time.sleep(0.5)
                     elif s.recv(1) == b"":  # idle: wait to be closed
                         break
@@ -514,6 +731,68 @@ def overload(url: str, args: argparse.Namespace, data: list[bytes], db: Path) ->
             "throughput_ratio_with_4_dashboards": ratio("with_4_dashboards"),
             f"throughput_ratio_with_{args.slow}_slow_clients": ratio(f"with_{args.slow}_slow_clients"),
             "target_ratio": 0.80, "rounds": rounds}
+
+
+# ------------------------------------------------------------------------------------------- stacks
+
+STACKS = ("h11:asyncio:1", "httptools:uvloop:1", "httptools:uvloop:2")
+
+
+def stack_server(model: Path, db: Path, port: int, args: argparse.Namespace, stack: str, log: Path
+                 ) -> subprocess.Popen:
+    """A server like :func:`start_server`'s, on the HTTP parser, event loop and inference streams of ``stack``
+    (``http:loop:streams``): the CLI has no switch for them, so the same ServeConfig is built here."""
+    http, loop, streams = stack.split(":")
+    kw = {"model": str(model), "db": str(db), "port": port, "threads": args.threads, "runtime": args.runtime,
+          "precision": args.precision, "pilot": True, "max_queue": 256, "http": http, "loop": loop,
+          "inference_streams": int(streams)}
+    code = ("import json, sys; from defectscope.station.serve import ServeConfig, serve; "
+            "serve(ServeConfig(**json.loads(sys.argv[1])), log_level='warning')")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE.parent / "src"), os.environ.get("PYTHONPATH", "")])}
+    return subprocess.Popen([sys.executable, "-c", code, json.dumps(kw)], env=env, stdout=subprocess.DEVNULL,
+                            stderr=log.open("w"))  # noqa: SIM115 - the server's stderr for its whole life
+
+
+def stacks(model: Path, args: argparse.Namespace, data: list[bytes], db: Path) -> dict:
+    """The same service on each of :data:`STACKS` (``--stacks``), one live server each on its own copy of the
+    store, measured in interleaved rounds: the trivial endpoint (the HTTP floor), 1 and 8 single-image clients,
+    and the open loop at one fixed rate for all (``--stack-rate``, default half the first stack's 8-client rate).
+    Each figure with the CPU per request of the server's whole process."""
+    servers = []
+    try:
+        for k, stack in enumerate(args.stacks.split(",")):
+            copy = db.parent / f"stack{k}.db"
+            shutil.copy(db, copy)
+            port = free_port()
+            servers.append((stack, f"http://127.0.0.1:{port}",
+                            stack_server(model, copy, port, args, stack, db.parent / f"stack{k}.log")))
+        for _, url, proc in servers:
+            wait_ready(url, proc)
+            load(url, data, 2.0, 4, 1)  # warm up
+        rate, rounds = args.stack_rate, {stack: [] for stack, *_ in servers}
+        for _ in range(args.stack_rounds):
+            for stack, url, proc in servers:
+                row = {"load_average": os.getloadavg()[0],
+                       "trivial_8_clients": trivial(url, min(args.seconds, 3.0), 8, proc.pid, args.client),
+                       "single_1_client": load(url, data, args.seconds, 1, 1, pid=proc.pid, kind=args.client),
+                       "single_8_clients": load(url, data, args.seconds, 8, 1, pid=proc.pid, kind=args.client)}
+                rate = rate or round(row["single_8_clients"]["images_per_second"] / 2, 1)
+                before = server_latency(url)
+                row["paced"] = paced(url, data, max(args.seconds, 8.0), rate, kind=args.client)
+                row["paced"]["server_answered_within_ms"] = server_latency(url, before)
+                rounds[stack].append(row)
+    finally:
+        for _, _, proc in servers:
+            proc.terminate()
+        for _, _, proc in servers:
+            proc.wait(timeout=30)
+    keys = ("requests_per_second", "images_per_second", "p50_ms", "p99_ms", "server_cpu_ms_per_request",
+            "server_cpu_ms_per_image", "client_cpu_ms_per_request", "client_cpu_ms_per_image", "mean_inference_batch")
+    medians = {stack: {m: {k: statistics.median(r[m][k] for r in rows) for k in keys if k in rows[0][m]}
+                       for m in ("trivial_8_clients", "single_1_client", "single_8_clients", "paced")}
+               for stack, rows in rounds.items()}
+    return {"stacks": list(rounds), "paced_rate": rate, "rounds_each": args.stack_rounds, "medians": medians,
+            "rounds": rounds}
 
 
 # -------------------------------------------------------------------------------------- big bodies
@@ -607,7 +886,15 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--rows", type=int, default=100_000, help="decisions in the store before the run (default 100k)")
     ap.add_argument("--slow", type=int, default=40, help="slow clients in the overload scenario (default 40)")
     ap.add_argument("--rss-bound-mb", type=float, default=50.0, help="bodies: the memory growth allowed (50 MB)")
-    ap.add_argument("--scenarios", default="throughput,overload,bodies")
+    ap.add_argument("--scenarios", default="throughput,overload,bodies",
+                    help="any of throughput,overload,bodies,stacks")
+    ap.add_argument("--stacks", default=",".join(STACKS),
+                    help="stacks scenario: http:loop:streams servers compared (default %(default)s)")
+    ap.add_argument("--stack-rounds", type=int, default=3, help="stacks scenario: interleaved rounds (default 3)")
+    ap.add_argument("--stack-rate", type=float, default=0.0,
+                    help="stacks scenario: the open loop's rate for every stack (default: half the first's 8-client)")
+    ap.add_argument("--client", choices=["raw", "httpx"], default="raw",
+                    help="the throughput scenario's clients: a raw-socket HTTP/1.1 client (default, light) or httpx")
     ap.add_argument("--no-screenshot", action="store_true", help="skip the dashboard screenshot")
     ap.add_argument("--out", default=str(HERE / "results" / "serve.json"))
     return ap.parse_args()
@@ -640,6 +927,8 @@ def main() -> None:
         "command": "python bench/serve.py " + " ".join(sys.argv[1:]),
         "note": "loopback only; shared 2-core machine (other sessions running): noisy; medians of 2 interleaved "
                 "rounds; the clients run on the same 2 cores as the server",
+        "client": args.client, "server_http": server_stack(),
+        "server_inference_streams": server_streams(model, args.threads),
     }
     try:
         t = time.perf_counter()
@@ -649,7 +938,8 @@ def main() -> None:
         report["server_runtime"] = httpx.get(url + "/readyz").json()
         for name, run in (("throughput", lambda: throughput(url, model, args, data)),
                           ("overload", lambda: overload(url, args, data, db)),
-                          ("bodies", lambda: bodies(url, server.pid, args.rss_bound_mb))):
+                          ("bodies", lambda: bodies(url, server.pid, args.rss_bound_mb)),
+                          ("stacks", lambda: stacks(model, args, data, db))):
             if name in scenarios:
                 report[name] = run()
                 Path(args.out).write_text(json.dumps(report, indent=2) + "\n")  # what is done so far
@@ -686,13 +976,15 @@ def summary_of(report: dict) -> dict:
     out = {}
     if "throughput" in report:
         t = report["throughput"]
-        out["throughput"] = {k: t[k] for k in ("predictor_runtime", "predictor_alone", "service",
+        out["throughput"] = {k: t[k] for k in ("predictor_runtime", "predictor_alone", "bound", "service",
                                                "half_load_single_images", "half_load_where_the_time_goes_ms",
                                                "trivial_endpoint_8_clients", "cpu_ms_per_image", "targets")}
     if "overload" in report:
         out["overload"] = {k: v for k, v in report["overload"].items() if k != "rounds"}
     if "bodies" in report:
         out["bodies"] = report["bodies"]
+    if "stacks" in report:
+        out["stacks"] = report["stacks"]["medians"]
     return out
 
 

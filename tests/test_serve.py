@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import importlib.util
 import io
 import os
 import shutil
@@ -27,6 +28,9 @@ from defectscope.station.serve.uploads import safe_name
 from defectscope.station.store import Store
 
 KEY = "k-0123456789abcdef0123"
+# The HTTP parsers the station can run on: the guards' tests run on each one installed.
+HTTP_IMPLEMENTATIONS = ["h11", pytest.param("httptools", marks=pytest.mark.skipif(
+    importlib.util.find_spec("httptools") is None, reason="httptools is not installed"))]
 
 
 def free_port() -> int:
@@ -495,3 +499,62 @@ def test_a_request_that_fails_before_inference_gives_its_places_back(station_mod
         with pytest.raises(ValueError, match="not an image"):
             p.done.result(timeout=5)
         assert (batcher.depth, batcher.incoming) == (0, 0) and store.counts() == {}
+
+
+def test_two_inference_streams_run_batches_side_by_side_with_the_same_answers(station_model, tmp_path):
+    """``inference_streams=2``: two Predictors of one model, one thread each; a batch that arrives while the
+    other stream is busy runs at once, and both streams answer alike."""
+    import threading as th
+
+    from defectscope.station.serve.batching import Batcher
+    from defectscope.station.serve.model_holder import ModelHolder
+
+    models = ModelHolder(station_model, 2, 10_000_000, 0, lambda result: None, streams=2)
+    first, second = models.current.streams
+    assert first is models.current.predictor and second is not first
+    running, overlapped, used = [0], [False], set()
+    lock = th.Lock()
+
+    def slow(p):
+        infer = p.infer_arrays
+
+        def run(*a, **kw):
+            with lock:
+                running[0] += 1
+                overlapped[0] |= running[0] > 1
+                used.add(id(p))
+            time.sleep(0.3)  # long enough that the second image arrives while the first is in inference
+            try:
+                return infer(*a, **kw)
+            finally:
+                with lock:
+                    running[0] -= 1
+        p.infer_arrays = run
+
+    for p in (first, second):
+        slow(p)
+    batcher = Batcher(models, 8, 0, 64, lambda n, seconds: None, streams=2)
+    batcher.start()
+    data = [png("spot", 7), png("spot", 7)]
+    futures = []
+    for d in data:
+        batcher.reserve(1)
+        futures.append(batcher.submit(d, first.preprocess(d), 1.0))
+        time.sleep(0.05)
+    answers = [f.result(timeout=60)[0] for f in futures]
+    batcher.stop()
+    assert overlapped[0] and used == {id(first), id(second)}
+    assert answers[0].probabilities == pytest.approx(answers[1].probabilities, abs=1e-5)
+
+
+def test_the_default_inference_streams(tmp_path):
+    from defectscope.station.serve.config import inference_streams
+
+    def streams(**kw) -> int:
+        return inference_streams(ServeConfig(model=tmp_path / "m.onnx", **kw))
+
+    assert streams(threads=2) == 2 and streams(threads=4) == 2 and streams(threads=1) == 1
+    assert streams(threads=2, device="gpu") == 1
+    assert streams(threads=2, inference_streams=1) == 1 and streams(threads=1, inference_streams=2) == 1
+    with pytest.raises(ValueError, match="inference_streams must be >= 1"):
+        streams(inference_streams=0)

@@ -4,12 +4,13 @@ Torch-free (onnxruntime through :class:`defectscope.runtime.predictor.Predictor`
 
 * ``POST /v1/predict``: one or several images (multipart field ``file``, repeatable, or a raw image body),
   optional ``station``/``lot``/``part_id``. Each image is decoded in a worker thread, then waits in a bounded
-  queue for the inference thread, which gathers up to ``max_batch`` images (or what arrived within
-  ``batch_wait_ms``) into one ONNX Runtime call. The upload is filed content-addressed under
-  ``DATA/images`` and its row committed to the store *before* the answer leaves: an acknowledged request
-  is never lost, even to ``kill -9``. The rows of the requests one batch answered are built and committed
-  together on the store-writer thread (one transaction, one fsync), without a hop through the event loop
-  in between. A full queue answers 503 with ``Retry-After``.
+  queue for an inference thread, which gathers up to ``max_batch`` images (or what arrived within
+  ``batch_wait_ms``) into one runtime call; there are ``inference_streams`` of them, each with its own Predictor
+  (two one-thread streams on a CPU with two or more threads: a request never waits for the other's batch). The
+  upload is filed content-addressed under ``DATA/images`` and its row committed to the store *before* the answer
+  leaves: an acknowledged request is never lost, even to ``kill -9``. The rows of the requests one batch answered
+  are built and committed together on the store-writer thread (one transaction, one fsync), without a hop through
+  the event loop in between. A full queue answers 503 with ``Retry-After``.
 * ``GET /v1/results``, ``/v1/decisions/{id}``, the review queue and ``POST /v1/reviews``: the review loop.
 * ``GET /v1/dashboard``: every statistic the page at ``/`` draws (:mod:`defectscope.station.spc`).
 * ``/healthz``, ``/readyz``, ``/metrics`` (Prometheus) and ``/openapi.json``. No ``/docs``: Swagger UI would be
@@ -23,7 +24,8 @@ Torch-free (onnxruntime through :class:`defectscope.runtime.predictor.Predictor`
 Security (the README's section says what a reverse proxy must add): with API keys set, every endpoint but the
 probes needs one, checked on the headers before any body is read (:mod:`.auth`; full and read-only keys, and an
 explicit ``open_reads``); binding beyond loopback without keys is refused; every route has a body limit and a
-body deadline (:mod:`.limits`), the server a connection cap and a header deadline (:mod:`.connections`); uploads
+body deadline (:mod:`.limits`), the server a connection cap, a header deadline and a head bound on httptools or
+h11 (:mod:`.connections`); uploads
 are capped in bytes and pixels; a client's file name is only ever a label, never a path; no error answer echoes
 the input; every answer carries the security headers of :mod:`.headers`; every 5xx is counted in ``/metrics``.
 

@@ -49,7 +49,8 @@ class Batcher:
     """
 
     def __init__(self, models: ModelHolder, max_batch: int, wait_ms: float, max_queue: int,
-                 on_batch: Callable[[int, float], None], deliver: threading.Lock | None = None) -> None:
+                 on_batch: Callable[[int, float], None], deliver: threading.Lock | None = None,
+                 streams: int = 1) -> None:
         self.models, self.max_batch, self.wait, self.max_queue = models, max_batch, wait_ms / 1000, max_queue
         self.on_batch = on_batch
         # Held while a batch's results are handed out (GroupCommit.gate): the writer then sees the whole batch
@@ -59,14 +60,20 @@ class Batcher:
         self.incoming = 0  # reserved, not yet submitted (being decoded)
         self._lock = threading.Lock()
         self._q: queue.Queue[_Job | None] = queue.Queue()
-        self._thread = threading.Thread(target=self._run, name="inference", daemon=True)
+        # One thread per inference stream, each running its own Predictor of the model (LoadedModel.streams):
+        # a request that arrives while one stream is busy starts at once on another.
+        self._threads = [threading.Thread(target=self._run, args=(k,), name=f"inference-{k}" if k else "inference",
+                                          daemon=True) for k in range(streams)]
 
     def start(self) -> None:
-        self._thread.start()
+        for t in self._threads:
+            t.start()
 
     def stop(self) -> None:
-        self._q.put(None)
-        self._thread.join(timeout=10)
+        for _ in self._threads:
+            self._q.put(None)
+        for t in self._threads:
+            t.join(timeout=10)
 
     def reserve(self, n: int) -> None:
         with self._lock:
@@ -88,7 +95,7 @@ class Batcher:
         self._q.put(job)
         return job.future
 
-    def _run(self) -> None:
+    def _run(self, stream: int = 0) -> None:
         while True:
             job = self._q.get()
             if job is None:
@@ -107,11 +114,11 @@ class Batcher:
                     self._q.put(None)  # finish this batch, then stop
                     break
                 batch.append(nxt)
-            self._infer(batch)
+            self._infer(batch, stream)
 
-    def _infer(self, batch: list[_Job]) -> None:
+    def _infer(self, batch: list[_Job], stream: int = 0) -> None:
         model = self.models.current  # one model for the whole batch: each row names it
-        p = model.predictor
+        p = model.streams[stream % len(model.streams)]
         try:
             xs = []
             for job in batch:
@@ -162,7 +169,7 @@ class GroupCommit:
         self._q.put((records, future))
         return future
 
-    def _run(self) -> None:
+    def _run(self, stream: int = 0) -> None:
         while True:
             item = self._q.get()
             if item is None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -41,6 +42,12 @@ class LoadedModel:
     good_class: str
     drift_rate: float | None
     loaded_at: str = field(default_factory=utc_now)
+    # One Predictor per inference stream (the first is ``predictor``): each stream's thread runs its own.
+    streams: list[Predictor] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not self.streams:
+            self.streams = [self.predictor]
 
     def info(self) -> dict[str, Any]:
         """What the station says about its model: never the file's path on the server."""
@@ -55,9 +62,10 @@ def _signature(path: Path) -> tuple[int, int, int]:
     return st.st_size, st.st_mtime_ns, st.st_ino
 
 
-def load_model(path: Path, threads: int | None = None, max_pixels: int = 50_000_000,
+def load_model(path: Path, threads: int | None = None, max_pixels: int = 50_000_000, streams: int = 1,
                **runtime: str) -> LoadedModel:
     """Load and check a model: it must run on a blank image and give finite probabilities summing to 1.
+    ``streams`` Predictors of the file share ``threads`` inference threads (at least one each).
 
     Raises ``ValueError`` (or the loader's error) for a file that is not a usable defectscope model, and
     ``RuntimeError`` when the file changed while it was read (a copy still in progress).
@@ -65,7 +73,10 @@ def load_model(path: Path, threads: int | None = None, max_pixels: int = 50_000_
     sig = _signature(path)
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
     # runtime: runtime=, precision=, device= as for the sorter (--runtime auto measures once per machine).
-    predictor = Predictor(path, threads=threads, decode_threads=1, max_pixels=max_pixels, heatmaps=True, **runtime)
+    each = max(1, (threads or os.cpu_count() or 1) // streams) if streams > 1 else threads
+    predictors = [Predictor(path, threads=each, decode_threads=1, max_pixels=max_pixels, heatmaps=True, **runtime)
+                  for _ in range(streams)]
+    predictor = predictors[0]
     if _signature(path) != sig or hashlib.sha256(path.read_bytes()).hexdigest() != digest:
         raise RuntimeError(f"{path} changed while it was loaded")
     blank = np.zeros((1, 1, predictor.image_size, predictor.image_size), np.float32)
@@ -86,7 +97,7 @@ def load_model(path: Path, threads: int | None = None, max_pixels: int = 50_000_
     drift = policy.get("drift") or {}
     rate = drift.get("target_false_flag_rate") if policy.get("drift_threshold") is not None else None
     return LoadedModel(predictor, digest[:16], f"defectscope {version}, model created {spec.get('created')}", sig,
-                       good, float(rate) if rate is not None else None)
+                       good, float(rate) if rate is not None else None, streams=predictors)
 
 
 class ModelHolder:
@@ -95,10 +106,11 @@ class ModelHolder:
 
     def __init__(self, path: Path, threads: int | None, max_pixels: int, poll: float,
                  on_reload: Callable[[str], None], runtime: dict[str, str] | None = None, *,
-                 store: Store | None = None, replica: str = "", generation_poll: float = 0.0) -> None:
+                 store: Store | None = None, replica: str = "", generation_poll: float = 0.0,
+                 streams: int = 1) -> None:
         self.path, self.threads, self.max_pixels, self.poll = path, threads, max_pixels, poll
-        self.runtime = dict(runtime or {})
-        self.current = load_model(path, threads, max_pixels, **self.runtime)
+        self.runtime, self.streams = dict(runtime or {}), streams
+        self.current = load_model(path, threads, max_pixels, streams, **self.runtime)
         self.on_reload = on_reload
         self.last_error: str | None = None
         self.store, self.replica, self.generation_poll = store, replica, generation_poll
@@ -184,7 +196,7 @@ class ModelHolder:
 
     def _load(self, sig: tuple[int, int, int], quiet: bool = False) -> LoadedModel | None:
         try:
-            return load_model(self.path, self.threads, self.max_pixels, **self.runtime)
+            return load_model(self.path, self.threads, self.max_pixels, self.streams, **self.runtime)
         except Exception as exc:  # any failure keeps the old model serving; the error is shown in /readyz
             self._rejected = sig
             self.last_error = f"{type(exc).__name__}: {exc}"

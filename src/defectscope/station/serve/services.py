@@ -12,7 +12,7 @@ from typing import Annotated, Any
 from fastapi import Depends, Request
 
 from defectscope.station.serve.batching import Batcher, GroupCommit
-from defectscope.station.serve.config import ServeConfig
+from defectscope.station.serve.config import ServeConfig, inference_streams
 from defectscope.station.serve.metrics import Metrics
 from defectscope.station.serve.model_holder import ModelHolder
 from defectscope.station.store import Store
@@ -49,15 +49,17 @@ class Services:
     def open(self) -> None:
         """Open the store, load the model and start the inference, store-writer and reload threads."""
         config = self.config
+        streams = inference_streams(config)
         store = Store(config.db)
         models = ModelHolder(config.model, config.threads, config.max_pixels, config.reload_poll_seconds,
                              self.metrics.on_reload,
                              runtime={"runtime": config.runtime, "precision": config.precision,
                                       "device": config.device},
-                             store=store, replica=config.replica or "", generation_poll=config.generation_poll_seconds)
+                             store=store, replica=config.replica or "", generation_poll=config.generation_poll_seconds,
+                             streams=streams)
         writer = GroupCommit(store)
         batcher = Batcher(models, config.max_batch, config.batch_wait_ms, config.max_queue, self.metrics.on_batch,
-                          deliver=writer.gate)
+                          deliver=writer.gate, streams=streams)
         self.store, self.models, self.batcher, self.writer = store, models, batcher, writer
         self.review_depth = store.review_queue(limit=0)[1]
         (config.data / "images").mkdir(parents=True, exist_ok=True)
@@ -67,7 +69,8 @@ class Services:
         # What startup made (the model, the app, the libraries: over 100k objects) lives as long as the process:
         # out of the collector's reach, a full collection no longer walks it (30 ms, a p99 spike at half load).
         gc.freeze()
-        log.info("station ready: model %s, store %r, data %s", models.current.model_id, store, config.data)
+        log.info("station ready: model %s (%d inference stream%s), store %r, data %s", models.current.model_id, streams,
+                 "s" if streams > 1 else "", store, config.data)
 
     def close(self) -> None:
         self.models.stop()
