@@ -73,3 +73,17 @@ def test_python_dash_m_defectscope_runs_the_cli():
     for module in ("defectscope", "defectscope.cli"):
         done = subprocess.run([sys.executable, "-m", module, "--version"], capture_output=True, text=True)
         assert done.returncode == 0 and done.stdout.startswith("defectscope "), done.stderr
+
+
+def test_serve_takes_its_stream_and_parser_options(monkeypatch, capsys):
+    """--inference-streams, --http and --loop reach the service's config; a bad value is one line, no server."""
+    import defectscope.station.serve as serve_pkg
+
+    seen = {}
+    monkeypatch.setattr(serve_pkg, "serve", lambda config: seen.setdefault("config", config))
+    assert main(["serve", "model.onnx", "--inference-streams", "1", "--http", "h11", "--loop", "asyncio"]) == 0
+    config = seen["config"]
+    assert (config.inference_streams, config.http, config.loop) == (1, "h11", "asyncio")
+    assert main(["serve", "model.onnx", "--inference-streams", "0"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "inference_streams must be >= 1" in err and "\n" not in err

@@ -150,6 +150,13 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
     sv.add_argument("--max-upload-mb", type=float, default=32, help="largest image accepted (default 32 MB)")
     sv.add_argument("--max-pixels", type=int, default=50_000_000, help="largest image in pixels (default 50 M)")
     sv.add_argument("--threads", type=int, help="inference threads (default: every core)")
+    sv.add_argument("--inference-streams", type=int,
+                    help="inference streams sharing the threads (default: 2 with 2 or more threads, each of one "
+                         "thread; 1 = one stream on every thread)")
+    sv.add_argument("--http", choices=("auto", "httptools", "h11"), default="auto",
+                    help="HTTP parser (default auto: httptools when installed, else h11)")
+    sv.add_argument("--loop", choices=("auto", "uvloop", "asyncio"), default="auto",
+                    help="event loop (default auto: uvloop when installed, else asyncio)")
     sv.add_argument("--replica", help="this replica's name in the rows, the dashboard and /readyz (default: host:port)")
     sv.set_defaults(handler=run_serve)
 
@@ -165,7 +172,8 @@ def run_serve(args: argparse.Namespace) -> int:
         body_timeout=args.body_timeout, pilot=args.pilot, escape_cap=args.escape_cap,
         max_batch=args.max_batch, batch_wait_ms=args.batch_wait_ms, max_queue=args.queue,
         max_upload_bytes=int(args.max_upload_mb * (1 << 20)), max_pixels=args.max_pixels, threads=args.threads,
-        runtime=args.runtime, precision=args.precision, device=args.device, replica=args.replica)
+        runtime=args.runtime, precision=args.precision, device=args.device, replica=args.replica,
+        inference_streams=args.inference_streams, http=args.http, loop=args.loop)
     serve(config)
     return 0
 
