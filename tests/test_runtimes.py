@@ -54,7 +54,13 @@ def images(folder_dataset):
 
 def test_export_writes_int8_reference_and_selection(drift_model):
     out, report = drift_model
-    assert runtimes.variant_path(out, "int8").is_file() and report["int8"]["quantization"]["mode"] == "static"
+    assert report["int8"]["quantization"]["mode"] == "static"
+    # Written only when it passes the acceptance test; on a CPU without VNNI ONNX Runtime's U8S8 kernels
+    # saturate and export refuses it, saying why (never a silent absence).
+    written = runtimes.variant_path(out, "int8").is_file()
+    assert written == bool(report["int8"].get("written", written))
+    if not written:
+        assert report["int8_checks"]["model.int8.onnx"]["refused"]
     # The head and the Drift score stay in float: every node fed by the pooled features is excluded.
     assert report["int8"]["quantization"]["kept_in_float"] >= 3
     ref = selection.load_reference(out)
