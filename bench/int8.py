@@ -16,6 +16,7 @@ Calibration images are the run's training images (the export's parent run), samp
 
     python bench/int8.py --export /work/runs/demo/run/export
     python bench/int8.py --export EXPORT --variants baseline tail1_rr --openvino --passes 7
+    python bench/int8.py --variants nncf nncf_overflow_fix --openvino   # after pip install nncf
 """
 
 from __future__ import annotations
@@ -52,6 +53,17 @@ VARIANTS: dict[str, tuple[StaticSettings, int]] = {  # name -> (settings, calibr
     "tail1_rr_entropy": (S(float_tail=1, reduce_range=True, method="entropy"), 128),
     "tail1_rr_512": (S(float_tail=1, reduce_range=True), 512),
 }
+# NNCF's post-training quantization of the backbone stage (ONNX backend, QDQ file; fast bias correction),
+# without and with its overflow fix (7-bit weights everywhere: the U8S8 saturation of CPUs without VNNI).
+# Calibrated on every view of the calibration images, as the line sends them. Needs ``pip install nncf``.
+NNCF_VARIANTS: dict[str, tuple[dict[str, Any], int]] = {
+    "nncf": ({}, 128),
+    "nncf_overflow_fix": ({"overflow_fix": True}, 128),
+    "nncf_overflow_fix_512": ({"overflow_fix": True}, 512),
+    "nncf_overflow_fix_tail1": ({"overflow_fix": True, "float_tail": 1}, 128),
+    "nncf_overflow_fix_tail3": ({"overflow_fix": True, "float_tail": 3}, 128),
+    "nncf_overflow_fix_full_bias": ({"overflow_fix": True, "full_bias_correction": True}, 128),
+}
 SPEED_TARGET = 1.5
 
 
@@ -74,6 +86,33 @@ def workspace(export: Path, tmp: Path) -> Path:
         if f.is_file() and ".int8." not in f.name:
             (tmp / f.name).symlink_to(f.resolve())
     return tmp / "model.onnx"
+
+
+def nncf_quantize(src: Path, dst: Path, images: np.ndarray, views: list[int], *,
+                  overflow_fix: bool = False, float_tail: int = 0,
+                  full_bias_correction: bool = False) -> dict[str, Any]:
+    """The backbone stage ``src`` quantized by NNCF into the QDQ file ``dst``, calibrated on every view;
+    ``float_tail``: the last convolutions before the pooled features left in float (an ignored scope)."""
+    import nncf
+    import onnx
+    from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters, OverflowFix
+
+    from defectscope.onnx_export.quantize import _name_nodes_and_find_head
+    from defectscope.runtime import staged
+
+    named = dst.with_name(dst.stem + ".named.onnx")
+    kept = _name_nodes_and_find_head(src, named, float_tail)
+    x = np.ascontiguousarray(np.concatenate([staged.view(images, k) for k in views]), dtype=np.float32)
+    batches = [x[i:i + 16] for i in range(0, len(x), 16)]
+    advanced = AdvancedQuantizationParameters(overflow_fix=OverflowFix.ENABLE if overflow_fix else
+                                              OverflowFix.FIRST_LAYER)
+    quantized = nncf.quantize(onnx.load(str(named)), nncf.Dataset(batches, lambda b: {"image": b}),
+                              subset_size=len(x), advanced_parameters=advanced,
+                              fast_bias_correction=not full_bias_correction,
+                              ignored_scope=nncf.IgnoredScope(names=kept) if kept else None)
+    onnx.save(quantized, str(dst))
+    named.unlink()
+    return {"nncf": nncf.__version__, "calibration_views": len(x), "kept_in_float": len(kept)}
 
 
 def timed(engine: Any, x: np.ndarray) -> float:
@@ -114,18 +153,22 @@ def run_variant(name: str, model: Path, args, ref, card, calib: dict[int, np.nda
     from defectscope.onnx_export.quantize import quantize_model
     from defectscope.runtime import engines, staged
 
-    settings, n_cal = VARIANTS[name]
+    settings, n_cal = VARIANTS[name] if name in VARIANTS else NNCF_VARIANTS[name]
     if n_cal not in calib:
         calib[n_cal] = calibration_images(args.run, n_cal)
-    staged_layout = args.layout == "staged"
+    staged_layout = args.layout == "staged" or name in NNCF_VARIANTS
     src = staged.backbone_path(model) if staged_layout else model
     dst = staged.backbone_path(model, "int8") if staged_layout else engines.variant_path(model, "int8")
     dst.unlink(missing_ok=True)
     start = time.perf_counter()
-    report = quantize_model(src, dst, "static", calib[n_cal], settings=settings)
-    out: dict[str, Any] = {"settings": settings.as_dict(), "calibration_images": n_cal,
-                           "kept_in_float": report["kept_in_float"],
-                           "quantize_seconds": round(time.perf_counter() - start, 1), "runtimes": {}}
+    if name in NNCF_VARIANTS:
+        report = nncf_quantize(src, dst, calib[n_cal], list(card.spec.get("views") or [0]), **settings)
+        out: dict[str, Any] = {"settings": {"nncf": True, **settings}, "calibration_images": n_cal,
+                               "kept_in_float": report["kept_in_float"]}
+    else:
+        report = quantize_model(src, dst, "static", calib[n_cal], settings=settings)
+        out = {"settings": settings.as_dict(), "calibration_images": n_cal, "kept_in_float": report["kept_in_float"]}
+    out.update({"quantize_seconds": round(time.perf_counter() - start, 1), "runtimes": {}})
     views = len(card.spec.get("views") or [0])
     rows = {"onnxruntime": {"runtime": "onnxruntime", "precision": "int8"}}
     if args.openvino:
@@ -157,7 +200,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--export", type=Path, default=Path("/work/runs/demo/run/export"))
     ap.add_argument("--run", type=Path, help="the run the export came from (default: the export's parent)")
     ap.add_argument("--layout", choices=("staged", "full"), default="staged")
-    ap.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
+    ap.add_argument("--variants", nargs="+", choices=list(VARIANTS) + list(NNCF_VARIANTS),
+                    default=list(VARIANTS))
     ap.add_argument("--openvino", action="store_true", help="also run each QDQ file in OpenVINO")
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--threads", type=int, default=2)
