@@ -517,6 +517,9 @@ def screenshot(url: str, out: Path) -> bool:
 WINDOWS = ((744, 15), (168, 5), (48, 1), (24, 1))
 
 
+VERDICT_OF = {"GOOD": "PASS", "REVIEW": "REVIEW", "Drift": "Drift"}  # scratch, spot: REJECT
+
+
 def fill(db: Path, rows: int) -> None:
     """``rows`` finished decisions over the last 31 days, as the station would have stored them."""
     import random
@@ -540,7 +543,9 @@ def fill(db: Path, rows: int) -> None:
                               "decision": kind, "top_class": "GOOD" if kind in ("REVIEW", "Drift") else kind,
                               "confidence": rng.random(), "probabilities": "{}", "destination": "bench",
                               "status": "done", "request_id": "", "source": "sort", "station": f"S{i % 4}",
-                              "total_ms": rng.uniform(5, 50), "needs_review": kind in ("REVIEW", "Drift")})
+                              "total_ms": rng.uniform(5, 50), "needs_review": kind in ("REVIEW", "Drift"),
+                              # the dashboard counts a row by its verdict, not by the (other model's) class
+                              "verdict": VERDICT_OF.get(kind, "REJECT")})
             conn.execute(sa.insert(decisions), batch)
 
 
