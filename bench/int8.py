@@ -63,6 +63,12 @@ NNCF_VARIANTS: dict[str, tuple[dict[str, Any], int]] = {
     "nncf_overflow_fix_tail1": ({"overflow_fix": True, "float_tail": 1}, 128),
     "nncf_overflow_fix_tail3": ({"overflow_fix": True, "float_tail": 3}, 128),
     "nncf_overflow_fix_full_bias": ({"overflow_fix": True, "full_bias_correction": True}, 128),
+    "nncf_overflow_fix_depthwise_float": ({"overflow_fix": True, "depthwise_float": True}, 128),
+    "nncf_overflow_fix_full_bias_depthwise_float": ({"overflow_fix": True, "full_bias_correction": True,
+                                                     "depthwise_float": True}, 128),
+    "nncf_overflow_fix_depthwise_float_512": ({"overflow_fix": True, "depthwise_float": True}, 512),
+    "nncf_overflow_fix_depthwise_float_tail3": ({"overflow_fix": True, "depthwise_float": True, "float_tail": 3},
+                                                128),
 }
 SPEED_TARGET = 1.5
 
@@ -90,7 +96,7 @@ def workspace(export: Path, tmp: Path) -> Path:
 
 def nncf_quantize(src: Path, dst: Path, images: np.ndarray, views: list[int], *,
                   overflow_fix: bool = False, float_tail: int = 0,
-                  full_bias_correction: bool = False) -> dict[str, Any]:
+                  full_bias_correction: bool = False, depthwise_float: bool = False) -> dict[str, Any]:
     """The backbone stage ``src`` quantized by NNCF into the QDQ file ``dst``, calibrated on every view;
     ``float_tail``: the last convolutions before the pooled features left in float (an ignored scope)."""
     import nncf
@@ -102,6 +108,10 @@ def nncf_quantize(src: Path, dst: Path, images: np.ndarray, views: list[int], *,
 
     named = dst.with_name(dst.stem + ".named.onnx")
     kept = _name_nodes_and_find_head(src, named, float_tail)
+    if depthwise_float:  # depthwise convolutions (group > 1) in float: the usual int8 loss of MobileNet-like nets
+        graph = onnx.load(str(named)).graph
+        kept += [n.name for n in graph.node if n.op_type == "Conv" and n.name not in kept
+                 and any(a.name == "group" and a.i > 1 for a in n.attribute)]
     x = np.ascontiguousarray(np.concatenate([staged.view(images, k) for k in views]), dtype=np.float32)
     batches = [x[i:i + 16] for i in range(0, len(x), 16)]
     advanced = AdvancedQuantizationParameters(overflow_fix=OverflowFix.ENABLE if overflow_fix else
