@@ -148,7 +148,9 @@ def test_bf16_backbone_fp32_head_agrees_away_from_thresholds(model):
 
 def test_refused_int8_files_are_not_left_beside_the_model(model, tmp_path, monkeypatch):
     from defectscope.onnx_export import stages
+    from defectscope.onnx_export.backbone_int8 import quantize_backbone
     from defectscope.onnx_export.quantize import quantize_model
+    from defectscope.runtime import staged
 
     out, _ = model
     for f in out.parent.glob("model.*"):
@@ -156,9 +158,15 @@ def test_refused_int8_files_are_not_left_beside_the_model(model, tmp_path, monke
     copy = tmp_path / "model.onnx"
     x = (selection.load_reference(copy)["images"][:8, None] / 255).astype(np.float32)
     quantize_model(copy, runtimes.variant_path(copy, "int8"), "static", x)
+    backbone = staged.backbone_path(copy, "int8")
+    assert staged.backbone_path(copy).is_file()
+    quantize_backbone(staged.backbone_path(copy), backbone, x, [0])
     monkeypatch.setattr(acceptance, "check", lambda *a, **k: {"accepted": False, "refused": "deliberately"})
     verdicts = stages.drop_refused_int8(copy)
     assert verdicts["model.int8.onnx"]["written"] is False and not runtimes.variant_path(copy, "int8").exists()
+    # The backbone is tested in every installed runtime; refused by all of them, it is not kept either.
+    assert verdicts[backbone.name]["written"] is False and not backbone.exists()
+    assert set(verdicts[backbone.name]["runtimes"]) == {"onnxruntime", "openvino"} & set(runtimes.installed_runtimes())
 
 
 def test_auto_without_bf16_or_amx_picks_what_it_measured(model, tmp_path, monkeypatch):

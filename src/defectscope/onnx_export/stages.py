@@ -5,7 +5,7 @@
 * ``<stem>.backbone.onnx``: ``image`` float32 (N, 1, H, W) in [0, 1] -> ``pooled`` (N, F), the backbone's
   pooled features of ONE view (normalisation inside). The runtime makes the views itself (quarter turns and
   flips of the input, :func:`defectscope.runtime.staged.view`), sends all of them as one batch and averages;
-  this stage may run in bf16 or int8 (``<stem>.backbone.int8.onnx``, static QDQ on training images).
+  this stage may run in bf16 or int8 (``<stem>.backbone.int8.onnx``, calibrated on training images in every view).
 * ``<stem>.head.onnx``: ``pooled`` (N, F), averaged over the views -> ``logits``, ``probabilities``,
   ``features``, ``drift_score``: the feature transform, the classifier head and the Drift score, always run in
   fp32 (an RBF head's ``|f|^2 - 2 f.l + |l|^2`` does not survive bf16 rounding).
@@ -114,8 +114,9 @@ def export_stages(model: nn.Module, drift: GraphHead | None, out: Path, tmp: Pat
 def write_stages(model: nn.Module, heads: nn.Module, out: Path, tmp: Path, opset: int, x_check: np.ndarray,
                  calibration: np.ndarray | None, write: Any) -> dict[str, Any]:
     """Export, check and write the stage files beside ``out`` (``write(src, dst)`` adds the card); the int8
-    backbone (static QDQ on ``calibration``) too when given. Stale stage files are removed first."""
-    from defectscope.onnx_export.quantize import quantize_model
+    backbone (calibrated on every view of ``calibration``, see :mod:`~defectscope.onnx_export.backbone_int8`)
+    too when given. Stale stage files are removed first."""
+    from defectscope.onnx_export.backbone_int8 import quantize_backbone
 
     for path in staged.stage_files(out):
         path.unlink(missing_ok=True)
@@ -131,37 +132,53 @@ def write_stages(model: nn.Module, heads: nn.Module, out: Path, tmp: Path, opset
                                                                            staged.head_path(out).name]}
     if calibration is not None:
         q = tmp / "backbone.int8.onnx"
-        result["int8"] = quantize_model(backbone, q, "static", calibration)
+        result["int8"] = quantize_backbone(backbone, q, calibration, list(model.views))
         write(q, staged.backbone_path(out, "int8"))
         result["files"].append(staged.backbone_path(out, "int8").name)
     return result
 
 
 def drop_refused_int8(out: Path, threads: int | None = None) -> dict[str, Any]:
-    """Test the int8 files beside ``out`` (whole graph, and the int8 backbone on all views) with the runtime's
-    acceptance test on the check set, in ONNX Runtime, and delete the ones it refuses: an export writes no
-    variant it would itself refuse. Returns {file name: the test's verdict}."""
-    from defectscope.runtime import acceptance, choice, engines
+    """Test the int8 files beside ``out`` (whole graph in ONNX Runtime, and the int8 backbone on all views in
+    every installed runtime: the same QDQ file rounds differently in each) with the runtime's acceptance test
+    on the check set, and delete a file no runtime accepts: an export writes no variant it would itself
+    refuse. Returns {file name: the test's verdict (per runtime for the backbone)}."""
+    from defectscope.runtime import choice, engines
 
     ref = choice.load_reference(out)
     card = engines.read_card(out)
     verdicts: dict[str, Any] = {}
     if ref is None:
         return verdicts
-    variants = [(engines.variant_path(out, "int8"), {"runtime": "onnxruntime", "precision": "int8"}),
-                (staged.backbone_path(out, "int8"), {"runtime": "onnxruntime", "precision": "int8",
-                                                     "layout": "staged", "views": len(card.spec.get("views") or [0])})]
-    for path, row in variants:
-        if not path.is_file():
-            continue
-        engine = choice.engine_for(out, row, threads=threads or 1)
-        probs, drift = choice._outputs(engine, ref["images"])
-        _, drift_on_drift = choice._outputs(engine, ref["drift_images"])
-        del engine
-        test = acceptance.check(probs, drift, drift_on_drift, ref, card.policy, card.classes)
-        verdicts[path.name] = {"accepted": test["accepted"], "refused": test.get("refused"),
-                               "accuracy": test.get("accuracy"), "accuracy_fp32": test.get("accuracy_fp32")}
-        if not test["accepted"]:
-            path.unlink()
-            verdicts[path.name]["written"] = False
+    whole = engines.variant_path(out, "int8")
+    if whole.is_file():
+        verdicts[whole.name] = _int8_verdict(out, {"runtime": "onnxruntime", "precision": "int8"}, ref, card, threads)
+        if not verdicts[whole.name]["accepted"]:
+            whole.unlink()
+            verdicts[whole.name]["written"] = False
+    backbone = staged.backbone_path(out, "int8")
+    if backbone.is_file():
+        views = len(card.spec.get("views") or [0])
+        per_runtime = {runtime: _int8_verdict(out, {"runtime": runtime, "precision": "int8", "layout": "staged",
+                                                    "views": views}, ref, card, threads)
+                       for runtime in ("onnxruntime", "openvino") if runtime in engines.installed_runtimes()}
+        accepted = [r for r, v in per_runtime.items() if v["accepted"]]
+        verdicts[backbone.name] = {"accepted": bool(accepted), "accepted_in": accepted, "runtimes": per_runtime}
+        if not accepted:
+            backbone.unlink()
+            verdicts[backbone.name]["written"] = False
     return verdicts
+
+
+def _int8_verdict(out: Path, row: dict[str, Any], ref: dict[str, np.ndarray], card: Any,
+                  threads: int | None) -> dict[str, Any]:
+    from defectscope.runtime import acceptance, choice
+
+    engine = choice.engine_for(out, row, threads=threads or 1)
+    probs, drift = choice._outputs(engine, ref["images"])
+    _, drift_on_drift = choice._outputs(engine, ref["drift_images"])
+    del engine
+    test = acceptance.check(probs, drift, drift_on_drift, ref, card.policy, card.classes)
+    return {"accepted": test["accepted"], "refused": test.get("refused"), "accuracy": test.get("accuracy"),
+            "accuracy_fp32": test.get("accuracy_fp32"), "automation": test.get("automation"),
+            "automation_fp32": test.get("automation_fp32")}
