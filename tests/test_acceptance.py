@@ -186,3 +186,24 @@ def test_auto_without_bf16_or_amx_picks_what_it_measured(model, tmp_path, monkey
     # The record round-trips through the cache file.
     selection.remember(copy, record)
     assert selection.recorded(copy, 1, "cpu") == json.loads(json.dumps(record))
+
+
+def test_an_int8_backbone_is_a_candidate_without_a_whole_graph_int8_file(model, tmp_path):
+    from defectscope.onnx_export.backbone_int8 import quantize_backbone
+    from defectscope.runtime import staged
+
+    out, _ = model
+    for f in out.parent.glob("model.*"):
+        if ".int8." not in f.name:
+            shutil.copy(f, tmp_path / f.name)
+    copy = tmp_path / "model.onnx"
+    card = runtimes.read_card(copy)
+    keys = lambda: {(r["runtime"], r["precision"], r["layout"]) for r in selection.candidate_rows(copy, "cpu", card)}  # noqa: E731
+    assert not any(p == "int8" for _, p, _ in keys())
+    x = (selection.load_reference(copy)["images"][:8, None] / 255).astype(np.float32)
+    quantize_backbone(staged.backbone_path(copy), staged.backbone_path(copy, "int8"), x, [0])
+    assert not runtimes.variant_path(copy, "int8").exists()
+    int8 = {(r, lay) for r, p, lay in keys() if p == "int8"}
+    assert ("onnxruntime", "staged") in int8 and all(lay == "staged" for _, lay in int8)
+    if "INT8" in runtimes.openvino_capabilities("CPU"):
+        assert ("openvino", "staged") in int8
