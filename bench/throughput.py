@@ -605,8 +605,9 @@ def main() -> None:
             "batched_vs_onnxruntime_fp32": per_runtime[chosen].get("batched_vs_onnxruntime_fp32"),
             "accuracy_change": per_runtime[chosen].get("accuracy_change"), "caps": per_runtime[chosen].get("caps"),
         },
-        "load": {"loadavg_per_repeat": rows["loadavg"], "note": "2 cores shared with about 5 other engineers running "
-                 "tests: speeds are noisy; candidates are interleaved within each repeat and medians compared"},
+        "load": {"loadavg_per_repeat": rows["loadavg"], "note": "the load average per repeat is what the machine "
+                 "carried (the bench's own 2 threads count about 2); candidates are interleaved within each repeat "
+                 "and medians compared"},
         "targets": {
             f"auto >= {gain_target:g}x onnxruntime fp32 batched": (per_runtime[chosen].get(
                 "batched_vs_onnxruntime_fp32") or 0) >= gain_target,
