@@ -972,8 +972,10 @@ def dashboard_shot(url: str, data: list[bytes]) -> str | None:
             c.post("/v1/reviews", json={"decision_id": item["id"], "label": label, "reviewer": "bench"})
     loader = threading.Thread(target=load, args=(url, data, 6.0, 2, 1))
     loader.start()
-    shot = screenshot(url, HERE / "results" / "dashboard.png")
-    loader.join()
+    try:
+        shot = screenshot(url, HERE / "results" / "dashboard.png")
+    finally:
+        loader.join()  # before the server stops, or the loader's requests are refused
     return "bench/results/dashboard.png" if shot else None
 
 
