@@ -40,7 +40,8 @@ def test_ray_predict_matches_predict_and_resumes(station_model, local_ray, tmp_p
 
     src, out = tmp_path / "archive", tmp_path / "ray_out"
     make_archive(src, 45)
-    predict(station_model, [src], recursive=True, fmt="csv", out=tmp_path / "plain.csv", runtime="onnxruntime")
+    predict(station_model, [src], recursive=True, fmt="csv", out=tmp_path / "plain.csv", runtime="onnxruntime",
+            precision="fp32")  # what the archive's Predictor runs (auto may take the int8 backbone)
     with open(tmp_path / "plain.csv", newline="") as f:
         reader = csv.DictReader(f)
         plain = {r["image"]: r for r in reader}

@@ -122,9 +122,13 @@ def test_dashboard_with_keys_in_the_browser(browser, station_model, tmp_path):
         page.click("#rq-buttons button.confirm")
         page.wait_for_function("() => document.getElementById('rq-msg').textContent.includes('403')")
         page.fill("#apikey", KEY)
-        page.dispatch_event("#apikey", "change")
+        page.dispatch_event("#apikey", "change")  # a refresh in flight while the review is stored
         page.click("#rq-buttons button.confirm")
         page.wait_for_function("() => document.getElementById('rq-msg').textContent.startsWith('stored')")
+        # A queue answer fetched before the review neither brings the item back nor wipes the message.
+        page.evaluate("() => refresh()")
+        page.wait_for_function("() => !document.getElementById('rq-empty').hidden")
+        assert page.locator("#rq-msg").text_content().startswith("stored")
         with Store(config.db) as store:
             assert len(store.reviews(first["id"])) == 1
         page.close()

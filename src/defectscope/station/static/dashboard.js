@@ -13,7 +13,9 @@ const KIND_COLORS = { REVIEW: "#9ca3af", Drift: "#111827" };
 const OTHER_GOOD_COLOR = "#86efac";
 const UNKNOWN_COLOR = "#a8a29e";
 const $ = (id) => document.getElementById(id);
-let state = { data: null, queue: [], current: null, labels: [] };
+// reviewed: ids stored from this page, so a queue answer fetched before a review cannot bring its item back;
+// queueSeq: only the newest queue request's answer is applied (a refresh and a review can overlap).
+let state = { data: null, queue: [], current: null, labels: [], reviewed: new Set(), queueSeq: 0 };
 
 function el(tag, attrs = {}, parent = null, text = null) {
   const node = document.createElementNS(SVGNS, tag);
@@ -316,17 +318,21 @@ async function refresh() {
 }
 
 async function refreshQueue() {
+  const seq = ++state.queueSeq;
   const q = await getJSON("/v1/review/queue?limit=20");
+  if (seq !== state.queueSeq) return;
+  q.items = q.items.filter((it) => !state.reviewed.has(it.id));
   state.queue = q.items;
   state.labels = q.labels;
   // The tile and the panel's count are one figure from one answer (the queue's, never cached); the dashboard's
   // own review_queue may be up to its cache's 2 s old and would disagree with the panel after a change.
   $("rq-count").textContent = `(${q.total} waiting)`;
   $("t-queue").textContent = q.total;
-  if (!state.current || !q.items.some((it) => it.id === state.current.id)) showItem(q.items[0] || null);
+  if (!state.current || !q.items.some((it) => it.id === state.current.id)) showItem(q.items[0] || null, true);
 }
 
-function showItem(item) {
+// keepMessage: the line under the buttons (e.g. "stored: #12 = GOOD") stays when the panel moves on by itself.
+function showItem(item, keepMessage = false) {
   state.current = item;
   $("rq-empty").hidden = !!item;
   $("rq-item").hidden = !item;
@@ -357,7 +363,7 @@ function showItem(item) {
     b.onclick = () => submit(label);
   });
   $("rq-comment").value = "";
-  $("rq-msg").textContent = "";
+  if (!keepMessage) $("rq-msg").textContent = "";
 }
 
 async function submit(label) {
@@ -373,9 +379,10 @@ async function submit(label) {
     $("rq-msg").textContent = `not stored: HTTP ${r.status} ${detail.detail ? JSON.stringify(detail.detail) : ""}`;
     return;
   }
-  $("rq-msg").textContent = `stored: #${item.id} = ${label}`;
+  state.reviewed.add(item.id);
   state.queue = state.queue.filter((it) => it.id !== item.id);
   showItem(state.queue[0] || null);
+  $("rq-msg").textContent = `stored: #${item.id} = ${label}`;
   refreshQueue().catch(() => {});
 }
 
