@@ -73,16 +73,15 @@ def guarded_protocol(max_connections: int, header_timeout: float,
     return _guarded_h11(max_connections, header_timeout, on_refused)
 
 
-def _guarded_h11(max_connections: int, header_timeout: float,
-                 on_refused: Callable[[], None]) -> type[asyncio.Protocol]:
-    from uvicorn.protocols.http.h11_impl import H11Protocol
+def _guard(max_connections: int, header_timeout: float, on_refused: Callable[[], None]) -> type:
+    """What both parsers' protocols share: the connection cap (503 and close) and the header deadline's timer.
+    A protocol says when a head is overdue (:meth:`_head_overdue`) and when to start the deadline."""
 
-    class GuardedH11Protocol(H11Protocol):
+    class Guard:
         _refused = False
         _timer: asyncio.TimerHandle | None = None
-        _armed_for: Any = None
 
-        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        def connection_made(self, transport: asyncio.Transport) -> None:
             if len(self.connections) >= max_connections:
                 self._refused = True
                 on_refused()
@@ -97,6 +96,33 @@ def _guarded_h11(max_connections: int, header_timeout: float,
                 return
             self._disarm()
             super().connection_lost(exc)
+
+        def _arm(self) -> None:
+            self._disarm()
+            self._timer = self.loop.call_later(header_timeout, self._expire)
+
+        def _disarm(self) -> None:
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
+
+        def _expire(self) -> None:
+            self._timer = None
+            if self._head_overdue() and not self.transport.is_closing():
+                self.transport.close()
+
+        def _head_overdue(self) -> bool:
+            return True
+
+    return Guard
+
+
+def _guarded_h11(max_connections: int, header_timeout: float,
+                 on_refused: Callable[[], None]) -> type[asyncio.Protocol]:
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class GuardedH11Protocol(_guard(max_connections, header_timeout, on_refused), H11Protocol):
+        _armed_for: Any = None
 
         def data_received(self, data: bytes) -> None:
             if self._refused:
@@ -110,19 +136,11 @@ def _guarded_h11(max_connections: int, header_timeout: float,
             super().on_response_complete()
 
         def _arm(self) -> None:
-            self._disarm()
             self._armed_for = self.cycle
-            self._timer = self.loop.call_later(header_timeout, self._expire)
+            super()._arm()
 
-        def _disarm(self) -> None:
-            if self._timer is not None:
-                self._timer.cancel()
-                self._timer = None
-
-        def _expire(self) -> None:
-            self._timer = None
-            if self.cycle is self._armed_for and not self.transport.is_closing():
-                self.transport.close()
+        def _head_overdue(self) -> bool:
+            return self.cycle is self._armed_for
 
     return GuardedH11Protocol
 
@@ -131,30 +149,12 @@ def _guarded_httptools(max_connections: int, header_timeout: float,
                        on_refused: Callable[[], None]) -> type[asyncio.Protocol]:
     from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-    class GuardedHttpToolsProtocol(HttpToolsProtocol):
+    class GuardedHttpToolsProtocol(_guard(max_connections, header_timeout, on_refused), HttpToolsProtocol):
         """The parser's own callbacks say where a head ends: ``on_headers_complete`` stops the deadline and
         the byte count, ``on_message_complete`` starts the count of the next head, an answer (with no parsed
         request waiting behind it) starts the next deadline."""
 
-        _refused = False
-        _timer: asyncio.TimerHandle | None = None
         _head = 0  # bytes of the request head being received; -1 while a request's body or answer is under way
-
-        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-            if len(self.connections) >= max_connections:
-                self._refused = True
-                on_refused()
-                transport.write(BUSY)
-                transport.close()
-                return
-            super().connection_made(transport)
-            self._arm()
-
-        def connection_lost(self, exc: Exception | None) -> None:
-            if self._refused:
-                return
-            self._disarm()
-            super().connection_lost(exc)
 
         def data_received(self, data: bytes) -> None:
             if self._refused:
@@ -188,20 +188,6 @@ def _guarded_httptools(max_connections: int, header_timeout: float,
             if not self.pipeline:  # else the next request's head is in already
                 self._arm()
             super().on_response_complete()
-
-        def _arm(self) -> None:
-            self._disarm()
-            self._timer = self.loop.call_later(header_timeout, self._expire)
-
-        def _disarm(self) -> None:
-            if self._timer is not None:
-                self._timer.cancel()
-                self._timer = None
-
-        def _expire(self) -> None:
-            self._timer = None
-            if not self.transport.is_closing():
-                self.transport.close()
 
     return GuardedHttpToolsProtocol
 
