@@ -54,10 +54,14 @@ def first_depthwise(model: Any) -> str | None:
     return None
 
 
-def _view_batches(images: np.ndarray, views: list[int]) -> list[np.ndarray]:
+def _in_every_view(images: np.ndarray, views: list[int]) -> np.ndarray:
     from defectscope.runtime import staged
 
-    x = np.ascontiguousarray(np.concatenate([staged.view(images, k) for k in views]), dtype=np.float32)
+    return np.ascontiguousarray(np.concatenate([staged.view(images, k) for k in views]), dtype=np.float32)
+
+
+def _view_batches(images: np.ndarray, views: list[int]) -> list[np.ndarray]:
+    x = _in_every_view(images, views)
     return [x[i:i + CALIBRATION_BATCH] for i in range(0, len(x), CALIBRATION_BATCH)]
 
 
@@ -106,7 +110,6 @@ def quantize_backbone(src: str | Path, dst: str | Path, images: np.ndarray, view
         except Exception as exc:  # noqa: BLE001 - NNCF refuses some graphs; ONNX Runtime's QDQ still works
             log.warning("NNCF could not quantize %s (%s: %s); using ONNX Runtime's static quantization",
                         src.name, type(exc).__name__, exc)
-    calibration = np.concatenate([b for b in _view_batches(images, views)])
-    report = quantize_model(src, dst, "static", calibration)
+    report = quantize_model(src, dst, "static", _in_every_view(images, views))
     report["engine"] = "onnxruntime"
     return report

@@ -164,27 +164,17 @@ def candidate_rows(model_path: str | Path, device: str, card: md.ModelCard) -> l
     rows = [{"runtime": r, "precision": p, "layout": "full", "views": None} for r, p in pairs]
     model_views = list(card.spec.get("views") or [0])
     if not card.takes_metadata and staged.available(model_path):
-        for runtime, precision in _staged_pairs(model_path, device, pairs):
+        # int8 from the backbone's own file: export keeps it on its own test, and may have refused the whole
+        # graph's int8 file while the backbone's passed.
+        for runtime, precision in rt.candidates(model_path, device, staged.backbone_path(model_path, "int8")):
+            if runtime == "onnxruntime" and precision not in ("fp32", "int8") or not staged.available(
+                    model_path, precision):
+                continue
             rows += [{"runtime": runtime, "precision": precision, "layout": "staged", "views": n}
                      for n in view_counts(model_views)]
     for row in rows:
         row["key"] = candidate_key(row["runtime"], row["precision"], row["views"])
     return rows
-
-
-def _staged_pairs(model_path: str | Path, device: str, pairs: list[tuple[str, str]]) -> list[tuple[str, str]]:
-    """(runtime, precision) of the staged candidates: fp32 / bf16 / fp16 run from the fp32 backbone file where
-    the whole graph does; int8 from the int8 backbone file, which export keeps on its own test (the whole-graph
-    int8 file may have been refused while the backbone's passed)."""
-    out = [(r, p) for r, p in pairs if p != "int8" and not (r == "onnxruntime" and p != "fp32")]
-    if staged.available(model_path, "int8"):
-        installed = rt.installed_runtimes()
-        if "onnxruntime" in installed and device == "cpu":
-            out.append(("onnxruntime", "int8"))
-        if "openvino" in installed and "INT8" in rt.openvino_capabilities(
-                rt._ov_device(device) if device == "gpu" else "CPU"):
-            out.append(("openvino", "int8"))
-    return out
 
 
 def engine_for(model_path: str | Path, row: dict[str, Any], *, device: str = "cpu", threads: int = 1,

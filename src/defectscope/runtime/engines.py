@@ -124,11 +124,12 @@ def openvino_capabilities(device: str = "CPU") -> list[str]:
         return []
 
 
-def candidates(model_path: str | Path, device: str = "cpu") -> list[tuple[str, str]]:
-    """(runtime, precision) pairs worth measuring for this model on this machine, fp32 first."""
+def candidates(model_path: str | Path, device: str = "cpu", int8_file: Path | None = None) -> list[tuple[str, str]]:
+    """(runtime, precision) pairs worth measuring for this model on this machine, fp32 first; int8 ones when
+    ``int8_file`` exists (default: the whole graph's int8 variant)."""
     out: list[tuple[str, str]] = []
     installed = installed_runtimes()
-    has_int8 = variant_path(model_path, "int8").is_file()
+    has_int8 = (int8_file or variant_path(model_path, "int8")).is_file()
     if "onnxruntime" in installed:
         out.append(("onnxruntime", "fp32"))
         if has_int8 and device == "cpu":
